@@ -1,0 +1,128 @@
+//! Admin HTTP on `server.admin_listen`: `/health`, `/ready`, `/metrics`,
+//! `/status`. Runs on its own thread, never on a worker core; each request
+//! asks the workers for their counters over their command channels.
+
+use crate::gateway::GatewayHandle;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest admin request head we read.
+const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Shared control-side state the admin endpoints report.
+pub struct AdminState {
+    pub handle: GatewayHandle,
+    /// Routes loaded and not draining.
+    pub ready: AtomicBool,
+    pub config_source: String,
+}
+
+/// Binds and serves on a background thread; returns the bound address.
+pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    if let Err(e) = handle(c, &state) {
+                        tracing::debug!(error = %e, "admin request failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })?;
+    tracing::info!(admin = %local, "admin endpoints listening");
+    Ok(local)
+}
+
+fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    let mut n = 0;
+    let path = loop {
+        let r = c.read(&mut buf[n..])?;
+        if r == 0 {
+            return Ok(());
+        }
+        n += r;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..n]) {
+            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("/").to_string(),
+            Ok(httparse::Status::Partial) if n < buf.len() => continue,
+            _ => return respond(&mut c, 400, "text/plain", "bad request\n"),
+        }
+    };
+    let path = path.split('?').next().unwrap_or("/");
+    match path {
+        "/health" => {
+            let answered = state.handle.worker_stats().iter().filter(|s| s.is_some()).count();
+            if answered == state.handle.workers().len() {
+                respond(&mut c, 200, "text/plain", "ok\n")
+            } else {
+                respond(&mut c, 503, "text/plain", "worker unresponsive\n")
+            }
+        }
+        "/ready" => {
+            if state.ready.load(Ordering::Relaxed) {
+                respond(&mut c, 200, "text/plain", "ready\n")
+            } else {
+                respond(&mut c, 503, "text/plain", "not ready\n")
+            }
+        }
+        "/metrics" => {
+            let s = state.handle.stats();
+            let body = crate::metrics::render(&s, state.handle.workers());
+            respond(&mut c, 200, "text/plain; version=0.0.4", &body)
+        }
+        "/status" => {
+            let per = state.handle.worker_stats();
+            let workers: Vec<_> = state
+                .handle
+                .workers()
+                .iter()
+                .zip(per.iter())
+                .map(|(i, s)| {
+                    serde_json::json!({
+                        "worker": i.index,
+                        "cpu": i.cpu,
+                        "io_driver": i.io_driver,
+                        "responsive": s.is_some(),
+                        "sessions": s.as_ref().map(|s| s.sessions_active),
+                        "backends": s.as_ref().map(|s| s.backends.iter().map(|(k, b)| (k.to_string(), serde_json::json!({
+                            "connections_up": b.connections_active,
+                            "sessions_bound": b.sessions_bound,
+                        }))).collect::<serde_json::Map<_, _>>()),
+                        "route_version": s.as_ref().map(|s| s.route_version),
+                    })
+                })
+                .collect();
+            let body = serde_json::json!({
+                "ready": state.ready.load(Ordering::Relaxed),
+                "config": state.config_source,
+                "workers": workers,
+            });
+            respond(&mut c, 200, "application/json", &format!("{body:#}\n"))
+        }
+        _ => respond(&mut c, 404, "text/plain", "not found\n"),
+    }
+}
+
+fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Service Unavailable",
+    };
+    write!(c, "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    c.flush()
+}

@@ -1,0 +1,215 @@
+//! The engine: binds the listeners, starts one worker per core, and gives the
+//! control side a handle to talk to them.
+//!
+//! [`Gateway::start`] binds every worker's SO_REUSEPORT listener up front (so
+//! a bad address fails the start, not a worker), spawns the named worker
+//! threads and waits until each reports its runtime up. The handle then
+//! broadcasts commands ([`Gateway::broadcast`]), merges counters
+//! ([`Gateway::stats`]) and stops the workers ([`Gateway::stop`]).
+
+use crate::config::Config;
+use crate::routing::RouteTable;
+use crate::stats::WorkerStats;
+use crate::worker::{self, WorkerCommand, WorkerInfo, WorkerSetup};
+use crossbeam_channel::{bounded, Sender};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Listen backlog per worker socket.
+pub const LISTEN_BACKLOG: i32 = 4096;
+/// How long a worker may take to report its runtime up.
+pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stats request waits for each worker.
+pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("{0}")]
+    Worker(String),
+}
+
+struct WorkerHandle {
+    tx: Sender<WorkerCommand>,
+    join: Option<JoinHandle<()>>,
+    info: WorkerInfo,
+}
+
+pub struct Gateway {
+    workers: Vec<WorkerHandle>,
+    local_addr: SocketAddr,
+    pub cfg: Arc<Config>,
+}
+
+/// A cloneable way to reach the workers (for the admin server and tools).
+#[derive(Clone)]
+pub struct GatewayHandle {
+    txs: Vec<Sender<WorkerCommand>>,
+    infos: Vec<WorkerInfo>,
+}
+
+/// One SO_REUSEPORT listener socket.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(LISTEN_BACKLOG)?;
+    Ok(sock.into())
+}
+
+impl Gateway {
+    pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
+        let cfg = Arc::new(cfg);
+        let n = cfg.server.workers.max(1);
+        // The first bind resolves port 0; the rest join its SO_REUSEPORT group.
+        let first = reuseport_listener(cfg.server.listen).map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
+        let local_addr = first.local_addr().map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?);
+        }
+        let (ready_tx, ready_rx) = bounded(n);
+        let mut workers = Vec::with_capacity(n);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (tx, rx) = bounded(worker::COMMAND_CHANNEL_DEPTH);
+            let cpu = cfg.server.cpus.get(index).copied();
+            let setup = WorkerSetup {
+                index,
+                cpu,
+                cfg: cfg.clone(),
+                routes: routes.clone(),
+                listener,
+                commands: rx,
+                ready: ready_tx.clone(),
+            };
+            let join = std::thread::Builder::new()
+                .name(format!("gw-worker-{index}"))
+                .spawn(move || worker::run(setup))
+                .map_err(StartError::Spawn)?;
+            workers.push(WorkerHandle { tx, join: Some(join), info: WorkerInfo { index, cpu, io_driver: "starting" } });
+        }
+        let deadline = Instant::now() + WORKER_START_TIMEOUT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(left) {
+                Ok(Ok(info)) => {
+                    let i = info.index;
+                    workers[i].info = info;
+                }
+                Ok(Err(e)) => {
+                    let gw = Gateway { workers, local_addr, cfg };
+                    gw.stop(Duration::from_secs(1));
+                    return Err(StartError::Worker(e));
+                }
+                Err(_) => return Err(StartError::Worker("a worker did not start in time".into())),
+            }
+        }
+        tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
+        Ok(Gateway { workers, local_addr, cfg })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.workers.iter().map(|w| w.info.clone()).collect()
+    }
+
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle { txs: self.workers.iter().map(|w| w.tx.clone()).collect(), infos: self.workers() }
+    }
+
+    pub fn broadcast(&self, make: impl Fn() -> WorkerCommand) {
+        self.handle().broadcast(make)
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.handle().stats()
+    }
+
+    /// Stops every worker (sessions get `DISCONNECT` reason 6) and joins them,
+    /// waiting at most `timeout` for sessions and queues to finish.
+    pub fn stop(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for w in &self.workers {
+            let _ = w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
+        }
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+        }
+        tracing::info!("all workers stopped");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.workers.iter().all(|w| w.join.is_none()) {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for w in &self.workers {
+            let _ = w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_millis(200));
+        }
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+impl GatewayHandle {
+    pub fn workers(&self) -> &[WorkerInfo] {
+        &self.infos
+    }
+
+    /// Sends a command built by `make` to every worker.
+    pub fn broadcast(&self, make: impl Fn() -> WorkerCommand) {
+        for (i, tx) in self.txs.iter().enumerate() {
+            if tx.send_timeout(make(), Duration::from_secs(1)).is_err() {
+                tracing::error!(worker = i, "worker command channel full or closed");
+            }
+        }
+    }
+
+    /// Per-worker counters (in worker order); a worker that does not answer
+    /// in time is reported as `None`.
+    pub fn worker_stats(&self) -> Vec<Option<WorkerStats>> {
+        let rxs: Vec<_> = self
+            .txs
+            .iter()
+            .map(|tx| {
+                let (rtx, rx) = bounded(1);
+                let _ = tx.try_send(WorkerCommand::Stats(rtx));
+                rx
+            })
+            .collect();
+        let deadline = Instant::now() + STATS_TIMEOUT;
+        rxs.into_iter().map(|rx| rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()).collect()
+    }
+
+    /// Counters merged over all workers.
+    pub fn stats(&self) -> WorkerStats {
+        let mut total = WorkerStats { workers: 0, route_version: u64::MAX, ..Default::default() };
+        for s in self.worker_stats().into_iter().flatten() {
+            total.merge(&s);
+            total.workers += 1;
+        }
+        if total.workers == 0 {
+            total.route_version = 0;
+        }
+        total
+    }
+}

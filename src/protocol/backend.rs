@@ -1,0 +1,483 @@
+//! Backend frame codec (gateway <-> backend), `PROTOCOL.md` §2.
+//!
+//! ```text
+//! server header (20 bytes)                       gate header (9 or 33 bytes)
+//! | length i32 | type i32 | server_id u32 | object_id i64 | opcode u8 | session_id i64 | [trace_id 16 | span_id 8] | payload |
+//! ```
+//! `length` counts everything after the 20-byte server header. The parse is
+//! two-pass: [`check`] validates the header and tells whether the whole frame
+//! is buffered; [`parse`] then reads the body of that frame in place, borrowing
+//! the payload from the read buffer.
+
+use bytes::{BufMut, BytesMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// Bytes in the server header.
+pub const SERVER_HEADER_LEN: usize = 20;
+/// Bytes in the plain gate header (opcode + session id).
+pub const GATE_HEADER_LEN: usize = 9;
+/// Extra gate-header bytes when trace propagation is on (trace id + span id).
+pub const TRACE_EXT_LEN: usize = 24;
+/// Body of a `CONNECT`: transport u8, IPv6 (or mapped IPv4) 16 bytes, port u16.
+pub const CONNECT_BODY_LEN: usize = 19;
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    Trans = 1,
+    Connect = 2,
+    Disconnect = 3,
+    Kick = 4,
+    Multicast = 5,
+    Broadcast = 6,
+    Ping = 7,
+    Pong = 8,
+}
+
+impl Opcode {
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Some(match v {
+            1 => Opcode::Trans,
+            2 => Opcode::Connect,
+            3 => Opcode::Disconnect,
+            4 => Opcode::Kick,
+            5 => Opcode::Multicast,
+            6 => Opcode::Broadcast,
+            7 => Opcode::Ping,
+            8 => Opcode::Pong,
+            _ => return None,
+        })
+    }
+}
+
+/// Client transport, as carried in `CONNECT`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp = 1,
+    WebSocket = 2,
+}
+
+/// Why a session was unbound; the `DISCONNECT` payload.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    ClientClosed = 1,
+    IdleTimeout = 2,
+    ProtocolError = 3,
+    RateLimited = 4,
+    Kicked = 5,
+    Shutdown = 6,
+    BackendLost = 7,
+    RouteChanged = 8,
+}
+
+impl DisconnectReason {
+    pub fn from_u8(v: u8) -> Option<DisconnectReason> {
+        use DisconnectReason::*;
+        Some(match v {
+            1 => ClientClosed,
+            2 => IdleTimeout,
+            3 => ProtocolError,
+            4 => RateLimited,
+            5 => Kicked,
+            6 => Shutdown,
+            7 => BackendLost,
+            8 => RouteChanged,
+            _ => return None,
+        })
+    }
+    /// Stable lower-case name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        use DisconnectReason::*;
+        match self {
+            ClientClosed => "client_closed",
+            IdleTimeout => "idle_timeout",
+            ProtocolError => "protocol_error",
+            RateLimited => "rate_limited",
+            Kicked => "kicked",
+            Shutdown => "shutdown",
+            BackendLost => "backend_lost",
+            RouteChanged => "route_changed",
+        }
+    }
+}
+
+/// The fixed part of every backend frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Bytes after the server header (gate header + payload).
+    pub length: u32,
+    /// Client `msg_id` (gateway -> backend) / reply `msg_id` (backend -> gateway).
+    pub msg_type: i32,
+    pub server_id: u32,
+    pub object_id: i64,
+    pub opcode: Opcode,
+    pub session_id: i64,
+}
+
+impl Header {
+    pub fn frame_len(&self) -> usize {
+        SERVER_HEADER_LEN + self.length as usize
+    }
+}
+
+/// Trace context carried by the extended gate header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+/// Why a backend byte stream cannot be framed. Any of these closes the backend
+/// connection (the stream cannot be resynchronised).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendFrameError {
+    #[error("backend frame length {0} is below the 9-byte gate header")]
+    TooShort(i32),
+    #[error("backend frame length {len} exceeds max_frame_size {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown backend opcode {0}")]
+    UnknownOpcode(u8),
+    #[error("{opcode:?} body malformed: {what}")]
+    BadBody { opcode: Opcode, what: &'static str },
+}
+
+/// First pass: validates the header; `Ok(None)` until the whole frame is in.
+#[inline]
+pub fn check(buf: &[u8], max_frame: usize) -> Result<Option<Header>, BackendFrameError> {
+    if buf.len() < SERVER_HEADER_LEN + GATE_HEADER_LEN {
+        // A length below 9 is detectable from the first 4 bytes; report it early
+        // so a broken peer is cut off without waiting for more bytes.
+        if buf.len() >= 4 {
+            let length = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            if length < GATE_HEADER_LEN as i32 {
+                return Err(BackendFrameError::TooShort(length));
+            }
+        }
+        return Ok(None);
+    }
+    let length = i32::from_le_bytes(buf[0..4].try_into().unwrap());
+    if length < GATE_HEADER_LEN as i32 {
+        return Err(BackendFrameError::TooShort(length));
+    }
+    if length as usize > max_frame {
+        return Err(BackendFrameError::TooLarge { len: length as usize, max: max_frame });
+    }
+    let opcode = Opcode::from_u8(buf[20]).ok_or(BackendFrameError::UnknownOpcode(buf[20]))?;
+    let h = Header {
+        length: length as u32,
+        msg_type: i32::from_le_bytes(buf[4..8].try_into().unwrap()),
+        server_id: u32::from_le_bytes(buf[8..12].try_into().unwrap()),
+        object_id: i64::from_le_bytes(buf[12..20].try_into().unwrap()),
+        opcode,
+        session_id: i64::from_le_bytes(buf[21..29].try_into().unwrap()),
+    };
+    if buf.len() < h.frame_len() {
+        return Ok(None);
+    }
+    Ok(Some(h))
+}
+
+/// The body of one backend frame, borrowed from the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Body<'a> {
+    Trans { trace: Option<TraceContext>, payload: &'a [u8] },
+    Connect { transport: u8, addr: SocketAddr },
+    Disconnect { reason: u8 },
+    Kick { payload: &'a [u8] },
+    Multicast { sessions: SessionIds<'a>, payload: &'a [u8] },
+    Broadcast { payload: &'a [u8] },
+    Ping,
+    Pong,
+}
+
+/// The `count` x i64 session id list of a `MULTICAST`, read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionIds<'a>(&'a [u8]);
+
+impl<'a> SessionIds<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = i64> + 'a {
+        self.0.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+    }
+}
+
+/// Second pass: parses the body of a frame that [`check`] accepted.
+///
+/// `frame` is exactly `h.frame_len()` bytes. `trace_ext` says whether a `TRANS`
+/// carries the extended gate header; only the receiving side of a route with
+/// trace propagation knows that, so the caller passes it.
+pub fn parse<'a>(h: &Header, frame: &'a [u8], trace_ext: bool) -> Result<Body<'a>, BackendFrameError> {
+    let body = &frame[SERVER_HEADER_LEN + GATE_HEADER_LEN..h.frame_len()];
+    let bad = |what| BackendFrameError::BadBody { opcode: h.opcode, what };
+    Ok(match h.opcode {
+        Opcode::Trans if trace_ext => {
+            if body.len() < TRACE_EXT_LEN {
+                return Err(bad("shorter than the trace extension"));
+            }
+            let trace = TraceContext {
+                trace_id: body[..16].try_into().unwrap(),
+                span_id: body[16..24].try_into().unwrap(),
+            };
+            Body::Trans { trace: Some(trace), payload: &body[TRACE_EXT_LEN..] }
+        }
+        Opcode::Trans => Body::Trans { trace: None, payload: body },
+        Opcode::Connect => {
+            if body.len() != CONNECT_BODY_LEN {
+                return Err(bad("length is not 19"));
+            }
+            let ip6 = Ipv6Addr::from(<[u8; 16]>::try_from(&body[1..17]).unwrap());
+            let ip = match ip6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(ip6),
+            };
+            let port = u16::from_le_bytes([body[17], body[18]]);
+            Body::Connect { transport: body[0], addr: SocketAddr::new(ip, port) }
+        }
+        Opcode::Disconnect => {
+            if body.len() != 1 {
+                return Err(bad("length is not 1"));
+            }
+            Body::Disconnect { reason: body[0] }
+        }
+        Opcode::Kick => Body::Kick { payload: body },
+        Opcode::Multicast => {
+            if body.len() < 2 {
+                return Err(bad("missing count"));
+            }
+            let count = u16::from_le_bytes([body[0], body[1]]) as usize;
+            let ids_end = 2 + count * 8;
+            if body.len() < ids_end {
+                return Err(bad("count exceeds frame"));
+            }
+            Body::Multicast { sessions: SessionIds(&body[2..ids_end]), payload: &body[ids_end..] }
+        }
+        Opcode::Broadcast => Body::Broadcast { payload: body },
+        Opcode::Ping => Body::Ping,
+        Opcode::Pong => Body::Pong,
+    })
+}
+
+/// Writes the server header and gate header for a body of `body_len` bytes.
+#[inline]
+fn put_header(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, opcode: Opcode, body_len: usize) {
+    dst.reserve(SERVER_HEADER_LEN + GATE_HEADER_LEN + body_len);
+    dst.put_i32_le((GATE_HEADER_LEN + body_len) as i32);
+    dst.put_i32_le(msg_type);
+    dst.put_u32_le(server_id);
+    dst.put_i64_le(session_id);
+    dst.put_u8(opcode as u8);
+    dst.put_i64_le(session_id);
+}
+
+/// `TRANS`: one client frame's payload, stamped with the session id.
+#[inline]
+pub fn encode_trans(
+    dst: &mut BytesMut,
+    msg_type: i32,
+    server_id: u32,
+    session_id: i64,
+    trace: Option<&TraceContext>,
+    payload: &[u8],
+) {
+    let ext = if trace.is_some() { TRACE_EXT_LEN } else { 0 };
+    put_header(dst, msg_type, server_id, session_id, Opcode::Trans, ext + payload.len());
+    if let Some(t) = trace {
+        dst.put_slice(&t.trace_id);
+        dst.put_slice(&t.span_id);
+    }
+    dst.put_slice(payload);
+}
+
+/// `CONNECT`: the session is bound; tells the backend who the client is.
+pub fn encode_connect(dst: &mut BytesMut, session_id: i64, transport: Transport, client: SocketAddr) {
+    put_header(dst, 0, 0, session_id, Opcode::Connect, CONNECT_BODY_LEN);
+    dst.put_u8(transport as u8);
+    let ip6 = match client.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    dst.put_slice(&ip6.octets());
+    dst.put_u16_le(client.port());
+}
+
+/// `DISCONNECT`: the session is unbound, with why.
+pub fn encode_disconnect(dst: &mut BytesMut, session_id: i64, reason: DisconnectReason) {
+    put_header(dst, 0, 0, session_id, Opcode::Disconnect, 1);
+    dst.put_u8(reason as u8);
+}
+
+/// `PING` / `PONG` keep-alive (empty body).
+pub fn encode_ping(dst: &mut BytesMut, opcode: Opcode, object_id: i64) {
+    debug_assert!(matches!(opcode, Opcode::Ping | Opcode::Pong));
+    put_header(dst, 0, 0, object_id, opcode, 0);
+}
+
+/// Backend side: a reply / push `TRANS` to one session.
+pub fn encode_reply(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, payload: &[u8]) {
+    encode_trans(dst, msg_type, server_id, session_id, None, payload)
+}
+
+/// Backend side: `KICK`, with an optional last frame.
+pub fn encode_kick(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, payload: &[u8]) {
+    put_header(dst, msg_type, server_id, session_id, Opcode::Kick, payload.len());
+    dst.put_slice(payload);
+}
+
+/// Backend side: `MULTICAST` of one payload to listed sessions.
+///
+/// Panics if more than `u16::MAX` sessions are listed (a backend bug).
+pub fn encode_multicast(dst: &mut BytesMut, msg_type: i32, server_id: u32, sessions: &[i64], payload: &[u8]) {
+    let count = u16::try_from(sessions.len()).expect("multicast lists at most 65535 sessions");
+    put_header(dst, msg_type, server_id, 0, Opcode::Multicast, 2 + sessions.len() * 8 + payload.len());
+    dst.put_u16_le(count);
+    for s in sessions {
+        dst.put_i64_le(*s);
+    }
+    dst.put_slice(payload);
+}
+
+/// Backend side: `BROADCAST` to every session bound to the connection.
+pub fn encode_broadcast(dst: &mut BytesMut, msg_type: i32, server_id: u32, payload: &[u8]) {
+    put_header(dst, msg_type, server_id, 0, Opcode::Broadcast, payload.len());
+    dst.put_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn one(buf: &[u8], trace: bool) -> (Header, Body<'_>) {
+        let h = check(buf, MAX).unwrap().unwrap();
+        assert_eq!(h.frame_len(), buf.len());
+        let b = parse(&h, buf, trace).unwrap();
+        (h, b)
+    }
+
+    #[test]
+    fn header_is_twenty_bytes_and_trans_roundtrips() {
+        let mut b = BytesMut::new();
+        encode_trans(&mut b, 42, 0x000A_0A02, 77, None, b"abc");
+        assert_eq!(b.len(), 20 + 9 + 3);
+        assert_eq!(i32::from_le_bytes(b[0..4].try_into().unwrap()), 12);
+        let (h, body) = one(&b, false);
+        assert_eq!((h.msg_type, h.server_id, h.object_id, h.session_id), (42, 0x000A_0A02, 77, 77));
+        assert_eq!(body, Body::Trans { trace: None, payload: b"abc" });
+    }
+
+    #[test]
+    fn trace_extension() {
+        let t = TraceContext { trace_id: [7; 16], span_id: [9; 8] };
+        let mut b = BytesMut::new();
+        encode_trans(&mut b, 1, 2, 3, Some(&t), b"xy");
+        assert_eq!(b.len(), 20 + 33 + 2);
+        let (_, body) = one(&b, true);
+        assert_eq!(body, Body::Trans { trace: Some(t), payload: b"xy" });
+    }
+
+    #[test]
+    fn connect_v4_and_v6() {
+        for addr in ["10.1.2.3:4567", "[2001:db8::1]:80"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut b = BytesMut::new();
+            encode_connect(&mut b, 5, Transport::WebSocket, addr);
+            let (h, body) = one(&b, false);
+            assert_eq!(h.opcode, Opcode::Connect);
+            assert_eq!(body, Body::Connect { transport: 2, addr });
+        }
+    }
+
+    #[test]
+    fn control_opcodes() {
+        let mut b = BytesMut::new();
+        encode_disconnect(&mut b, 5, DisconnectReason::Kicked);
+        assert_eq!(one(&b, false).1, Body::Disconnect { reason: 5 });
+        b.clear();
+        encode_kick(&mut b, 3, 0, 5, b"bye");
+        assert_eq!(one(&b, false).1, Body::Kick { payload: b"bye" });
+        b.clear();
+        encode_multicast(&mut b, 3, 0, &[1, 2, 3], b"hi");
+        match one(&b, false).1 {
+            Body::Multicast { sessions, payload } => {
+                assert_eq!(sessions.iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+                assert_eq!(payload, b"hi");
+            }
+            other => panic!("{other:?}"),
+        }
+        b.clear();
+        encode_broadcast(&mut b, 3, 0, b"all");
+        assert_eq!(one(&b, false).1, Body::Broadcast { payload: b"all" });
+        b.clear();
+        encode_ping(&mut b, Opcode::Ping, 9);
+        assert_eq!(one(&b, false).1, Body::Ping);
+    }
+
+    #[test]
+    fn length_errors() {
+        let mut b = BytesMut::new();
+        encode_ping(&mut b, Opcode::Ping, 9);
+        b[0..4].copy_from_slice(&8i32.to_le_bytes());
+        assert_eq!(check(&b[..4], MAX), Err(BackendFrameError::TooShort(8)));
+        b[0..4].copy_from_slice(&(-1i32).to_le_bytes());
+        assert_eq!(check(&b, MAX), Err(BackendFrameError::TooShort(-1)));
+        b[0..4].copy_from_slice(&100i32.to_le_bytes());
+        assert_eq!(check(&b, 99), Err(BackendFrameError::TooLarge { len: 100, max: 99 }));
+        b[0..4].copy_from_slice(&9i32.to_le_bytes());
+        b[20] = 99;
+        assert_eq!(check(&b, MAX), Err(BackendFrameError::UnknownOpcode(99)));
+    }
+
+    #[test]
+    fn multicast_count_beyond_frame_is_an_error() {
+        let mut b = BytesMut::new();
+        encode_multicast(&mut b, 3, 0, &[1], b"");
+        b[29..31].copy_from_slice(&5u16.to_le_bytes());
+        let h = check(&b, MAX).unwrap().unwrap();
+        assert!(matches!(parse(&h, &b, false), Err(BackendFrameError::BadBody { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn trans_roundtrip(t: i32, s: u32, sid: i64, p in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut b = BytesMut::new();
+            encode_trans(&mut b, t, s, sid, None, &p);
+            for cut in [0, 3, 20, 28, b.len() - 1] {
+                prop_assert_eq!(check(&b[..cut], MAX), Ok(None));
+            }
+            let (h, body) = one(&b, false);
+            prop_assert_eq!((h.msg_type, h.server_id, h.session_id), (t, s, sid));
+            prop_assert_eq!(body, Body::Trans { trace: None, payload: &p[..] });
+        }
+
+        #[test]
+        fn multicast_roundtrip(ids in proptest::collection::vec(any::<i64>(), 0..64), p in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut b = BytesMut::new();
+            encode_multicast(&mut b, 1, 2, &ids, &p);
+            match one(&b, false).1 {
+                Body::Multicast { sessions, payload } => {
+                    prop_assert_eq!(sessions.iter().collect::<Vec<_>>(), ids);
+                    prop_assert_eq!(payload, &p[..]);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), trace: bool) {
+            let mut rest: &[u8] = &bytes;
+            while let Ok(Some(h)) = check(rest, 4096) {
+                let _ = parse(&h, &rest[..h.frame_len()], trace);
+                rest = &rest[h.frame_len()..];
+            }
+        }
+    }
+}

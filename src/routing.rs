@@ -1,0 +1,492 @@
+//! Routing: rules, the immutable [`RouteTable`] snapshot, and the strategies.
+//!
+//! Pure: no I/O except name resolution at validation time. The control side
+//! validates [`RawRule`]s (from TOML or, later, Redis JSON) into
+//! [`RouteRule`]s and freezes them into a versioned `RouteTable`; a worker
+//! holds an `Arc<RouteTable>` and calls [`RouteTable::lookup`] then
+//! [`RouteTable::pick`] when a session first sends a frame for a server type.
+//! The worker keeps the per-rule round-robin cursors, so the table itself is
+//! shared read-only between cores.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+/// A rule as written in config or Redis, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub server_type: i64,
+    #[serde(default)]
+    pub world_id: i64,
+    #[serde(default)]
+    pub service_name: String,
+    pub strategy: String,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    #[serde(default)]
+    pub notify_sessions: Option<bool>,
+    #[serde(default)]
+    pub trace_propagation: Option<bool>,
+    #[serde(default)]
+    pub on_backend_loss: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    ConsistentHash,
+    RealmBased,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::RealmBased => "realm_based",
+        }
+    }
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    /// (`world_id`, `inst_id`) of the binding frame: one game instance, one backend.
+    InstId,
+    Session,
+    ClientIp,
+}
+
+/// What happens to sessions bound to a backend connection that is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBackendLoss {
+    Close,
+    Rebind,
+}
+
+/// One backend address; `name` is how it was written (used for hashing, so
+/// every node agrees on placement whatever the name resolves to).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub name: Arc<str>,
+    /// xxh3 of `name`, precomputed for rendezvous hashing.
+    pub hash: u64,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let addr = match s.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(format!("{s:?} is not host:port with a port 1..=65535"));
+                }
+                (host, port.parse::<u16>().unwrap())
+                    .to_socket_addrs()
+                    .map_err(|e| format!("{s:?} does not resolve: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("{s:?} resolves to no address"))?
+            }
+        };
+        if addr.port() == 0 {
+            return Err(format!("{s:?} has port 0"));
+        }
+        Ok(Endpoint { addr, name: Arc::from(s), hash: xxhash_rust::xxh3::xxh3_64(s.as_bytes()) })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// A validated rule.
+#[derive(Debug, Clone)]
+pub struct RouteRule {
+    pub server_type: u8,
+    /// 0 = any world.
+    pub world_id: u16,
+    pub service_name: Arc<str>,
+    pub strategy: Strategy,
+    pub endpoints: Vec<Endpoint>,
+    pub hash_key: HashKey,
+    pub notify_sessions: bool,
+    pub trace_propagation: bool,
+    pub on_backend_loss: OnBackendLoss,
+}
+
+impl RouteRule {
+    pub fn key(&self) -> (u8, u16) {
+        (self.server_type, self.world_id)
+    }
+}
+
+impl fmt::Display for RouteRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "type={} world={} service={} strategy={} endpoints=[",
+            self.server_type,
+            if self.world_id == 0 { "*".to_string() } else { self.world_id.to_string() },
+            self.service_name,
+            self.strategy.as_str()
+        )?;
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        write!(
+            f,
+            "] notify={} trace={} on_backend_loss={:?}",
+            self.notify_sessions, self.trace_propagation, self.on_backend_loss
+        )
+    }
+}
+
+impl RawRule {
+    /// Checks every field; returns all problems as (field, reason).
+    pub fn validate(&self) -> Result<RouteRule, Vec<(&'static str, String)>> {
+        let mut errs = Vec::new();
+        if !(0..=255).contains(&self.server_type) {
+            errs.push(("server_type", format!("{} is out of range 0..=255", self.server_type)));
+        }
+        if !(0..=32767).contains(&self.world_id) {
+            errs.push(("world_id", format!("{} is out of range 0..=32767", self.world_id)));
+        }
+        let strategy = match self.strategy.as_str() {
+            "round_robin" => Strategy::RoundRobin,
+            "consistent_hash" => Strategy::ConsistentHash,
+            "realm_based" => Strategy::RealmBased,
+            other => {
+                errs.push((
+                    "strategy",
+                    format!("unknown strategy {other:?} (expected round_robin, consistent_hash or realm_based)"),
+                ));
+                Strategy::RoundRobin
+            }
+        };
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for e in &self.endpoints {
+            match Endpoint::parse(e) {
+                Ok(ep) if endpoints.contains(&ep) => errs.push(("endpoints", format!("{e:?} is listed twice"))),
+                Ok(ep) => endpoints.push(ep),
+                Err(r) => errs.push(("endpoints", r)),
+            }
+        }
+        let hash_key = match self.hash_key.as_deref().unwrap_or("inst_id") {
+            "inst_id" => HashKey::InstId,
+            "session" => HashKey::Session,
+            "client_ip" => HashKey::ClientIp,
+            other => {
+                errs.push(("hash_key", format!("{other:?} is not one of inst_id, session, client_ip")));
+                HashKey::InstId
+            }
+        };
+        let on_backend_loss = match self.on_backend_loss.as_deref().unwrap_or("close") {
+            "close" => OnBackendLoss::Close,
+            "rebind" => OnBackendLoss::Rebind,
+            other => {
+                errs.push(("on_backend_loss", format!("{other:?} is not one of close, rebind")));
+                OnBackendLoss::Close
+            }
+        };
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        let service_name = if self.service_name.is_empty() {
+            format!("type{}", self.server_type)
+        } else {
+            self.service_name.clone()
+        };
+        Ok(RouteRule {
+            server_type: self.server_type as u8,
+            world_id: self.world_id as u16,
+            service_name: Arc::from(service_name),
+            strategy,
+            endpoints,
+            hash_key,
+            notify_sessions: self.notify_sessions.unwrap_or(true),
+            trace_propagation: self.trace_propagation.unwrap_or(false),
+            on_backend_loss,
+        })
+    }
+}
+
+/// Why a frame could not be routed. Each is a counted routing error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no rule for the server type")]
+    NoRule,
+    #[error("the rule lists no endpoints")]
+    NoEndpoints,
+    #[error("every endpoint of the rule is unavailable")]
+    AllUnavailable,
+}
+
+impl RouteError {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteError::NoRule => "no_rule",
+            RouteError::NoEndpoints => "no_endpoints",
+            RouteError::AllUnavailable => "backend_unavailable",
+        }
+    }
+}
+
+/// What a strategy may key on, from the binding frame and the session.
+#[derive(Debug, Clone, Copy)]
+pub struct PickInput {
+    pub session_id: i64,
+    pub world_id: u16,
+    pub inst_id: u8,
+    pub client_ip: IpAddr,
+}
+
+/// An immutable, validated, versioned routing snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub version: u64,
+    rules: ahash::AHashMap<(u8, u16), Arc<RouteRule>>,
+    /// Realm (world) id -> endpoint, for `realm_based`.
+    realms: ahash::AHashMap<u16, Endpoint>,
+}
+
+/// splitmix64 finaliser: turns (key ^ endpoint hash) into a well-spread score.
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Rendezvous (highest random weight) hashing: each key goes to the endpoint
+/// with the highest `mix(key ^ endpoint)`; removing one of N endpoints moves
+/// only the keys that were on it (about 1/N). Unavailable endpoints are
+/// skipped, so their keys fall to their second choice and return afterwards.
+pub fn rendezvous<'a>(key: u64, endpoints: &'a [Endpoint], available: &dyn Fn(&Endpoint) -> bool) -> Option<&'a Endpoint> {
+    let k = mix(key);
+    endpoints.iter().filter(|e| available(e)).max_by_key(|e| mix(k ^ e.hash))
+}
+
+impl RouteTable {
+    pub fn new(version: u64, rules: Vec<RouteRule>, realms: Vec<(u16, Endpoint)>) -> RouteTable {
+        RouteTable {
+            version,
+            rules: rules.into_iter().map(|r| (r.key(), Arc::new(r))).collect(),
+            realms: realms.into_iter().collect(),
+        }
+    }
+
+    pub fn rules(&self) -> impl Iterator<Item = &Arc<RouteRule>> {
+        self.rules.values()
+    }
+
+    pub fn realms(&self) -> impl Iterator<Item = (&u16, &Endpoint)> {
+        self.realms.iter()
+    }
+
+    /// The rule for (type, world), else the wildcard rule (type, 0).
+    #[inline]
+    pub fn lookup(&self, server_type: u8, world_id: u16) -> Option<&Arc<RouteRule>> {
+        self.rules.get(&(server_type, world_id)).or_else(|| self.rules.get(&(server_type, 0)))
+    }
+
+    /// Whether `addr` is an endpoint some rule or realm can still pick.
+    pub fn lists(&self, addr: &SocketAddr) -> bool {
+        self.rules.values().any(|r| r.endpoints.iter().any(|e| e.addr == *addr))
+            || self.realms.values().any(|e| e.addr == *addr)
+    }
+
+    /// Picks an endpoint for a new binding. `rr` is the worker's round-robin
+    /// cursor for this rule.
+    pub fn pick<'a>(
+        &'a self,
+        rule: &'a RouteRule,
+        input: &PickInput,
+        rr: &mut usize,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Result<&'a Endpoint, RouteError> {
+        let inst_key = ((input.world_id as u64) << 8) | input.inst_id as u64;
+        match rule.strategy {
+            Strategy::RoundRobin => {
+                let n = rule.endpoints.len();
+                if n == 0 {
+                    return Err(RouteError::NoEndpoints);
+                }
+                for _ in 0..n {
+                    let e = &rule.endpoints[*rr % n];
+                    *rr = rr.wrapping_add(1);
+                    if available(e) {
+                        return Ok(e);
+                    }
+                }
+                Err(RouteError::AllUnavailable)
+            }
+            Strategy::ConsistentHash => {
+                if rule.endpoints.is_empty() {
+                    return Err(RouteError::NoEndpoints);
+                }
+                let key = match rule.hash_key {
+                    HashKey::InstId => inst_key,
+                    HashKey::Session => input.session_id as u64,
+                    HashKey::ClientIp => match input.client_ip {
+                        IpAddr::V4(v4) => u32::from(v4) as u64,
+                        IpAddr::V6(v6) => xxhash_rust::xxh3::xxh3_64(&v6.octets()),
+                    },
+                };
+                rendezvous(key, &rule.endpoints, available).ok_or(RouteError::AllUnavailable)
+            }
+            Strategy::RealmBased => {
+                if let Some(e) = self.realms.get(&input.world_id) {
+                    if available(e) {
+                        return Ok(e);
+                    }
+                }
+                if rule.endpoints.is_empty() {
+                    return Err(if self.realms.contains_key(&input.world_id) {
+                        RouteError::AllUnavailable
+                    } else {
+                        RouteError::NoEndpoints
+                    });
+                }
+                rendezvous(inst_key, &rule.endpoints, available).ok_or(RouteError::AllUnavailable)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(t: i64, w: i64, strategy: &str, eps: &[&str]) -> RouteRule {
+        RawRule {
+            server_type: t,
+            world_id: w,
+            service_name: "svc".into(),
+            strategy: strategy.into(),
+            endpoints: eps.iter().map(|s| s.to_string()).collect(),
+            hash_key: None,
+            notify_sessions: None,
+            trace_propagation: None,
+            on_backend_loss: None,
+        }
+        .validate()
+        .unwrap()
+    }
+
+    fn input(inst: u8) -> PickInput {
+        PickInput { session_id: 1, world_id: 1, inst_id: inst, client_ip: "127.0.0.1".parse().unwrap() }
+    }
+
+    const ALL: &dyn Fn(&Endpoint) -> bool = &|_| true;
+
+    #[test]
+    fn world_rule_beats_wildcard() {
+        let t = RouteTable::new(1, vec![rule(10, 0, "round_robin", &["127.0.0.1:1"]), rule(10, 7, "round_robin", &["127.0.0.1:2"])], vec![]);
+        assert_eq!(t.lookup(10, 7).unwrap().world_id, 7);
+        assert_eq!(t.lookup(10, 8).unwrap().world_id, 0);
+        assert!(t.lookup(11, 7).is_none());
+    }
+
+    #[test]
+    fn round_robin_cycles_and_skips_unavailable() {
+        let r = rule(10, 0, "round_robin", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let t = RouteTable::new(1, vec![], vec![]);
+        let mut rr = 0;
+        let picks: Vec<u16> = (0..6).map(|_| t.pick(&r, &input(0), &mut rr, ALL).unwrap().addr.port()).collect();
+        assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
+        let not2 = |e: &Endpoint| e.addr.port() != 2;
+        let picks: Vec<u16> = (0..4).map(|_| t.pick(&r, &input(0), &mut rr, &not2).unwrap().addr.port()).collect();
+        assert!(!picks.contains(&2));
+        assert_eq!(t.pick(&r, &input(0), &mut rr, &|_| false), Err(RouteError::AllUnavailable));
+    }
+
+    #[test]
+    fn empty_endpoints_is_a_routing_error_not_a_config_error() {
+        let r = rule(200, 0, "round_robin", &[]);
+        let t = RouteTable::new(1, vec![], vec![]);
+        assert_eq!(t.pick(&r, &input(0), &mut 0, ALL), Err(RouteError::NoEndpoints));
+    }
+
+    #[test]
+    fn consistent_hash_moves_about_one_nth_when_one_endpoint_goes() {
+        let names: Vec<String> = (1..=10).map(|i| format!("127.0.0.1:{}", 1000 + i)).collect();
+        let eps: Vec<Endpoint> = names.iter().map(|n| Endpoint::parse(n).unwrap()).collect();
+        let keys = 100_000u64;
+        let before: Vec<&Endpoint> = (0..keys).map(|k| rendezvous(k, &eps, ALL).unwrap()).collect();
+        // Spread: each of 10 endpoints gets 10% +- 1.5%.
+        for e in &eps {
+            let n = before.iter().filter(|b| **b == e).count() as f64 / keys as f64;
+            assert!((0.085..0.115).contains(&n), "{e}: {n}");
+        }
+        let removed = &eps[3];
+        let fewer: Vec<Endpoint> = eps.iter().filter(|e| *e != removed).cloned().collect();
+        let mut moved = 0;
+        for k in 0..keys {
+            let after = rendezvous(k, &fewer, ALL).unwrap();
+            if after.addr != before[k as usize].addr {
+                moved += 1;
+                assert_eq!(before[k as usize], removed, "only keys of the removed endpoint move");
+            }
+        }
+        let frac = moved as f64 / keys as f64;
+        assert!((0.085..0.115).contains(&frac), "moved {frac}");
+    }
+
+    #[test]
+    fn consistent_hash_keeps_an_instance_on_one_endpoint() {
+        let r = rule(10, 0, "consistent_hash", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let t = RouteTable::new(1, vec![], vec![]);
+        for inst in 0..=255u8 {
+            let first = t.pick(&r, &input(inst), &mut 0, ALL).unwrap().addr;
+            for s in 0..5 {
+                let mut i = input(inst);
+                i.session_id = s;
+                assert_eq!(t.pick(&r, &i, &mut 0, ALL).unwrap().addr, first);
+            }
+        }
+    }
+
+    #[test]
+    fn realm_mapping_then_fallback() {
+        let r = rule(30, 0, "realm_based", &["127.0.0.1:1", "127.0.0.1:2"]);
+        let t = RouteTable::new(1, vec![], vec![(7, Endpoint::parse("127.0.0.1:77").unwrap())]);
+        let mut i = input(0);
+        i.world_id = 7;
+        assert_eq!(t.pick(&r, &i, &mut 0, ALL).unwrap().addr.port(), 77);
+        i.world_id = 8;
+        assert_ne!(t.pick(&r, &i, &mut 0, ALL).unwrap().addr.port(), 77);
+        let empty = rule(30, 0, "realm_based", &[]);
+        i.world_id = 9;
+        assert_eq!(t.pick(&empty, &i, &mut 0, ALL), Err(RouteError::NoEndpoints));
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let raw = RawRule {
+            server_type: 300,
+            world_id: -1,
+            service_name: String::new(),
+            strategy: "random".into(),
+            endpoints: vec!["nohost".into(), "127.0.0.1:0".into()],
+            hash_key: Some("x".into()),
+            notify_sessions: None,
+            trace_propagation: None,
+            on_backend_loss: Some("pray".into()),
+        };
+        let errs = raw.validate().unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.0).collect();
+        assert_eq!(fields, vec!["server_type", "world_id", "strategy", "endpoints", "endpoints", "hash_key", "on_backend_loss"]);
+    }
+}

@@ -1,0 +1,392 @@
+//! Client sessions inside a worker: accept, read, route, write, close.
+//!
+//! # Session lifecycle
+//! ```text
+//! accept --cap ok--> open (reader + writer tasks)
+//!   reader: bytes -> client frames -> route/bind -> backend queue
+//!   writer: session queue -> socket (one write per wake-up)
+//! end: the reader returns (client EOF, read error, protocol error, or a
+//!      shutdown(SHUT_RD) issued by kick / idle sweep / stop / backend loss)
+//!   -> close(): leave the table, DISCONNECT to every bound backend,
+//!      wake the writer, which flushes what is queued, sends FIN and exits.
+//! ```
+//! Whoever wants a session to end calls [`ClientSession::begin_close`] with
+//! a reason; only the reader's exit runs the close, so it runs exactly once.
+
+use super::backend::BackendConn;
+use super::Worker;
+use crate::notify::Notify;
+use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
+use crate::protocol::client as cproto;
+use crate::protocol::ServerId;
+use crate::routing::{OnBackendLoss, PickInput};
+use crate::session::SessionInfo;
+use crate::stats::bump;
+use bytes::{Buf, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Initial read buffer per session: a few small game frames.
+pub const READ_BUF_INITIAL: usize = 2048;
+/// Buffers grown past this (by a large frame) are released once empty, so an
+/// idle session never pins a 64 KiB buffer.
+pub const READ_BUF_KEEP_MAX: usize = 16 * 1024;
+
+/// A session's binding to one backend connection for one server type.
+pub struct Binding {
+    pub server_type: u8,
+    pub conn: Rc<BackendConn>,
+    /// The connection generation this binding was made on; a redialed
+    /// connection is a new stream the backend knows nothing about.
+    pub generation: u64,
+    pub notify: bool,
+    pub trace: bool,
+    pub on_loss: OnBackendLoss,
+}
+
+pub struct ClientSession {
+    pub info: RefCell<SessionInfo>,
+    pub bindings: RefCell<Vec<Binding>>,
+    /// Frames waiting to be written to the client.
+    pub out: RefCell<BytesMut>,
+    pub writer_wake: Notify,
+    /// Set once `close` ran: the writer flushes and exits.
+    pub closed: Cell<bool>,
+    fd: RawFd,
+}
+
+impl ClientSession {
+    pub fn id(&self) -> i64 {
+        self.info.borrow().id
+    }
+
+    /// Asks the session to end with `reason` (first reason wins). The reader
+    /// is woken by `shutdown(SHUT_RD)` and runs the close; `hard` also shuts
+    /// the write side, for a client that does not read (its writer may be
+    /// blocked on a full socket buffer).
+    pub fn begin_close(&self, reason: DisconnectReason, hard: bool) {
+        if self.closed.get() {
+            return;
+        }
+        self.info.borrow_mut().set_close_reason(reason);
+        let how = if hard { libc::SHUT_RDWR } else { libc::SHUT_RD };
+        unsafe { libc::shutdown(self.fd, how) };
+    }
+
+    /// Queues one client frame towards the client.
+    pub fn deliver(&self, w: &Worker, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
+        if self.closed.get() {
+            bump(&mut w.stats.borrow_mut().frames_dropped, "session_closed", 1);
+            return false;
+        }
+        let len = {
+            let mut out = self.out.borrow_mut();
+            if !cproto::encode(&mut out, msg_id, ServerId(server_id), payload) {
+                drop(out);
+                bump(&mut w.stats.borrow_mut().frames_dropped, "reply_too_large", 1);
+                if let Some(n) = w.logs.borrow_mut().allow("reply_too_large", Instant::now()) {
+                    tracing::warn!(session_id = self.id(), len = payload.len(), suppressed = n, "backend reply larger than a client frame can carry, dropped");
+                }
+                return false;
+            }
+            out.len()
+        };
+        {
+            let mut info = self.info.borrow_mut();
+            info.frames_out += 1;
+            info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
+        }
+        self.writer_wake.notify();
+        if len > w.cfg.borrow().limits.max_queued_bytes_per_session {
+            bump(&mut w.stats.borrow_mut().protocol_errors, "slow_reader", 1);
+            if let Some(n) = w.logs.borrow_mut().allow("slow_reader", Instant::now()) {
+                tracing::warn!(session_id = self.id(), queued = len, suppressed = n, "client does not read its replies, closing");
+            }
+            self.begin_close(DisconnectReason::RateLimited, true);
+        }
+        true
+    }
+
+    /// Releases bindings whose backend the current route table no longer lists.
+    pub fn unbind_unlisted(&self, w: &Worker) {
+        let routes = w.routes.borrow().clone();
+        let id = self.id();
+        self.bindings.borrow_mut().retain(|b| {
+            if routes.lists(&b.conn.endpoint.addr) {
+                return true;
+            }
+            b.conn.unbind(w, id, b.generation, b.notify.then_some(DisconnectReason::RouteChanged));
+            false
+        });
+    }
+}
+
+/// A freshly accepted client: cap check, session id, tasks.
+pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+    let now = Instant::now();
+    let active = w.sessions.borrow().len() as u64;
+    if active >= w.max_connections_here() {
+        bump(&mut w.stats.borrow_mut().connection_rejected, "max_connections", 1);
+        if let Some(n) = w.logs.borrow_mut().allow("max_connections", now) {
+            tracing::warn!(worker = w.index, client = %peer, active, suppressed = n, "connection refused: max_connections reached");
+        }
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let id = w.ids.borrow_mut().next();
+    let fd = stream.as_raw_fd();
+    let s = Rc::new(ClientSession {
+        info: RefCell::new(SessionInfo::new(id, peer, Transport::Tcp, now)),
+        bindings: RefCell::new(Vec::new()),
+        out: RefCell::new(BytesMut::new()),
+        writer_wake: Notify::new(),
+        closed: Cell::new(false),
+        fd,
+    });
+    w.sessions.borrow_mut().insert(id, s.clone());
+    w.stats.borrow_mut().connections_total += 1;
+    tracing::debug!(session_id = id, client = %peer, "session opened");
+    let (rd, wr) = stream.into_split();
+    monoio::spawn(write_loop(s.clone(), wr));
+    monoio::spawn(read_loop(w.clone(), s, rd));
+}
+
+async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd: R) {
+    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_BUF_INITIAL);
+        }
+        let (res, b) = rd.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) => break,
+            Ok(n) => {
+                s.info.borrow_mut().bytes_in += n as u64;
+            }
+            Err(e) => {
+                tracing::debug!(session_id = s.id(), error = %e, "client read failed");
+                break;
+            }
+        }
+        if s.info.borrow().close_reason.is_some() {
+            break;
+        }
+        if let Err(reason) = on_client_bytes(&w, &s, &mut buf) {
+            s.info.borrow_mut().set_close_reason(reason);
+            break;
+        }
+        if buf.is_empty() && buf.capacity() > READ_BUF_KEEP_MAX {
+            buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+        }
+    }
+    close(&w, &s);
+}
+
+/// Frames and forwards everything complete in `buf`, leaving a partial
+/// frame in place. An error ends the session with that reason.
+fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
+    let max = w.cfg.borrow().limits.max_message_size;
+    let now = Instant::now();
+    loop {
+        let h = match cproto::check(buf, max) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                bump(&mut w.stats.borrow_mut().protocol_errors, "frame_too_large", 1);
+                if let Some(n) = w.logs.borrow_mut().allow("client_protocol_error", now) {
+                    let info = s.info.borrow();
+                    tracing::warn!(session_id = info.id, client = %info.peer, error = %e, suppressed = n, "client protocol error, closing session");
+                }
+                return Err(DisconnectReason::ProtocolError);
+            }
+        };
+        {
+            let mut info = s.info.borrow_mut();
+            info.last_active = now;
+            info.frames_in += 1;
+            if !info.handshaken {
+                info.handshaken = true;
+                info.first_server_type = Some(h.server_id.server_type());
+                info.first_world = h.server_id.world_id();
+            }
+        }
+        forward(w, s, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
+        buf.advance(h.frame_len());
+    }
+}
+
+/// Routes one client frame to its backend connection (binding on first use).
+fn forward(w: &Rc<Worker>, s: &ClientSession, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+    let st = h.server_id.server_type();
+    let id = s.id();
+    let mut bindings = s.bindings.borrow_mut();
+    let pos = match bindings.iter().position(|b| b.server_type == st) {
+        Some(i) if bindings[i].conn.generation() == bindings[i].generation => Some(i),
+        Some(i) => {
+            // The connection was lost and redialed since this binding was made.
+            let b = bindings.swap_remove(i);
+            if b.on_loss == OnBackendLoss::Close {
+                drop(bindings);
+                bump(&mut w.stats.borrow_mut().frames_dropped, "backend_lost", 1);
+                s.begin_close(DisconnectReason::BackendLost, false);
+                return;
+            }
+            None
+        }
+        None => None,
+    };
+    let pos = match pos {
+        Some(i) => i,
+        None => match bind(w, s, id, h) {
+            Ok(b) => {
+                bindings.push(b);
+                bindings.len() - 1
+            }
+            Err(kind) => {
+                drop(bindings);
+                let mut stats = w.stats.borrow_mut();
+                bump(&mut stats.routing_errors, kind, 1);
+                bump(&mut stats.frames_dropped, "routing_error", 1);
+                drop(stats);
+                if let Some(n) = w.logs.borrow_mut().allow("routing_error", now) {
+                    tracing::warn!(session_id = id, server_id = %h.server_id, msg_id = h.msg_id, error = kind, suppressed = n, "frame not routed, dropped");
+                }
+                return;
+            }
+        },
+    };
+    let b = &bindings[pos];
+    let trace = if b.trace { Some(crate::protocol::backend::TraceContext::default()) } else { None };
+    let conn = b.conn.clone();
+    drop(bindings);
+    if conn.enqueue(w, |out| bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)) {
+        w.stats.borrow_mut().messages_in[st as usize] += 1;
+    }
+}
+
+/// First frame for a server type: pick an endpoint with the rule's strategy,
+/// pick one of its connections, announce the session.
+fn bind(w: &Rc<Worker>, s: &ClientSession, id: i64, h: cproto::ClientHeader) -> Result<Binding, &'static str> {
+    let routes = w.routes.borrow().clone();
+    let st = h.server_id.server_type();
+    let world = h.server_id.world_id();
+    let rule = routes.lookup(st, world).ok_or(crate::routing::RouteError::NoRule.as_str())?;
+    let peer = s.info.borrow().peer;
+    let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
+    let now = Instant::now();
+    let ep = {
+        let mut rr = w.rr.borrow_mut();
+        let cursor = rr.entry(rule.key()).or_insert(w.index);
+        let available = |e: &crate::routing::Endpoint| super::backend::endpoint_available(w, e, now);
+        routes.pick(rule, &input, cursor, &available).map_err(|e| e.as_str())?.clone()
+    };
+    let conn = super::backend::conn_for(w, &ep, id, now).ok_or("backend_unavailable")?;
+    let generation = conn.generation();
+    conn.bind(w, id);
+    if rule.notify_sessions {
+        conn.enqueue(w, |out| bproto::encode_connect(out, id, s.info.borrow().transport, peer));
+    }
+    tracing::debug!(session_id = id, server_type = st, backend = %ep, "session bound");
+    Ok(Binding {
+        server_type: st,
+        conn,
+        generation,
+        notify: rule.notify_sessions,
+        trace: rule.trace_propagation,
+        on_loss: rule.on_backend_loss,
+    })
+}
+
+/// Runs once per session, when its reader ends.
+fn close(w: &Worker, s: &Rc<ClientSession>) {
+    if s.closed.replace(true) {
+        return;
+    }
+    let (id, reason) = {
+        let info = s.info.borrow();
+        (info.id, info.close_reason.unwrap_or(DisconnectReason::ClientClosed))
+    };
+    w.sessions.borrow_mut().remove(&id);
+    let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
+    for b in bindings {
+        b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));
+    }
+    w.count_closed(reason);
+    {
+        let info = s.info.borrow();
+        tracing::debug!(
+            session_id = id,
+            client = %info.peer,
+            reason = reason.as_str(),
+            frames_in = info.frames_in,
+            frames_out = info.frames_out,
+            duration_ms = info.started.elapsed().as_millis() as u64,
+            "session closed"
+        );
+    }
+    s.writer_wake.notify();
+    if w.sessions.borrow().is_empty() {
+        w.sessions_gone.notify();
+    }
+}
+
+async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
+    let mut spare = BytesMut::new();
+    loop {
+        if s.out.borrow().is_empty() {
+            if s.closed.get() {
+                break;
+            }
+            s.writer_wake.notified().await;
+            continue;
+        }
+        let buf = std::mem::replace(&mut *s.out.borrow_mut(), spare);
+        let (res, mut b) = wr.write_all(buf).await;
+        if let Err(e) = res {
+            tracing::debug!(session_id = s.id(), error = %e, "client write failed");
+            s.out.borrow_mut().clear();
+            s.begin_close(DisconnectReason::ClientClosed, true);
+            // Wait for the reader to run the close, then exit.
+            while !s.closed.get() {
+                s.writer_wake.notified().await;
+            }
+            return;
+        }
+        b.clear();
+        spare = if b.capacity() > READ_BUF_KEEP_MAX { BytesMut::new() } else { b };
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Closes sessions past their handshake or idle deadline.
+pub fn sweep(w: &Worker, now: Instant) {
+    let (hs, idle) = {
+        let cfg = w.cfg.borrow();
+        (cfg.limits.handshake_timeout, cfg.limits.idle_timeout)
+    };
+    let mut expired = Vec::new();
+    for s in w.sessions.borrow().values() {
+        let info = s.info.borrow();
+        if info.close_reason.is_some() {
+            continue;
+        }
+        if !info.handshaken && now.duration_since(info.started) >= hs {
+            expired.push((s.clone(), "handshake_timeout"));
+        } else if now.duration_since(info.last_active) >= idle {
+            expired.push((s.clone(), "idle_timeout"));
+        }
+    }
+    for (s, kind) in expired {
+        bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
+        if let Some(n) = w.logs.borrow_mut().allow(kind, now) {
+            tracing::info!(session_id = s.id(), kind, suppressed = n, "closing session on timeout");
+        }
+        s.begin_close(DisconnectReason::IdleTimeout, false);
+    }
+}

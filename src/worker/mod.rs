@@ -1,0 +1,354 @@
+//! The per-core I/O driver.
+//!
+//! One [`Worker`] per core, on its own named, pinned OS thread with its own
+//! monoio runtime (io_uring, or epoll where io_uring is refused). It owns its
+//! SO_REUSEPORT listener, its session table, its backend connection pools and
+//! its counters; all per-core state is `Rc`/`RefCell`/`Cell`, never a lock.
+//!
+//! Tasks inside a worker:
+//! - `accept_loop`: accepts clients, applies the connection cap, spawns the
+//!   two tasks of each session (see [`client`]).
+//! - per session: a reader (client bytes -> frames -> backend queues) and a
+//!   writer (session queue -> client socket).
+//! - per backend connection: a dialer/writer and a reader (see [`backend`]).
+//! - `tick_loop`: every [`TICK`] drains the command channel (route snapshots,
+//!   config, stats requests, stop) and once a second sweeps idle sessions.
+//!
+//! Commands are picked up by `try_recv` on that tick rather than by an eventfd
+//! wake-up: a 20 ms delay is irrelevant for control traffic, a timer costs
+//! nothing measurable, and it keeps the data path free of cross-thread
+//! wake-ups entirely.
+
+pub mod backend;
+pub mod client;
+
+use crate::config::{Config, IoDriver};
+use crate::notify::Notify;
+use crate::protocol::backend::DisconnectReason;
+use crate::routing::RouteTable;
+use crate::session::SessionIdGen;
+use crate::stats::{bump, WorkerStats};
+use ahash::AHashMap;
+use backend::EndpointPool;
+use client::ClientSession;
+use crossbeam_channel::{Receiver, Sender};
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a worker looks at its command channel and clock.
+pub const TICK: Duration = Duration::from_millis(20);
+/// How often sessions are checked against idle and handshake timeouts.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Commands handled per tick, so a burst of control traffic cannot stall I/O.
+pub const MAX_COMMANDS_PER_TICK: usize = 64;
+/// Depth of each worker's command channel.
+pub const COMMAND_CHANNEL_DEPTH: usize = 256;
+
+/// What the control side can ask of a worker.
+pub enum WorkerCommand {
+    /// A new routing snapshot: swap it in between events.
+    Routes(Arc<RouteTable>),
+    /// A new (reloaded) configuration: reloadable keys apply at once.
+    Config(Arc<Config>),
+    /// Reply with a copy of the counters.
+    Stats(Sender<WorkerStats>),
+    /// Stop accepting, close every session with `DISCONNECT` reason 6, flush
+    /// backend queues, and exit; whatever is left at `deadline` is dropped.
+    Stop { deadline: Instant },
+}
+
+/// Facts a worker reports once its runtime is up.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub io_driver: &'static str,
+}
+
+/// One core's state.
+pub struct Worker {
+    pub index: usize,
+    pub info: WorkerInfo,
+    pub cfg: RefCell<Arc<Config>>,
+    pub routes: RefCell<Arc<RouteTable>>,
+    /// Round-robin cursor per rule key, per worker (as ROUTING.md says).
+    pub rr: RefCell<AHashMap<(u8, u16), usize>>,
+    pub sessions: RefCell<AHashMap<i64, Rc<ClientSession>>>,
+    pub pools: RefCell<AHashMap<SocketAddr, Rc<EndpointPool>>>,
+    pub ids: RefCell<SessionIdGen>,
+    pub stats: RefCell<WorkerStats>,
+    pub stopping: Cell<bool>,
+    listener_fd: RawFd,
+    pub next_conn_id: Cell<u64>,
+    /// xorshift state for backoff jitter.
+    rng: Cell<u64>,
+    pub logs: RefCell<LogLimiter>,
+    /// Wakes the stop sequence when the last session is gone.
+    pub sessions_gone: Notify,
+    /// Wakes the worker's main future when the stop sequence is finished.
+    stop_done: Notify,
+}
+
+impl Worker {
+    pub fn max_connections_here(&self) -> u64 {
+        let cfg = self.cfg.borrow();
+        cfg.limits.max_connections.div_ceil(self.info_workers(&cfg) as u64)
+    }
+
+    fn info_workers(&self, cfg: &Config) -> usize {
+        cfg.server.workers.max(1)
+    }
+
+    pub fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+
+    pub fn count_closed(&self, reason: DisconnectReason) {
+        bump(&mut self.stats.borrow_mut().sessions_closed, reason.as_str(), 1);
+    }
+
+    fn apply_routes(self: &Rc<Self>, table: Arc<RouteTable>) {
+        tracing::info!(worker = self.index, version = table.version, "route snapshot applied");
+        *self.routes.borrow_mut() = table;
+        self.stats.borrow_mut().route_version = self.routes.borrow().version;
+        // Bindings to a backend that is no longer listed are released
+        // (DISCONNECT reason 8); the session rebinds on its next frame.
+        let sessions: Vec<Rc<ClientSession>> = self.sessions.borrow().values().cloned().collect();
+        for s in sessions {
+            s.unbind_unlisted(self);
+        }
+    }
+
+    fn handle_command(self: &Rc<Self>, cmd: WorkerCommand) {
+        match cmd {
+            WorkerCommand::Routes(t) => self.apply_routes(t),
+            WorkerCommand::Config(c) => {
+                tracing::info!(worker = self.index, source = %c.source, "config applied");
+                *self.cfg.borrow_mut() = c;
+            }
+            WorkerCommand::Stats(tx) => {
+                let mut s = self.stats.borrow().clone();
+                s.sessions_active = self.sessions.borrow().len() as u64;
+                s.connections_active = s.sessions_active;
+                for pool in self.pools.borrow().values() {
+                    let up = pool.conns.iter().filter(|c| c.is_up()).count() as u64;
+                    s.backend(&pool.endpoint.name).connections_active = up;
+                    s.backend(&pool.endpoint.name).sessions_bound =
+                        pool.conns.iter().map(|c| c.sessions.borrow().len() as u64).sum();
+                }
+                let _ = tx.send(s);
+            }
+            WorkerCommand::Stop { deadline } => {
+                if !self.stopping.replace(true) {
+                    let me = self.clone();
+                    monoio::spawn(async move { me.stop(deadline).await });
+                }
+            }
+        }
+    }
+
+    /// The stop sequence: no new clients, every session closed with reason 6
+    /// (its `DISCONNECT`s queued), backend queues flushed, then exit.
+    async fn stop(self: Rc<Self>, deadline: Instant) {
+        tracing::info!(worker = self.index, sessions = self.sessions.borrow().len(), "stopping: closing listener");
+        // Wakes a pending accept (it fails with EINVAL) on both drivers.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        let sessions: Vec<Rc<ClientSession>> = self.sessions.borrow().values().cloned().collect();
+        for s in &sessions {
+            s.begin_close(DisconnectReason::Shutdown, false);
+        }
+        while !self.sessions.borrow().is_empty() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = monoio::time::timeout(left.min(TICK), self.sessions_gone.notified()).await;
+        }
+        tracing::info!(worker = self.index, left = self.sessions.borrow().len(), "stopping: sessions closed, flushing backends");
+        loop {
+            let busy = self.pools.borrow().values().any(|p| p.conns.iter().any(|c| c.has_pending()));
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for pool in self.pools.borrow().values() {
+            for c in &pool.conns {
+                c.shutdown_socket();
+            }
+        }
+        tracing::info!(worker = self.index, "stopped");
+        self.stop_done.notify();
+    }
+}
+
+/// Data-path log lines are limited per kind: at most [`LOG_BURST`] a second,
+/// the rest counted and reported in the next line of that kind.
+pub const LOG_BURST: u32 = 10;
+
+#[derive(Default)]
+pub struct LogLimiter {
+    kinds: AHashMap<&'static str, (Instant, u32, u64)>,
+}
+
+impl LogLimiter {
+    /// `Some(suppressed_since_last)` when a line of `kind` may be logged now.
+    pub fn allow(&mut self, kind: &'static str, now: Instant) -> Option<u64> {
+        let e = self.kinds.entry(kind).or_insert((now, 0, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            e.0 = now;
+            e.1 = 0;
+        }
+        if e.1 < LOG_BURST {
+            e.1 += 1;
+            Some(std::mem::take(&mut e.2))
+        } else {
+            e.2 += 1;
+            None
+        }
+    }
+}
+
+/// Everything a worker thread needs to start.
+pub struct WorkerSetup {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub cfg: Arc<Config>,
+    pub routes: Arc<RouteTable>,
+    pub listener: std::net::TcpListener,
+    pub commands: Receiver<WorkerCommand>,
+    pub ready: Sender<Result<WorkerInfo, String>>,
+}
+
+fn io_uring_refused(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) | Some(libc::ENOMEM))
+}
+
+/// io_uring submission queue size; in-flight reads do not hold entries, so this
+/// only bounds submissions per enter.
+const URING_ENTRIES: u32 = 4096;
+
+/// Thread body: pin, build the runtime (falling back to epoll where io_uring is
+/// refused), run until stopped.
+pub fn run(setup: WorkerSetup) {
+    if let Some(cpu) = setup.cpu {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+            tracing::warn!(worker = setup.index, cpu, "could not pin worker to core");
+        }
+    }
+    let want = setup.cfg.server.io_driver;
+    if want != IoDriver::Epoll {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(URING_ENTRIES).build() {
+            Ok(mut rt) => {
+                rt.block_on(main(setup, "io_uring"));
+                return;
+            }
+            Err(e) if want == IoDriver::Auto && io_uring_refused(&e) => {
+                tracing::warn!(worker = setup.index, error = %e, "io_uring refused by the kernel, falling back to epoll");
+            }
+            Err(e) => {
+                let _ = setup.ready.send(Err(format!("worker {}: io_uring runtime: {e}", setup.index)));
+                return;
+            }
+        }
+    }
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+        Ok(mut rt) => rt.block_on(main(setup, "epoll")),
+        Err(e) => {
+            let _ = setup.ready.send(Err(format!("worker {}: epoll runtime: {e}", setup.index)));
+        }
+    }
+}
+
+async fn main(setup: WorkerSetup, io_driver: &'static str) {
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready } = setup;
+    let listener_fd = listener.as_raw_fd();
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {index}: listener: {e}")));
+            return;
+        }
+    };
+    let info = WorkerInfo { index, cpu, io_driver };
+    let mut stats = WorkerStats { workers: 1, route_version: routes.version, ..Default::default() };
+    stats.route_version = routes.version;
+    let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let w = Rc::new(Worker {
+        index,
+        info: info.clone(),
+        ids: RefCell::new(SessionIdGen::new(cfg.server.node_id, index)),
+        cfg: RefCell::new(cfg),
+        routes: RefCell::new(routes),
+        rr: RefCell::new(AHashMap::new()),
+        sessions: RefCell::new(AHashMap::new()),
+        pools: RefCell::new(AHashMap::new()),
+        stats: RefCell::new(stats),
+        stopping: Cell::new(false),
+        listener_fd,
+        next_conn_id: Cell::new(1),
+        rng: Cell::new(seed),
+        logs: RefCell::new(LogLimiter::default()),
+        sessions_gone: Notify::new(),
+        stop_done: Notify::new(),
+    });
+    tracing::info!(worker = index, cpu = ?cpu, io_driver, "worker started");
+    let _ = ready.send(Ok(info));
+    monoio::spawn(accept_loop(w.clone(), listener));
+    monoio::spawn(tick_loop(w.clone(), commands));
+    w.stop_done.notified().await;
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
+    loop {
+        let r = listener.accept().await;
+        if w.stopping.get() {
+            break;
+        }
+        match r {
+            Ok((stream, peer)) => client::on_accept(&w, stream, peer),
+            Err(e) => {
+                bump(&mut w.stats.borrow_mut().connection_rejected, "accept_error", 1);
+                if let Some(n) = w.logs.borrow_mut().allow("accept_error", Instant::now()) {
+                    tracing::warn!(worker = w.index, error = %e, suppressed = n, "accept failed");
+                }
+                // Out of descriptors: back off instead of spinning.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)) {
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+}
+
+async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        monoio::time::sleep(TICK).await;
+        for _ in 0..MAX_COMMANDS_PER_TICK {
+            match commands.try_recv() {
+                Ok(cmd) => w.handle_command(cmd),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    // The control side is gone: nobody can stop us any more.
+                    if !w.stopping.get() {
+                        w.handle_command(WorkerCommand::Stop { deadline: Instant::now() + Duration::from_secs(5) });
+                    }
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(last_sweep) >= SWEEP_EVERY {
+            last_sweep = now;
+            client::sweep(&w, now);
+        }
+    }
+}
