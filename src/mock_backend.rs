@@ -55,6 +55,7 @@ struct Inner {
 pub struct MockBackend {
     addr: SocketAddr,
     inner: Arc<Inner>,
+    accept: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub events: Receiver<Event>,
 }
 
@@ -75,8 +76,8 @@ impl MockBackend {
             trans_seen: AtomicU64::new(0),
         });
         let i2 = inner.clone();
-        std::thread::Builder::new().name("mock-accept".into()).spawn(move || accept_loop(listener, i2))?;
-        Ok(MockBackend { addr, inner, events: rx })
+        let accept = std::thread::Builder::new().name("mock-accept".into()).spawn(move || accept_loop(listener, i2))?;
+        Ok(MockBackend { addr, inner, accept: Mutex::new(Some(accept)), events: rx })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -165,10 +166,14 @@ impl MockBackend {
     }
 
     /// Stops accepting and drops every connection at once (a backend crash).
+    /// Returns once the listening socket is closed, so the port can be reused.
     pub fn kill(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);
         for s in self.inner.conns.lock().unwrap().values() {
             let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(j) = self.accept.lock().unwrap().take() {
+            let _ = j.join();
         }
     }
 

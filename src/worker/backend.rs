@@ -27,6 +27,7 @@ use crate::routing::{Endpoint, OnBackendLoss};
 use crate::stats::bump;
 use ahash::AHashSet;
 use bytes::{Buf, BytesMut};
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -320,8 +321,11 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, c: Rc<BackendConn>, generati
         if buf.capacity() - buf.len() < BACKEND_READ_BUF / 4 {
             buf.reserve(BACKEND_READ_BUF);
         }
-        let (res, b) = rd.read(buf).await;
-        buf = b;
+        // monoio reads at the start of the buffer it is given, so hand it
+        // the spare capacity only.
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
         if c.generation.get() != generation {
             return;
         }

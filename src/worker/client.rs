@@ -23,6 +23,7 @@ use crate::routing::{OnBackendLoss, PickInput};
 use crate::session::SessionInfo;
 use crate::stats::bump;
 use bytes::{Buf, BytesMut};
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -69,13 +70,14 @@ impl ClientSession {
     /// is woken by `shutdown(SHUT_RD)` and runs the close; `hard` also shuts
     /// the write side, for a client that does not read (its writer may be
     /// blocked on a full socket buffer).
-    pub fn begin_close(&self, reason: DisconnectReason, hard: bool) {
-        if self.closed.get() {
-            return;
+    /// Returns whether this call decided the reason.
+    pub fn begin_close(&self, reason: DisconnectReason, hard: bool) -> bool {
+        if self.closed.get() || !self.info.borrow_mut().set_close_reason(reason) {
+            return false;
         }
-        self.info.borrow_mut().set_close_reason(reason);
         let how = if hard { libc::SHUT_RDWR } else { libc::SHUT_RD };
         unsafe { libc::shutdown(self.fd, how) };
+        true
     }
 
     /// Queues one client frame towards the client.
@@ -102,12 +104,11 @@ impl ClientSession {
             info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
         }
         self.writer_wake.notify();
-        if len > w.cfg.borrow().limits.max_queued_bytes_per_session {
+        if len > w.cfg.borrow().limits.max_queued_bytes_per_session && self.begin_close(DisconnectReason::RateLimited, true) {
             bump(&mut w.stats.borrow_mut().protocol_errors, "slow_reader", 1);
             if let Some(n) = w.logs.borrow_mut().allow("slow_reader", Instant::now()) {
                 tracing::warn!(session_id = self.id(), queued = len, suppressed = n, "client does not read its replies, closing");
             }
-            self.begin_close(DisconnectReason::RateLimited, true);
         }
         true
     }
@@ -162,8 +163,11 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUF_INITIAL);
         }
-        let (res, b) = rd.read(buf).await;
-        buf = b;
+        // monoio reads at the start of the buffer it is given, so hand it
+        // the spare capacity only.
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
         match res {
             Ok(0) => break,
             Ok(n) => {
