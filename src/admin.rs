@@ -24,21 +24,23 @@ pub struct AdminState {
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    if let Err(e) = handle(c, &state) {
-                        tracing::debug!(error = %e, "admin request failed");
+    std::thread::Builder::new()
+        .name("gw-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = handle(c, &state) {
+                            tracing::debug!(error = %e, "admin request failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
             }
-        }
-    })?;
+        })?;
     tracing::info!(admin = %local, "admin endpoints listening");
     Ok(local)
 }
@@ -64,7 +66,12 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/health" => {
-            let answered = state.handle.worker_stats().iter().filter(|s| s.is_some()).count();
+            let answered = state
+                .handle
+                .worker_stats()
+                .iter()
+                .filter(|s| s.is_some())
+                .count();
             if answered == state.handle.workers().len() {
                 respond(&mut c, 200, "text/plain", "ok\n")
             } else {

@@ -161,7 +161,11 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { level: "info".into(), format: "json".into(), access_log: true }
+        RawLog {
+            level: "info".into(),
+            format: "json".into(),
+            access_log: true,
+        }
     }
 }
 
@@ -271,7 +275,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.reason)
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file, self.line, self.key, self.reason
+        )
     }
 }
 
@@ -298,7 +306,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"2m\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"2m\""))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -317,18 +327,27 @@ pub struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     pub fn new(src: &'a str) -> Self {
-        Locator { src, doc: toml_edit::ImDocument::parse(src).ok() }
+        Locator {
+            src,
+            doc: toml_edit::ImDocument::parse(src).ok(),
+        }
     }
 
     fn line_at(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())].bytes().filter(|b| *b == b'\n').count() + 1
+        self.src[..offset.min(self.src.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
     }
 
     /// Line of `section.key` (`key` may be empty for the section itself);
     /// `index` selects an element of an array of tables such as `[[routes]]`.
     pub fn line(&self, section: &str, index: Option<usize>, key: &str) -> usize {
         let Some(doc) = &self.doc else { return 1 };
-        let Some(item) = doc.as_table().get(section) else { return 1 };
+        let Some(item) = doc.as_table().get(section) else {
+            return 1;
+        };
         let table = match (index, item) {
             (Some(i), toml_edit::Item::ArrayOfTables(a)) => a.get(i),
             (None, toml_edit::Item::Table(t)) => Some(t),
@@ -355,9 +374,19 @@ pub struct Problems<'a> {
 
 impl<'a> Problems<'a> {
     pub fn new(file: &'a str, loc: &'a Locator<'a>) -> Self {
-        Problems { file, loc, errors: vec![] }
+        Problems {
+            file,
+            loc,
+            errors: vec![],
+        }
     }
-    pub fn push(&mut self, section: &str, index: Option<usize>, key: &str, reason: impl Into<String>) {
+    pub fn push(
+        &mut self,
+        section: &str,
+        index: Option<usize>,
+        key: &str,
+        reason: impl Into<String>,
+    ) {
         let line = self.loc.line(section, index, key);
         let name = match index {
             Some(i) if key.is_empty() => format!("{section}[{i}]"),
@@ -365,7 +394,12 @@ impl<'a> Problems<'a> {
             None if key.is_empty() => section.to_string(),
             None => format!("{section}.{key}"),
         };
-        self.errors.push(ConfigError { file: self.file.to_string(), line, key: name, reason: reason.into() });
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            key: name,
+            reason: reason.into(),
+        });
     }
     fn duration(&mut self, section: &str, key: &str, v: &str) -> Duration {
         match parse_duration(v) {
@@ -382,7 +416,12 @@ impl<'a> Problems<'a> {
         T: Default,
     {
         if v < lo || v > hi {
-            self.push(section, None, key, format!("{v} is out of range {lo}..={hi}"));
+            self.push(
+                section,
+                None,
+                key,
+                format!("{v} is out of range {lo}..={hi}"),
+            );
             return T::default();
         }
         T::try_from(v).unwrap_or_default()
@@ -395,7 +434,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         match std::fs::read_to_string(path) {
             Ok(src) => Config::from_str(&src, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) =>
+            {
                 Config::from_str(EMBEDDED_DEFAULT, "<embedded>")
             }
             Err(e) => Err(ConfigErrors(vec![ConfigError {
@@ -412,15 +453,30 @@ impl Config {
         let raw: RawConfig = match toml::from_str(src) {
             Ok(r) => r,
             Err(e) => {
-                let line = e.span().map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1).unwrap_or(1);
+                let line = e
+                    .span()
+                    .map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1)
+                    .unwrap_or(1);
                 let msg = e.message().trim().to_string();
                 let key = e
                     .span()
                     .and_then(|s| src.get(s.start..s.end))
-                    .map(|t| t.split(['=', '\n']).next().unwrap_or("").trim().trim_matches(['[', ']']).to_string())
+                    .map(|t| {
+                        t.split(['=', '\n'])
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .trim_matches(['[', ']'])
+                            .to_string()
+                    })
                     .filter(|k| !k.is_empty())
                     .unwrap_or_else(|| "-".into());
-                return Err(ConfigErrors(vec![ConfigError { file: file.into(), line, key, reason: msg }]));
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.into(),
+                    line,
+                    key,
+                    reason: msg,
+                }]));
             }
         };
         let loc = Locator::new(src);
@@ -430,7 +486,11 @@ impl Config {
     /// Applies the command-line and environment overrides (they win over the file).
     pub fn apply_overrides(&mut self, workers: Option<usize>, io_driver: Option<IoDriver>) {
         if let Some(w) = workers {
-            let w = if w == 0 { available_cores() } else { w.min(MAX_WORKERS) };
+            let w = if w == 0 {
+                available_cores()
+            } else {
+                w.min(MAX_WORKERS)
+            };
             self.server.workers = w;
             if self.server.cpus.len() != w {
                 self.server.cpus = default_cpus(w);
@@ -471,7 +531,11 @@ impl Config {
         );
         match &self.redis {
             Some(r) => {
-                let _ = writeln!(s, "redis: url={} key_prefix={} refresh_interval={:?}", r.url, r.key_prefix, r.refresh_interval);
+                let _ = writeln!(
+                    s,
+                    "redis: url={} key_prefix={} refresh_interval={:?}",
+                    r.url, r.key_prefix, r.refresh_interval
+                );
             }
             None => {
                 let _ = writeln!(s, "redis: off (static routes only)");
@@ -481,13 +545,20 @@ impl Config {
         for r in &self.routes {
             let _ = writeln!(s, "  {r}");
         }
-        let _ = writeln!(s, "log: level={} format={:?} access_log={}", self.log.level, self.log.format, self.log.access_log);
+        let _ = writeln!(
+            s,
+            "log: level={} format={:?} access_log={}",
+            self.log.level, self.log.format, self.log.access_log
+        );
         s
     }
 }
 
 fn available_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_WORKERS)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_WORKERS)
 }
 
 fn default_cpus(workers: usize) -> Vec<usize> {
@@ -525,26 +596,47 @@ impl RawConfig {
             }
         }
         let workers_raw: usize = p.int("server", "workers", s.workers, 0, MAX_WORKERS as i64);
-        let workers = if workers_raw == 0 { available_cores() } else { workers_raw };
+        let workers = if workers_raw == 0 {
+            available_cores()
+        } else {
+            workers_raw
+        };
         let cpus = if s.cpus.is_empty() {
             default_cpus(workers)
         } else {
-            let ncpu = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(usize::MAX);
+            let ncpu = core_affinity::get_core_ids()
+                .map(|c| c.len())
+                .unwrap_or(usize::MAX);
             let mut v = Vec::new();
             for c in &s.cpus {
                 if *c < 0 || *c as usize >= ncpu.max(1) {
-                    p.push("server", None, "cpus", format!("core {c} does not exist (this machine has {ncpu})"));
+                    p.push(
+                        "server",
+                        None,
+                        "cpus",
+                        format!("core {c} does not exist (this machine has {ncpu})"),
+                    );
                 } else {
                     v.push(*c as usize);
                 }
             }
             if s.cpus.len() < workers {
-                p.push("server", None, "cpus", format!("lists {} cores for {} workers", s.cpus.len(), workers));
+                p.push(
+                    "server",
+                    None,
+                    "cpus",
+                    format!("lists {} cores for {} workers", s.cpus.len(), workers),
+                );
             }
             v
         };
         let io_driver = IoDriver::parse(&s.io_driver).unwrap_or_else(|| {
-            p.push("server", None, "io_driver", format!("{:?} is not one of auto, io_uring, epoll", s.io_driver));
+            p.push(
+                "server",
+                None,
+                "io_driver",
+                format!("{:?} is not one of auto, io_uring, epoll", s.io_driver),
+            );
             IoDriver::Auto
         });
         let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
@@ -552,10 +644,28 @@ impl RawConfig {
         let l = &self.limits;
         let limits = LimitsConfig {
             max_connections: p.int("limits", "max_connections", l.max_connections, 1, i64::MAX),
-            max_connections_per_ip: p.int("limits", "max_connections_per_ip", l.max_connections_per_ip, 0, u32::MAX as i64),
-            connection_rate_per_ip: p.int("limits", "connection_rate_per_ip", l.connection_rate_per_ip, 0, u32::MAX as i64),
+            max_connections_per_ip: p.int(
+                "limits",
+                "max_connections_per_ip",
+                l.max_connections_per_ip,
+                0,
+                u32::MAX as i64,
+            ),
+            connection_rate_per_ip: p.int(
+                "limits",
+                "connection_rate_per_ip",
+                l.connection_rate_per_ip,
+                0,
+                u32::MAX as i64,
+            ),
             max_message_size: p.int("limits", "max_message_size", l.max_message_size, 0, 65_535),
-            messages_per_second: p.int("limits", "messages_per_second", l.messages_per_second, 0, u32::MAX as i64),
+            messages_per_second: p.int(
+                "limits",
+                "messages_per_second",
+                l.messages_per_second,
+                0,
+                u32::MAX as i64,
+            ),
             handshake_timeout: p.duration("limits", "handshake_timeout", &l.handshake_timeout),
             idle_timeout: p.duration("limits", "idle_timeout", &l.idle_timeout),
             max_queued_bytes_per_session: p.int(
@@ -575,23 +685,62 @@ impl RawConfig {
 
         let b = &self.backend;
         let backend = BackendConfig {
-            connections_per_endpoint: p.int("backend", "connections_per_endpoint", b.connections_per_endpoint, 1, 64),
+            connections_per_endpoint: p.int(
+                "backend",
+                "connections_per_endpoint",
+                b.connections_per_endpoint,
+                1,
+                64,
+            ),
             dial_timeout: p.duration("backend", "dial_timeout", &b.dial_timeout),
-            max_frame_size: p.int("backend", "max_frame_size", b.max_frame_size, 9 + 65_535, 64 << 20),
-            reconnect_backoff_min: p.duration("backend", "reconnect_backoff_min", &b.reconnect_backoff_min),
-            reconnect_backoff_max: p.duration("backend", "reconnect_backoff_max", &b.reconnect_backoff_max),
-            max_queued_bytes: p.int("backend", "max_queued_bytes", b.max_queued_bytes, 1 << 16, 1 << 30),
+            max_frame_size: p.int(
+                "backend",
+                "max_frame_size",
+                b.max_frame_size,
+                9 + 65_535,
+                64 << 20,
+            ),
+            reconnect_backoff_min: p.duration(
+                "backend",
+                "reconnect_backoff_min",
+                &b.reconnect_backoff_min,
+            ),
+            reconnect_backoff_max: p.duration(
+                "backend",
+                "reconnect_backoff_max",
+                &b.reconnect_backoff_max,
+            ),
+            max_queued_bytes: p.int(
+                "backend",
+                "max_queued_bytes",
+                b.max_queued_bytes,
+                1 << 16,
+                1 << 30,
+            ),
         };
         if backend.dial_timeout.is_zero() {
             p.push("backend", None, "dial_timeout", "must be above zero");
         }
         if backend.reconnect_backoff_min > backend.reconnect_backoff_max {
-            p.push("backend", None, "reconnect_backoff_min", "is above reconnect_backoff_max");
+            p.push(
+                "backend",
+                None,
+                "reconnect_backoff_min",
+                "is above reconnect_backoff_max",
+            );
         }
 
         let redis = self.redis.as_ref().map(|r| {
-            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("unix://")) {
-                p.push("redis", None, "url", format!("{:?} is not a redis:// URL", r.url));
+            if !(r.url.starts_with("redis://")
+                || r.url.starts_with("rediss://")
+                || r.url.starts_with("unix://"))
+            {
+                p.push(
+                    "redis",
+                    None,
+                    "url",
+                    format!("{:?} is not a redis:// URL", r.url),
+                );
             }
             RedisConfig {
                 url: r.url.clone(),
@@ -626,15 +775,31 @@ impl RawConfig {
             }
         }
 
-        let level = std::env::var("LOG_LEVEL").ok().filter(|v| !v.is_empty()).unwrap_or(self.log.level.clone());
-        if !matches!(level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
-            p.push("log", None, "level", format!("{level:?} is not one of error, warn, info, debug, trace"));
+        let level = std::env::var("LOG_LEVEL")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or(self.log.level.clone());
+        if !matches!(
+            level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            p.push(
+                "log",
+                None,
+                "level",
+                format!("{level:?} is not one of error, warn, info, debug, trace"),
+            );
         }
         let format = match self.log.format.as_str() {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
             other => {
-                p.push("log", None, "format", format!("{other:?} is not one of json, text"));
+                p.push(
+                    "log",
+                    None,
+                    "format",
+                    format!("{other:?} is not one of json, text"),
+                );
                 LogFormat::Json
             }
         };
@@ -658,7 +823,11 @@ impl RawConfig {
             backend,
             redis,
             routes,
-            log: LogConfig { level, format, access_log: self.log.access_log },
+            log: LogConfig {
+                level,
+                format,
+                access_log: self.log.access_log,
+            },
         })
     }
 }
@@ -667,7 +836,12 @@ fn parse_addr(p: &mut Problems<'_>, section: &str, key: &str, v: &str) -> Option
     match v.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            p.push(section, None, key, format!("{v:?} is not an ip:port address"));
+            p.push(
+                section,
+                None,
+                key,
+                format!("{v:?} is not an ip:port address"),
+            );
             None
         }
     }
@@ -724,7 +898,11 @@ mod tests {
     fn duplicate_rule_keys() {
         let src = "[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n";
         let errs = Config::from_str(src, "d.toml").unwrap_err();
-        assert!(errs.to_string().contains("d.toml:7: routes[1].server_type: duplicate"), "{errs}");
+        assert!(
+            errs.to_string()
+                .contains("d.toml:7: routes[1].server_type: duplicate"),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -65,13 +65,21 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, addr = %gw.cfg.server.admin_listen, "admin endpoints failed to start");
-            eprintln!("game-gateway: admin listener {}: {e}", gw.cfg.server.admin_listen);
+            eprintln!(
+                "game-gateway: admin listener {}: {e}",
+                gw.cfg.server.admin_listen
+            );
             gw.stop(std::time::Duration::from_secs(1));
             return ExitCode::from(1);
         }
     };
     // One machine-readable line for scripts and tests that bind port 0.
-    println!("game-gateway listening on {} admin {} io_driver {}", gw.local_addr(), admin_addr, gw.workers()[0].io_driver);
+    println!(
+        "game-gateway listening on {} admin {} io_driver {}",
+        gw.local_addr(),
+        admin_addr,
+        gw.workers()[0].io_driver
+    );
     match control::run_until_signalled(gw, &cli.config, Some(state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -57,7 +57,10 @@ impl SessionIdGen {
     }
 
     fn now_ms() -> i64 {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         (ms.saturating_sub(EPOCH_MS) as i64) & SEQ_MASK
     }
 
@@ -98,10 +101,19 @@ pub struct SessionInfo {
     /// First frame's routing address, for the access log.
     pub first_server_type: Option<u8>,
     pub first_world: u16,
+    /// W3C-style trace id, given at accept; carried to backends whose route
+    /// has trace propagation on, and usable as an OTLP trace id later.
+    pub trace_id: [u8; 16],
 }
 
 impl SessionInfo {
-    pub fn new(id: i64, peer: SocketAddr, transport: Transport, now: Instant) -> SessionInfo {
+    pub fn new(
+        id: i64,
+        peer: SocketAddr,
+        transport: Transport,
+        now: Instant,
+        trace_id: [u8; 16],
+    ) -> SessionInfo {
         SessionInfo {
             id,
             peer,
@@ -116,6 +128,7 @@ impl SessionInfo {
             bytes_out: 0,
             first_server_type: None,
             first_world: 0,
+            trace_id,
         }
     }
 

@@ -66,11 +66,19 @@ fn isolation_200_sessions_over_one_backend_connection() {
         for round in 0..20 {
             let r = c.recv();
             assert_eq!(r.msg_id, round);
-            assert_eq!(r.payload, format!("s{i}-r{round}").as_bytes(), "session {i} got someone else's frame or out of order");
+            assert_eq!(
+                r.payload,
+                format!("s{i}-r{round}").as_bytes(),
+                "session {i} got someone else's frame or out of order"
+            );
         }
         assert!(c.silent_for(Duration::from_millis(1)));
     }
-    assert_eq!(mb.connections(), 1, "all sessions share one backend connection");
+    assert_eq!(
+        mb.connections(),
+        1,
+        "all sessions share one backend connection"
+    );
     assert_eq!(mb.trans_seen(), 4000);
 }
 
@@ -94,7 +102,11 @@ fn round_robin_spreads_evenly_over_three_backends() {
 fn consistent_hash_keeps_an_instance_on_one_backend() {
     let mbs = [mock(), mock(), mock()];
     let eps: Vec<_> = mbs.iter().map(|m| m.addr()).collect();
-    let gw = start(2, "", &route(20, 0, "consistent_hash", &eps, "hash_key = \"inst_id\""));
+    let gw = start(
+        2,
+        "",
+        &route(20, 0, "consistent_hash", &eps, "hash_key = \"inst_id\""),
+    );
     let mut clients = Vec::new();
     for inst in [3u8, 3, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9] {
         let mut c = Client::connect(gw.local_addr());
@@ -103,18 +115,24 @@ fn consistent_hash_keeps_an_instance_on_one_backend() {
     }
     // Count by which backend holds how many sessions: inst 3 (8 sessions) and
     // inst 9 (4 sessions) must each sit entirely on one backend.
-    eventually("12 CONNECTs seen", || mbs.iter().map(|m| m.sessions().len()).sum::<usize>() == 12);
+    eventually("12 CONNECTs seen", || {
+        mbs.iter().map(|m| m.sessions().len()).sum::<usize>() == 12
+    });
     let counts: Vec<usize> = mbs.iter().map(|m| m.sessions().len()).collect();
     let mut sorted = counts.clone();
     sorted.sort();
-    assert!(sorted == vec![0, 4, 8] || sorted == vec![0, 0, 12], "sessions per backend {counts:?}");
+    assert!(
+        sorted == vec![0, 4, 8] || sorted == vec![0, 0, 12],
+        "sessions per backend {counts:?}"
+    );
 }
 
 #[test]
 fn world_rule_beats_wildcard() {
     let any = mock();
     let w7 = mock();
-    let routes = route(10, 0, "round_robin", &[any.addr()], "") + &route(10, 7, "round_robin", &[w7.addr()], "");
+    let routes = route(10, 0, "round_robin", &[any.addr()], "")
+        + &route(10, 7, "round_robin", &[w7.addr()], "");
     let gw = start(2, "", &routes);
     let mut a = Client::connect(gw.local_addr());
     a.echo(1, sid(7, 10, 1), b"w7");
@@ -128,12 +146,19 @@ fn world_rule_beats_wildcard() {
 #[test]
 fn unrouted_server_type_is_counted_and_the_session_continues() {
     let mb = mock();
-    let gw = start(2, "", &(route(10, 0, "round_robin", &[mb.addr()], "") + &route(11, 0, "round_robin", &[], "")));
+    let gw = start(
+        2,
+        "",
+        &(route(10, 0, "round_robin", &[mb.addr()], "") + &route(11, 0, "round_robin", &[], "")),
+    );
     let mut c = Client::connect(gw.local_addr());
     c.send(1, sid(1, 99, 0), b"nobody home");
     c.send(1, sid(1, 11, 0), b"no endpoints");
     c.echo(2, sid(1, 10, 0), b"still here");
-    assert!(c.silent_for(Duration::from_millis(100)), "the client sees nothing for an unrouted frame");
+    assert!(
+        c.silent_for(Duration::from_millis(100)),
+        "the client sees nothing for an unrouted frame"
+    );
     let s = gw.stats();
     assert_eq!(stat(&s.routing_errors, "no_rule"), 1);
     assert_eq!(stat(&s.routing_errors, "no_endpoints"), 1);
@@ -148,8 +173,16 @@ fn connect_carries_client_address_and_disconnect_says_client_closed() {
     c.echo(1, sid(1, 10, 0), b"hi");
     let me = c.local();
     let session = match mb.wait_for(T, |e| matches!(e, Event::Connect { .. })) {
-        Some(Event::Connect { session, transport, addr, .. }) => {
-            assert_eq!(addr, me, "CONNECT carries the client's real address and port");
+        Some(Event::Connect {
+            session,
+            transport,
+            addr,
+            ..
+        }) => {
+            assert_eq!(
+                addr, me,
+                "CONNECT carries the client's real address and port"
+            );
             assert_eq!(transport, 1);
             session
         }
@@ -159,21 +192,39 @@ fn connect_carries_client_address_and_disconnect_says_client_closed() {
     assert_eq!(game_gateway::session::owner_worker(session) < 2, true);
     drop(c);
     match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session: s, reason, .. }) => assert_eq!((s, reason), (session, 1)),
+        Some(Event::Disconnect {
+            session: s, reason, ..
+        }) => assert_eq!((s, reason), (session, 1)),
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn notify_sessions_off_sends_no_connect() {
-    let mb = mock_with(Options { record_trans: true, ..Default::default() });
-    let gw = start(1, "", &route(10, 0, "round_robin", &[mb.addr()], "notify_sessions = false"));
+    let mb = mock_with(Options {
+        record_trans: true,
+        ..Default::default()
+    });
+    let gw = start(
+        1,
+        "",
+        &route(
+            10,
+            0,
+            "round_robin",
+            &[mb.addr()],
+            "notify_sessions = false",
+        ),
+    );
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"hi");
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
     let ev = mb.drain();
-    assert!(connects(&ev).is_empty() && disconnects(&ev).is_empty(), "{ev:?}");
+    assert!(
+        connects(&ev).is_empty() && disconnects(&ev).is_empty(),
+        "{ev:?}"
+    );
     assert!(ev.iter().any(|e| matches!(e, Event::Trans { .. })));
 }
 
@@ -190,13 +241,19 @@ fn kick_with_and_without_last_frame() {
 
     mb.kick(sa, 77, b"you are kicked").unwrap();
     let last = a.recv();
-    assert_eq!((last.msg_id, last.payload.as_slice()), (77, &b"you are kicked"[..]));
+    assert_eq!(
+        (last.msg_id, last.payload.as_slice()),
+        (77, &b"you are kicked"[..])
+    );
     assert!(a.closed());
     mb.kick(sb, 0, b"").unwrap();
     assert!(b.closed());
     let mut reasons = vec![];
     for _ in 0..2 {
-        if let Some(Event::Disconnect { session, reason, .. }) = mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
+        if let Some(Event::Disconnect {
+            session, reason, ..
+        }) = mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. }))
+        {
             reasons.push((session, reason));
         }
     }
@@ -226,7 +283,10 @@ fn multicast_to_three_of_ten_and_broadcast_to_all() {
             let r = c.recv();
             assert_eq!((r.msg_id, r.payload.as_slice()), (55, &b"team"[..]));
         } else {
-            assert!(c.silent_for(Duration::from_millis(50)), "session {s} was not in the multicast");
+            assert!(
+                c.silent_for(Duration::from_millis(50)),
+                "session {s} was not in the multicast"
+            );
         }
     }
     mb.broadcast(66, b"everyone").unwrap();
@@ -247,7 +307,9 @@ fn backend_frame_for_unbound_session_is_dropped_and_counted() {
     bproto::encode_reply(&mut frame, 1, 0, sa + 12345, b"forged");
     mb.send_raw_for(sa, &frame).unwrap();
     a.echo(2, sid(1, 10, 0), b"after");
-    eventually("unbound_session counted", || stat(&gw.stats().frames_dropped, "unbound_session") == 1);
+    eventually("unbound_session counted", || {
+        stat(&gw.stats().frames_dropped, "unbound_session") == 1
+    });
 }
 
 #[test]
@@ -255,8 +317,13 @@ fn backend_killed_closes_its_sessions_only_and_recovers() {
     let a = mock();
     let b = mock();
     let a_addr = a.addr();
-    let routes = route(10, 0, "round_robin", &[a_addr], "") + &route(20, 0, "round_robin", &[b.addr()], "");
-    let gw = start(2, "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"200ms\"\n", &routes);
+    let routes =
+        route(10, 0, "round_robin", &[a_addr], "") + &route(20, 0, "round_robin", &[b.addr()], "");
+    let gw = start(
+        2,
+        "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"200ms\"\n",
+        &routes,
+    );
     let mut on_a: Vec<Client> = (0..5).map(|_| Client::connect(gw.local_addr())).collect();
     let mut on_b: Vec<Client> = (0..5).map(|_| Client::connect(gw.local_addr())).collect();
     for c in on_a.iter_mut() {
@@ -279,7 +346,8 @@ fn backend_killed_closes_its_sessions_only_and_recovers() {
     let a2 = MockBackend::start(&a_addr.to_string(), Options::default()).unwrap();
     eventually("new session served by the restarted backend", || {
         let mut c = Client::connect(gw.local_addr());
-        c.s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         c.send(1, sid(1, 10, 0), b"again");
         matches!(c.try_recv(), Some(r) if r.payload == b"again")
     });
@@ -290,7 +358,17 @@ fn backend_killed_closes_its_sessions_only_and_recovers() {
 fn rebind_policy_keeps_the_session_and_binds_again() {
     let a = mock();
     let a_addr = a.addr();
-    let gw = start(1, "[backend]\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"50ms\"\n", &route(10, 0, "round_robin", &[a_addr], "on_backend_loss = \"rebind\""));
+    let gw = start(
+        1,
+        "[backend]\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"50ms\"\n",
+        &route(
+            10,
+            0,
+            "round_robin",
+            &[a_addr],
+            "on_backend_loss = \"rebind\"",
+        ),
+    );
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"before");
     a.kill();
@@ -298,17 +376,26 @@ fn rebind_policy_keeps_the_session_and_binds_again() {
     let a2 = MockBackend::start(&a_addr.to_string(), Options::default()).unwrap();
     eventually("the session rebinds to the restarted backend", || {
         c.send(1, sid(1, 10, 0), b"after");
-        c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         matches!(c.try_recv(), Some(r) if r.payload == b"after")
     });
     c.s.set_read_timeout(Some(T)).unwrap();
-    assert_eq!(a2.sessions().len(), 1, "re-announced with CONNECT on the new connection");
+    assert_eq!(
+        a2.sessions().len(),
+        1,
+        "re-announced with CONNECT on the new connection"
+    );
 }
 
 #[test]
 fn bad_client_input_closes_only_that_session() {
     let mb = mock();
-    let gw = start(2, "[limits]\nmax_message_size = 1024\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let gw = start(
+        2,
+        "[limits]\nmax_message_size = 1024\n",
+        &route(10, 0, "round_robin", &[mb.addr()], ""),
+    );
     let mut good = Client::connect(gw.local_addr());
     good.echo(1, sid(1, 10, 0), b"good");
 
@@ -331,15 +418,22 @@ fn bad_client_input_closes_only_that_session() {
     good.echo(2, sid(1, 10, 0), b"still good");
     eventually("protocol errors counted", || {
         let s = gw.stats();
-        stat(&s.protocol_errors, "frame_too_large") == 2 && stat(&s.sessions_closed, "protocol_error") == 2
+        stat(&s.protocol_errors, "frame_too_large") == 2
+            && stat(&s.sessions_closed, "protocol_error") == 2
     });
-    eventually("truncated session closed as client_closed", || stat(&gw.stats().sessions_closed, "client_closed") >= 1);
+    eventually("truncated session closed as client_closed", || {
+        stat(&gw.stats().sessions_closed, "client_closed") >= 1
+    });
 }
 
 #[test]
 fn slow_reader_is_closed_not_buffered_forever() {
     let mb = mock();
-    let gw = start(1, "[limits]\nmax_queued_bytes_per_session = 65544\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let gw = start(
+        1,
+        "[limits]\nmax_queued_bytes_per_session = 65544\n",
+        &route(10, 0, "round_robin", &[mb.addr()], ""),
+    );
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"x");
     let s = session_of(&mb, c.local());
@@ -350,14 +444,20 @@ fn slow_reader_is_closed_not_buffered_forever() {
             break;
         }
     }
-    eventually("slow reader closed", || stat(&gw.stats().protocol_errors, "slow_reader") == 1);
+    eventually("slow reader closed", || {
+        stat(&gw.stats().protocol_errors, "slow_reader") == 1
+    });
     eventually("session gone", || gw.stats().sessions_active == 0);
 }
 
 #[test]
 fn idle_and_handshake_timeouts_close_sessions() {
     let mb = mock();
-    let gw = start(1, "[limits]\nidle_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let gw = start(
+        1,
+        "[limits]\nidle_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n",
+        &route(10, 0, "round_robin", &[mb.addr()], ""),
+    );
     let mut idle = Client::connect(gw.local_addr());
     idle.echo(1, sid(1, 10, 0), b"x");
     let mut silent = Client::connect(gw.local_addr());
@@ -365,7 +465,9 @@ fn idle_and_handshake_timeouts_close_sessions() {
     assert!(silent.closed());
     let sid_idle = session_of(&mb, idle.local());
     match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (sid_idle, 2)),
+        Some(Event::Disconnect {
+            session, reason, ..
+        }) => assert_eq!((session, reason), (sid_idle, 2)),
         other => panic!("{other:?}"),
     }
 }
@@ -373,7 +475,11 @@ fn idle_and_handshake_timeouts_close_sessions() {
 #[test]
 fn max_connections_refuses_past_the_cap() {
     let mb = mock();
-    let gw = start(1, "[limits]\nmax_connections = 3\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let gw = start(
+        1,
+        "[limits]\nmax_connections = 3\n",
+        &route(10, 0, "round_robin", &[mb.addr()], ""),
+    );
     let mut ok: Vec<Client> = (0..3).map(|_| Client::connect(gw.local_addr())).collect();
     for c in ok.iter_mut() {
         c.echo(1, sid(1, 10, 0), b"in");
@@ -387,4 +493,56 @@ fn max_connections_refuses_past_the_cap() {
         c.send(1, sid(1, 10, 0), b"again");
         c.try_recv().is_some()
     });
+}
+
+#[test]
+fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
+    let mb = mock_with(Options {
+        record_trans: true,
+        trace: true,
+        no_echo: false,
+    });
+    let gw = start(
+        1,
+        "",
+        &route(
+            10,
+            0,
+            "round_robin",
+            &[mb.addr()],
+            "trace_propagation = true",
+        ),
+    );
+    let mut traces = vec![];
+    for _ in 0..2 {
+        let mut c = Client::connect(gw.local_addr());
+        c.echo(1, sid(1, 10, 0), b"one");
+        c.echo(2, sid(1, 10, 0), b"two");
+        let mut per_session = vec![];
+        for _ in 0..2 {
+            match mb.wait_for(T, |e| matches!(e, Event::Trans { .. })) {
+                Some(Event::Trans {
+                    trace: Some(t),
+                    payload,
+                    ..
+                }) => per_session.push((t, payload)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            per_session[0].1, b"one",
+            "payload follows the 24 trace bytes"
+        );
+        assert_eq!(
+            per_session[0].0.trace_id, per_session[1].0.trace_id,
+            "one trace per session"
+        );
+        assert_ne!(
+            per_session[0].0.span_id, per_session[1].0.span_id,
+            "one span per frame"
+        );
+        assert_ne!(per_session[0].0.trace_id, [0u8; 16]);
+        traces.push(per_session[0].0.trace_id);
+    }
+    assert_ne!(traces[0], traces[1]);
 }

@@ -83,16 +83,29 @@ impl ClientSession {
     /// Queues one client frame towards the client.
     pub fn deliver(&self, w: &Worker, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
         if self.closed.get() {
-            bump(&mut w.stats.borrow_mut().frames_dropped, "session_closed", 1);
+            bump(
+                &mut w.stats.borrow_mut().frames_dropped,
+                "session_closed",
+                1,
+            );
             return false;
         }
         let len = {
             let mut out = self.out.borrow_mut();
             if !cproto::encode(&mut out, msg_id, ServerId(server_id), payload) {
                 drop(out);
-                bump(&mut w.stats.borrow_mut().frames_dropped, "reply_too_large", 1);
+                bump(
+                    &mut w.stats.borrow_mut().frames_dropped,
+                    "reply_too_large",
+                    1,
+                );
                 if let Some(n) = w.logs.borrow_mut().allow("reply_too_large", Instant::now()) {
-                    tracing::warn!(session_id = self.id(), len = payload.len(), suppressed = n, "backend reply larger than a client frame can carry, dropped");
+                    tracing::warn!(
+                        session_id = self.id(),
+                        len = payload.len(),
+                        suppressed = n,
+                        "backend reply larger than a client frame can carry, dropped"
+                    );
                 }
                 return false;
             }
@@ -104,10 +117,17 @@ impl ClientSession {
             info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
         }
         self.writer_wake.notify();
-        if len > w.cfg.borrow().limits.max_queued_bytes_per_session && self.begin_close(DisconnectReason::RateLimited, true) {
+        if len > w.cfg.borrow().limits.max_queued_bytes_per_session
+            && self.begin_close(DisconnectReason::RateLimited, true)
+        {
             bump(&mut w.stats.borrow_mut().protocol_errors, "slow_reader", 1);
             if let Some(n) = w.logs.borrow_mut().allow("slow_reader", Instant::now()) {
-                tracing::warn!(session_id = self.id(), queued = len, suppressed = n, "client does not read its replies, closing");
+                tracing::warn!(
+                    session_id = self.id(),
+                    queued = len,
+                    suppressed = n,
+                    "client does not read its replies, closing"
+                );
             }
         }
         true
@@ -121,7 +141,12 @@ impl ClientSession {
             if routes.lists(&b.conn.endpoint.addr) {
                 return true;
             }
-            b.conn.unbind(w, id, b.generation, b.notify.then_some(DisconnectReason::RouteChanged));
+            b.conn.unbind(
+                w,
+                id,
+                b.generation,
+                b.notify.then_some(DisconnectReason::RouteChanged),
+            );
             false
         });
     }
@@ -132,7 +157,11 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
     let now = Instant::now();
     let active = w.sessions.borrow().len() as u64;
     if active >= w.max_connections_here() {
-        bump(&mut w.stats.borrow_mut().connection_rejected, "max_connections", 1);
+        bump(
+            &mut w.stats.borrow_mut().connection_rejected,
+            "max_connections",
+            1,
+        );
         if let Some(n) = w.logs.borrow_mut().allow("max_connections", now) {
             tracing::warn!(worker = w.index, client = %peer, active, suppressed = n, "connection refused: max_connections reached");
         }
@@ -141,8 +170,11 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let id = w.ids.borrow_mut().next();
     let fd = stream.as_raw_fd();
+    let mut trace_id = [0u8; 16];
+    trace_id[..8].copy_from_slice(&w.random().to_le_bytes());
+    trace_id[8..].copy_from_slice(&w.random().to_le_bytes());
     let s = Rc::new(ClientSession {
-        info: RefCell::new(SessionInfo::new(id, peer, Transport::Tcp, now)),
+        info: RefCell::new(SessionInfo::new(id, peer, Transport::Tcp, now, trace_id)),
         bindings: RefCell::new(Vec::new()),
         out: RefCell::new(BytesMut::new()),
         writer_wake: Notify::new(),
@@ -194,7 +226,11 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
 
 /// Frames and forwards everything complete in `buf`, leaving a partial
 /// frame in place. An error ends the session with that reason.
-fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
+fn on_client_bytes(
+    w: &Rc<Worker>,
+    s: &ClientSession,
+    buf: &mut BytesMut,
+) -> Result<(), DisconnectReason> {
     let max = w.cfg.borrow().limits.max_message_size;
     let now = Instant::now();
     loop {
@@ -202,7 +238,11 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
             Err(e) => {
-                bump(&mut w.stats.borrow_mut().protocol_errors, "frame_too_large", 1);
+                bump(
+                    &mut w.stats.borrow_mut().protocol_errors,
+                    "frame_too_large",
+                    1,
+                );
                 if let Some(n) = w.logs.borrow_mut().allow("client_protocol_error", now) {
                     let info = s.info.borrow();
                     tracing::warn!(session_id = info.id, client = %info.peer, error = %e, suppressed = n, "client protocol error, closing session");
@@ -226,7 +266,13 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
 }
 
 /// Routes one client frame to its backend connection (binding on first use).
-fn forward(w: &Rc<Worker>, s: &ClientSession, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+fn forward(
+    w: &Rc<Worker>,
+    s: &ClientSession,
+    h: cproto::ClientHeader,
+    payload: &[u8],
+    now: Instant,
+) {
     let st = h.server_id.server_type();
     let id = s.id();
     let mut bindings = s.bindings.borrow_mut();
@@ -266,35 +312,66 @@ fn forward(w: &Rc<Worker>, s: &ClientSession, h: cproto::ClientHeader, payload: 
         },
     };
     let b = &bindings[pos];
-    let trace = if b.trace { Some(crate::protocol::backend::TraceContext::default()) } else { None };
+    // A fresh span per forwarded frame, under the session's trace.
+    let trace = b.trace.then(|| bproto::TraceContext {
+        trace_id: s.info.borrow().trace_id,
+        span_id: w.random().to_le_bytes(),
+    });
     let conn = b.conn.clone();
     drop(bindings);
-    if conn.enqueue(w, |out| bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)) {
+    if conn.enqueue(w, |out| {
+        bproto::encode_trans(
+            out,
+            h.msg_id as i32,
+            h.server_id.0,
+            id,
+            trace.as_ref(),
+            payload,
+        )
+    }) {
         w.stats.borrow_mut().messages_in[st as usize] += 1;
     }
 }
 
 /// First frame for a server type: pick an endpoint with the rule's strategy,
 /// pick one of its connections, announce the session.
-fn bind(w: &Rc<Worker>, s: &ClientSession, id: i64, h: cproto::ClientHeader) -> Result<Binding, &'static str> {
+fn bind(
+    w: &Rc<Worker>,
+    s: &ClientSession,
+    id: i64,
+    h: cproto::ClientHeader,
+) -> Result<Binding, &'static str> {
     let routes = w.routes.borrow().clone();
     let st = h.server_id.server_type();
     let world = h.server_id.world_id();
-    let rule = routes.lookup(st, world).ok_or(crate::routing::RouteError::NoRule.as_str())?;
+    let rule = routes
+        .lookup(st, world)
+        .ok_or(crate::routing::RouteError::NoRule.as_str())?;
     let peer = s.info.borrow().peer;
-    let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
+    let input = PickInput {
+        session_id: id,
+        world_id: world,
+        inst_id: h.server_id.inst_id(),
+        client_ip: peer.ip(),
+    };
     let now = Instant::now();
     let ep = {
         let mut rr = w.rr.borrow_mut();
         let cursor = rr.entry(rule.key()).or_insert(w.index);
-        let available = |e: &crate::routing::Endpoint| super::backend::endpoint_available(w, e, now);
-        routes.pick(rule, &input, cursor, &available).map_err(|e| e.as_str())?.clone()
+        let available =
+            |e: &crate::routing::Endpoint| super::backend::endpoint_available(w, e, now);
+        routes
+            .pick(rule, &input, cursor, &available)
+            .map_err(|e| e.as_str())?
+            .clone()
     };
     let conn = super::backend::conn_for(w, &ep, id, now).ok_or("backend_unavailable")?;
     let generation = conn.generation();
     conn.bind(w, id);
     if rule.notify_sessions {
-        conn.enqueue(w, |out| bproto::encode_connect(out, id, s.info.borrow().transport, peer));
+        conn.enqueue(w, |out| {
+            bproto::encode_connect(out, id, s.info.borrow().transport, peer)
+        });
     }
     tracing::debug!(session_id = id, server_type = st, backend = %ep, "session bound");
     Ok(Binding {
@@ -314,12 +391,16 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
     }
     let (id, reason) = {
         let info = s.info.borrow();
-        (info.id, info.close_reason.unwrap_or(DisconnectReason::ClientClosed))
+        (
+            info.id,
+            info.close_reason.unwrap_or(DisconnectReason::ClientClosed),
+        )
     };
     w.sessions.borrow_mut().remove(&id);
     let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
     for b in bindings {
-        b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));
+        b.conn
+            .unbind(w, id, b.generation, b.notify.then_some(reason));
     }
     w.count_closed(reason);
     {
@@ -363,7 +444,11 @@ async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
             return;
         }
         b.clear();
-        spare = if b.capacity() > READ_BUF_KEEP_MAX { BytesMut::new() } else { b };
+        spare = if b.capacity() > READ_BUF_KEEP_MAX {
+            BytesMut::new()
+        } else {
+            b
+        };
     }
     let _ = wr.shutdown().await;
 }
@@ -389,7 +474,12 @@ pub fn sweep(w: &Worker, now: Instant) {
     for (s, kind) in expired {
         bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
         if let Some(n) = w.logs.borrow_mut().allow(kind, now) {
-            tracing::info!(session_id = s.id(), kind, suppressed = n, "closing session on timeout");
+            tracing::info!(
+                session_id = s.id(),
+                kind,
+                suppressed = n,
+                "closing session on timeout"
+            );
         }
         s.begin_close(DisconnectReason::IdleTimeout, false);
     }

@@ -5,8 +5,8 @@
 use game_gateway::config::Config;
 use game_gateway::control::static_routes;
 use game_gateway::gateway::Gateway;
-use game_gateway::protocol::{client as cproto, ServerId};
 pub use game_gateway::mock_backend::{Event, MockBackend, Options};
+use game_gateway::protocol::{client as cproto, ServerId};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -27,7 +27,13 @@ pub fn mock_with(opts: Options) -> MockBackend {
 }
 
 /// A `[[routes]]` entry.
-pub fn route(server_type: u8, world: u16, strategy: &str, eps: &[SocketAddr], extra: &str) -> String {
+pub fn route(
+    server_type: u8,
+    world: u16,
+    strategy: &str,
+    eps: &[SocketAddr],
+    extra: &str,
+) -> String {
     let eps: Vec<String> = eps.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         "[[routes]]\nserver_type = {server_type}\nworld_id = {world}\nservice_name = \"svc{server_type}\"\nstrategy = \"{strategy}\"\nendpoints = [{}]\n{extra}\n",
@@ -44,7 +50,8 @@ pub fn config_text(workers: usize, extra: &str, routes: &str) -> String {
 }
 
 pub fn start(workers: usize, extra: &str, routes: &str) -> Gateway {
-    let cfg = Config::from_str(&config_text(workers, extra, routes), "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let cfg = Config::from_str(&config_text(workers, extra, routes), "test.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
     let table = static_routes(&cfg, 1);
     Gateway::start(cfg, table).unwrap()
 }
@@ -84,7 +91,9 @@ impl Client {
     }
 
     pub fn send(&mut self, msg_id: u16, server_id: u32, payload: &[u8]) {
-        self.s.write_all(&Self::frame(msg_id, server_id, payload)).unwrap();
+        self.s
+            .write_all(&Self::frame(msg_id, server_id, payload))
+            .unwrap();
     }
 
     pub fn send_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
@@ -98,7 +107,11 @@ impl Client {
         let len = u16::from_le_bytes([h[0], h[1]]) as usize;
         let mut payload = vec![0u8; len];
         self.s.read_exact(&mut payload).ok()?;
-        Some(Reply { msg_id: u16::from_le_bytes([h[2], h[3]]), server_id: u32::from_le_bytes(h[4..8].try_into().unwrap()), payload })
+        Some(Reply {
+            msg_id: u16::from_le_bytes([h[2], h[3]]),
+            server_id: u32::from_le_bytes(h[4..8].try_into().unwrap()),
+            payload,
+        })
     }
 
     pub fn recv(&mut self) -> Reply {
@@ -109,7 +122,10 @@ impl Client {
     pub fn echo(&mut self, msg_id: u16, server_id: u32, payload: &[u8]) {
         self.send(msg_id, server_id, payload);
         let r = self.recv();
-        assert_eq!((r.msg_id, r.server_id, r.payload.len()), (msg_id, server_id, payload.len()));
+        assert_eq!(
+            (r.msg_id, r.server_id, r.payload.len()),
+            (msg_id, server_id, payload.len())
+        );
         assert_eq!(r.payload, payload);
     }
 
@@ -120,7 +136,10 @@ impl Client {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
         }
     }
 
@@ -148,16 +167,40 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 /// The `CONNECT` events of a mock, as (session, client address).
 pub fn connects(events: &[Event]) -> Vec<(i64, SocketAddr)> {
-    events.iter().filter_map(|e| if let Event::Connect { session, addr, .. } = e { Some((*session, *addr)) } else { None }).collect()
+    events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Connect { session, addr, .. } = e {
+                Some((*session, *addr))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 pub fn disconnects(events: &[Event]) -> Vec<(i64, u8)> {
-    events.iter().filter_map(|e| if let Event::Disconnect { session, reason, .. } = e { Some((*session, *reason)) } else { None }).collect()
+    events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Disconnect {
+                session, reason, ..
+            } = e
+            {
+                Some((*session, *reason))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// The session id the mock saw for a client, found by its address in `CONNECT`.
 pub fn session_of(mb: &MockBackend, client: SocketAddr) -> i64 {
-    match mb.wait_for(T, |e| matches!(e, Event::Connect { addr, .. } if *addr == client)) {
+    match mb.wait_for(
+        T,
+        |e| matches!(e, Event::Connect { addr, .. } if *addr == client),
+    ) {
         Some(Event::Connect { session, .. }) => session,
         _ => panic!("no CONNECT for {client}"),
     }
@@ -176,7 +219,11 @@ pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("gw-test-{tag}-{}-{}", std::process::id(), rand_u64()));
+        let p = std::env::temp_dir().join(format!(
+            "gw-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_u64()
+        ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -216,10 +263,20 @@ impl GatewayProcess {
         out.read_line(&mut line).unwrap();
         // "game-gateway listening on ADDR admin ADDR io_driver D"
         let parts: Vec<&str> = line.split_whitespace().collect();
-        assert!(parts.len() >= 6, "unexpected first line {line:?}: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+        assert!(
+            parts.len() >= 6,
+            "unexpected first line {line:?}: {}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
         let addr = parts[3].parse().unwrap();
         let admin = parts[5].parse().unwrap();
-        GatewayProcess { child, addr, admin, stderr_path, _dir: dir }
+        GatewayProcess {
+            child,
+            addr,
+            admin,
+            stderr_path,
+            _dir: dir,
+        }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -257,7 +314,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (code, body)
 }
