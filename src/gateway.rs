@@ -173,35 +173,31 @@ impl Gateway {
     /// Stops every worker (sessions get `DISCONNECT` reason 6) and joins them,
     /// waiting at most `timeout` for sessions and queues to finish.
     pub fn stop(mut self, timeout: Duration) {
+        self.stop_and_join(timeout);
+        tracing::info!("all workers stopped");
+    }
+
+    fn stop_and_join(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         for w in &self.workers {
-            let _ =
-                w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
+            if w.join.is_some() {
+                let _ =
+                    w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
+            }
         }
         for w in &mut self.workers {
             if let Some(j) = w.join.take() {
                 let _ = j.join();
             }
         }
-        tracing::info!("all workers stopped");
     }
 }
 
 impl Drop for Gateway {
+    /// A gateway dropped without `stop` (tests, start errors) still stops its
+    /// workers, with a short deadline.
     fn drop(&mut self) {
-        if self.workers.iter().all(|w| w.join.is_none()) {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for w in &self.workers {
-            let _ =
-                w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_millis(200));
-        }
-        for w in &mut self.workers {
-            if let Some(j) = w.join.take() {
-                let _ = j.join();
-            }
-        }
+        self.stop_and_join(Duration::from_secs(2));
     }
 }
 
