@@ -18,6 +18,7 @@ pub struct AdminState {
     /// Routes loaded and not draining.
     pub ready: AtomicBool,
     pub config_source: String,
+    pub control: Arc<crate::control::ControlStats>,
 }
 
 /// Binds and serves on a background thread; returns the bound address.
@@ -87,7 +88,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         }
         "/metrics" => {
             let s = state.handle.stats();
-            let body = crate::metrics::render(&s, state.handle.workers());
+            let body = crate::metrics::render(&s, state.handle.workers(), &state.control);
             respond(&mut c, 200, "text/plain; version=0.0.4", &body)
         }
         "/status" => {
@@ -112,9 +113,14 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                     })
                 })
                 .collect();
+            let ctl = &state.control;
             let body = serde_json::json!({
                 "ready": state.ready.load(Ordering::Relaxed),
-                "config": state.config_source,
+                "config": { "file": state.config_source, "loaded_at_unix": ctl.config_loaded_at.load(Ordering::Relaxed),
+                            "reloads": ctl.config_reloads.load(Ordering::Relaxed), "reload_errors": ctl.config_reload_errors.load(Ordering::Relaxed) },
+                "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().clone(),
+                            "redis": match ctl.redis_state.load(Ordering::Relaxed) { 1 => "up", 2 => "down", _ => "off" },
+                            "last_error": ctl.last_error.lock().unwrap().clone() },
                 "workers": workers,
             });
             respond(&mut c, 200, "application/json", &format!("{body:#}\n"))

@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod mock_backend;
 pub mod notify;
 pub mod protocol;
+pub mod redis_source;
+pub mod route_source;
 pub mod routing;
 pub mod session;
 pub mod stats;

@@ -1,6 +1,9 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use game_gateway::config::{self, Config, IoDriver};
-use game_gateway::{admin, control, gateway::Gateway};
+use game_gateway::control::{self, Control, ControlStats};
+use game_gateway::redis_source;
+use game_gateway::route_source::{self, RouteSet};
+use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -22,14 +25,147 @@ struct Cli {
     /// I/O driver (overrides server.io_driver): auto | io_uring | epoll.
     #[arg(long, value_parser = parse_driver)]
     io_driver: Option<IoDriver>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Operator tools for the routing rules kept in Redis.
+    Routes {
+        #[command(subcommand)]
+        action: RoutesCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoutesCmd {
+    /// Validate a rules file offline (JSON: the object keyed by server type,
+    /// an array of rules, or {"rules": ..., "realm_mapping": {...}}).
+    Check { file: PathBuf },
+    /// Validate a rules file, write it to Redis and publish the notifications.
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        redis: String,
+        #[arg(long, default_value = config::DEFAULT_KEY_PREFIX)]
+        prefix: String,
+    },
+    /// Print what Redis holds, resolved as the gateway would resolve it.
+    Show {
+        #[arg(long)]
+        redis: String,
+        #[arg(long, default_value = config::DEFAULT_KEY_PREFIX)]
+        prefix: String,
+    },
 }
 
 fn parse_driver(s: &str) -> Result<IoDriver, String> {
     IoDriver::parse(s).ok_or_else(|| format!("{s:?} is not one of auto, io_uring, epoll"))
 }
 
+fn print_set(set: &RouteSet) {
+    println!("rules: {}", set.rules.len());
+    for r in &set.rules {
+        println!("  {r}");
+    }
+    println!("realm mapping: {}", set.realms.len());
+    for (realm, ep) in &set.realms {
+        println!("  {realm} -> {ep} ({})", ep.addr);
+    }
+}
+
+fn load_rules_file(file: &PathBuf) -> Result<(String, RouteSet), ExitCode> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        eprintln!("{}: cannot read: {e}", file.display());
+        ExitCode::from(2)
+    })?;
+    match route_source::parse_bundle(&text) {
+        Ok(set) => Ok((text, set)),
+        Err(errs) => {
+            for e in errs {
+                eprintln!("{}: {e}", file.display());
+            }
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+fn routes(action: RoutesCmd) -> ExitCode {
+    match action {
+        RoutesCmd::Check { file } => match load_rules_file(&file) {
+            Ok((_, set)) => {
+                print_set(&set);
+                println!("rules ok");
+                ExitCode::SUCCESS
+            }
+            Err(c) => c,
+        },
+        RoutesCmd::Push {
+            file,
+            redis,
+            prefix,
+        } => {
+            let (text, set) = match load_rules_file(&file) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
+            // Store the rules document exactly as the gateway reads it.
+            let v: serde_json::Value = serde_json::from_str(&text).expect("validated above");
+            let rules_json = match v.get("rules") {
+                Some(r) => r.to_string(),
+                None if v.get("realm_mapping").is_some() => "[]".to_string(),
+                None => v.to_string(),
+            };
+            let realms: Vec<(u16, String)> = set
+                .realms
+                .iter()
+                .map(|(r, e)| (*r, e.name.to_string()))
+                .collect();
+            match redis_source::push(&redis, &prefix, &rules_json, &realms) {
+                Ok(()) => {
+                    println!("pushed {} rules and {} realm entries to {redis} (prefix {prefix:?}) and published the notifications", set.rules.len(), set.realms.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("push failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        RoutesCmd::Show { redis, prefix } => match redis_source::show(&redis, &prefix) {
+            Ok((rules, realms)) => {
+                let keys = redis_source::Keys::new(&prefix);
+                if rules.is_none() {
+                    println!("{} is not set (the static rules serve)", keys.rules);
+                }
+                match redis_source::validate_raw(rules.as_deref(), &realms) {
+                    Ok(set) => {
+                        print_set(&set);
+                        ExitCode::SUCCESS
+                    }
+                    Err(errs) => {
+                        println!("redis holds data the gateway would reject:");
+                        for e in errs {
+                            println!("  {e}");
+                        }
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("cannot read redis: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Routes { action }) = cli.command {
+        return routes(action);
+    }
     let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(errs) => {
@@ -58,8 +194,10 @@ fn main() -> ExitCode {
     };
     let state = Arc::new(admin::AdminState {
         handle: gw.handle(),
-        ready: AtomicBool::new(true),
+        // Ready once the control loop has loaded its routes.
+        ready: AtomicBool::new(false),
         config_source: gw.cfg.source.clone(),
+        control: Arc::new(ControlStats::default()),
     });
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
@@ -80,10 +218,10 @@ fn main() -> ExitCode {
         admin_addr,
         gw.workers()[0].io_driver
     );
-    match control::run_until_signalled(gw, &cli.config, Some(state)) {
+    match Control::run(gw, &cli.config, state) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("game-gateway: signals: {e}");
+            eprintln!("game-gateway: control: {e}");
             ExitCode::from(1)
         }
     }

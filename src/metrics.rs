@@ -3,9 +3,11 @@
 //!
 //! Names keep the original gateway's so existing dashboards keep working.
 
+use crate::control::ControlStats;
 use crate::stats::WorkerStats;
 use crate::worker::WorkerInfo;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 pub const CONNECTIONS_ACTIVE: &str = "game_gateway_connections_active";
 pub const CONNECTIONS_TOTAL: &str = "game_gateway_connections_total";
@@ -22,6 +24,12 @@ pub const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
 pub const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
 pub const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
 pub const WORKER_INFO: &str = "game_gateway_worker_info";
+pub const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
+pub const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
+pub const ROUTE_SNAPSHOTS_REJECTED_TOTAL: &str = "game_gateway_route_snapshots_rejected_total";
+pub const REDIS_UP: &str = "game_gateway_redis_up";
+pub const CONFIG_RELOADS_TOTAL: &str = "game_gateway_config_reloads_total";
+pub const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_total";
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -43,7 +51,7 @@ fn labelled(out: &mut String, name: &str, label: &str, map: &ahash::AHashMap<&'s
 }
 
 /// Renders merged counters in the Prometheus text exposition format.
-pub fn render(s: &WorkerStats, workers: &[WorkerInfo]) -> String {
+pub fn render(s: &WorkerStats, workers: &[WorkerInfo], c: &ControlStats) -> String {
     let mut o = String::with_capacity(4096);
     header(
         &mut o,
@@ -209,6 +217,48 @@ pub fn render(s: &WorkerStats, workers: &[WorkerInfo]) -> String {
             "{WORKER_INFO}{{worker=\"{}\",cpu=\"{cpu}\",io_driver=\"{}\"}} 1",
             w.index, w.io_driver
         );
+    }
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            CONFIG_REFRESH_SUCCESS_TOTAL,
+            "counter",
+            "Successful route reads from Redis.",
+            ld(&c.refresh_success),
+        ),
+        (
+            CONFIG_REFRESH_ERRORS_TOTAL,
+            "counter",
+            "Failed or rejected route reads from Redis.",
+            ld(&c.refresh_errors),
+        ),
+        (
+            ROUTE_SNAPSHOTS_REJECTED_TOTAL,
+            "counter",
+            "Route snapshots rejected by validation.",
+            ld(&c.snapshots_rejected),
+        ),
+        (
+            CONFIG_RELOADS_TOTAL,
+            "counter",
+            "Config file reloads applied.",
+            ld(&c.config_reloads),
+        ),
+        (
+            CONFIG_RELOAD_ERRORS_TOTAL,
+            "counter",
+            "Config file reloads rejected.",
+            ld(&c.config_reload_errors),
+        ),
+        (
+            REDIS_UP,
+            "gauge",
+            "1 when Redis answered the last read, 0 when not (or not configured).",
+            (c.redis_state.load(Ordering::Relaxed) == 1) as u64,
+        ),
+    ] {
+        header(&mut o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
     }
     o
 }

@@ -37,6 +37,8 @@ use std::time::Instant;
 
 /// Read buffer per backend connection: many sessions' replies arrive here.
 pub const BACKEND_READ_BUF: usize = 64 * 1024;
+/// Longest a retired connection may take to write its last queue.
+pub const RETIRE_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// Frames handled per backend read before yielding to other tasks, so one
 /// busy backend cannot starve the core's other connections.
 pub const MAX_FRAMES_PER_READ: usize = 4096;
@@ -211,6 +213,27 @@ impl BackendConn {
             tracing::warn!(backend = %self.endpoint, reason, suppressed = n, "frame to backend dropped");
         }
         false
+    }
+
+    /// Closes a connection whose endpoint left the routes, after its queue
+    /// drained (bounded by [`RETIRE_DRAIN_MAX`]). Its tasks see the generation
+    /// change and exit without reporting a loss.
+    pub async fn retire(self: Rc<Self>, w: Rc<Worker>) {
+        let deadline = Instant::now() + RETIRE_DRAIN_MAX;
+        while self.has_pending() && Instant::now() < deadline {
+            monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let was_up = self.is_up();
+        self.generation.set(self.generation.get() + 1);
+        self.state.set(ConnState::Idle);
+        self.out.borrow_mut().clear();
+        self.queued_frames.set(0);
+        self.shutdown_socket();
+        self.fd.set(-1);
+        self.wake.notify();
+        if was_up {
+            tracing::info!(worker = w.index, backend = %self.endpoint, slot = self.slot, "backend connection retired: no route lists it");
+        }
     }
 
     pub fn shutdown_socket(&self) {

@@ -136,6 +136,20 @@ impl Worker {
         for s in sessions {
             s.unbind_unlisted(self);
         }
+        // Connections nobody routes to any more are closed once their queue
+        // (including the DISCONNECTs just queued) is written.
+        let routes = self.routes.borrow().clone();
+        let retired: Vec<Rc<EndpointPool>> = {
+            let mut pools = self.pools.borrow_mut();
+            let gone: Vec<SocketAddr> =
+                pools.keys().filter(|a| !routes.lists(a)).copied().collect();
+            gone.into_iter().filter_map(|a| pools.remove(&a)).collect()
+        };
+        for pool in retired {
+            for c in &pool.conns {
+                monoio::spawn(c.clone().retire(self.clone()));
+            }
+        }
     }
 
     fn handle_command(self: &Rc<Self>, cmd: WorkerCommand) {

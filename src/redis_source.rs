@@ -1,0 +1,245 @@
+//! The Redis route source (control side only; never on a worker core).
+//!
+//! Keys are the original gateway's, under `key_prefix`:
+//! - `{prefix}routing:rules` (string, JSON; see [`crate::route_source`]),
+//! - `{prefix}realm:mapping` (hash, realm id -> `host:port`),
+//! - pub/sub `{prefix}routing:rules:notify` and `{prefix}realm:mapping:notify`:
+//!   any message triggers an immediate reload.
+//!
+//! [`RedisSource::fetch`] reads both keys on a kept connection (reconnecting
+//! when it broke); the subscriber thread ([`spawn_subscriber`]) turns notify
+//! messages into control events, and after every (re)subscribe asks for a
+//! reload too, so a notification missed while disconnected heals at once.
+
+use crate::config::RedisConfig;
+use crate::route_source::{parse_realm_mapping, parse_rules_json, RouteSet};
+use crossbeam_channel::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connect, read and write timeout for every Redis operation.
+pub const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the subscriber blocks per read before checking its stop flag.
+const SUBSCRIBER_POLL: Duration = Duration::from_millis(500);
+/// Reconnect backoff bounds for the subscriber.
+const SUB_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const SUB_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The four key names for a prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub rules: String,
+    pub realms: String,
+    pub rules_notify: String,
+    pub realms_notify: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            rules: format!("{prefix}routing:rules"),
+            realms: format!("{prefix}realm:mapping"),
+            rules_notify: format!("{prefix}routing:rules:notify"),
+            realms_notify: format!("{prefix}realm:mapping:notify"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("redis route data rejected: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+pub struct RedisSource {
+    client: redis::Client,
+    keys: Keys,
+    conn: Option<redis::Connection>,
+}
+
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let c = client.get_connection_with_timeout(REDIS_IO_TIMEOUT)?;
+    c.set_read_timeout(Some(REDIS_IO_TIMEOUT))?;
+    c.set_write_timeout(Some(REDIS_IO_TIMEOUT))?;
+    Ok(c)
+}
+
+/// Reads the raw rules text and realm pairs.
+pub fn read_raw(
+    conn: &mut redis::Connection,
+    keys: &Keys,
+) -> redis::RedisResult<(Option<String>, Vec<(String, String)>)> {
+    let rules: Option<String> = redis::cmd("GET").arg(&keys.rules).query(conn)?;
+    let realms: Vec<(String, String)> = redis::cmd("HGETALL").arg(&keys.realms).query(conn)?;
+    Ok((rules, realms))
+}
+
+/// Validates what Redis holds into a route set.
+pub fn validate_raw(
+    rules: Option<&str>,
+    realms: &[(String, String)],
+) -> Result<RouteSet, Vec<String>> {
+    let mut errs = vec![];
+    let rules = match rules {
+        Some(t) => parse_rules_json(t).unwrap_or_else(|e| {
+            errs.extend(e);
+            vec![]
+        }),
+        None => vec![],
+    };
+    let realms = parse_realm_mapping(realms.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            vec![]
+        });
+    if errs.is_empty() {
+        Ok(RouteSet { rules, realms })
+    } else {
+        Err(errs)
+    }
+}
+
+impl RedisSource {
+    pub fn new(cfg: &RedisConfig) -> Result<RedisSource, String> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| format!("redis.url {:?}: {e}", cfg.url))?;
+        Ok(RedisSource {
+            client,
+            keys: Keys::new(&cfg.key_prefix),
+            conn: None,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Reads and validates both keys. A missing rules key is an empty rule
+    /// list (the static rules serve).
+    pub fn fetch(&mut self) -> Result<RouteSet, FetchError> {
+        if self.conn.is_none() {
+            self.conn =
+                Some(connect(&self.client).map_err(|e| FetchError::Unavailable(e.to_string()))?);
+        }
+        let conn = self.conn.as_mut().unwrap();
+        let (rules, realms) = match read_raw(conn, &self.keys) {
+            Ok(x) => x,
+            Err(e) => {
+                self.conn = None;
+                return Err(FetchError::Unavailable(e.to_string()));
+            }
+        };
+        validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)
+    }
+}
+
+/// Runs the notify subscriber until `stop`; every message (and every
+/// successful subscribe) sends `event()` to the control loop.
+pub fn spawn_subscriber<E: Send + 'static>(
+    cfg: &RedisConfig,
+    tx: Sender<E>,
+    event: impl Fn() -> E + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let client =
+        redis::Client::open(cfg.url.as_str()).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let keys = Keys::new(&cfg.key_prefix);
+    std::thread::Builder::new().name("gw-redis-sub".into()).spawn(move || {
+        let mut backoff = SUB_BACKOFF_MIN;
+        while !stop.load(Ordering::Relaxed) {
+            let mut conn = match connect(&client) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, retry_ms = backoff.as_millis() as u64, "redis subscriber cannot connect");
+                    sleep_unless_stopped(backoff, &stop);
+                    backoff = (backoff * 2).min(SUB_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let mut ps = conn.as_pubsub();
+            if ps.subscribe(&[&keys.rules_notify, &keys.realms_notify]).is_err() || ps.set_read_timeout(Some(SUBSCRIBER_POLL)).is_err() {
+                sleep_unless_stopped(backoff, &stop);
+                backoff = (backoff * 2).min(SUB_BACKOFF_MAX);
+                continue;
+            }
+            backoff = SUB_BACKOFF_MIN;
+            tracing::debug!("redis subscriber listening for notifications");
+            if tx.send(event()).is_err() {
+                return;
+            }
+            while !stop.load(Ordering::Relaxed) {
+                match ps.get_message() {
+                    Ok(msg) => {
+                        tracing::debug!(channel = msg.get_channel_name(), "route notification");
+                        if tx.send(event()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.is_timeout() => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "redis subscriber connection lost");
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let end = std::time::Instant::now() + d;
+    while std::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(
+            Duration::from_millis(50).min(end.saturating_duration_since(std::time::Instant::now())),
+        );
+    }
+}
+
+/// Writes a route set to Redis and publishes both notifications (the
+/// `routes push` tool).
+pub fn push(
+    url: &str,
+    prefix: &str,
+    rules_json: &str,
+    realms: &[(u16, String)],
+) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
+    let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
+    let keys = Keys::new(prefix);
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("SET")
+        .arg(&keys.rules)
+        .arg(rules_json)
+        .ignore();
+    if !realms.is_empty() {
+        pipe.cmd("DEL").arg(&keys.realms).ignore();
+        for (r, ep) in realms {
+            pipe.cmd("HSET")
+                .arg(&keys.realms)
+                .arg(r.to_string())
+                .arg(ep)
+                .ignore();
+        }
+    }
+    pipe.cmd("PUBLISH")
+        .arg(&keys.rules_notify)
+        .arg("push")
+        .ignore();
+    pipe.cmd("PUBLISH")
+        .arg(&keys.realms_notify)
+        .arg("push")
+        .ignore();
+    pipe.query::<()>(&mut conn)
+        .map_err(|e| format!("{url}: {e}"))
+}
+
+/// Reads what Redis holds (the `routes show` tool).
+pub fn show(url: &str, prefix: &str) -> Result<(Option<String>, Vec<(String, String)>), String> {
+    let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
+    let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
+    read_raw(&mut conn, &Keys::new(prefix)).map_err(|e| format!("{url}: {e}"))
+}
