@@ -546,3 +546,39 @@ fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
     }
     assert_ne!(traces[0], traces[1]);
 }
+
+#[test]
+fn new_snapshot_rebinds_sessions_off_unlisted_backends_and_retires_the_connection() {
+    use game_gateway::config::Config;
+    use game_gateway::routing::RouteTable;
+    use game_gateway::worker::WorkerCommand;
+    use std::sync::Arc;
+    let (a, b) = (mock(), mock());
+    let gw = start(2, "", &route(10, 0, "round_robin", &[a.addr()], ""));
+    let mut c = Client::connect(gw.local_addr());
+    c.echo(1, sid(1, 10, 0), b"on a");
+    let s = session_of(&a, c.local());
+    let cfg = Config::from_str(
+        &config_text(2, "", &route(10, 0, "round_robin", &[b.addr()], "")),
+        "new.toml",
+    )
+    .unwrap();
+    let table = Arc::new(RouteTable::new(2, cfg.routes.clone(), vec![]));
+    gw.broadcast(move || WorkerCommand::Routes(table.clone()));
+    match a.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
+        Some(Event::Disconnect {
+            session, reason, ..
+        }) => assert_eq!((session, reason), (s, 8)),
+        other => panic!("{other:?}"),
+    }
+    c.echo(2, sid(1, 10, 0), b"on b");
+    assert_eq!(
+        session_of(&b, c.local()),
+        s,
+        "same session, rebound with a new CONNECT"
+    );
+    eventually("the connection to the unlisted backend is closed", || {
+        a.connections() == 0
+    });
+    eventually("all workers on version 2", || gw.stats().route_version == 2);
+}
