@@ -11,12 +11,7 @@ use game_gateway::routing::{Endpoint, PickInput, RawRule, RouteTable};
 fn frames(n: usize, payload: usize) -> BytesMut {
     let mut b = BytesMut::new();
     for i in 0..n {
-        cproto::encode(
-            &mut b,
-            i as u16,
-            ServerId::new(false, 1, 10, 2),
-            &vec![7u8; payload],
-        );
+        cproto::encode(&mut b, i as u16, ServerId::new(false, 1, 10, 2), &vec![7u8; payload]);
     }
     b
 }
@@ -51,9 +46,7 @@ fn decode(c: &mut Criterion) {
             black_box(n)
         })
     });
-    g.bench_function("naive (copy payload)", |b| {
-        b.iter(|| black_box(naive_decode(&input)))
-    });
+    g.bench_function("naive (copy payload)", |b| b.iter(|| black_box(naive_decode(&input))));
     g.finish();
 }
 
@@ -87,9 +80,7 @@ fn encode(c: &mut Criterion) {
 }
 
 fn pick(c: &mut Criterion) {
-    let eps: Vec<String> = (0..16)
-        .map(|i| format!("127.0.0.1:{}", 20000 + i))
-        .collect();
+    let eps: Vec<String> = (0..16).map(|i| format!("127.0.0.1:{}", 20000 + i)).collect();
     let rule = |s: &str| {
         RawRule {
             server_type: 10,
@@ -105,32 +96,14 @@ fn pick(c: &mut Criterion) {
         .validate()
         .unwrap()
     };
-    let table = RouteTable::new(
-        1,
-        vec![],
-        vec![(7, Endpoint::parse("127.0.0.1:30000").unwrap())],
-    );
-    let input = PickInput {
-        session_id: 99,
-        world_id: 3,
-        inst_id: 4,
-        client_ip: "10.0.0.1".parse().unwrap(),
-    };
+    let table = RouteTable::new(1, vec![], vec![(7, Endpoint::parse("127.0.0.1:30000").unwrap())]);
+    let input = PickInput { session_id: 99, world_id: 3, inst_id: 4, client_ip: "10.0.0.1".parse().unwrap() };
     let all = |_: &Endpoint| true;
     let mut g = c.benchmark_group("route_pick_16_endpoints");
     for s in ["round_robin", "consistent_hash", "realm_based"] {
         let r = rule(s);
         let mut rr = 0;
-        g.bench_function(s, |b| {
-            b.iter(|| {
-                black_box(
-                    table
-                        .pick(&r, black_box(&input), &mut rr, &all)
-                        .unwrap()
-                        .addr,
-                )
-            })
-        });
+        g.bench_function(s, |b| b.iter(|| black_box(table.pick(&r, black_box(&input), &mut rr, &all).unwrap().addr)));
     }
     // Baseline: the original gateway's crc32-mod-N style (here xxh3 mod N):
     // cheaper, but moves almost every key when N changes.

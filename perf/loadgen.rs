@@ -108,19 +108,12 @@ fn decode(mode: Mode, buf: &mut BytesMut) -> Option<Option<u64>> {
             Err(_) => return None,
         },
         Mode::Direct => match bproto::check(buf, 1 << 20) {
-            Ok(Some(h)) => (
-                bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN,
-                h.frame_len(),
-            ),
+            Ok(Some(h)) => (bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN, h.frame_len()),
             Ok(None) => return Some(None),
             Err(_) => return None,
         },
     };
-    let t = if len - start >= 8 {
-        u64::from_le_bytes(buf[start..start + 8].try_into().unwrap())
-    } else {
-        0
-    };
+    let t = if len - start >= 8 { u64::from_le_bytes(buf[start..start + 8].try_into().unwrap()) } else { 0 };
     buf.advance(len);
     Some(Some(t))
 }
@@ -172,12 +165,7 @@ async fn session(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> ThreadResult 
         let (len, cap) = (inbuf.len(), inbuf.capacity());
         // A reply that takes over REPLY_TIMEOUT ends the session: counted as
         // an error while measuring, as missing replies at the end.
-        let (res, s) = match monoio::time::timeout(
-            REPLY_TIMEOUT,
-            stream.read(inbuf.slice_mut(len..cap)),
-        )
-        .await
-        {
+        let (res, s) = match monoio::time::timeout(REPLY_TIMEOUT, stream.read(inbuf.slice_mut(len..cap))).await {
             Ok(x) => x,
             Err(_) => {
                 if !shared.stop.load(Ordering::Relaxed) {
@@ -234,14 +222,9 @@ async fn session(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> ThreadResult 
 }
 
 fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>) -> ThreadResult {
-    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime");
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().expect("runtime");
     rt.block_on(async move {
-        let handles: Vec<_> = ids
-            .map(|i| monoio::spawn(session(args.clone(), shared.clone(), i as i64 + 1)))
-            .collect();
+        let handles: Vec<_> = ids.map(|i| monoio::spawn(session(args.clone(), shared.clone(), i as i64 + 1))).collect();
         let mut total = ThreadResult {
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
             replies: 0,
@@ -286,9 +269,9 @@ fn main() {
     let t0 = Instant::now();
     let mut last = 0;
     while t0.elapsed().as_secs_f64() < args.duration {
-        std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs_f64(
-            (args.duration - t0.elapsed().as_secs_f64()).max(0.0),
-        )));
+        std::thread::sleep(
+            Duration::from_secs(1).min(Duration::from_secs_f64((args.duration - t0.elapsed().as_secs_f64()).max(0.0))),
+        );
         let n = shared.replies.load(Ordering::Relaxed);
         eprintln!(
             "[{:>5.1}s] {:>10} msgs/s  errors {}",

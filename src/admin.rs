@@ -25,23 +25,21 @@ pub struct AdminState {
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("gw-admin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if let Err(e) = handle(c, &state) {
-                            tracing::debug!(error = %e, "admin request failed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        std::thread::sleep(Duration::from_millis(50));
+    std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    if let Err(e) = handle(c, &state) {
+                        tracing::debug!(error = %e, "admin request failed");
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-        })?;
+        }
+    })?;
     tracing::info!(admin = %local, "admin endpoints listening");
     Ok(local)
 }
@@ -67,12 +65,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/health" => {
-            let answered = state
-                .handle
-                .worker_stats()
-                .iter()
-                .filter(|s| s.is_some())
-                .count();
+            let answered = state.handle.worker_stats().iter().filter(|s| s.is_some()).count();
             if answered == state.handle.workers().len() {
                 respond(&mut c, 200, "text/plain", "ok\n")
             } else {
@@ -136,6 +129,10 @@ fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Re
         404 => "Not Found",
         _ => "Service Unavailable",
     };
-    write!(c, "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(
+        c,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     c.flush()
 }

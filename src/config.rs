@@ -36,6 +36,14 @@ pub const DEFAULT_RECONNECT_BACKOFF_MAX: &str = "5s";
 /// Bytes queued towards one backend connection (while it dials or is slow)
 /// before further frames are refused and counted.
 pub const DEFAULT_BACKEND_MAX_QUEUED_BYTES: u64 = 8 << 20;
+/// Consecutive failures (dials, lost connections) that open an endpoint's circuit.
+pub const DEFAULT_CIRCUIT_FAILURE_THRESHOLD: u32 = 5;
+/// How long an open circuit refuses traffic before one probe is let through.
+pub const DEFAULT_CIRCUIT_OPEN_DURATION: &str = "5s";
+/// A backend connection silent this long gets a PING ("0s" disables keep-alive).
+pub const DEFAULT_KEEPALIVE_INTERVAL: &str = "10s";
+/// An unanswered PING older than this marks the connection dead.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_KEY_PREFIX: &str = "game-gateway:";
 pub const DEFAULT_REFRESH_INTERVAL: &str = "10s";
@@ -92,6 +100,8 @@ pub struct RawLimits {
     pub handshake_timeout: String,
     pub idle_timeout: String,
     pub max_queued_bytes_per_session: i64,
+    pub messages_burst: i64,
+    pub on_rate_limit: String,
 }
 
 impl Default for RawLimits {
@@ -105,6 +115,8 @@ impl Default for RawLimits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT.into(),
             max_queued_bytes_per_session: DEFAULT_MAX_QUEUED_BYTES_PER_SESSION as i64,
+            messages_burst: 0,
+            on_rate_limit: "drop".into(),
         }
     }
 }
@@ -118,6 +130,10 @@ pub struct RawBackend {
     pub reconnect_backoff_min: String,
     pub reconnect_backoff_max: String,
     pub max_queued_bytes: i64,
+    pub circuit_failure_threshold: i64,
+    pub circuit_open_duration: String,
+    pub keepalive_interval: String,
+    pub keepalive_timeout: String,
 }
 
 impl Default for RawBackend {
@@ -129,6 +145,10 @@ impl Default for RawBackend {
             reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN.into(),
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX.into(),
             max_queued_bytes: DEFAULT_BACKEND_MAX_QUEUED_BYTES as i64,
+            circuit_failure_threshold: DEFAULT_CIRCUIT_FAILURE_THRESHOLD as i64,
+            circuit_open_duration: DEFAULT_CIRCUIT_OPEN_DURATION.into(),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL.into(),
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
         }
     }
 }
@@ -161,11 +181,7 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog {
-            level: "info".into(),
-            format: "json".into(),
-            access_log: true,
-        }
+        RawLog { level: "info".into(), format: "json".into(), access_log: true }
     }
 }
 
@@ -219,6 +235,19 @@ pub struct LimitsConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_queued_bytes_per_session: usize,
+    /// Frames a session may send at once above `messages_per_second`.
+    pub messages_burst: u32,
+    /// What happens to a frame over `messages_per_second`.
+    pub on_rate_limit: RateLimitAction,
+}
+
+/// What happens to a client frame over the session's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitAction {
+    /// Drop the frame, count it, keep the session.
+    Drop,
+    /// Close the session (reason 4).
+    Close,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +258,11 @@ pub struct BackendConfig {
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
     pub max_queued_bytes: usize,
+    pub circuit_failure_threshold: u32,
+    pub circuit_open_duration: Duration,
+    /// Zero disables keep-alive pings.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -275,11 +309,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}: {}: {}",
-            self.file, self.line, self.key, self.reason
-        )
+        write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.reason)
     }
 }
 
@@ -306,9 +336,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"2m\""))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"5s\", \"2m\""))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -327,18 +355,11 @@ pub struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     pub fn new(src: &'a str) -> Self {
-        Locator {
-            src,
-            doc: toml_edit::ImDocument::parse(src).ok(),
-        }
+        Locator { src, doc: toml_edit::ImDocument::parse(src).ok() }
     }
 
     fn line_at(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())]
-            .bytes()
-            .filter(|b| *b == b'\n')
-            .count()
-            + 1
+        self.src[..offset.min(self.src.len())].bytes().filter(|b| *b == b'\n').count() + 1
     }
 
     /// Line of `section.key` (`key` may be empty for the section itself);
@@ -374,19 +395,9 @@ pub struct Problems<'a> {
 
 impl<'a> Problems<'a> {
     pub fn new(file: &'a str, loc: &'a Locator<'a>) -> Self {
-        Problems {
-            file,
-            loc,
-            errors: vec![],
-        }
+        Problems { file, loc, errors: vec![] }
     }
-    pub fn push(
-        &mut self,
-        section: &str,
-        index: Option<usize>,
-        key: &str,
-        reason: impl Into<String>,
-    ) {
+    pub fn push(&mut self, section: &str, index: Option<usize>, key: &str, reason: impl Into<String>) {
         let line = self.loc.line(section, index, key);
         let name = match index {
             Some(i) if key.is_empty() => format!("{section}[{i}]"),
@@ -394,12 +405,7 @@ impl<'a> Problems<'a> {
             None if key.is_empty() => section.to_string(),
             None => format!("{section}.{key}"),
         };
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line,
-            key: name,
-            reason: reason.into(),
-        });
+        self.errors.push(ConfigError { file: self.file.to_string(), line, key: name, reason: reason.into() });
     }
     fn duration(&mut self, section: &str, key: &str, v: &str) -> Duration {
         match parse_duration(v) {
@@ -416,12 +422,7 @@ impl<'a> Problems<'a> {
         T: Default,
     {
         if v < lo || v > hi {
-            self.push(
-                section,
-                None,
-                key,
-                format!("{v} is out of range {lo}..={hi}"),
-            );
+            self.push(section, None, key, format!("{v} is out of range {lo}..={hi}"));
             return T::default();
         }
         T::try_from(v).unwrap_or_default()
@@ -434,9 +435,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         match std::fs::read_to_string(path) {
             Ok(src) => Config::from_str(&src, &path.display().to_string()),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
                 Config::from_str(EMBEDDED_DEFAULT, "<embedded>")
             }
             Err(e) => Err(ConfigErrors(vec![ConfigError {
@@ -453,30 +452,15 @@ impl Config {
         let raw: RawConfig = match toml::from_str(src) {
             Ok(r) => r,
             Err(e) => {
-                let line = e
-                    .span()
-                    .map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1)
-                    .unwrap_or(1);
+                let line = e.span().map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1).unwrap_or(1);
                 let msg = e.message().trim().to_string();
                 let key = e
                     .span()
                     .and_then(|s| src.get(s.start..s.end))
-                    .map(|t| {
-                        t.split(['=', '\n'])
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .trim_matches(['[', ']'])
-                            .to_string()
-                    })
+                    .map(|t| t.split(['=', '\n']).next().unwrap_or("").trim().trim_matches(['[', ']']).to_string())
                     .filter(|k| !k.is_empty())
                     .unwrap_or_else(|| "-".into());
-                return Err(ConfigErrors(vec![ConfigError {
-                    file: file.into(),
-                    line,
-                    key,
-                    reason: msg,
-                }]));
+                return Err(ConfigErrors(vec![ConfigError { file: file.into(), line, key, reason: msg }]));
             }
         };
         let loc = Locator::new(src);
@@ -486,11 +470,7 @@ impl Config {
     /// Applies the command-line and environment overrides (they win over the file).
     pub fn apply_overrides(&mut self, workers: Option<usize>, io_driver: Option<IoDriver>) {
         if let Some(w) = workers {
-            let w = if w == 0 {
-                available_cores()
-            } else {
-                w.min(MAX_WORKERS)
-            };
+            let w = if w == 0 { available_cores() } else { w.min(MAX_WORKERS) };
             self.server.workers = w;
             if self.server.cpus.len() != w {
                 self.server.cpus = default_cpus(w);
@@ -527,7 +507,11 @@ impl Config {
         let _ = writeln!(
             s,
             "backend: connections_per_endpoint={} dial_timeout={:?} max_frame_size={} backoff={:?}..{:?}",
-            b.connections_per_endpoint, b.dial_timeout, b.max_frame_size, b.reconnect_backoff_min, b.reconnect_backoff_max
+            b.connections_per_endpoint,
+            b.dial_timeout,
+            b.max_frame_size,
+            b.reconnect_backoff_min,
+            b.reconnect_backoff_max
         );
         match &self.redis {
             Some(r) => {
@@ -555,10 +539,7 @@ impl Config {
 }
 
 fn available_cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(MAX_WORKERS)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_WORKERS)
 }
 
 fn default_cpus(workers: usize) -> Vec<usize> {
@@ -596,47 +577,26 @@ impl RawConfig {
             }
         }
         let workers_raw: usize = p.int("server", "workers", s.workers, 0, MAX_WORKERS as i64);
-        let workers = if workers_raw == 0 {
-            available_cores()
-        } else {
-            workers_raw
-        };
+        let workers = if workers_raw == 0 { available_cores() } else { workers_raw };
         let cpus = if s.cpus.is_empty() {
             default_cpus(workers)
         } else {
-            let ncpu = core_affinity::get_core_ids()
-                .map(|c| c.len())
-                .unwrap_or(usize::MAX);
+            let ncpu = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(usize::MAX);
             let mut v = Vec::new();
             for c in &s.cpus {
                 if *c < 0 || *c as usize >= ncpu.max(1) {
-                    p.push(
-                        "server",
-                        None,
-                        "cpus",
-                        format!("core {c} does not exist (this machine has {ncpu})"),
-                    );
+                    p.push("server", None, "cpus", format!("core {c} does not exist (this machine has {ncpu})"));
                 } else {
                     v.push(*c as usize);
                 }
             }
             if s.cpus.len() < workers {
-                p.push(
-                    "server",
-                    None,
-                    "cpus",
-                    format!("lists {} cores for {} workers", s.cpus.len(), workers),
-                );
+                p.push("server", None, "cpus", format!("lists {} cores for {} workers", s.cpus.len(), workers));
             }
             v
         };
         let io_driver = IoDriver::parse(&s.io_driver).unwrap_or_else(|| {
-            p.push(
-                "server",
-                None,
-                "io_driver",
-                format!("{:?} is not one of auto, io_uring, epoll", s.io_driver),
-            );
+            p.push("server", None, "io_driver", format!("{:?} is not one of auto, io_uring, epoll", s.io_driver));
             IoDriver::Auto
         });
         let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
@@ -659,13 +619,7 @@ impl RawConfig {
                 u32::MAX as i64,
             ),
             max_message_size: p.int("limits", "max_message_size", l.max_message_size, 0, 65_535),
-            messages_per_second: p.int(
-                "limits",
-                "messages_per_second",
-                l.messages_per_second,
-                0,
-                u32::MAX as i64,
-            ),
+            messages_per_second: p.int("limits", "messages_per_second", l.messages_per_second, 0, u32::MAX as i64),
             handshake_timeout: p.duration("limits", "handshake_timeout", &l.handshake_timeout),
             idle_timeout: p.duration("limits", "idle_timeout", &l.idle_timeout),
             max_queued_bytes_per_session: p.int(
@@ -675,6 +629,21 @@ impl RawConfig {
                 65_544,
                 1 << 30,
             ),
+            messages_burst: 0,
+            on_rate_limit: RateLimitAction::Drop,
+        };
+        let mut limits = limits;
+        limits.messages_burst = match l.messages_burst {
+            0 => limits.messages_per_second,
+            b => p.int("limits", "messages_burst", b, 1, u32::MAX as i64),
+        };
+        limits.on_rate_limit = match l.on_rate_limit.as_str() {
+            "drop" => RateLimitAction::Drop,
+            "close" => RateLimitAction::Close,
+            other => {
+                p.push("limits", None, "on_rate_limit", format!("{other:?} is not one of drop, close"));
+                RateLimitAction::Drop
+            }
         };
         if limits.handshake_timeout.is_zero() {
             p.push("limits", None, "handshake_timeout", "must be above zero");
@@ -685,62 +654,36 @@ impl RawConfig {
 
         let b = &self.backend;
         let backend = BackendConfig {
-            connections_per_endpoint: p.int(
-                "backend",
-                "connections_per_endpoint",
-                b.connections_per_endpoint,
-                1,
-                64,
-            ),
+            connections_per_endpoint: p.int("backend", "connections_per_endpoint", b.connections_per_endpoint, 1, 64),
             dial_timeout: p.duration("backend", "dial_timeout", &b.dial_timeout),
-            max_frame_size: p.int(
+            max_frame_size: p.int("backend", "max_frame_size", b.max_frame_size, 9 + 65_535, 64 << 20),
+            reconnect_backoff_min: p.duration("backend", "reconnect_backoff_min", &b.reconnect_backoff_min),
+            reconnect_backoff_max: p.duration("backend", "reconnect_backoff_max", &b.reconnect_backoff_max),
+            max_queued_bytes: p.int("backend", "max_queued_bytes", b.max_queued_bytes, 1 << 16, 1 << 30),
+            circuit_failure_threshold: p.int(
                 "backend",
-                "max_frame_size",
-                b.max_frame_size,
-                9 + 65_535,
-                64 << 20,
+                "circuit_failure_threshold",
+                b.circuit_failure_threshold,
+                1,
+                1_000_000,
             ),
-            reconnect_backoff_min: p.duration(
-                "backend",
-                "reconnect_backoff_min",
-                &b.reconnect_backoff_min,
-            ),
-            reconnect_backoff_max: p.duration(
-                "backend",
-                "reconnect_backoff_max",
-                &b.reconnect_backoff_max,
-            ),
-            max_queued_bytes: p.int(
-                "backend",
-                "max_queued_bytes",
-                b.max_queued_bytes,
-                1 << 16,
-                1 << 30,
-            ),
+            circuit_open_duration: p.duration("backend", "circuit_open_duration", &b.circuit_open_duration),
+            keepalive_interval: p.duration("backend", "keepalive_interval", &b.keepalive_interval),
+            keepalive_timeout: p.duration("backend", "keepalive_timeout", &b.keepalive_timeout),
         };
+        if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {
+            p.push("backend", None, "keepalive_timeout", "must be above zero when keep-alive is on");
+        }
         if backend.dial_timeout.is_zero() {
             p.push("backend", None, "dial_timeout", "must be above zero");
         }
         if backend.reconnect_backoff_min > backend.reconnect_backoff_max {
-            p.push(
-                "backend",
-                None,
-                "reconnect_backoff_min",
-                "is above reconnect_backoff_max",
-            );
+            p.push("backend", None, "reconnect_backoff_min", "is above reconnect_backoff_max");
         }
 
         let redis = self.redis.as_ref().map(|r| {
-            if !(r.url.starts_with("redis://")
-                || r.url.starts_with("rediss://")
-                || r.url.starts_with("unix://"))
-            {
-                p.push(
-                    "redis",
-                    None,
-                    "url",
-                    format!("{:?} is not a redis:// URL", r.url),
-                );
+            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("unix://")) {
+                p.push("redis", None, "url", format!("{:?} is not a redis:// URL", r.url));
             }
             RedisConfig {
                 url: r.url.clone(),
@@ -775,31 +718,15 @@ impl RawConfig {
             }
         }
 
-        let level = std::env::var("LOG_LEVEL")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or(self.log.level.clone());
-        if !matches!(
-            level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
-            p.push(
-                "log",
-                None,
-                "level",
-                format!("{level:?} is not one of error, warn, info, debug, trace"),
-            );
+        let level = std::env::var("LOG_LEVEL").ok().filter(|v| !v.is_empty()).unwrap_or(self.log.level.clone());
+        if !matches!(level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            p.push("log", None, "level", format!("{level:?} is not one of error, warn, info, debug, trace"));
         }
         let format = match self.log.format.as_str() {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
             other => {
-                p.push(
-                    "log",
-                    None,
-                    "format",
-                    format!("{other:?} is not one of json, text"),
-                );
+                p.push("log", None, "format", format!("{other:?} is not one of json, text"));
                 LogFormat::Json
             }
         };
@@ -823,11 +750,7 @@ impl RawConfig {
             backend,
             redis,
             routes,
-            log: LogConfig {
-                level,
-                format,
-                access_log: self.log.access_log,
-            },
+            log: LogConfig { level, format, access_log: self.log.access_log },
         })
     }
 }
@@ -836,12 +759,7 @@ fn parse_addr(p: &mut Problems<'_>, section: &str, key: &str, v: &str) -> Option
     match v.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            p.push(
-                section,
-                None,
-                key,
-                format!("{v:?} is not an ip:port address"),
-            );
+            p.push(section, None, key, format!("{v:?} is not an ip:port address"));
             None
         }
     }
@@ -898,11 +816,7 @@ mod tests {
     fn duplicate_rule_keys() {
         let src = "[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n";
         let errs = Config::from_str(src, "d.toml").unwrap_err();
-        assert!(
-            errs.to_string()
-                .contains("d.toml:7: routes[1].server_type: duplicate"),
-            "{errs}"
-        );
+        assert!(errs.to_string().contains("d.toml:7: routes[1].server_type: duplicate"), "{errs}");
     }
 
     #[test]

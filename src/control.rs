@@ -43,29 +43,23 @@ static LEVEL: OnceLock<LevelSetter> = OnceLock::new();
 /// changed by [`set_log_level`] (config reload).
 pub fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(&cfg.log.level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_thread_names(true);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_thread_names(true);
     match cfg.log.format {
         LogFormat::Json => {
             let b = builder.json().flatten_event(true).with_filter_reloading();
             let h = b.reload_handle();
             if b.try_init().is_ok() {
-                let _ = LEVEL.set(Box::new(move |l| {
-                    h.reload(tracing_subscriber::EnvFilter::new(l))
-                        .map_err(|e| e.to_string())
-                }));
+                let _ = LEVEL
+                    .set(Box::new(move |l| h.reload(tracing_subscriber::EnvFilter::new(l)).map_err(|e| e.to_string())));
             }
         }
         LogFormat::Text => {
             let b = builder.with_filter_reloading();
             let h = b.reload_handle();
             if b.try_init().is_ok() {
-                let _ = LEVEL.set(Box::new(move |l| {
-                    h.reload(tracing_subscriber::EnvFilter::new(l))
-                        .map_err(|e| e.to_string())
-                }));
+                let _ = LEVEL
+                    .set(Box::new(move |l| h.reload(tracing_subscriber::EnvFilter::new(l)).map_err(|e| e.to_string())));
             }
         }
     }
@@ -98,10 +92,7 @@ pub struct ControlStats {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The route snapshot the static config describes.
@@ -119,43 +110,15 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         }
     };
     check("server.listen", o.listen.to_string(), n.listen.to_string());
-    check(
-        "server.admin_listen",
-        o.admin_listen.to_string(),
-        n.admin_listen.to_string(),
-    );
-    check(
-        "server.workers",
-        o.workers.to_string(),
-        n.workers.to_string(),
-    );
-    check(
-        "server.cpus",
-        format!("{:?}", o.cpus),
-        format!("{:?}", n.cpus),
-    );
-    check(
-        "server.io_driver",
-        o.io_driver.as_str().into(),
-        n.io_driver.as_str().into(),
-    );
-    check(
-        "server.node_id",
-        o.node_id.to_string(),
-        n.node_id.to_string(),
-    );
-    let redis = |c: &Config| {
-        c.redis
-            .as_ref()
-            .map(|r| format!("{} {}", r.url, r.key_prefix))
-            .unwrap_or_else(|| "off".into())
-    };
+    check("server.admin_listen", o.admin_listen.to_string(), n.admin_listen.to_string());
+    check("server.workers", o.workers.to_string(), n.workers.to_string());
+    check("server.cpus", format!("{:?}", o.cpus), format!("{:?}", n.cpus));
+    check("server.io_driver", o.io_driver.as_str().into(), n.io_driver.as_str().into());
+    check("server.node_id", o.node_id.to_string(), n.node_id.to_string());
+    let redis =
+        |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));
-    check(
-        "log.format",
-        format!("{:?}", old.log.format),
-        format!("{:?}", new.log.format),
-    );
+    check("log.format", format!("{:?}", old.log.format), format!("{:?}", new.log.format));
     v
 }
 
@@ -192,33 +155,25 @@ impl Control {
         let running = gw.cfg.clone();
         let (tx, rx) = unbounded();
         let sig_tx = tx.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
-        std::thread::Builder::new()
-            .name("gw-signals".into())
-            .spawn(move || {
-                let mut stops = 0;
-                for sig in signals.forever() {
-                    if sig != libc::SIGHUP {
-                        stops += 1;
-                        if stops >= 2 {
-                            eprintln!("second stop signal: exiting now");
-                            std::process::exit(0);
-                        }
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+        std::thread::Builder::new().name("gw-signals".into()).spawn(move || {
+            let mut stops = 0;
+            for sig in signals.forever() {
+                if sig != libc::SIGHUP {
+                    stops += 1;
+                    if stops >= 2 {
+                        eprintln!("second stop signal: exiting now");
+                        std::process::exit(0);
                     }
-                    let _ = sig_tx.send(ControlEvent::Signal(sig));
                 }
-            })?;
+                let _ = sig_tx.send(ControlEvent::Signal(sig));
+            }
+        })?;
         let stop_sub = Arc::new(AtomicBool::new(false));
         let redis = match &running.redis {
             Some(rc) => {
                 let src = RedisSource::new(rc).map_err(std::io::Error::other)?;
-                crate::redis_source::spawn_subscriber(
-                    rc,
-                    tx.clone(),
-                    || ControlEvent::RedisNotify,
-                    stop_sub.clone(),
-                )?;
+                crate::redis_source::spawn_subscriber(rc, tx.clone(), || ControlEvent::RedisNotify, stop_sub.clone())?;
                 admin.control.redis_state.store(2, Ordering::Relaxed);
                 Some(src)
             }
@@ -241,10 +196,7 @@ impl Control {
         };
         c.published = fingerprint(&merge(&c.running.routes, None));
         c.admin.control.route_version.store(1, Ordering::Relaxed);
-        c.admin
-            .control
-            .config_loaded_at
-            .store(unix_now(), Ordering::Relaxed);
+        c.admin.control.config_loaded_at.store(unix_now(), Ordering::Relaxed);
         *c.admin.control.route_source.lock().unwrap() = "static".into();
         if c.redis.is_some() {
             c.fetch_redis();
@@ -289,17 +241,10 @@ impl Control {
     }
 
     fn stop(self, sig: i32) {
-        tracing::info!(
-            signal = sig,
-            "stop requested: no new connections, closing sessions"
-        );
+        tracing::info!(signal = sig, "stop requested: no new connections, closing sessions");
         self.admin.ready.store(false, Ordering::Relaxed);
         self.stop_sub.store(true, Ordering::Relaxed);
-        let timeout = self
-            .running
-            .server
-            .drain_timeout
-            .max(Duration::from_millis(100));
+        let timeout = self.running.server.drain_timeout.max(Duration::from_millis(100));
         self.gw.stop(timeout);
         tracing::info!("stopped");
     }
@@ -342,12 +287,7 @@ impl Control {
         let Some(src) = self.redis.as_mut() else {
             return;
         };
-        let refresh = self
-            .running
-            .redis
-            .as_ref()
-            .map(|r| r.refresh_interval)
-            .unwrap_or(Duration::from_secs(10));
+        let refresh = self.running.redis.as_ref().map(|r| r.refresh_interval).unwrap_or(Duration::from_secs(10));
         let stats = self.admin.control.clone();
         match src.fetch() {
             Ok(set) => {
@@ -383,9 +323,7 @@ impl Control {
                 stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
                 *stats.last_error.lock().unwrap() = e;
                 self.next_fetch = Instant::now() + self.fetch_backoff;
-                self.fetch_backoff = (self.fetch_backoff * 2)
-                    .min(REDIS_RETRY_MAX)
-                    .min(refresh.max(REDIS_RETRY_MIN));
+                self.fetch_backoff = (self.fetch_backoff * 2).min(REDIS_RETRY_MAX).min(refresh.max(REDIS_RETRY_MIN));
             }
         }
     }
@@ -409,12 +347,8 @@ impl Control {
         );
         let stats = &self.admin.control;
         stats.route_version.store(self.version, Ordering::Relaxed);
-        *stats.route_source.lock().unwrap() = if self.redis_set.is_some() {
-            "static+redis".into()
-        } else {
-            "static".into()
-        };
-        self.gw
-            .broadcast(move || WorkerCommand::Routes(table.clone()));
+        *stats.route_source.lock().unwrap() =
+            if self.redis_set.is_some() { "static+redis".into() } else { "static".into() };
+        self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
     }
 }

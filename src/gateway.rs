@@ -28,10 +28,7 @@ pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start worker thread: {0}")]
     Spawn(std::io::Error),
     #[error("{0}")]
@@ -74,22 +71,14 @@ impl Gateway {
         let cfg = Arc::new(cfg);
         let n = cfg.server.workers.max(1);
         // The first bind resolves port 0; the rest join its SO_REUSEPORT group.
-        let first = reuseport_listener(cfg.server.listen).map_err(|source| StartError::Listen {
-            addr: cfg.server.listen,
-            source,
-        })?;
-        let local_addr = first.local_addr().map_err(|source| StartError::Listen {
-            addr: cfg.server.listen,
-            source,
-        })?;
+        let first = reuseport_listener(cfg.server.listen)
+            .map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
+        let local_addr = first.local_addr().map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
         let mut listeners = vec![first];
         for _ in 1..n {
-            listeners.push(reuseport_listener(local_addr).map_err(|source| {
-                StartError::Listen {
-                    addr: local_addr,
-                    source,
-                }
-            })?);
+            listeners.push(
+                reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?,
+            );
         }
         let (ready_tx, ready_rx) = bounded(n);
         let mut workers = Vec::with_capacity(n);
@@ -109,15 +98,7 @@ impl Gateway {
                 .name(format!("gw-worker-{index}"))
                 .spawn(move || worker::run(setup))
                 .map_err(StartError::Spawn)?;
-            workers.push(WorkerHandle {
-                tx,
-                join: Some(join),
-                info: WorkerInfo {
-                    index,
-                    cpu,
-                    io_driver: "starting",
-                },
-            });
+            workers.push(WorkerHandle { tx, join: Some(join), info: WorkerInfo { index, cpu, io_driver: "starting" } });
         }
         let deadline = Instant::now() + WORKER_START_TIMEOUT;
         for _ in 0..n {
@@ -128,11 +109,7 @@ impl Gateway {
                     workers[i].info = info;
                 }
                 Ok(Err(e)) => {
-                    let gw = Gateway {
-                        workers,
-                        local_addr,
-                        cfg,
-                    };
+                    let gw = Gateway { workers, local_addr, cfg };
                     gw.stop(Duration::from_secs(1));
                     return Err(StartError::Worker(e));
                 }
@@ -140,11 +117,7 @@ impl Gateway {
             }
         }
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
-        Ok(Gateway {
-            workers,
-            local_addr,
-            cfg,
-        })
+        Ok(Gateway { workers, local_addr, cfg })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -156,10 +129,7 @@ impl Gateway {
     }
 
     pub fn handle(&self) -> GatewayHandle {
-        GatewayHandle {
-            txs: self.workers.iter().map(|w| w.tx.clone()).collect(),
-            infos: self.workers(),
-        }
+        GatewayHandle { txs: self.workers.iter().map(|w| w.tx.clone()).collect(), infos: self.workers() }
     }
 
     pub fn broadcast(&self, make: impl Fn() -> WorkerCommand) {
@@ -181,8 +151,7 @@ impl Gateway {
         let deadline = Instant::now() + timeout;
         for w in &self.workers {
             if w.join.is_some() {
-                let _ =
-                    w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
+                let _ = w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
             }
         }
         for w in &mut self.workers {
@@ -228,21 +197,12 @@ impl GatewayHandle {
             })
             .collect();
         let deadline = Instant::now() + STATS_TIMEOUT;
-        rxs.into_iter()
-            .map(|rx| {
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .ok()
-            })
-            .collect()
+        rxs.into_iter().map(|rx| rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()).collect()
     }
 
     /// Counters merged over all workers.
     pub fn stats(&self) -> WorkerStats {
-        let mut total = WorkerStats {
-            workers: 0,
-            route_version: u64::MAX,
-            ..Default::default()
-        };
+        let mut total = WorkerStats { workers: 0, route_version: u64::MAX, ..Default::default() };
         for s in self.worker_stats().into_iter().flatten() {
             total.merge(&s);
             total.workers += 1;

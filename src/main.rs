@@ -101,11 +101,7 @@ fn routes(action: RoutesCmd) -> ExitCode {
             }
             Err(c) => c,
         },
-        RoutesCmd::Push {
-            file,
-            redis,
-            prefix,
-        } => {
+        RoutesCmd::Push { file, redis, prefix } => {
             let (text, set) = match load_rules_file(&file) {
                 Ok(x) => x,
                 Err(c) => return c,
@@ -117,11 +113,7 @@ fn routes(action: RoutesCmd) -> ExitCode {
                 None if v.get("realm_mapping").is_some() => "[]".to_string(),
                 None => v.to_string(),
             };
-            let realms: Vec<(u16, String)> = set
-                .realms
-                .iter()
-                .map(|(r, e)| (*r, e.name.to_string()))
-                .collect();
+            let realms: Vec<(u16, String)> = set.realms.iter().map(|(r, e)| (*r, e.name.to_string())).collect();
             match redis_source::push(&redis, &prefix, &rules_json, &realms) {
                 Ok(()) => {
                     println!("pushed {} rules and {} realm entries to {redis} (prefix {prefix:?}) and published the notifications", set.rules.len(), set.realms.len());
@@ -203,10 +195,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, addr = %gw.cfg.server.admin_listen, "admin endpoints failed to start");
-            eprintln!(
-                "game-gateway: admin listener {}: {e}",
-                gw.cfg.server.admin_listen
-            );
+            eprintln!("game-gateway: admin listener {}: {e}", gw.cfg.server.admin_listen);
             gw.stop(std::time::Duration::from_secs(1));
             return ExitCode::from(1);
         }

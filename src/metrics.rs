@@ -37,9 +37,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn labelled(out: &mut String, name: &str, label: &str, map: &ahash::AHashMap<&'static str, u64>) {
@@ -53,203 +51,77 @@ fn labelled(out: &mut String, name: &str, label: &str, map: &ahash::AHashMap<&'s
 /// Renders merged counters in the Prometheus text exposition format.
 pub fn render(s: &WorkerStats, workers: &[WorkerInfo], c: &ControlStats) -> String {
     let mut o = String::with_capacity(4096);
-    header(
-        &mut o,
-        CONNECTIONS_ACTIVE,
-        "gauge",
-        "Open client connections.",
-    );
+    header(&mut o, CONNECTIONS_ACTIVE, "gauge", "Open client connections.");
     let _ = writeln!(o, "{CONNECTIONS_ACTIVE} {}", s.connections_active);
-    header(
-        &mut o,
-        CONNECTIONS_TOTAL,
-        "counter",
-        "Client connections accepted.",
-    );
+    header(&mut o, CONNECTIONS_TOTAL, "counter", "Client connections accepted.");
     let _ = writeln!(o, "{CONNECTIONS_TOTAL} {}", s.connections_total);
-    header(
-        &mut o,
-        CONNECTION_REJECTED_TOTAL,
-        "counter",
-        "Client connections refused, by reason.",
-    );
-    labelled(
-        &mut o,
-        CONNECTION_REJECTED_TOTAL,
-        "reason",
-        &s.connection_rejected,
-    );
+    header(&mut o, CONNECTION_REJECTED_TOTAL, "counter", "Client connections refused, by reason.");
+    labelled(&mut o, CONNECTION_REJECTED_TOTAL, "reason", &s.connection_rejected);
     header(&mut o, SESSIONS_ACTIVE, "gauge", "Live sessions.");
     let _ = writeln!(o, "{SESSIONS_ACTIVE} {}", s.sessions_active);
-    header(
-        &mut o,
-        MESSAGES_PROCESSED_TOTAL,
-        "counter",
-        "Frames forwarded, by direction and server type.",
-    );
-    for (dir, arr) in [
-        ("client_to_backend", &s.messages_in),
-        ("backend_to_client", &s.messages_out),
-    ] {
+    header(&mut o, MESSAGES_PROCESSED_TOTAL, "counter", "Frames forwarded, by direction and server type.");
+    for (dir, arr) in [("client_to_backend", &s.messages_in), ("backend_to_client", &s.messages_out)] {
         for (t, v) in arr.iter().enumerate() {
             if *v > 0 {
-                let _ = writeln!(
-                    o,
-                    "{MESSAGES_PROCESSED_TOTAL}{{direction=\"{dir}\",server_type=\"{t}\"}} {v}"
-                );
+                let _ = writeln!(o, "{MESSAGES_PROCESSED_TOTAL}{{direction=\"{dir}\",server_type=\"{t}\"}} {v}");
             }
         }
     }
-    header(
-        &mut o,
-        ROUTING_ERRORS_TOTAL,
-        "counter",
-        "Client frames that could not be routed, by type.",
-    );
+    header(&mut o, ROUTING_ERRORS_TOTAL, "counter", "Client frames that could not be routed, by type.");
     labelled(&mut o, ROUTING_ERRORS_TOTAL, "type", &s.routing_errors);
-    header(
-        &mut o,
-        FRAMES_DROPPED_TOTAL,
-        "counter",
-        "Frames dropped, by reason.",
-    );
+    header(&mut o, FRAMES_DROPPED_TOTAL, "counter", "Frames dropped, by reason.");
     labelled(&mut o, FRAMES_DROPPED_TOTAL, "reason", &s.frames_dropped);
-    header(
-        &mut o,
-        SESSIONS_CLOSED_TOTAL,
-        "counter",
-        "Sessions ended, by disconnect reason.",
-    );
+    header(&mut o, SESSIONS_CLOSED_TOTAL, "counter", "Sessions ended, by disconnect reason.");
     labelled(&mut o, SESSIONS_CLOSED_TOTAL, "reason", &s.sessions_closed);
-    header(
-        &mut o,
-        PROTOCOL_ERRORS_TOTAL,
-        "counter",
-        "Protocol errors and timeouts, by kind.",
-    );
+    header(&mut o, PROTOCOL_ERRORS_TOTAL, "counter", "Protocol errors and timeouts, by kind.");
     labelled(&mut o, PROTOCOL_ERRORS_TOTAL, "kind", &s.protocol_errors);
     let mut backends: Vec<_> = s.backends.iter().collect();
     backends.sort_by(|a, b| a.0.cmp(b.0));
-    header(
-        &mut o,
-        BACKEND_CONNECTIONS_ACTIVE,
-        "gauge",
-        "Backend connections up, by endpoint.",
-    );
+    header(&mut o, BACKEND_CONNECTIONS_ACTIVE, "gauge", "Backend connections up, by endpoint.");
     for (name, b) in &backends {
-        let _ = writeln!(
-            o,
-            "{BACKEND_CONNECTIONS_ACTIVE}{{backend=\"{}\"}} {}",
-            escape(name),
-            b.connections_active
-        );
+        let _ = writeln!(o, "{BACKEND_CONNECTIONS_ACTIVE}{{backend=\"{}\"}} {}", escape(name), b.connections_active);
     }
-    header(
-        &mut o,
-        BACKEND_ERRORS_TOTAL,
-        "counter",
-        "Backend connection errors, by endpoint and type.",
-    );
+    header(&mut o, BACKEND_ERRORS_TOTAL, "counter", "Backend connection errors, by endpoint and type.");
     for (name, b) in &backends {
         let mut errs: Vec<_> = b.errors.iter().collect();
         errs.sort();
         for (k, v) in errs {
-            let _ = writeln!(
-                o,
-                "{BACKEND_ERRORS_TOTAL}{{backend=\"{}\",type=\"{k}\"}} {v}",
-                escape(name)
-            );
+            let _ = writeln!(o, "{BACKEND_ERRORS_TOTAL}{{backend=\"{}\",type=\"{k}\"}} {v}", escape(name));
         }
     }
-    header(
-        &mut o,
-        BACKEND_DIALS_TOTAL,
-        "counter",
-        "Backend dial attempts, by endpoint.",
-    );
+    header(&mut o, BACKEND_DIALS_TOTAL, "counter", "Backend dial attempts, by endpoint.");
     for (name, b) in &backends {
-        let _ = writeln!(
-            o,
-            "{BACKEND_DIALS_TOTAL}{{backend=\"{}\"}} {}",
-            escape(name),
-            b.dials
-        );
+        let _ = writeln!(o, "{BACKEND_DIALS_TOTAL}{{backend=\"{}\"}} {}", escape(name), b.dials);
     }
-    header(
-        &mut o,
-        BACKEND_BYTES_TRANSMITTED_TOTAL,
-        "counter",
-        "Bytes to and from backends.",
-    );
+    header(&mut o, BACKEND_BYTES_TRANSMITTED_TOTAL, "counter", "Bytes to and from backends.");
     for (name, b) in &backends {
         let n = escape(name);
-        let _ = writeln!(
-            o,
-            "{BACKEND_BYTES_TRANSMITTED_TOTAL}{{backend=\"{n}\",direction=\"sent\"}} {}",
-            b.bytes_sent
-        );
+        let _ = writeln!(o, "{BACKEND_BYTES_TRANSMITTED_TOTAL}{{backend=\"{n}\",direction=\"sent\"}} {}", b.bytes_sent);
         let _ = writeln!(
             o,
             "{BACKEND_BYTES_TRANSMITTED_TOTAL}{{backend=\"{n}\",direction=\"received\"}} {}",
             b.bytes_received
         );
     }
-    header(
-        &mut o,
-        ROUTE_SNAPSHOT_VERSION,
-        "gauge",
-        "Routing snapshot version (lowest over workers).",
-    );
+    header(&mut o, ROUTE_SNAPSHOT_VERSION, "gauge", "Routing snapshot version (lowest over workers).");
     let _ = writeln!(o, "{ROUTE_SNAPSHOT_VERSION} {}", s.route_version);
-    header(
-        &mut o,
-        WORKER_INFO,
-        "gauge",
-        "One per worker: its core and I/O driver.",
-    );
+    header(&mut o, WORKER_INFO, "gauge", "One per worker: its core and I/O driver.");
     for w in workers {
-        let cpu = w
-            .cpu
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "none".into());
-        let _ = writeln!(
-            o,
-            "{WORKER_INFO}{{worker=\"{}\",cpu=\"{cpu}\",io_driver=\"{}\"}} 1",
-            w.index, w.io_driver
-        );
+        let cpu = w.cpu.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        let _ = writeln!(o, "{WORKER_INFO}{{worker=\"{}\",cpu=\"{cpu}\",io_driver=\"{}\"}} 1", w.index, w.io_driver);
     }
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     for (name, kind, help, v) in [
-        (
-            CONFIG_REFRESH_SUCCESS_TOTAL,
-            "counter",
-            "Successful route reads from Redis.",
-            ld(&c.refresh_success),
-        ),
-        (
-            CONFIG_REFRESH_ERRORS_TOTAL,
-            "counter",
-            "Failed or rejected route reads from Redis.",
-            ld(&c.refresh_errors),
-        ),
+        (CONFIG_REFRESH_SUCCESS_TOTAL, "counter", "Successful route reads from Redis.", ld(&c.refresh_success)),
+        (CONFIG_REFRESH_ERRORS_TOTAL, "counter", "Failed or rejected route reads from Redis.", ld(&c.refresh_errors)),
         (
             ROUTE_SNAPSHOTS_REJECTED_TOTAL,
             "counter",
             "Route snapshots rejected by validation.",
             ld(&c.snapshots_rejected),
         ),
-        (
-            CONFIG_RELOADS_TOTAL,
-            "counter",
-            "Config file reloads applied.",
-            ld(&c.config_reloads),
-        ),
-        (
-            CONFIG_RELOAD_ERRORS_TOTAL,
-            "counter",
-            "Config file reloads rejected.",
-            ld(&c.config_reload_errors),
-        ),
+        (CONFIG_RELOADS_TOTAL, "counter", "Config file reloads applied.", ld(&c.config_reloads)),
+        (CONFIG_RELOAD_ERRORS_TOTAL, "counter", "Config file reloads rejected.", ld(&c.config_reload_errors)),
         (
             REDIS_UP,
             "gauge",

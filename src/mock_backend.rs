@@ -96,15 +96,8 @@ impl MockBackend {
             trans_seen: AtomicU64::new(0),
         });
         let i2 = inner.clone();
-        let accept = std::thread::Builder::new()
-            .name("mock-accept".into())
-            .spawn(move || accept_loop(listener, i2))?;
-        Ok(MockBackend {
-            addr,
-            inner,
-            accept: Mutex::new(Some(accept)),
-            events: rx,
-        })
+        let accept = std::thread::Builder::new().name("mock-accept".into()).spawn(move || accept_loop(listener, i2))?;
+        Ok(MockBackend { addr, inner, accept: Mutex::new(Some(accept)), events: rx })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -123,23 +116,16 @@ impl MockBackend {
 
     /// Sessions seen (by `CONNECT` or `TRANS`) and not yet disconnected.
     pub fn sessions(&self) -> Vec<i64> {
-        let mut v: Vec<i64> = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap()
-            .keys()
-            .copied()
-            .collect();
+        let mut v: Vec<i64> = self.inner.sessions.lock().unwrap().keys().copied().collect();
         v.sort();
         v
     }
 
     fn send_on(&self, conn: u64, frame: &[u8]) -> std::io::Result<()> {
         let mut conns = self.inner.conns.lock().unwrap();
-        let s = conns.get_mut(&conn).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such connection")
-        })?;
+        let s = conns
+            .get_mut(&conn)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such connection"))?;
         s.write_all(frame)
     }
 
@@ -150,22 +136,11 @@ impl MockBackend {
             .unwrap()
             .get(&session)
             .copied()
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("unknown session {session}"),
-                )
-            })
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("unknown session {session}")))
     }
 
     /// Sends `TRANS` (a push) to one session.
-    pub fn push(
-        &self,
-        session: i64,
-        msg_type: i32,
-        server_id: u32,
-        payload: &[u8],
-    ) -> std::io::Result<()> {
+    pub fn push(&self, session: i64, msg_type: i32, server_id: u32, payload: &[u8]) -> std::io::Result<()> {
         let mut b = BytesMut::new();
         bproto::encode_reply(&mut b, msg_type, server_id, session, payload);
         self.send_on(self.conn_of(session)?, &b)
@@ -192,12 +167,7 @@ impl MockBackend {
     }
 
     /// `MULTICAST` to `sessions`, grouped per connection they live on.
-    pub fn multicast(
-        &self,
-        sessions: &[i64],
-        msg_type: i32,
-        payload: &[u8],
-    ) -> std::io::Result<()> {
+    pub fn multicast(&self, sessions: &[i64], msg_type: i32, payload: &[u8]) -> std::io::Result<()> {
         let mut by_conn: HashMap<u64, Vec<i64>> = HashMap::new();
         for s in sessions {
             by_conn.entry(self.conn_of(*s)?).or_default().push(*s);
@@ -230,11 +200,7 @@ impl MockBackend {
     }
 
     /// Waits up to `timeout` for an event matching `pred`, skipping others.
-    pub fn wait_for(
-        &self,
-        timeout: Duration,
-        mut pred: impl FnMut(&Event) -> bool,
-    ) -> Option<Event> {
+    pub fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Event) -> bool) -> Option<Event> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -269,13 +235,9 @@ fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 inner.conns.lock().unwrap().insert(id, w);
                 let _ = inner.events.send(Event::Accepted { conn: id });
                 let i2 = inner.clone();
-                let _ = std::thread::Builder::new()
-                    .name(format!("mock-conn-{id}"))
-                    .spawn(move || conn_loop(s, id, i2));
+                let _ = std::thread::Builder::new().name(format!("mock-conn-{id}")).spawn(move || conn_loop(s, id, i2));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -337,30 +299,16 @@ fn on_frame(inner: &Inner, conn: u64, h: &bproto::Header, body: Body<'_>, out: &
     match body {
         Body::Connect { transport, addr } => {
             inner.sessions.lock().unwrap().insert(h.session_id, conn);
-            let _ = inner.events.send(Event::Connect {
-                conn,
-                session: h.session_id,
-                transport,
-                addr,
-            });
+            let _ = inner.events.send(Event::Connect { conn, session: h.session_id, transport, addr });
         }
         Body::Disconnect { reason } => {
             inner.sessions.lock().unwrap().remove(&h.session_id);
-            let _ = inner.events.send(Event::Disconnect {
-                conn,
-                session: h.session_id,
-                reason,
-            });
+            let _ = inner.events.send(Event::Disconnect { conn, session: h.session_id, reason });
         }
         Body::Trans { trace, payload } => {
             inner.trans_seen.fetch_add(1, Ordering::Relaxed);
             if inner.opts.record_trans {
-                inner
-                    .sessions
-                    .lock()
-                    .unwrap()
-                    .entry(h.session_id)
-                    .or_insert(conn);
+                inner.sessions.lock().unwrap().entry(h.session_id).or_insert(conn);
                 let _ = inner.events.send(Event::Trans {
                     conn,
                     session: h.session_id,

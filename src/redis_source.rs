@@ -78,10 +78,7 @@ pub fn read_raw(
 }
 
 /// Validates what Redis holds into a route set.
-pub fn validate_raw(
-    rules: Option<&str>,
-    realms: &[(String, String)],
-) -> Result<RouteSet, Vec<String>> {
+pub fn validate_raw(rules: Option<&str>, realms: &[(String, String)]) -> Result<RouteSet, Vec<String>> {
     let mut errs = vec![];
     let rules = match rules {
         Some(t) => parse_rules_json(t).unwrap_or_else(|e| {
@@ -90,11 +87,10 @@ pub fn validate_raw(
         }),
         None => vec![],
     };
-    let realms = parse_realm_mapping(realms.iter().map(|(a, b)| (a.as_str(), b.as_str())))
-        .unwrap_or_else(|e| {
-            errs.extend(e);
-            vec![]
-        });
+    let realms = parse_realm_mapping(realms.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap_or_else(|e| {
+        errs.extend(e);
+        vec![]
+    });
     if errs.is_empty() {
         Ok(RouteSet { rules, realms })
     } else {
@@ -104,13 +100,8 @@ pub fn validate_raw(
 
 impl RedisSource {
     pub fn new(cfg: &RedisConfig) -> Result<RedisSource, String> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| format!("redis.url {:?}: {e}", cfg.url))?;
-        Ok(RedisSource {
-            client,
-            keys: Keys::new(&cfg.key_prefix),
-            conn: None,
-        })
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| format!("redis.url {:?}: {e}", cfg.url))?;
+        Ok(RedisSource { client, keys: Keys::new(&cfg.key_prefix), conn: None })
     }
 
     pub fn keys(&self) -> &Keys {
@@ -121,8 +112,7 @@ impl RedisSource {
     /// list (the static rules serve).
     pub fn fetch(&mut self) -> Result<RouteSet, FetchError> {
         if self.conn.is_none() {
-            self.conn =
-                Some(connect(&self.client).map_err(|e| FetchError::Unavailable(e.to_string()))?);
+            self.conn = Some(connect(&self.client).map_err(|e| FetchError::Unavailable(e.to_string()))?);
         }
         let conn = self.conn.as_mut().unwrap();
         let (rules, realms) = match read_raw(conn, &self.keys) {
@@ -144,8 +134,7 @@ pub fn spawn_subscriber<E: Send + 'static>(
     event: impl Fn() -> E + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let client =
-        redis::Client::open(cfg.url.as_str()).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let client = redis::Client::open(cfg.url.as_str()).map_err(|e| std::io::Error::other(e.to_string()))?;
     let keys = Keys::new(&cfg.key_prefix);
     std::thread::Builder::new().name("gw-redis-sub".into()).spawn(move || {
         let mut backoff = SUB_BACKOFF_MIN;
@@ -192,49 +181,27 @@ pub fn spawn_subscriber<E: Send + 'static>(
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     let end = std::time::Instant::now() + d;
     while std::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(
-            Duration::from_millis(50).min(end.saturating_duration_since(std::time::Instant::now())),
-        );
+        std::thread::sleep(Duration::from_millis(50).min(end.saturating_duration_since(std::time::Instant::now())));
     }
 }
 
 /// Writes a route set to Redis and publishes both notifications (the
 /// `routes push` tool).
-pub fn push(
-    url: &str,
-    prefix: &str,
-    rules_json: &str,
-    realms: &[(u16, String)],
-) -> Result<(), String> {
+pub fn push(url: &str, prefix: &str, rules_json: &str, realms: &[(u16, String)]) -> Result<(), String> {
     let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
     let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
     let keys = Keys::new(prefix);
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("SET")
-        .arg(&keys.rules)
-        .arg(rules_json)
-        .ignore();
+    pipe.atomic().cmd("SET").arg(&keys.rules).arg(rules_json).ignore();
     if !realms.is_empty() {
         pipe.cmd("DEL").arg(&keys.realms).ignore();
         for (r, ep) in realms {
-            pipe.cmd("HSET")
-                .arg(&keys.realms)
-                .arg(r.to_string())
-                .arg(ep)
-                .ignore();
+            pipe.cmd("HSET").arg(&keys.realms).arg(r.to_string()).arg(ep).ignore();
         }
     }
-    pipe.cmd("PUBLISH")
-        .arg(&keys.rules_notify)
-        .arg("push")
-        .ignore();
-    pipe.cmd("PUBLISH")
-        .arg(&keys.realms_notify)
-        .arg("push")
-        .ignore();
-    pipe.query::<()>(&mut conn)
-        .map_err(|e| format!("{url}: {e}"))
+    pipe.cmd("PUBLISH").arg(&keys.rules_notify).arg("push").ignore();
+    pipe.cmd("PUBLISH").arg(&keys.realms_notify).arg("push").ignore();
+    pipe.query::<()>(&mut conn).map_err(|e| format!("{url}: {e}"))
 }
 
 /// Reads what Redis holds (the `routes show` tool).

@@ -76,18 +76,14 @@ pub fn parse_rules_value(v: Value) -> Result<Vec<RouteRule>, Vec<String>> {
                 }
             }
         }
-        other => errs.push(format!(
-            "rules: expected an object keyed by server type or an array, found {}",
-            kind(&other)
-        )),
+        other => {
+            errs.push(format!("rules: expected an object keyed by server type or an array, found {}", kind(&other)))
+        }
     }
     let mut seen = ahash::AHashSet::new();
     for r in &rules {
         if !seen.insert(r.key()) {
-            errs.push(format!(
-                "duplicate rule for server_type {} world_id {}",
-                r.server_type, r.world_id
-            ));
+            errs.push(format!("duplicate rule for server_type {} world_id {}", r.server_type, r.world_id));
         }
     }
     if errs.is_empty() {
@@ -111,8 +107,7 @@ fn kind(v: &Value) -> &'static str {
 
 /// Parses the rules JSON text stored in Redis.
 pub fn parse_rules_json(text: &str) -> Result<Vec<RouteRule>, Vec<String>> {
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| vec![format!("rules: invalid JSON: {e}")])?;
+    let v: Value = serde_json::from_str(text).map_err(|e| vec![format!("rules: invalid JSON: {e}")])?;
     parse_rules_value(v)
 }
 
@@ -149,14 +144,9 @@ pub fn parse_bundle(text: &str) -> Result<RouteSet, Vec<String>> {
     let v: Value = serde_json::from_str(text).map_err(|e| vec![format!("invalid JSON: {e}")])?;
     let is_bundle = matches!(&v, Value::Object(o) if o.contains_key("rules") || o.contains_key("realm_mapping"));
     if !is_bundle {
-        return Ok(RouteSet {
-            rules: parse_rules_value(v)?,
-            realms: vec![],
-        });
+        return Ok(RouteSet { rules: parse_rules_value(v)?, realms: vec![] });
     }
-    let Value::Object(mut o) = v else {
-        unreachable!()
-    };
+    let Value::Object(mut o) = v else { unreachable!() };
     let mut errs = Vec::new();
     let rules = match o.remove("rules") {
         Some(r) => parse_rules_value(r).unwrap_or_else(|e| {
@@ -167,22 +157,15 @@ pub fn parse_bundle(text: &str) -> Result<RouteSet, Vec<String>> {
     };
     let realms = match o.remove("realm_mapping") {
         Some(Value::Object(m)) => {
-            let pairs: Vec<(String, String)> = m
-                .into_iter()
-                .map(|(k, v)| (k, v.as_str().unwrap_or("").to_string()))
-                .collect();
-            parse_realm_mapping(pairs.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap_or_else(
-                |e| {
-                    errs.extend(e);
-                    vec![]
-                },
-            )
+            let pairs: Vec<(String, String)> =
+                m.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or("").to_string())).collect();
+            parse_realm_mapping(pairs.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap_or_else(|e| {
+                errs.extend(e);
+                vec![]
+            })
         }
         Some(other) => {
-            errs.push(format!(
-                "realm_mapping: expected an object, found {}",
-                kind(&other)
-            ));
+            errs.push(format!("realm_mapping: expected an object, found {}", kind(&other)));
             vec![]
         }
         None => vec![],
@@ -209,10 +192,7 @@ pub fn merge(static_rules: &[RouteRule], redis: Option<&RouteSet>) -> RouteSet {
         }
         realms = set.realms.clone();
     }
-    RouteSet {
-        rules: by_key.into_values().collect(),
-        realms,
-    }
+    RouteSet { rules: by_key.into_values().collect(), realms }
 }
 
 /// A stable fingerprint of a route set, to publish snapshots only on change.
@@ -252,8 +232,7 @@ mod tests {
 
     #[test]
     fn object_key_supplies_a_missing_server_type() {
-        let rules =
-            parse_rules_json(r#"{"12": {"strategy": "round_robin", "endpoints": []}}"#).unwrap();
+        let rules = parse_rules_json(r#"{"12": {"strategy": "round_robin", "endpoints": []}}"#).unwrap();
         assert_eq!(rules[0].server_type, 12);
     }
 
@@ -261,22 +240,13 @@ mod tests {
     fn bad_documents_are_rejected_with_reasons() {
         let cases = [
             ("{not json", "invalid JSON"),
-            (
-                r#"{"10": {"strategy": "random", "endpoints": []}}"#,
-                "unknown strategy",
-            ),
-            (
-                r#"{"10": {"strategy": "round_robin", "endpoints": ["nohost"]}}"#,
-                "endpoints",
-            ),
+            (r#"{"10": {"strategy": "random", "endpoints": []}}"#, "unknown strategy"),
+            (r#"{"10": {"strategy": "round_robin", "endpoints": ["nohost"]}}"#, "endpoints"),
             (
                 r#"[{"server_type": 10, "strategy": "round_robin"}, {"server_type": 10, "strategy": "round_robin"}]"#,
                 "duplicate rule",
             ),
-            (
-                r#"{"10": {"server_type": 11, "strategy": "round_robin"}}"#,
-                "does not match",
-            ),
+            (r#"{"10": {"server_type": 11, "strategy": "round_robin"}}"#, "does not match"),
             (r#"{"x": {"strategy": "round_robin"}}"#, "not a server type"),
             ("42", "expected an object"),
         ];
@@ -318,7 +288,10 @@ mod tests {
 
     #[test]
     fn bundle_form() {
-        let set = parse_bundle(r#"{"rules": [{"server_type": 30, "strategy": "realm_based"}], "realm_mapping": {"7": "127.0.0.1:7007"}}"#).unwrap();
+        let set = parse_bundle(
+            r#"{"rules": [{"server_type": 30, "strategy": "realm_based"}], "realm_mapping": {"7": "127.0.0.1:7007"}}"#,
+        )
+        .unwrap();
         assert_eq!((set.rules.len(), set.realms.len()), (1, 1));
         assert!(parse_bundle(r#"{"rules": [], "extra": 1}"#).is_err());
         assert_eq!(parse_bundle(ORIGINAL_SAMPLE).unwrap().rules.len(), 3);

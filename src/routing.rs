@@ -83,9 +83,7 @@ impl Endpoint {
         let addr = match s.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                let (host, port) = s
-                    .rsplit_once(':')
-                    .ok_or_else(|| format!("{s:?} is not host:port"))?;
+                let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
                 if host.is_empty() || port.parse::<u16>().is_err() {
                     return Err(format!("{s:?} is not host:port with a port 1..=65535"));
                 }
@@ -99,11 +97,7 @@ impl Endpoint {
         if addr.port() == 0 {
             return Err(format!("{s:?} has port 0"));
         }
-        Ok(Endpoint {
-            addr,
-            name: Arc::from(s),
-            hash: xxhash_rust::xxh3::xxh3_64(s.as_bytes()),
-        })
+        Ok(Endpoint { addr, name: Arc::from(s), hash: xxhash_rust::xxh3::xxh3_64(s.as_bytes()) })
     }
 }
 
@@ -140,11 +134,7 @@ impl fmt::Display for RouteRule {
             f,
             "type={} world={} service={} strategy={} endpoints=[",
             self.server_type,
-            if self.world_id == 0 {
-                "*".to_string()
-            } else {
-                self.world_id.to_string()
-            },
+            if self.world_id == 0 { "*".to_string() } else { self.world_id.to_string() },
             self.service_name,
             self.strategy.as_str()
         )?;
@@ -167,16 +157,10 @@ impl RawRule {
     pub fn validate(&self) -> Result<RouteRule, Vec<(&'static str, String)>> {
         let mut errs = Vec::new();
         if !(0..=255).contains(&self.server_type) {
-            errs.push((
-                "server_type",
-                format!("{} is out of range 0..=255", self.server_type),
-            ));
+            errs.push(("server_type", format!("{} is out of range 0..=255", self.server_type)));
         }
         if !(0..=32767).contains(&self.world_id) {
-            errs.push((
-                "world_id",
-                format!("{} is out of range 0..=32767", self.world_id),
-            ));
+            errs.push(("world_id", format!("{} is out of range 0..=32767", self.world_id)));
         }
         let strategy = match self.strategy.as_str() {
             "round_robin" => Strategy::RoundRobin,
@@ -193,9 +177,7 @@ impl RawRule {
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for e in &self.endpoints {
             match Endpoint::parse(e) {
-                Ok(ep) if endpoints.contains(&ep) => {
-                    errs.push(("endpoints", format!("{e:?} is listed twice")))
-                }
+                Ok(ep) if endpoints.contains(&ep) => errs.push(("endpoints", format!("{e:?} is listed twice"))),
                 Ok(ep) => endpoints.push(ep),
                 Err(r) => errs.push(("endpoints", r)),
             }
@@ -205,10 +187,7 @@ impl RawRule {
             "session" => HashKey::Session,
             "client_ip" => HashKey::ClientIp,
             other => {
-                errs.push((
-                    "hash_key",
-                    format!("{other:?} is not one of inst_id, session, client_ip"),
-                ));
+                errs.push(("hash_key", format!("{other:?} is not one of inst_id, session, client_ip")));
                 HashKey::InstId
             }
         };
@@ -216,21 +195,15 @@ impl RawRule {
             "close" => OnBackendLoss::Close,
             "rebind" => OnBackendLoss::Rebind,
             other => {
-                errs.push((
-                    "on_backend_loss",
-                    format!("{other:?} is not one of close, rebind"),
-                ));
+                errs.push(("on_backend_loss", format!("{other:?} is not one of close, rebind")));
                 OnBackendLoss::Close
             }
         };
         if !errs.is_empty() {
             return Err(errs);
         }
-        let service_name = if self.service_name.is_empty() {
-            format!("type{}", self.server_type)
-        } else {
-            self.service_name.clone()
-        };
+        let service_name =
+            if self.service_name.is_empty() { format!("type{}", self.server_type) } else { self.service_name.clone() };
         Ok(RouteRule {
             server_type: self.server_type as u8,
             world_id: self.world_id as u16,
@@ -303,10 +276,7 @@ pub fn rendezvous<'a>(
     available: &dyn Fn(&Endpoint) -> bool,
 ) -> Option<&'a Endpoint> {
     let k = mix(key);
-    endpoints
-        .iter()
-        .filter(|e| available(e))
-        .max_by_key(|e| mix(k ^ e.hash))
+    endpoints.iter().filter(|e| available(e)).max_by_key(|e| mix(k ^ e.hash))
 }
 
 impl RouteTable {
@@ -329,16 +299,12 @@ impl RouteTable {
     /// The rule for (type, world), else the wildcard rule (type, 0).
     #[inline]
     pub fn lookup(&self, server_type: u8, world_id: u16) -> Option<&Arc<RouteRule>> {
-        self.rules
-            .get(&(server_type, world_id))
-            .or_else(|| self.rules.get(&(server_type, 0)))
+        self.rules.get(&(server_type, world_id)).or_else(|| self.rules.get(&(server_type, 0)))
     }
 
     /// Whether `addr` is an endpoint some rule or realm can still pick.
     pub fn lists(&self, addr: &SocketAddr) -> bool {
-        self.rules
-            .values()
-            .any(|r| r.endpoints.iter().any(|e| e.addr == *addr))
+        self.rules.values().any(|r| r.endpoints.iter().any(|e| e.addr == *addr))
             || self.realms.values().any(|e| e.addr == *addr)
     }
 
@@ -421,12 +387,7 @@ mod tests {
     }
 
     fn input(inst: u8) -> PickInput {
-        PickInput {
-            session_id: 1,
-            world_id: 1,
-            inst_id: inst,
-            client_ip: "127.0.0.1".parse().unwrap(),
-        }
+        PickInput { session_id: 1, world_id: 1, inst_id: inst, client_ip: "127.0.0.1".parse().unwrap() }
     }
 
     const ALL: &dyn Fn(&Endpoint) -> bool = &|_| true;
@@ -435,10 +396,7 @@ mod tests {
     fn world_rule_beats_wildcard() {
         let t = RouteTable::new(
             1,
-            vec![
-                rule(10, 0, "round_robin", &["127.0.0.1:1"]),
-                rule(10, 7, "round_robin", &["127.0.0.1:2"]),
-            ],
+            vec![rule(10, 0, "round_robin", &["127.0.0.1:1"]), rule(10, 7, "round_robin", &["127.0.0.1:2"])],
             vec![],
         );
         assert_eq!(t.lookup(10, 7).unwrap().world_id, 7);
@@ -448,49 +406,30 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_and_skips_unavailable() {
-        let r = rule(
-            10,
-            0,
-            "round_robin",
-            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
-        );
+        let r = rule(10, 0, "round_robin", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
         let t = RouteTable::new(1, vec![], vec![]);
         let mut rr = 0;
-        let picks: Vec<u16> = (0..6)
-            .map(|_| t.pick(&r, &input(0), &mut rr, ALL).unwrap().addr.port())
-            .collect();
+        let picks: Vec<u16> = (0..6).map(|_| t.pick(&r, &input(0), &mut rr, ALL).unwrap().addr.port()).collect();
         assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
         let not2 = |e: &Endpoint| e.addr.port() != 2;
-        let picks: Vec<u16> = (0..4)
-            .map(|_| t.pick(&r, &input(0), &mut rr, &not2).unwrap().addr.port())
-            .collect();
+        let picks: Vec<u16> = (0..4).map(|_| t.pick(&r, &input(0), &mut rr, &not2).unwrap().addr.port()).collect();
         assert!(!picks.contains(&2));
-        assert_eq!(
-            t.pick(&r, &input(0), &mut rr, &|_| false),
-            Err(RouteError::AllUnavailable)
-        );
+        assert_eq!(t.pick(&r, &input(0), &mut rr, &|_| false), Err(RouteError::AllUnavailable));
     }
 
     #[test]
     fn empty_endpoints_is_a_routing_error_not_a_config_error() {
         let r = rule(200, 0, "round_robin", &[]);
         let t = RouteTable::new(1, vec![], vec![]);
-        assert_eq!(
-            t.pick(&r, &input(0), &mut 0, ALL),
-            Err(RouteError::NoEndpoints)
-        );
+        assert_eq!(t.pick(&r, &input(0), &mut 0, ALL), Err(RouteError::NoEndpoints));
     }
 
     #[test]
     fn consistent_hash_moves_about_one_nth_when_one_endpoint_goes() {
-        let names: Vec<String> = (1..=10)
-            .map(|i| format!("127.0.0.1:{}", 1000 + i))
-            .collect();
+        let names: Vec<String> = (1..=10).map(|i| format!("127.0.0.1:{}", 1000 + i)).collect();
         let eps: Vec<Endpoint> = names.iter().map(|n| Endpoint::parse(n).unwrap()).collect();
         let keys = 100_000u64;
-        let before: Vec<&Endpoint> = (0..keys)
-            .map(|k| rendezvous(k, &eps, ALL).unwrap())
-            .collect();
+        let before: Vec<&Endpoint> = (0..keys).map(|k| rendezvous(k, &eps, ALL).unwrap()).collect();
         // Spread: each of 10 endpoints gets 10% +- 1.5%.
         for e in &eps {
             let n = before.iter().filter(|b| **b == e).count() as f64 / keys as f64;
@@ -503,10 +442,7 @@ mod tests {
             let after = rendezvous(k, &fewer, ALL).unwrap();
             if after.addr != before[k as usize].addr {
                 moved += 1;
-                assert_eq!(
-                    before[k as usize], removed,
-                    "only keys of the removed endpoint move"
-                );
+                assert_eq!(before[k as usize], removed, "only keys of the removed endpoint move");
             }
         }
         let frac = moved as f64 / keys as f64;
@@ -515,12 +451,7 @@ mod tests {
 
     #[test]
     fn consistent_hash_keeps_an_instance_on_one_endpoint() {
-        let r = rule(
-            10,
-            0,
-            "consistent_hash",
-            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
-        );
+        let r = rule(10, 0, "consistent_hash", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
         let t = RouteTable::new(1, vec![], vec![]);
         for inst in 0..=255u8 {
             let first = t.pick(&r, &input(inst), &mut 0, ALL).unwrap().addr;
@@ -535,11 +466,7 @@ mod tests {
     #[test]
     fn realm_mapping_then_fallback() {
         let r = rule(30, 0, "realm_based", &["127.0.0.1:1", "127.0.0.1:2"]);
-        let t = RouteTable::new(
-            1,
-            vec![],
-            vec![(7, Endpoint::parse("127.0.0.1:77").unwrap())],
-        );
+        let t = RouteTable::new(1, vec![], vec![(7, Endpoint::parse("127.0.0.1:77").unwrap())]);
         let mut i = input(0);
         i.world_id = 7;
         assert_eq!(t.pick(&r, &i, &mut 0, ALL).unwrap().addr.port(), 77);
@@ -547,10 +474,7 @@ mod tests {
         assert_ne!(t.pick(&r, &i, &mut 0, ALL).unwrap().addr.port(), 77);
         let empty = rule(30, 0, "realm_based", &[]);
         i.world_id = 9;
-        assert_eq!(
-            t.pick(&empty, &i, &mut 0, ALL),
-            Err(RouteError::NoEndpoints)
-        );
+        assert_eq!(t.pick(&empty, &i, &mut 0, ALL), Err(RouteError::NoEndpoints));
     }
 
     #[test]
@@ -570,15 +494,7 @@ mod tests {
         let fields: Vec<&str> = errs.iter().map(|e| e.0).collect();
         assert_eq!(
             fields,
-            vec![
-                "server_type",
-                "world_id",
-                "strategy",
-                "endpoints",
-                "endpoints",
-                "hash_key",
-                "on_backend_loss"
-            ]
+            vec!["server_type", "world_id", "strategy", "endpoints", "endpoints", "hash_key", "on_backend_loss"]
         );
     }
 }

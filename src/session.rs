@@ -50,17 +50,11 @@ pub struct SessionIdGen {
 impl SessionIdGen {
     pub fn new(node_id: u16, worker: usize) -> SessionIdGen {
         assert!(node_id < (1 << NODE_BITS) && worker < (1 << WORKER_BITS));
-        SessionIdGen {
-            prefix: ((node_id as i64) << (SEQ_BITS + WORKER_BITS)) | ((worker as i64) << SEQ_BITS),
-            last: 0,
-        }
+        SessionIdGen { prefix: ((node_id as i64) << (SEQ_BITS + WORKER_BITS)) | ((worker as i64) << SEQ_BITS), last: 0 }
     }
 
     fn now_ms() -> i64 {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         (ms.saturating_sub(EPOCH_MS) as i64) & SEQ_MASK
     }
 
@@ -107,13 +101,7 @@ pub struct SessionInfo {
 }
 
 impl SessionInfo {
-    pub fn new(
-        id: i64,
-        peer: SocketAddr,
-        transport: Transport,
-        now: Instant,
-        trace_id: [u8; 16],
-    ) -> SessionInfo {
+    pub fn new(id: i64, peer: SocketAddr, transport: Transport, now: Instant, trace_id: [u8; 16]) -> SessionInfo {
         SessionInfo {
             id,
             peer,

@@ -7,14 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 fn redis_config(redis: &RedisServer, workers: usize, refresh: &str, routes: &str) -> String {
-    config_text(
-        workers,
-        &format!(
-            "[redis]\nurl = \"{}\"\nrefresh_interval = \"{refresh}\"\n",
-            redis.url()
-        ),
-        routes,
-    )
+    config_text(workers, &format!("[redis]\nurl = \"{}\"\nrefresh_interval = \"{refresh}\"\n", redis.url()), routes)
 }
 
 fn rules_json(server_type: u8, strategy: &str, eps: &[SocketAddr]) -> String {
@@ -25,27 +18,16 @@ fn rules_json(server_type: u8, strategy: &str, eps: &[SocketAddr]) -> String {
 /// Opens a new session for `server_type` and says which mock answered it.
 fn lands_on(gw: SocketAddr, st: u8, world: u16, mbs: &[&MockBackend]) -> Option<usize> {
     let mut c = Client::connect(gw);
-    c.s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    c.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     c.send(1, sid(world, st, 0), b"where");
     c.try_recv()?;
     let me = c.local();
     mbs.iter().position(|m| {
-        m.sessions().len() > 0
-            && m.drain()
-                .iter()
-                .any(|e| matches!(e, Event::Connect { addr, .. } if *addr == me))
+        m.sessions().len() > 0 && m.drain().iter().any(|e| matches!(e, Event::Connect { addr, .. } if *addr == me))
     })
 }
 
-fn wait_lands(
-    gw: SocketAddr,
-    st: u8,
-    world: u16,
-    mbs: &[&MockBackend],
-    want: usize,
-    within: Duration,
-) -> Duration {
+fn wait_lands(gw: SocketAddr, st: u8, world: u16, mbs: &[&MockBackend], want: usize, within: Duration) -> Duration {
     let t0 = Instant::now();
     while t0.elapsed() < within {
         if lands_on(gw, st, world, mbs) == Some(want) {
@@ -60,20 +42,8 @@ fn wait_lands(
 fn pushed_routes_take_effect_on_publish_and_on_refresh() {
     let redis = RedisServer::start();
     let (a, b, c) = (mock(), mock(), mock());
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            2,
-            "60s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
-    assert_eq!(
-        lands_on(gw.addr, 10, 1, &[&a, &b, &c]),
-        Some(0),
-        "static rule serves before Redis has rules"
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 2, "60s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
+    assert_eq!(lands_on(gw.addr, 10, 1, &[&a, &b, &c]), Some(0), "static rule serves before Redis has rules");
     redis.set_rules(&rules_json(10, "round_robin", &[b.addr()]));
     redis.publish_rules();
     let took = wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 1, Duration::from_secs(1));
@@ -81,15 +51,7 @@ fn pushed_routes_take_effect_on_publish_and_on_refresh() {
     drop(gw);
 
     // Without a publish, the periodic refresh picks a change up.
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            2,
-            "1s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 2, "1s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
     wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 1, Duration::from_secs(2));
     redis.set_rules(&rules_json(10, "round_robin", &[c.addr()]));
     wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 2, Duration::from_secs(3));
@@ -100,38 +62,13 @@ fn realm_based_rule_sends_world_7_to_the_mapped_address() {
     let redis = RedisServer::start();
     let (fallback, realm7) = (mock(), mock());
     let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            2,
-            "60s",
-            &route(30, 0, "realm_based", &[fallback.addr()], ""),
-        ),
+        &redis_config(&redis, 2, "60s", &route(30, 0, "realm_based", &[fallback.addr()], "")),
         &[],
     );
-    redis
-        .cmd(&[
-            "HSET",
-            "game-gateway:realm:mapping",
-            "7",
-            &realm7.addr().to_string(),
-        ])
-        .unwrap();
-    redis
-        .cmd(&["PUBLISH", "game-gateway:realm:mapping:notify", "x"])
-        .unwrap();
-    wait_lands(
-        gw.addr,
-        30,
-        7,
-        &[&fallback, &realm7],
-        1,
-        Duration::from_secs(2),
-    );
-    assert_eq!(
-        lands_on(gw.addr, 30, 8, &[&fallback, &realm7]),
-        Some(0),
-        "unmapped realm falls back to the endpoints"
-    );
+    redis.cmd(&["HSET", "game-gateway:realm:mapping", "7", &realm7.addr().to_string()]).unwrap();
+    redis.cmd(&["PUBLISH", "game-gateway:realm:mapping:notify", "x"]).unwrap();
+    wait_lands(gw.addr, 30, 7, &[&fallback, &realm7], 1, Duration::from_secs(2));
+    assert_eq!(lands_on(gw.addr, 30, 8, &[&fallback, &realm7]), Some(0), "unmapped realm falls back to the endpoints");
 }
 
 #[test]
@@ -139,15 +76,7 @@ fn redis_killed_while_traffic_flows_then_restarted_with_new_rules() {
     let mut redis = RedisServer::start();
     let (a, b, c) = (mock(), mock(), mock());
     redis.set_rules(&rules_json(10, "round_robin", &[b.addr()]));
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            2,
-            "1s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 2, "1s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
     wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 1, Duration::from_secs(2));
     let mut live: Vec<Client> = (0..5).map(|_| Client::connect(gw.addr)).collect();
     for cl in live.iter_mut() {
@@ -163,21 +92,9 @@ fn redis_killed_while_traffic_flows_then_restarted_with_new_rules() {
         n = n.wrapping_add(1);
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        http_get(gw.admin, "/ready").0,
-        200,
-        "stays ready without Redis"
-    );
-    assert_eq!(
-        lands_on(gw.addr, 10, 1, &[&a, &b, &c]),
-        Some(1),
-        "routes from Redis stay"
-    );
-    eventually("redis down in metrics", || {
-        http_get(gw.admin, "/metrics")
-            .1
-            .contains("game_gateway_redis_up 0")
-    });
+    assert_eq!(http_get(gw.admin, "/ready").0, 200, "stays ready without Redis");
+    assert_eq!(lands_on(gw.addr, 10, 1, &[&a, &b, &c]), Some(1), "routes from Redis stay");
+    eventually("redis down in metrics", || http_get(gw.admin, "/metrics").1.contains("game_gateway_redis_up 0"));
     // One warning for the state change, not one per retry.
     let warnings = gw.stderr().matches("redis unreachable").count();
     assert_eq!(warnings, 1, "{}", gw.stderr());
@@ -198,22 +115,11 @@ fn bad_redis_data_is_rejected_whole_and_the_last_good_stays() {
     let redis = RedisServer::start();
     let (a, b) = (mock(), mock());
     redis.set_rules(&rules_json(10, "round_robin", &[b.addr()]));
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            1,
-            "60s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 1, "60s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
     wait_lands(gw.addr, 10, 1, &[&a, &b], 1, Duration::from_secs(2));
     let bad = [
         ("{this is not json", "invalid JSON"),
-        (
-            r#"{"10": {"server_type": 10, "strategy": "fastest", "endpoints": []}}"#,
-            "unknown strategy",
-        ),
+        (r#"{"10": {"server_type": 10, "strategy": "fastest", "endpoints": []}}"#, "unknown strategy"),
         (
             r#"{"10": {"server_type": 10, "strategy": "round_robin", "endpoints": ["not-an-address"]}}"#,
             "not-an-address",
@@ -229,17 +135,10 @@ fn bad_redis_data_is_rejected_whole_and_the_last_good_stays() {
         eventually(&format!("rejection of {reason:?} logged"), || {
             gw.stderr().contains(reason) && gw.stderr().matches("rejected").count() > i
         });
-        assert_eq!(
-            lands_on(gw.addr, 10, 1, &[&a, &b]),
-            Some(1),
-            "last good snapshot kept after {reason}"
-        );
+        assert_eq!(lands_on(gw.addr, 10, 1, &[&a, &b]), Some(1), "last good snapshot kept after {reason}");
     }
     let m = http_get(gw.admin, "/metrics").1;
-    assert!(
-        m.contains("game_gateway_route_snapshots_rejected_total 4"),
-        "{m}"
-    );
+    assert!(m.contains("game_gateway_route_snapshots_rejected_total 4"), "{m}");
 }
 
 #[test]
@@ -261,9 +160,7 @@ fn original_gateway_sample_data_loads() {
     c.send(1, sid(1, 200, 0), b"no endpoints yet");
     c.echo(2, sid(1, 10, 0), b"ok");
     eventually("no_endpoints counted", || {
-        http_get(gw.admin, "/metrics")
-            .1
-            .contains("game_gateway_routing_errors_total{type=\"no_endpoints\"} 1")
+        http_get(gw.admin, "/metrics").1.contains("game_gateway_routing_errors_total{type=\"no_endpoints\"} 1")
     });
     // The operator tool shows the same, resolved.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
@@ -272,59 +169,32 @@ fn original_gateway_sample_data_loads() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("rules: 3") && text.contains("type=200"),
-        "{text}"
-    );
+    assert!(text.contains("rules: 3") && text.contains("type=200"), "{text}");
 }
 
 #[test]
 fn routes_tool_checks_and_pushes() {
     let redis = RedisServer::start();
     let (a, b) = (mock(), mock());
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            1,
-            "60s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 1, "60s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
     let dir = TempDir::new("rules");
     let good = dir.0.join("good.json");
     std::fs::write(&good, format!(r#"{{"rules": [{{"server_type": 10, "strategy": "round_robin", "endpoints": ["{}"]}}], "realm_mapping": {{"7": "{}"}}}}"#, b.addr(), b.addr())).unwrap();
     let bad = dir.0.join("bad.json");
     std::fs::write(&bad, r#"[{"server_type": 10, "strategy": "nope"}]"#).unwrap();
     let bin = env!("CARGO_BIN_EXE_game-gateway");
-    let out = std::process::Command::new(bin)
-        .args(["routes", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(bin).args(["routes", "check"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown strategy"));
-    let out = std::process::Command::new(bin)
-        .args(["routes", "check"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new(bin).args(["routes", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = std::process::Command::new(bin)
         .args(["routes", "push"])
         .arg(&good)
         .args(["--redis", &redis.url()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_lands(gw.addr, 10, 1, &[&a, &b], 1, Duration::from_secs(1));
 }
 
@@ -342,16 +212,10 @@ fn config_file_edit_reloads_without_a_signal_and_reports_restart_keys() {
         .replace("[log]", "[limits]\nmax_message_size = 1000\n\n[log]");
     std::fs::write(&path, edited).unwrap();
     eventually("reload noticed", || gw.stderr().contains("config reloaded"));
-    assert!(
-        gw.stderr()
-            .contains("server.listen (127.0.0.1:0 -> 127.0.0.1:1)"),
-        "{}",
-        gw.stderr()
-    );
+    assert!(gw.stderr().contains("server.listen (127.0.0.1:0 -> 127.0.0.1:1)"), "{}", gw.stderr());
     eventually("the lowered max_message_size applies to new frames", || {
         let mut d = Client::connect(gw.addr);
-        d.s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        d.s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         let _ = d.send_raw(&Client::frame(1, sid(1, 10, 0), &[0u8; 1500]));
         d.closed()
     });
@@ -363,12 +227,7 @@ fn all_workers_on_latest(admin: SocketAddr) {
         let (_, body) = http_get(admin, "/status");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let want = v["routes"]["version"].as_u64().unwrap();
-        want >= 2
-            && v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|w| w["route_version"].as_u64() == Some(want))
+        want >= 2 && v["workers"].as_array().unwrap().iter().all(|w| w["route_version"].as_u64() == Some(want))
     });
 }
 
@@ -376,15 +235,7 @@ fn all_workers_on_latest(admin: SocketAddr) {
 fn snapshot_reaches_every_worker() {
     let redis = RedisServer::start();
     let (a, b) = (mock(), mock());
-    let gw = GatewayProcess::spawn(
-        &redis_config(
-            &redis,
-            2,
-            "60s",
-            &route(10, 0, "round_robin", &[a.addr()], ""),
-        ),
-        &[],
-    );
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 2, "60s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
     redis.set_rules(&rules_json(10, "round_robin", &[b.addr()]));
     redis.publish_rules();
     all_workers_on_latest(gw.admin);

@@ -74,11 +74,7 @@ fn isolation_200_sessions_over_one_backend_connection() {
         }
         assert!(c.silent_for(Duration::from_millis(1)));
     }
-    assert_eq!(
-        mb.connections(),
-        1,
-        "all sessions share one backend connection"
-    );
+    assert_eq!(mb.connections(), 1, "all sessions share one backend connection");
     assert_eq!(mb.trans_seen(), 4000);
 }
 
@@ -102,11 +98,7 @@ fn round_robin_spreads_evenly_over_three_backends() {
 fn consistent_hash_keeps_an_instance_on_one_backend() {
     let mbs = [mock(), mock(), mock()];
     let eps: Vec<_> = mbs.iter().map(|m| m.addr()).collect();
-    let gw = start(
-        2,
-        "",
-        &route(20, 0, "consistent_hash", &eps, "hash_key = \"inst_id\""),
-    );
+    let gw = start(2, "", &route(20, 0, "consistent_hash", &eps, "hash_key = \"inst_id\""));
     let mut clients = Vec::new();
     for inst in [3u8, 3, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9] {
         let mut c = Client::connect(gw.local_addr());
@@ -115,24 +107,18 @@ fn consistent_hash_keeps_an_instance_on_one_backend() {
     }
     // Count by which backend holds how many sessions: inst 3 (8 sessions) and
     // inst 9 (4 sessions) must each sit entirely on one backend.
-    eventually("12 CONNECTs seen", || {
-        mbs.iter().map(|m| m.sessions().len()).sum::<usize>() == 12
-    });
+    eventually("12 CONNECTs seen", || mbs.iter().map(|m| m.sessions().len()).sum::<usize>() == 12);
     let counts: Vec<usize> = mbs.iter().map(|m| m.sessions().len()).collect();
     let mut sorted = counts.clone();
     sorted.sort();
-    assert!(
-        sorted == vec![0, 4, 8] || sorted == vec![0, 0, 12],
-        "sessions per backend {counts:?}"
-    );
+    assert!(sorted == vec![0, 4, 8] || sorted == vec![0, 0, 12], "sessions per backend {counts:?}");
 }
 
 #[test]
 fn world_rule_beats_wildcard() {
     let any = mock();
     let w7 = mock();
-    let routes = route(10, 0, "round_robin", &[any.addr()], "")
-        + &route(10, 7, "round_robin", &[w7.addr()], "");
+    let routes = route(10, 0, "round_robin", &[any.addr()], "") + &route(10, 7, "round_robin", &[w7.addr()], "");
     let gw = start(2, "", &routes);
     let mut a = Client::connect(gw.local_addr());
     a.echo(1, sid(7, 10, 1), b"w7");
@@ -146,19 +132,12 @@ fn world_rule_beats_wildcard() {
 #[test]
 fn unrouted_server_type_is_counted_and_the_session_continues() {
     let mb = mock();
-    let gw = start(
-        2,
-        "",
-        &(route(10, 0, "round_robin", &[mb.addr()], "") + &route(11, 0, "round_robin", &[], "")),
-    );
+    let gw = start(2, "", &(route(10, 0, "round_robin", &[mb.addr()], "") + &route(11, 0, "round_robin", &[], "")));
     let mut c = Client::connect(gw.local_addr());
     c.send(1, sid(1, 99, 0), b"nobody home");
     c.send(1, sid(1, 11, 0), b"no endpoints");
     c.echo(2, sid(1, 10, 0), b"still here");
-    assert!(
-        c.silent_for(Duration::from_millis(100)),
-        "the client sees nothing for an unrouted frame"
-    );
+    assert!(c.silent_for(Duration::from_millis(100)), "the client sees nothing for an unrouted frame");
     let s = gw.stats();
     assert_eq!(stat(&s.routing_errors, "no_rule"), 1);
     assert_eq!(stat(&s.routing_errors, "no_endpoints"), 1);
@@ -173,16 +152,8 @@ fn connect_carries_client_address_and_disconnect_says_client_closed() {
     c.echo(1, sid(1, 10, 0), b"hi");
     let me = c.local();
     let session = match mb.wait_for(T, |e| matches!(e, Event::Connect { .. })) {
-        Some(Event::Connect {
-            session,
-            transport,
-            addr,
-            ..
-        }) => {
-            assert_eq!(
-                addr, me,
-                "CONNECT carries the client's real address and port"
-            );
+        Some(Event::Connect { session, transport, addr, .. }) => {
+            assert_eq!(addr, me, "CONNECT carries the client's real address and port");
             assert_eq!(transport, 1);
             session
         }
@@ -192,39 +163,21 @@ fn connect_carries_client_address_and_disconnect_says_client_closed() {
     assert_eq!(game_gateway::session::owner_worker(session) < 2, true);
     drop(c);
     match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect {
-            session: s, reason, ..
-        }) => assert_eq!((s, reason), (session, 1)),
+        Some(Event::Disconnect { session: s, reason, .. }) => assert_eq!((s, reason), (session, 1)),
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn notify_sessions_off_sends_no_connect() {
-    let mb = mock_with(Options {
-        record_trans: true,
-        ..Default::default()
-    });
-    let gw = start(
-        1,
-        "",
-        &route(
-            10,
-            0,
-            "round_robin",
-            &[mb.addr()],
-            "notify_sessions = false",
-        ),
-    );
+    let mb = mock_with(Options { record_trans: true, ..Default::default() });
+    let gw = start(1, "", &route(10, 0, "round_robin", &[mb.addr()], "notify_sessions = false"));
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"hi");
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
     let ev = mb.drain();
-    assert!(
-        connects(&ev).is_empty() && disconnects(&ev).is_empty(),
-        "{ev:?}"
-    );
+    assert!(connects(&ev).is_empty() && disconnects(&ev).is_empty(), "{ev:?}");
     assert!(ev.iter().any(|e| matches!(e, Event::Trans { .. })));
 }
 
@@ -241,18 +194,14 @@ fn kick_with_and_without_last_frame() {
 
     mb.kick(sa, 77, b"you are kicked").unwrap();
     let last = a.recv();
-    assert_eq!(
-        (last.msg_id, last.payload.as_slice()),
-        (77, &b"you are kicked"[..])
-    );
+    assert_eq!((last.msg_id, last.payload.as_slice()), (77, &b"you are kicked"[..]));
     assert!(a.closed());
     mb.kick(sb, 0, b"").unwrap();
     assert!(b.closed());
     let mut reasons = vec![];
     for _ in 0..2 {
-        if let Some(Event::Disconnect {
-            session, reason, ..
-        }) = mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. }))
+        if let Some(Event::Disconnect { session, reason, .. }) =
+            mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. }))
         {
             reasons.push((session, reason));
         }
@@ -283,10 +232,7 @@ fn multicast_to_three_of_ten_and_broadcast_to_all() {
             let r = c.recv();
             assert_eq!((r.msg_id, r.payload.as_slice()), (55, &b"team"[..]));
         } else {
-            assert!(
-                c.silent_for(Duration::from_millis(50)),
-                "session {s} was not in the multicast"
-            );
+            assert!(c.silent_for(Duration::from_millis(50)), "session {s} was not in the multicast");
         }
     }
     mb.broadcast(66, b"everyone").unwrap();
@@ -307,9 +253,7 @@ fn backend_frame_for_unbound_session_is_dropped_and_counted() {
     bproto::encode_reply(&mut frame, 1, 0, sa + 12345, b"forged");
     mb.send_raw_for(sa, &frame).unwrap();
     a.echo(2, sid(1, 10, 0), b"after");
-    eventually("unbound_session counted", || {
-        stat(&gw.stats().frames_dropped, "unbound_session") == 1
-    });
+    eventually("unbound_session counted", || stat(&gw.stats().frames_dropped, "unbound_session") == 1);
 }
 
 #[test]
@@ -317,13 +261,8 @@ fn backend_killed_closes_its_sessions_only_and_recovers() {
     let a = mock();
     let b = mock();
     let a_addr = a.addr();
-    let routes =
-        route(10, 0, "round_robin", &[a_addr], "") + &route(20, 0, "round_robin", &[b.addr()], "");
-    let gw = start(
-        2,
-        "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"200ms\"\n",
-        &routes,
-    );
+    let routes = route(10, 0, "round_robin", &[a_addr], "") + &route(20, 0, "round_robin", &[b.addr()], "");
+    let gw = start(2, "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"200ms\"\n", &routes);
     let mut on_a: Vec<Client> = (0..5).map(|_| Client::connect(gw.local_addr())).collect();
     let mut on_b: Vec<Client> = (0..5).map(|_| Client::connect(gw.local_addr())).collect();
     for c in on_a.iter_mut() {
@@ -346,8 +285,7 @@ fn backend_killed_closes_its_sessions_only_and_recovers() {
     let a2 = MockBackend::start(&a_addr.to_string(), Options::default()).unwrap();
     eventually("new session served by the restarted backend", || {
         let mut c = Client::connect(gw.local_addr());
-        c.s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         c.send(1, sid(1, 10, 0), b"again");
         matches!(c.try_recv(), Some(r) if r.payload == b"again")
     });
@@ -361,13 +299,7 @@ fn rebind_policy_keeps_the_session_and_binds_again() {
     let gw = start(
         1,
         "[backend]\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"50ms\"\n",
-        &route(
-            10,
-            0,
-            "round_robin",
-            &[a_addr],
-            "on_backend_loss = \"rebind\"",
-        ),
+        &route(10, 0, "round_robin", &[a_addr], "on_backend_loss = \"rebind\""),
     );
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"before");
@@ -376,26 +308,17 @@ fn rebind_policy_keeps_the_session_and_binds_again() {
     let a2 = MockBackend::start(&a_addr.to_string(), Options::default()).unwrap();
     eventually("the session rebinds to the restarted backend", || {
         c.send(1, sid(1, 10, 0), b"after");
-        c.s.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         matches!(c.try_recv(), Some(r) if r.payload == b"after")
     });
     c.s.set_read_timeout(Some(T)).unwrap();
-    assert_eq!(
-        a2.sessions().len(),
-        1,
-        "re-announced with CONNECT on the new connection"
-    );
+    assert_eq!(a2.sessions().len(), 1, "re-announced with CONNECT on the new connection");
 }
 
 #[test]
 fn bad_client_input_closes_only_that_session() {
     let mb = mock();
-    let gw = start(
-        2,
-        "[limits]\nmax_message_size = 1024\n",
-        &route(10, 0, "round_robin", &[mb.addr()], ""),
-    );
+    let gw = start(2, "[limits]\nmax_message_size = 1024\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
     let mut good = Client::connect(gw.local_addr());
     good.echo(1, sid(1, 10, 0), b"good");
 
@@ -418,22 +341,16 @@ fn bad_client_input_closes_only_that_session() {
     good.echo(2, sid(1, 10, 0), b"still good");
     eventually("protocol errors counted", || {
         let s = gw.stats();
-        stat(&s.protocol_errors, "frame_too_large") == 2
-            && stat(&s.sessions_closed, "protocol_error") == 2
+        stat(&s.protocol_errors, "frame_too_large") == 2 && stat(&s.sessions_closed, "protocol_error") == 2
     });
-    eventually("truncated session closed as client_closed", || {
-        stat(&gw.stats().sessions_closed, "client_closed") >= 1
-    });
+    eventually("truncated session closed as client_closed", || stat(&gw.stats().sessions_closed, "client_closed") >= 1);
 }
 
 #[test]
 fn slow_reader_is_closed_not_buffered_forever() {
     let mb = mock();
-    let gw = start(
-        1,
-        "[limits]\nmax_queued_bytes_per_session = 65544\n",
-        &route(10, 0, "round_robin", &[mb.addr()], ""),
-    );
+    let gw =
+        start(1, "[limits]\nmax_queued_bytes_per_session = 65544\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"x");
     let s = session_of(&mb, c.local());
@@ -444,9 +361,7 @@ fn slow_reader_is_closed_not_buffered_forever() {
             break;
         }
     }
-    eventually("slow reader closed", || {
-        stat(&gw.stats().protocol_errors, "slow_reader") == 1
-    });
+    eventually("slow reader closed", || stat(&gw.stats().protocol_errors, "slow_reader") == 1);
     eventually("session gone", || gw.stats().sessions_active == 0);
 }
 
@@ -465,9 +380,7 @@ fn idle_and_handshake_timeouts_close_sessions() {
     assert!(silent.closed());
     let sid_idle = session_of(&mb, idle.local());
     match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect {
-            session, reason, ..
-        }) => assert_eq!((session, reason), (sid_idle, 2)),
+        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (sid_idle, 2)),
         other => panic!("{other:?}"),
     }
 }
@@ -475,11 +388,7 @@ fn idle_and_handshake_timeouts_close_sessions() {
 #[test]
 fn max_connections_refuses_past_the_cap() {
     let mb = mock();
-    let gw = start(
-        1,
-        "[limits]\nmax_connections = 3\n",
-        &route(10, 0, "round_robin", &[mb.addr()], ""),
-    );
+    let gw = start(1, "[limits]\nmax_connections = 3\n", &route(10, 0, "round_robin", &[mb.addr()], ""));
     let mut ok: Vec<Client> = (0..3).map(|_| Client::connect(gw.local_addr())).collect();
     for c in ok.iter_mut() {
         c.echo(1, sid(1, 10, 0), b"in");
@@ -497,22 +406,8 @@ fn max_connections_refuses_past_the_cap() {
 
 #[test]
 fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
-    let mb = mock_with(Options {
-        record_trans: true,
-        trace: true,
-        no_echo: false,
-    });
-    let gw = start(
-        1,
-        "",
-        &route(
-            10,
-            0,
-            "round_robin",
-            &[mb.addr()],
-            "trace_propagation = true",
-        ),
-    );
+    let mb = mock_with(Options { record_trans: true, trace: true, no_echo: false });
+    let gw = start(1, "", &route(10, 0, "round_robin", &[mb.addr()], "trace_propagation = true"));
     let mut traces = vec![];
     for _ in 0..2 {
         let mut c = Client::connect(gw.local_addr());
@@ -521,26 +416,13 @@ fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
         let mut per_session = vec![];
         for _ in 0..2 {
             match mb.wait_for(T, |e| matches!(e, Event::Trans { .. })) {
-                Some(Event::Trans {
-                    trace: Some(t),
-                    payload,
-                    ..
-                }) => per_session.push((t, payload)),
+                Some(Event::Trans { trace: Some(t), payload, .. }) => per_session.push((t, payload)),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(
-            per_session[0].1, b"one",
-            "payload follows the 24 trace bytes"
-        );
-        assert_eq!(
-            per_session[0].0.trace_id, per_session[1].0.trace_id,
-            "one trace per session"
-        );
-        assert_ne!(
-            per_session[0].0.span_id, per_session[1].0.span_id,
-            "one span per frame"
-        );
+        assert_eq!(per_session[0].1, b"one", "payload follows the 24 trace bytes");
+        assert_eq!(per_session[0].0.trace_id, per_session[1].0.trace_id, "one trace per session");
+        assert_ne!(per_session[0].0.span_id, per_session[1].0.span_id, "one span per frame");
         assert_ne!(per_session[0].0.trace_id, [0u8; 16]);
         traces.push(per_session[0].0.trace_id);
     }
@@ -558,27 +440,15 @@ fn new_snapshot_rebinds_sessions_off_unlisted_backends_and_retires_the_connectio
     let mut c = Client::connect(gw.local_addr());
     c.echo(1, sid(1, 10, 0), b"on a");
     let s = session_of(&a, c.local());
-    let cfg = Config::from_str(
-        &config_text(2, "", &route(10, 0, "round_robin", &[b.addr()], "")),
-        "new.toml",
-    )
-    .unwrap();
+    let cfg = Config::from_str(&config_text(2, "", &route(10, 0, "round_robin", &[b.addr()], "")), "new.toml").unwrap();
     let table = Arc::new(RouteTable::new(2, cfg.routes.clone(), vec![]));
     gw.broadcast(move || WorkerCommand::Routes(table.clone()));
     match a.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect {
-            session, reason, ..
-        }) => assert_eq!((session, reason), (s, 8)),
+        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (s, 8)),
         other => panic!("{other:?}"),
     }
     c.echo(2, sid(1, 10, 0), b"on b");
-    assert_eq!(
-        session_of(&b, c.local()),
-        s,
-        "same session, rebound with a new CONNECT"
-    );
-    eventually("the connection to the unlisted backend is closed", || {
-        a.connections() == 0
-    });
+    assert_eq!(session_of(&b, c.local()), s, "same session, rebound with a new CONNECT");
+    eventually("the connection to the unlisted backend is closed", || a.connections() == 0);
     eventually("all workers on version 2", || gw.stats().route_version == 2);
 }

@@ -22,17 +22,11 @@ fn sigterm_disconnects_every_session_with_reason_6_and_exits_0() {
     gw.signal(libc::SIGTERM);
     let code = gw.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "exit code; stderr:\n{}", gw.stderr());
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "stop took {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "stop took {:?}", t0.elapsed());
     let mut got = vec![];
-    while let Some(Event::Disconnect {
-        session, reason, ..
-    }) = mb.wait_for(Duration::from_secs(2), |e| {
-        matches!(e, Event::Disconnect { .. })
-    }) {
+    while let Some(Event::Disconnect { session, reason, .. }) =
+        mb.wait_for(Duration::from_secs(2), |e| matches!(e, Event::Disconnect { .. }))
+    {
         got.push((session, reason));
         if got.len() == ids.len() {
             break;
@@ -54,24 +48,13 @@ fn sigterm_disconnects_every_session_with_reason_6_and_exits_0() {
 fn invalid_config_exits_2_listing_every_problem() {
     let dir = TempDir::new("badcfg");
     let p = dir.0.join("bad.toml");
-    std::fs::write(
-        &p,
-        "[server]\nworkers = 1\nio_driver = \"kqueue\"\n\n[limits]\nidle_timeout = \"soon\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
-        .arg("--config")
-        .arg(&p)
-        .output()
-        .unwrap();
+    std::fs::write(&p, "[server]\nworkers = 1\nio_driver = \"kqueue\"\n\n[limits]\nidle_timeout = \"soon\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway")).arg("--config").arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let f = p.display().to_string();
     assert!(err.contains(&format!("{f}:3: server.io_driver: ")), "{err}");
-    assert!(
-        err.contains(&format!("{f}:6: limits.idle_timeout: ")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{f}:6: limits.idle_timeout: ")), "{err}");
 }
 
 #[test]
@@ -81,12 +64,7 @@ fn check_config_prints_the_resolved_summary() {
         .args(["--check-config", "--workers", "3"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("workers=3"), "{s}");
     assert!(s.contains("redis: off"), "{s}");
@@ -106,9 +84,7 @@ fn admin_endpoints_answer() {
     assert_eq!(code, 200);
     assert!(m.contains("game_gateway_connections_total 1"), "{m}");
     eventually("routing error visible", || {
-        http_get(gw.admin, "/metrics")
-            .1
-            .contains("game_gateway_routing_errors_total{type=\"no_rule\"} 1")
+        http_get(gw.admin, "/metrics").1.contains("game_gateway_routing_errors_total{type=\"no_rule\"} 1")
     });
     let (code, st) = http_get(gw.admin, "/status");
     assert_eq!(code, 200);
@@ -124,25 +100,18 @@ fn sighup_reload_applies_a_lower_max_message_size() {
     let mut before = Client::connect(gw.addr);
     before.echo(1, sid(1, 10, 0), &[1u8; 2000]);
     let cfg_path = gw.stderr_path.with_file_name("gateway.toml");
-    std::fs::write(
-        &cfg_path,
-        proc_config(&mb, "[limits]\nmax_message_size = 1000\n"),
-    )
-    .unwrap();
+    std::fs::write(&cfg_path, proc_config(&mb, "[limits]\nmax_message_size = 1000\n")).unwrap();
     gw.signal(libc::SIGHUP);
     eventually("a 2000-byte frame is refused after the reload", || {
         let mut c = Client::connect(gw.addr);
-        c.s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        c.s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         let _ = c.send_raw(&Client::frame(1, sid(1, 10, 0), &[1u8; 2000]));
         c.closed()
     });
     // An invalid edit is rejected and the running config stays.
     std::fs::write(&cfg_path, "[limits]\nmax_message_size = \"big\"\n").unwrap();
     gw.signal(libc::SIGHUP);
-    eventually("rejection logged", || {
-        gw.stderr().contains("config reload rejected")
-    });
+    eventually("rejection logged", || gw.stderr().contains("config reload rejected"));
     let mut c = Client::connect(gw.addr);
     c.echo(1, sid(1, 10, 0), &[1u8; 500]);
 }

@@ -24,14 +24,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    let mb = match MockBackend::start(
-        &a.listen,
-        Options {
-            record_trans: false,
-            trace: a.trace,
-            no_echo: false,
-        },
-    ) {
+    let mb = match MockBackend::start(&a.listen, Options { record_trans: false, trace: a.trace, no_echo: false }) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("mock-backend: cannot listen on {}: {e}", a.listen);
@@ -47,15 +40,10 @@ fn main() {
                 continue;
             }
             match e {
-                Event::Connect {
-                    session,
-                    transport,
-                    addr,
-                    ..
-                } => println!("CONNECT session={session} transport={transport} client={addr}"),
-                Event::Disconnect {
-                    session, reason, ..
-                } => println!("DISCONNECT session={session} reason={reason}"),
+                Event::Connect { session, transport, addr, .. } => {
+                    println!("CONNECT session={session} transport={transport} client={addr}")
+                }
+                Event::Disconnect { session, reason, .. } => println!("DISCONNECT session={session} reason={reason}"),
                 Event::Accepted { conn } => println!("gateway connection {conn} open"),
                 Event::Closed { conn } => println!("gateway connection {conn} closed"),
                 Event::Trans { .. } => {}
@@ -77,12 +65,7 @@ fn main() {
                 mb.push(sid, 8, 0, parts.next().unwrap_or("").as_bytes())
             }
             "multicast" => {
-                let ids: Vec<i64> = parts
-                    .next()
-                    .unwrap_or("")
-                    .split(',')
-                    .filter_map(|s| s.parse().ok())
-                    .collect();
+                let ids: Vec<i64> = parts.next().unwrap_or("").split(',').filter_map(|s| s.parse().ok()).collect();
                 mb.multicast(&ids, 7, parts.next().unwrap_or("").as_bytes())
             }
             "broadcast" => {

@@ -162,10 +162,7 @@ pub fn check(buf: &[u8], max_frame: usize) -> Result<Option<Header>, BackendFram
         return Err(BackendFrameError::TooShort(length));
     }
     if length as usize > max_frame {
-        return Err(BackendFrameError::TooLarge {
-            len: length as usize,
-            max: max_frame,
-        });
+        return Err(BackendFrameError::TooLarge { len: length as usize, max: max_frame });
     }
     let opcode = Opcode::from_u8(buf[20]).ok_or(BackendFrameError::UnknownOpcode(buf[20]))?;
     let h = Header {
@@ -185,27 +182,12 @@ pub fn check(buf: &[u8], max_frame: usize) -> Result<Option<Header>, BackendFram
 /// The body of one backend frame, borrowed from the read buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Body<'a> {
-    Trans {
-        trace: Option<TraceContext>,
-        payload: &'a [u8],
-    },
-    Connect {
-        transport: u8,
-        addr: SocketAddr,
-    },
-    Disconnect {
-        reason: u8,
-    },
-    Kick {
-        payload: &'a [u8],
-    },
-    Multicast {
-        sessions: SessionIds<'a>,
-        payload: &'a [u8],
-    },
-    Broadcast {
-        payload: &'a [u8],
-    },
+    Trans { trace: Option<TraceContext>, payload: &'a [u8] },
+    Connect { transport: u8, addr: SocketAddr },
+    Disconnect { reason: u8 },
+    Kick { payload: &'a [u8] },
+    Multicast { sessions: SessionIds<'a>, payload: &'a [u8] },
+    Broadcast { payload: &'a [u8] },
     Ping,
     Pong,
 }
@@ -222,9 +204,7 @@ impl<'a> SessionIds<'a> {
         self.0.is_empty()
     }
     pub fn iter(&self) -> impl Iterator<Item = i64> + 'a {
-        self.0
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        self.0.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()))
     }
 }
 
@@ -233,34 +213,19 @@ impl<'a> SessionIds<'a> {
 /// `frame` is exactly `h.frame_len()` bytes. `trace_ext` says whether a `TRANS`
 /// carries the extended gate header; only the receiving side of a route with
 /// trace propagation knows that, so the caller passes it.
-pub fn parse<'a>(
-    h: &Header,
-    frame: &'a [u8],
-    trace_ext: bool,
-) -> Result<Body<'a>, BackendFrameError> {
+pub fn parse<'a>(h: &Header, frame: &'a [u8], trace_ext: bool) -> Result<Body<'a>, BackendFrameError> {
     let body = &frame[SERVER_HEADER_LEN + GATE_HEADER_LEN..h.frame_len()];
-    let bad = |what| BackendFrameError::BadBody {
-        opcode: h.opcode,
-        what,
-    };
+    let bad = |what| BackendFrameError::BadBody { opcode: h.opcode, what };
     Ok(match h.opcode {
         Opcode::Trans if trace_ext => {
             if body.len() < TRACE_EXT_LEN {
                 return Err(bad("shorter than the trace extension"));
             }
-            let trace = TraceContext {
-                trace_id: body[..16].try_into().unwrap(),
-                span_id: body[16..24].try_into().unwrap(),
-            };
-            Body::Trans {
-                trace: Some(trace),
-                payload: &body[TRACE_EXT_LEN..],
-            }
+            let trace =
+                TraceContext { trace_id: body[..16].try_into().unwrap(), span_id: body[16..24].try_into().unwrap() };
+            Body::Trans { trace: Some(trace), payload: &body[TRACE_EXT_LEN..] }
         }
-        Opcode::Trans => Body::Trans {
-            trace: None,
-            payload: body,
-        },
+        Opcode::Trans => Body::Trans { trace: None, payload: body },
         Opcode::Connect => {
             if body.len() != CONNECT_BODY_LEN {
                 return Err(bad("length is not 19"));
@@ -271,10 +236,7 @@ pub fn parse<'a>(
                 None => IpAddr::V6(ip6),
             };
             let port = u16::from_le_bytes([body[17], body[18]]);
-            Body::Connect {
-                transport: body[0],
-                addr: SocketAddr::new(ip, port),
-            }
+            Body::Connect { transport: body[0], addr: SocketAddr::new(ip, port) }
         }
         Opcode::Disconnect => {
             if body.len() != 1 {
@@ -292,10 +254,7 @@ pub fn parse<'a>(
             if body.len() < ids_end {
                 return Err(bad("count exceeds frame"));
             }
-            Body::Multicast {
-                sessions: SessionIds(&body[2..ids_end]),
-                payload: &body[ids_end..],
-            }
+            Body::Multicast { sessions: SessionIds(&body[2..ids_end]), payload: &body[ids_end..] }
         }
         Opcode::Broadcast => Body::Broadcast { payload: body },
         Opcode::Ping => Body::Ping,
@@ -305,14 +264,7 @@ pub fn parse<'a>(
 
 /// Writes the server header and gate header for a body of `body_len` bytes.
 #[inline]
-fn put_header(
-    dst: &mut BytesMut,
-    msg_type: i32,
-    server_id: u32,
-    session_id: i64,
-    opcode: Opcode,
-    body_len: usize,
-) {
+fn put_header(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, opcode: Opcode, body_len: usize) {
     dst.reserve(SERVER_HEADER_LEN + GATE_HEADER_LEN + body_len);
     dst.put_i32_le((GATE_HEADER_LEN + body_len) as i32);
     dst.put_i32_le(msg_type);
@@ -333,14 +285,7 @@ pub fn encode_trans(
     payload: &[u8],
 ) {
     let ext = if trace.is_some() { TRACE_EXT_LEN } else { 0 };
-    put_header(
-        dst,
-        msg_type,
-        server_id,
-        session_id,
-        Opcode::Trans,
-        ext + payload.len(),
-    );
+    put_header(dst, msg_type, server_id, session_id, Opcode::Trans, ext + payload.len());
     if let Some(t) = trace {
         dst.put_slice(&t.trace_id);
         dst.put_slice(&t.span_id);
@@ -349,12 +294,7 @@ pub fn encode_trans(
 }
 
 /// `CONNECT`: the session is bound; tells the backend who the client is.
-pub fn encode_connect(
-    dst: &mut BytesMut,
-    session_id: i64,
-    transport: Transport,
-    client: SocketAddr,
-) {
+pub fn encode_connect(dst: &mut BytesMut, session_id: i64, transport: Transport, client: SocketAddr) {
     put_header(dst, 0, 0, session_id, Opcode::Connect, CONNECT_BODY_LEN);
     dst.put_u8(transport as u8);
     let ip6 = match client.ip() {
@@ -378,54 +318,22 @@ pub fn encode_ping(dst: &mut BytesMut, opcode: Opcode, object_id: i64) {
 }
 
 /// Backend side: a reply / push `TRANS` to one session.
-pub fn encode_reply(
-    dst: &mut BytesMut,
-    msg_type: i32,
-    server_id: u32,
-    session_id: i64,
-    payload: &[u8],
-) {
+pub fn encode_reply(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, payload: &[u8]) {
     encode_trans(dst, msg_type, server_id, session_id, None, payload)
 }
 
 /// Backend side: `KICK`, with an optional last frame.
-pub fn encode_kick(
-    dst: &mut BytesMut,
-    msg_type: i32,
-    server_id: u32,
-    session_id: i64,
-    payload: &[u8],
-) {
-    put_header(
-        dst,
-        msg_type,
-        server_id,
-        session_id,
-        Opcode::Kick,
-        payload.len(),
-    );
+pub fn encode_kick(dst: &mut BytesMut, msg_type: i32, server_id: u32, session_id: i64, payload: &[u8]) {
+    put_header(dst, msg_type, server_id, session_id, Opcode::Kick, payload.len());
     dst.put_slice(payload);
 }
 
 /// Backend side: `MULTICAST` of one payload to listed sessions.
 ///
 /// Panics if more than `u16::MAX` sessions are listed (a backend bug).
-pub fn encode_multicast(
-    dst: &mut BytesMut,
-    msg_type: i32,
-    server_id: u32,
-    sessions: &[i64],
-    payload: &[u8],
-) {
+pub fn encode_multicast(dst: &mut BytesMut, msg_type: i32, server_id: u32, sessions: &[i64], payload: &[u8]) {
     let count = u16::try_from(sessions.len()).expect("multicast lists at most 65535 sessions");
-    put_header(
-        dst,
-        msg_type,
-        server_id,
-        0,
-        Opcode::Multicast,
-        2 + sessions.len() * 8 + payload.len(),
-    );
+    put_header(dst, msg_type, server_id, 0, Opcode::Multicast, 2 + sessions.len() * 8 + payload.len());
     dst.put_u16_le(count);
     for s in sessions {
         dst.put_i64_le(*s);
@@ -435,14 +343,7 @@ pub fn encode_multicast(
 
 /// Backend side: `BROADCAST` to every session bound to the connection.
 pub fn encode_broadcast(dst: &mut BytesMut, msg_type: i32, server_id: u32, payload: &[u8]) {
-    put_header(
-        dst,
-        msg_type,
-        server_id,
-        0,
-        Opcode::Broadcast,
-        payload.len(),
-    );
+    put_header(dst, msg_type, server_id, 0, Opcode::Broadcast, payload.len());
     dst.put_slice(payload);
 }
 
@@ -467,36 +368,18 @@ mod tests {
         assert_eq!(b.len(), 20 + 9 + 3);
         assert_eq!(i32::from_le_bytes(b[0..4].try_into().unwrap()), 12);
         let (h, body) = one(&b, false);
-        assert_eq!(
-            (h.msg_type, h.server_id, h.object_id, h.session_id),
-            (42, 0x000A_0A02, 77, 77)
-        );
-        assert_eq!(
-            body,
-            Body::Trans {
-                trace: None,
-                payload: b"abc"
-            }
-        );
+        assert_eq!((h.msg_type, h.server_id, h.object_id, h.session_id), (42, 0x000A_0A02, 77, 77));
+        assert_eq!(body, Body::Trans { trace: None, payload: b"abc" });
     }
 
     #[test]
     fn trace_extension() {
-        let t = TraceContext {
-            trace_id: [7; 16],
-            span_id: [9; 8],
-        };
+        let t = TraceContext { trace_id: [7; 16], span_id: [9; 8] };
         let mut b = BytesMut::new();
         encode_trans(&mut b, 1, 2, 3, Some(&t), b"xy");
         assert_eq!(b.len(), 20 + 33 + 2);
         let (_, body) = one(&b, true);
-        assert_eq!(
-            body,
-            Body::Trans {
-                trace: Some(t),
-                payload: b"xy"
-            }
-        );
+        assert_eq!(body, Body::Trans { trace: Some(t), payload: b"xy" });
     }
 
     #[test]
@@ -545,10 +428,7 @@ mod tests {
         b[0..4].copy_from_slice(&(-1i32).to_le_bytes());
         assert_eq!(check(&b, MAX), Err(BackendFrameError::TooShort(-1)));
         b[0..4].copy_from_slice(&100i32.to_le_bytes());
-        assert_eq!(
-            check(&b, 99),
-            Err(BackendFrameError::TooLarge { len: 100, max: 99 })
-        );
+        assert_eq!(check(&b, 99), Err(BackendFrameError::TooLarge { len: 100, max: 99 }));
         b[0..4].copy_from_slice(&9i32.to_le_bytes());
         b[20] = 99;
         assert_eq!(check(&b, MAX), Err(BackendFrameError::UnknownOpcode(99)));
@@ -560,10 +440,7 @@ mod tests {
         encode_multicast(&mut b, 3, 0, &[1], b"");
         b[29..31].copy_from_slice(&5u16.to_le_bytes());
         let h = check(&b, MAX).unwrap().unwrap();
-        assert!(matches!(
-            parse(&h, &b, false),
-            Err(BackendFrameError::BadBody { .. })
-        ));
+        assert!(matches!(parse(&h, &b, false), Err(BackendFrameError::BadBody { .. })));
     }
 
     proptest! {

@@ -54,10 +54,7 @@ pub fn check(buf: &[u8], max_payload: usize) -> Result<Option<ClientHeader>, Cli
     }
     let len = u16::from_le_bytes([buf[0], buf[1]]);
     if len as usize > max_payload {
-        return Err(ClientFrameError::TooLarge {
-            len: len as usize,
-            max: max_payload,
-        });
+        return Err(ClientFrameError::TooLarge { len: len as usize, max: max_payload });
     }
     if buf.len() < HEADER_LEN + len as usize {
         return Ok(None);
@@ -108,13 +105,7 @@ mod tests {
     #[test]
     fn oversize_is_refused_from_the_header_alone() {
         let hdr = [0xFF, 0xFF, 0, 0, 0, 0, 0, 0];
-        assert_eq!(
-            check(&hdr, 1024),
-            Err(ClientFrameError::TooLarge {
-                len: 65535,
-                max: 1024
-            })
-        );
+        assert_eq!(check(&hdr, 1024), Err(ClientFrameError::TooLarge { len: 65535, max: 1024 }));
     }
 
     #[test]

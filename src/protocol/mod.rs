@@ -48,13 +48,7 @@ impl ServerId {
 
 impl fmt::Display for ServerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}.{}",
-            self.world_id(),
-            self.server_type(),
-            self.inst_id()
-        )?;
+        write!(f, "{}.{}.{}", self.world_id(), self.server_type(), self.inst_id())?;
         if self.is_zip() {
             f.write_str("+zip")?;
         }

@@ -85,12 +85,7 @@ pub fn endpoint_available(w: &Worker, ep: &Endpoint, now: Instant) -> bool {
 
 /// The connection a session binds to on `ep`: starting from its id's slot,
 /// the first one not backing off. Starts dialing it if needed.
-pub fn conn_for(
-    w: &Rc<Worker>,
-    ep: &Endpoint,
-    session_id: i64,
-    now: Instant,
-) -> Option<Rc<BackendConn>> {
+pub fn conn_for(w: &Rc<Worker>, ep: &Endpoint, session_id: i64, now: Instant) -> Option<Rc<BackendConn>> {
     let pool = {
         let mut pools = w.pools.borrow_mut();
         pools
@@ -99,19 +94,14 @@ pub fn conn_for(
                 let n = w.cfg.borrow().backend.connections_per_endpoint;
                 Rc::new(EndpointPool {
                     endpoint: ep.clone(),
-                    conns: (0..n)
-                        .map(|i| Rc::new(BackendConn::new(ep.clone(), i)))
-                        .collect(),
+                    conns: (0..n).map(|i| Rc::new(BackendConn::new(ep.clone(), i))).collect(),
                 })
             })
             .clone()
     };
     let n = pool.conns.len();
     let start = (session_id as u64 % n as u64) as usize;
-    let conn = (0..n)
-        .map(|i| &pool.conns[(start + i) % n])
-        .find(|c| c.available(now))?
-        .clone();
+    let conn = (0..n).map(|i| &pool.conns[(start + i) % n]).find(|c| c.available(now))?.clone();
     conn.ensure_dialing(w, now);
     Some(conn)
 }
@@ -171,13 +161,7 @@ impl BackendConn {
 
     /// Unbinds a session; `notify` queues a `DISCONNECT` with that reason when
     /// the binding is still on the live stream.
-    pub fn unbind(
-        &self,
-        w: &Worker,
-        session_id: i64,
-        generation: u64,
-        notify: Option<DisconnectReason>,
-    ) {
+    pub fn unbind(&self, w: &Worker, session_id: i64, generation: u64, notify: Option<DisconnectReason>) {
         if generation != self.generation.get() {
             return;
         }
@@ -247,26 +231,17 @@ impl BackendConn {
     /// lost, and close or unbind every session bound to it. Runs once per
     /// generation.
     fn lost(&self, w: &Worker, generation: u64, kind: &'static str, err: &dyn std::fmt::Display) {
-        if generation != self.generation.get()
-            || matches!(self.state.get(), ConnState::Backoff(_) | ConnState::Idle)
-        {
+        if generation != self.generation.get() || matches!(self.state.get(), ConnState::Backoff(_) | ConnState::Idle) {
             return;
         }
         let was_up = self.state.get() == ConnState::Up;
         self.shutdown_socket();
         self.fd.set(-1);
-        let failures = if was_up {
-            1
-        } else {
-            self.failures.get().saturating_add(1)
-        };
+        let failures = if was_up { 1 } else { self.failures.get().saturating_add(1) };
         self.failures.set(failures);
         let backoff = {
             let cfg = w.cfg.borrow();
-            let (lo, hi) = (
-                cfg.backend.reconnect_backoff_min,
-                cfg.backend.reconnect_backoff_max,
-            );
+            let (lo, hi) = (cfg.backend.reconnect_backoff_min, cfg.backend.reconnect_backoff_max);
             let base = lo.saturating_mul(1u32 << (failures - 1).min(16)).min(hi);
             // +-20% jitter so that workers and nodes do not redial in lockstep.
             let jitter = (w.random() % 401) as f64 / 1000.0 + 0.8;
@@ -298,21 +273,14 @@ impl BackendConn {
             };
             let policy = {
                 let mut bindings = s.bindings.borrow_mut();
-                match bindings
-                    .iter()
-                    .position(|b| std::ptr::eq(Rc::as_ptr(&b.conn), self))
-                {
+                match bindings.iter().position(|b| std::ptr::eq(Rc::as_ptr(&b.conn), self)) {
                     Some(i) => Some(bindings.swap_remove(i).on_loss),
                     None => None,
                 }
             };
             match policy {
                 Some(OnBackendLoss::Rebind) => {
-                    bump(
-                        &mut w.stats.borrow_mut().backend(&self.endpoint.name).errors,
-                        "session_rebind",
-                        1,
-                    );
+                    bump(&mut w.stats.borrow_mut().backend(&self.endpoint.name).errors, "session_rebind", 1);
                     tracing::info!(session_id = id, backend = %self.endpoint, "backend lost, session will rebind on its next frame");
                 }
                 Some(OnBackendLoss::Close) => {
@@ -333,14 +301,7 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
     let stream = match monoio::time::timeout(dial_timeout, TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return c.lost(&w, generation, "dial_failed", &e),
-        Err(_) => {
-            return c.lost(
-                &w,
-                generation,
-                "dial_timeout",
-                &format_args!("no answer within {dial_timeout:?}"),
-            )
-        }
+        Err(_) => return c.lost(&w, generation, "dial_timeout", &format_args!("no answer within {dial_timeout:?}")),
     };
     if c.generation.get() != generation {
         return;
@@ -379,20 +340,11 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
             bs.frames_sent += frames;
         }
         b.clear();
-        spare = if b.capacity() > 4 * BACKEND_READ_BUF {
-            BytesMut::new()
-        } else {
-            b
-        };
+        spare = if b.capacity() > 4 * BACKEND_READ_BUF { BytesMut::new() } else { b };
     }
 }
 
-async fn read_loop<R: AsyncReadRent>(
-    w: Rc<Worker>,
-    c: Rc<BackendConn>,
-    generation: u64,
-    mut rd: R,
-) {
+async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64, mut rd: R) {
     let mut buf = BytesMut::with_capacity(BACKEND_READ_BUF);
     loop {
         if buf.capacity() - buf.len() < BACKEND_READ_BUF / 4 {
@@ -408,12 +360,7 @@ async fn read_loop<R: AsyncReadRent>(
         }
         match res {
             Ok(0) => return c.lost(&w, generation, "closed_by_backend", &"end of stream"),
-            Ok(n) => {
-                w.stats
-                    .borrow_mut()
-                    .backend(&c.endpoint.name)
-                    .bytes_received += n as u64
-            }
+            Ok(n) => w.stats.borrow_mut().backend(&c.endpoint.name).bytes_received += n as u64,
             Err(e) => return c.lost(&w, generation, "read_failed", &e),
         }
         let max = w.cfg.borrow().backend.max_frame_size;
@@ -423,11 +370,7 @@ async fn read_loop<R: AsyncReadRent>(
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => {
-                    bump(
-                        &mut w.stats.borrow_mut().protocol_errors,
-                        "backend_frame",
-                        1,
-                    );
+                    bump(&mut w.stats.borrow_mut().protocol_errors, "backend_frame", 1);
                     return c.lost(&w, generation, "protocol_error", &e);
                 }
             };
@@ -435,11 +378,7 @@ async fn read_loop<R: AsyncReadRent>(
             match bproto::parse(&h, &buf[..len], false) {
                 Ok(body) => on_backend_frame(&w, &c, &h, body),
                 Err(e) => {
-                    bump(
-                        &mut w.stats.borrow_mut().protocol_errors,
-                        "backend_frame",
-                        1,
-                    );
+                    bump(&mut w.stats.borrow_mut().protocol_errors, "backend_frame", 1);
                     return c.lost(&w, generation, "protocol_error", &e);
                 }
             }
@@ -463,11 +402,7 @@ fn bound_session(w: &Worker, c: &BackendConn, id: i64) -> Option<Rc<ClientSessio
             return Some(s.clone());
         }
     }
-    bump(
-        &mut w.stats.borrow_mut().frames_dropped,
-        "unbound_session",
-        1,
-    );
+    bump(&mut w.stats.borrow_mut().frames_dropped, "unbound_session", 1);
     if let Some(n) = w.logs.borrow_mut().allow("unbound_session", Instant::now()) {
         tracing::warn!(session_id = id, backend = %c.endpoint, suppressed = n, "backend frame for a session not bound to this connection, dropped");
     }
@@ -475,10 +410,7 @@ fn bound_session(w: &Worker, c: &BackendConn, id: i64) -> Option<Rc<ClientSessio
 }
 
 fn on_backend_frame(w: &Worker, c: &BackendConn, h: &bproto::Header, body: Body<'_>) {
-    w.stats
-        .borrow_mut()
-        .backend(&c.endpoint.name)
-        .frames_received += 1;
+    w.stats.borrow_mut().backend(&c.endpoint.name).frames_received += 1;
     let msg_id = h.msg_type as u16;
     let st = (h.server_id >> 8) as u8 as usize;
     match body {
@@ -519,22 +451,12 @@ fn on_backend_frame(w: &Worker, c: &BackendConn, h: &bproto::Header, body: Body<
             }
         }
         Body::Ping => {
-            c.enqueue(w, |out| {
-                bproto::encode_ping(out, Opcode::Pong, h.session_id)
-            });
+            c.enqueue(w, |out| bproto::encode_ping(out, Opcode::Pong, h.session_id));
         }
         Body::Pong => {}
         Body::Connect { .. } | Body::Disconnect { .. } => {
-            bump(
-                &mut w.stats.borrow_mut().frames_dropped,
-                "unexpected_opcode",
-                1,
-            );
-            if let Some(n) = w
-                .logs
-                .borrow_mut()
-                .allow("unexpected_opcode", Instant::now())
-            {
+            bump(&mut w.stats.borrow_mut().frames_dropped, "unexpected_opcode", 1);
+            if let Some(n) = w.logs.borrow_mut().allow("unexpected_opcode", Instant::now()) {
                 tracing::warn!(backend = %c.endpoint, opcode = ?h.opcode, suppressed = n, "backend sent a gateway-only opcode, dropped");
             }
         }

@@ -83,22 +83,14 @@ impl ClientSession {
     /// Queues one client frame towards the client.
     pub fn deliver(&self, w: &Worker, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
         if self.closed.get() {
-            bump(
-                &mut w.stats.borrow_mut().frames_dropped,
-                "session_closed",
-                1,
-            );
+            bump(&mut w.stats.borrow_mut().frames_dropped, "session_closed", 1);
             return false;
         }
         let len = {
             let mut out = self.out.borrow_mut();
             if !cproto::encode(&mut out, msg_id, ServerId(server_id), payload) {
                 drop(out);
-                bump(
-                    &mut w.stats.borrow_mut().frames_dropped,
-                    "reply_too_large",
-                    1,
-                );
+                bump(&mut w.stats.borrow_mut().frames_dropped, "reply_too_large", 1);
                 if let Some(n) = w.logs.borrow_mut().allow("reply_too_large", Instant::now()) {
                     tracing::warn!(
                         session_id = self.id(),
@@ -141,12 +133,7 @@ impl ClientSession {
             if routes.lists(&b.conn.endpoint.addr) {
                 return true;
             }
-            b.conn.unbind(
-                w,
-                id,
-                b.generation,
-                b.notify.then_some(DisconnectReason::RouteChanged),
-            );
+            b.conn.unbind(w, id, b.generation, b.notify.then_some(DisconnectReason::RouteChanged));
             false
         });
     }
@@ -157,11 +144,7 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
     let now = Instant::now();
     let active = w.sessions.borrow().len() as u64;
     if active >= w.max_connections_here() {
-        bump(
-            &mut w.stats.borrow_mut().connection_rejected,
-            "max_connections",
-            1,
-        );
+        bump(&mut w.stats.borrow_mut().connection_rejected, "max_connections", 1);
         if let Some(n) = w.logs.borrow_mut().allow("max_connections", now) {
             tracing::warn!(worker = w.index, client = %peer, active, suppressed = n, "connection refused: max_connections reached");
         }
@@ -226,11 +209,7 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
 
 /// Frames and forwards everything complete in `buf`, leaving a partial
 /// frame in place. An error ends the session with that reason.
-fn on_client_bytes(
-    w: &Rc<Worker>,
-    s: &ClientSession,
-    buf: &mut BytesMut,
-) -> Result<(), DisconnectReason> {
+fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
     let max = w.cfg.borrow().limits.max_message_size;
     let now = Instant::now();
     loop {
@@ -238,11 +217,7 @@ fn on_client_bytes(
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
             Err(e) => {
-                bump(
-                    &mut w.stats.borrow_mut().protocol_errors,
-                    "frame_too_large",
-                    1,
-                );
+                bump(&mut w.stats.borrow_mut().protocol_errors, "frame_too_large", 1);
                 if let Some(n) = w.logs.borrow_mut().allow("client_protocol_error", now) {
                     let info = s.info.borrow();
                     tracing::warn!(session_id = info.id, client = %info.peer, error = %e, suppressed = n, "client protocol error, closing session");
@@ -266,13 +241,7 @@ fn on_client_bytes(
 }
 
 /// Routes one client frame to its backend connection (binding on first use).
-fn forward(
-    w: &Rc<Worker>,
-    s: &ClientSession,
-    h: cproto::ClientHeader,
-    payload: &[u8],
-    now: Instant,
-) {
+fn forward(w: &Rc<Worker>, s: &ClientSession, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
     let st = h.server_id.server_type();
     let id = s.id();
     let mut bindings = s.bindings.borrow_mut();
@@ -313,65 +282,36 @@ fn forward(
     };
     let b = &bindings[pos];
     // A fresh span per forwarded frame, under the session's trace.
-    let trace = b.trace.then(|| bproto::TraceContext {
-        trace_id: s.info.borrow().trace_id,
-        span_id: w.random().to_le_bytes(),
-    });
+    let trace =
+        b.trace.then(|| bproto::TraceContext { trace_id: s.info.borrow().trace_id, span_id: w.random().to_le_bytes() });
     let conn = b.conn.clone();
     drop(bindings);
-    if conn.enqueue(w, |out| {
-        bproto::encode_trans(
-            out,
-            h.msg_id as i32,
-            h.server_id.0,
-            id,
-            trace.as_ref(),
-            payload,
-        )
-    }) {
+    if conn.enqueue(w, |out| bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)) {
         w.stats.borrow_mut().messages_in[st as usize] += 1;
     }
 }
 
 /// First frame for a server type: pick an endpoint with the rule's strategy,
 /// pick one of its connections, announce the session.
-fn bind(
-    w: &Rc<Worker>,
-    s: &ClientSession,
-    id: i64,
-    h: cproto::ClientHeader,
-) -> Result<Binding, &'static str> {
+fn bind(w: &Rc<Worker>, s: &ClientSession, id: i64, h: cproto::ClientHeader) -> Result<Binding, &'static str> {
     let routes = w.routes.borrow().clone();
     let st = h.server_id.server_type();
     let world = h.server_id.world_id();
-    let rule = routes
-        .lookup(st, world)
-        .ok_or(crate::routing::RouteError::NoRule.as_str())?;
+    let rule = routes.lookup(st, world).ok_or(crate::routing::RouteError::NoRule.as_str())?;
     let peer = s.info.borrow().peer;
-    let input = PickInput {
-        session_id: id,
-        world_id: world,
-        inst_id: h.server_id.inst_id(),
-        client_ip: peer.ip(),
-    };
+    let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
     let now = Instant::now();
     let ep = {
         let mut rr = w.rr.borrow_mut();
         let cursor = rr.entry(rule.key()).or_insert(w.index);
-        let available =
-            |e: &crate::routing::Endpoint| super::backend::endpoint_available(w, e, now);
-        routes
-            .pick(rule, &input, cursor, &available)
-            .map_err(|e| e.as_str())?
-            .clone()
+        let available = |e: &crate::routing::Endpoint| super::backend::endpoint_available(w, e, now);
+        routes.pick(rule, &input, cursor, &available).map_err(|e| e.as_str())?.clone()
     };
     let conn = super::backend::conn_for(w, &ep, id, now).ok_or("backend_unavailable")?;
     let generation = conn.generation();
     conn.bind(w, id);
     if rule.notify_sessions {
-        conn.enqueue(w, |out| {
-            bproto::encode_connect(out, id, s.info.borrow().transport, peer)
-        });
+        conn.enqueue(w, |out| bproto::encode_connect(out, id, s.info.borrow().transport, peer));
     }
     tracing::debug!(session_id = id, server_type = st, backend = %ep, "session bound");
     Ok(Binding {
@@ -391,16 +331,12 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
     }
     let (id, reason) = {
         let info = s.info.borrow();
-        (
-            info.id,
-            info.close_reason.unwrap_or(DisconnectReason::ClientClosed),
-        )
+        (info.id, info.close_reason.unwrap_or(DisconnectReason::ClientClosed))
     };
     w.sessions.borrow_mut().remove(&id);
     let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
     for b in bindings {
-        b.conn
-            .unbind(w, id, b.generation, b.notify.then_some(reason));
+        b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));
     }
     w.count_closed(reason);
     {
@@ -444,11 +380,7 @@ async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
             return;
         }
         b.clear();
-        spare = if b.capacity() > READ_BUF_KEEP_MAX {
-            BytesMut::new()
-        } else {
-            b
-        };
+        spare = if b.capacity() > READ_BUF_KEEP_MAX { BytesMut::new() } else { b };
     }
     let _ = wr.shutdown().await;
 }
@@ -474,12 +406,7 @@ pub fn sweep(w: &Worker, now: Instant) {
     for (s, kind) in expired {
         bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
         if let Some(n) = w.logs.borrow_mut().allow(kind, now) {
-            tracing::info!(
-                session_id = s.id(),
-                kind,
-                suppressed = n,
-                "closing session on timeout"
-            );
+            tracing::info!(session_id = s.id(), kind, suppressed = n, "closing session on timeout");
         }
         s.begin_close(DisconnectReason::IdleTimeout, false);
     }

@@ -96,9 +96,7 @@ pub struct Worker {
 impl Worker {
     pub fn max_connections_here(&self) -> u64 {
         let cfg = self.cfg.borrow();
-        cfg.limits
-            .max_connections
-            .div_ceil(self.info_workers(&cfg) as u64)
+        cfg.limits.max_connections.div_ceil(self.info_workers(&cfg) as u64)
     }
 
     fn info_workers(&self, cfg: &Config) -> usize {
@@ -115,19 +113,11 @@ impl Worker {
     }
 
     pub fn count_closed(&self, reason: DisconnectReason) {
-        bump(
-            &mut self.stats.borrow_mut().sessions_closed,
-            reason.as_str(),
-            1,
-        );
+        bump(&mut self.stats.borrow_mut().sessions_closed, reason.as_str(), 1);
     }
 
     fn apply_routes(self: &Rc<Self>, table: Arc<RouteTable>) {
-        tracing::info!(
-            worker = self.index,
-            version = table.version,
-            "route snapshot applied"
-        );
+        tracing::info!(worker = self.index, version = table.version, "route snapshot applied");
         *self.routes.borrow_mut() = table;
         self.stats.borrow_mut().route_version = self.routes.borrow().version;
         // Bindings to a backend that is no longer listed are released
@@ -141,8 +131,7 @@ impl Worker {
         let routes = self.routes.borrow().clone();
         let retired: Vec<Rc<EndpointPool>> = {
             let mut pools = self.pools.borrow_mut();
-            let gone: Vec<SocketAddr> =
-                pools.keys().filter(|a| !routes.lists(a)).copied().collect();
+            let gone: Vec<SocketAddr> = pools.keys().filter(|a| !routes.lists(a)).copied().collect();
             gone.into_iter().filter_map(|a| pools.remove(&a)).collect()
         };
         for pool in retired {
@@ -166,11 +155,8 @@ impl Worker {
                 for pool in self.pools.borrow().values() {
                     let up = pool.conns.iter().filter(|c| c.is_up()).count() as u64;
                     s.backend(&pool.endpoint.name).connections_active = up;
-                    s.backend(&pool.endpoint.name).sessions_bound = pool
-                        .conns
-                        .iter()
-                        .map(|c| c.sessions.borrow().len() as u64)
-                        .sum();
+                    s.backend(&pool.endpoint.name).sessions_bound =
+                        pool.conns.iter().map(|c| c.sessions.borrow().len() as u64).sum();
                 }
                 let _ = tx.send(s);
             }
@@ -186,11 +172,7 @@ impl Worker {
     /// The stop sequence: no new clients, every session closed with reason 6
     /// (its `DISCONNECT`s queued), backend queues flushed, then exit.
     async fn stop(self: Rc<Self>, deadline: Instant) {
-        tracing::info!(
-            worker = self.index,
-            sessions = self.sessions.borrow().len(),
-            "stopping: closing listener"
-        );
+        tracing::info!(worker = self.index, sessions = self.sessions.borrow().len(), "stopping: closing listener");
         // Wakes a pending accept (it fails with EINVAL) on both drivers.
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         let sessions: Vec<Rc<ClientSession>> = self.sessions.borrow().values().cloned().collect();
@@ -207,11 +189,7 @@ impl Worker {
             "stopping: sessions closed, flushing backends"
         );
         loop {
-            let busy = self
-                .pools
-                .borrow()
-                .values()
-                .any(|p| p.conns.iter().any(|c| c.has_pending()));
+            let busy = self.pools.borrow().values().any(|p| p.conns.iter().any(|c| c.has_pending()));
             if !busy || Instant::now() >= deadline {
                 break;
             }
@@ -266,10 +244,7 @@ pub struct WorkerSetup {
 }
 
 fn io_uring_refused(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) | Some(libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) | Some(libc::ENOMEM))
 }
 
 /// io_uring submission queue size; in-flight reads do not hold entries, so this
@@ -286,10 +261,7 @@ pub fn run(setup: WorkerSetup) {
     }
     let want = setup.cfg.server.io_driver;
     if want != IoDriver::Epoll {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .with_entries(URING_ENTRIES)
-            .build()
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(URING_ENTRIES).build()
         {
             Ok(mut rt) => {
                 rt.block_on(main(setup, "io_uring"));
@@ -299,37 +271,21 @@ pub fn run(setup: WorkerSetup) {
                 tracing::warn!(worker = setup.index, error = %e, "io_uring refused by the kernel, falling back to epoll");
             }
             Err(e) => {
-                let _ = setup.ready.send(Err(format!(
-                    "worker {}: io_uring runtime: {e}",
-                    setup.index
-                )));
+                let _ = setup.ready.send(Err(format!("worker {}: io_uring runtime: {e}", setup.index)));
                 return;
             }
         }
     }
-    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-    {
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => rt.block_on(main(setup, "epoll")),
         Err(e) => {
-            let _ = setup
-                .ready
-                .send(Err(format!("worker {}: epoll runtime: {e}", setup.index)));
+            let _ = setup.ready.send(Err(format!("worker {}: epoll runtime: {e}", setup.index)));
         }
     }
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup {
-        index,
-        cpu,
-        cfg,
-        routes,
-        listener,
-        commands,
-        ready,
-    } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready } = setup;
     let listener_fd = listener.as_raw_fd();
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -338,30 +294,15 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
             return;
         }
     };
-    let info = WorkerInfo {
-        index,
-        cpu,
-        io_driver,
-    };
-    let mut stats = WorkerStats {
-        workers: 1,
-        route_version: routes.version,
-        ..Default::default()
-    };
+    let info = WorkerInfo { index, cpu, io_driver };
+    let mut stats = WorkerStats { workers: 1, route_version: routes.version, ..Default::default() };
     stats.route_version = routes.version;
     // Seeded from the clock, pid and worker so trace ids and jitter differ
     // across workers, restarts and nodes.
-    let clock = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let clock =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let seed = xxhash_rust::xxh3::xxh3_64(
-        &[
-            clock.to_le_bytes(),
-            (std::process::id() as u64).to_le_bytes(),
-            (index as u64).to_le_bytes(),
-        ]
-        .concat(),
+        &[clock.to_le_bytes(), (std::process::id() as u64).to_le_bytes(), (index as u64).to_le_bytes()].concat(),
     ) | 1;
     let w = Rc::new(Worker {
         index,
@@ -397,21 +338,14 @@ async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
         match r {
             Ok((stream, peer)) => client::on_accept(&w, stream, peer),
             Err(e) => {
-                bump(
-                    &mut w.stats.borrow_mut().connection_rejected,
-                    "accept_error",
-                    1,
-                );
+                bump(&mut w.stats.borrow_mut().connection_rejected, "accept_error", 1);
                 if let Some(n) = w.logs.borrow_mut().allow("accept_error", Instant::now()) {
                     tracing::warn!(worker = w.index, error = %e, suppressed = n, "accept failed");
                 }
                 // Out of descriptors: back off instead of spinning.
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::EMFILE)
-                        | Some(libc::ENFILE)
-                        | Some(libc::ENOBUFS)
-                        | Some(libc::ENOMEM)
+                    Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
                 ) {
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -432,9 +366,7 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     // The control side is gone: nobody can stop us any more.
                     if !w.stopping.get() {
-                        w.handle_command(WorkerCommand::Stop {
-                            deadline: Instant::now() + Duration::from_secs(5),
-                        });
+                        w.handle_command(WorkerCommand::Stop { deadline: Instant::now() + Duration::from_secs(5) });
                     }
                     break;
                 }

@@ -27,13 +27,7 @@ pub fn mock_with(opts: Options) -> MockBackend {
 }
 
 /// A `[[routes]]` entry.
-pub fn route(
-    server_type: u8,
-    world: u16,
-    strategy: &str,
-    eps: &[SocketAddr],
-    extra: &str,
-) -> String {
+pub fn route(server_type: u8, world: u16, strategy: &str, eps: &[SocketAddr], extra: &str) -> String {
     let eps: Vec<String> = eps.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         "[[routes]]\nserver_type = {server_type}\nworld_id = {world}\nservice_name = \"svc{server_type}\"\nstrategy = \"{strategy}\"\nendpoints = [{}]\n{extra}\n",
@@ -50,8 +44,7 @@ pub fn config_text(workers: usize, extra: &str, routes: &str) -> String {
 }
 
 pub fn start(workers: usize, extra: &str, routes: &str) -> Gateway {
-    let cfg = Config::from_str(&config_text(workers, extra, routes), "test.toml")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg = Config::from_str(&config_text(workers, extra, routes), "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let table = static_routes(&cfg, 1);
     Gateway::start(cfg, table).unwrap()
 }
@@ -91,9 +84,7 @@ impl Client {
     }
 
     pub fn send(&mut self, msg_id: u16, server_id: u32, payload: &[u8]) {
-        self.s
-            .write_all(&Self::frame(msg_id, server_id, payload))
-            .unwrap();
+        self.s.write_all(&Self::frame(msg_id, server_id, payload)).unwrap();
     }
 
     pub fn send_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
@@ -122,10 +113,7 @@ impl Client {
     pub fn echo(&mut self, msg_id: u16, server_id: u32, payload: &[u8]) {
         self.send(msg_id, server_id, payload);
         let r = self.recv();
-        assert_eq!(
-            (r.msg_id, r.server_id, r.payload.len()),
-            (msg_id, server_id, payload.len())
-        );
+        assert_eq!((r.msg_id, r.server_id, r.payload.len()), (msg_id, server_id, payload.len()));
         assert_eq!(r.payload, payload);
     }
 
@@ -136,10 +124,7 @@ impl Client {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
         }
     }
 
@@ -169,38 +154,28 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 pub fn connects(events: &[Event]) -> Vec<(i64, SocketAddr)> {
     events
         .iter()
-        .filter_map(|e| {
-            if let Event::Connect { session, addr, .. } = e {
-                Some((*session, *addr))
-            } else {
-                None
-            }
-        })
+        .filter_map(|e| if let Event::Connect { session, addr, .. } = e { Some((*session, *addr)) } else { None })
         .collect()
 }
 
 pub fn disconnects(events: &[Event]) -> Vec<(i64, u8)> {
     events
         .iter()
-        .filter_map(|e| {
-            if let Event::Disconnect {
-                session, reason, ..
-            } = e
-            {
-                Some((*session, *reason))
-            } else {
-                None
-            }
-        })
+        .filter_map(
+            |e| {
+                if let Event::Disconnect { session, reason, .. } = e {
+                    Some((*session, *reason))
+                } else {
+                    None
+                }
+            },
+        )
         .collect()
 }
 
 /// The session id the mock saw for a client, found by its address in `CONNECT`.
 pub fn session_of(mb: &MockBackend, client: SocketAddr) -> i64 {
-    match mb.wait_for(
-        T,
-        |e| matches!(e, Event::Connect { addr, .. } if *addr == client),
-    ) {
+    match mb.wait_for(T, |e| matches!(e, Event::Connect { addr, .. } if *addr == client)) {
         Some(Event::Connect { session, .. }) => session,
         _ => panic!("no CONNECT for {client}"),
     }
@@ -219,11 +194,7 @@ pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "gw-test-{tag}-{}-{}",
-            std::process::id(),
-            rand_u64()
-        ));
+        let p = std::env::temp_dir().join(format!("gw-test-{tag}-{}-{}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -270,13 +241,7 @@ impl GatewayProcess {
         );
         let addr = parts[3].parse().unwrap();
         let admin = parts[5].parse().unwrap();
-        GatewayProcess {
-            child,
-            addr,
-            admin,
-            stderr_path,
-            _dir: dir,
-        }
+        GatewayProcess { child, addr, admin, stderr_path, _dir: dir }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -314,15 +279,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
     (code, body)
 }
 
@@ -335,21 +293,13 @@ pub struct RedisServer {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let dir = TempDir::new("redis");
-        let mut r = RedisServer {
-            port: free_port(),
-            child: None,
-            dir,
-        };
+        let mut r = RedisServer { port: free_port(), child: None, dir };
         r.spawn();
         r
     }
@@ -374,11 +324,7 @@ impl RedisServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (install Debian's redis-server): {e}"));
         self.child = Some(child);
-        eventually("redis-server answers PING", || {
-            self.cmd(&["PING"])
-                .map(|r| r.contains("PONG"))
-                .unwrap_or(false)
-        });
+        eventually("redis-server answers PING", || self.cmd(&["PING"]).map(|r| r.contains("PONG")).unwrap_or(false));
     }
 
     pub fn url(&self) -> String {
@@ -414,15 +360,12 @@ impl RedisServer {
     }
 
     pub fn set_rules(&self, json: &str) {
-        let r = self
-            .cmd(&["SET", "game-gateway:routing:rules", json])
-            .unwrap();
+        let r = self.cmd(&["SET", "game-gateway:routing:rules", json]).unwrap();
         assert!(r.starts_with("+OK"), "{r}");
     }
 
     pub fn publish_rules(&self) {
-        self.cmd(&["PUBLISH", "game-gateway:routing:rules:notify", "changed"])
-            .unwrap();
+        self.cmd(&["PUBLISH", "game-gateway:routing:rules:notify", "changed"]).unwrap();
     }
 }
 

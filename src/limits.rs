@@ -1,0 +1,242 @@
+//! Limits: token buckets and the per-IP admission table. Pure state machines
+//! driven by `now`; a worker owns its own (no sharing between cores).
+//!
+//! Per-IP limits are exact when the SO_REUSEPORT group steers every client IP
+//! to one worker (classic BPF on the IPv4 source address, see
+//! `gateway::attach_ip_steering`); where that cannot be attached (IPv6, old
+//! kernels) each worker enforces its share, `ceil(limit / workers)`.
+
+use ahash::AHashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn full(burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket { tokens: burst as f64, last: now }
+    }
+
+    fn refill(&mut self, rate: u32, burst: u32, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate as f64).min(burst as f64);
+        self.last = now;
+    }
+
+    /// Takes one token if there is one.
+    #[inline]
+    pub fn try_take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        self.refill(rate, burst, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Full again (nothing to remember about this key).
+    pub fn is_full(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        self.refill(rate, burst, now);
+        self.tokens >= burst as f64
+    }
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    PerIpConnections,
+    PerIpRate,
+    IpTableFull,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::PerIpConnections => "max_connections_per_ip",
+            Refusal::PerIpRate => "connection_rate_per_ip",
+            Refusal::IpTableFull => "ip_table_full",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct IpEntry {
+    open: u32,
+    bucket: TokenBucket,
+}
+
+/// Per-IP connection counts and connect-rate buckets of one worker.
+///
+/// Entries exist only while an IP has open connections or a bucket that is
+/// not yet full again; [`PerIpTable::evict_idle`] drops the rest, and the table
+/// never holds more than `max_entries`, so a spoofed-source flood cannot grow
+/// it without bound.
+#[derive(Debug)]
+pub struct PerIpTable {
+    entries: AHashMap<IpAddr, IpEntry>,
+    max_entries: usize,
+}
+
+/// Per-worker bound on tracked IPs.
+pub const MAX_IP_ENTRIES: usize = 65_536;
+
+impl PerIpTable {
+    pub fn new(max_entries: usize) -> PerIpTable {
+        PerIpTable { entries: AHashMap::new(), max_entries }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Admission of a new connection from `ip`. `max_open` 0 and `rate` 0
+    /// mean unlimited. On `Ok` the connection is counted until [`release`].
+    ///
+    /// [`release`]: PerIpTable::release
+    pub fn admit(&mut self, ip: IpAddr, max_open: u32, rate: u32, now: Instant) -> Result<(), Refusal> {
+        if max_open == 0 && rate == 0 {
+            return Ok(());
+        }
+        if !self.entries.contains_key(&ip) && self.entries.len() >= self.max_entries {
+            self.evict_idle(rate, now);
+            if self.entries.len() >= self.max_entries {
+                return Err(Refusal::IpTableFull);
+            }
+        }
+        let burst = rate.max(1);
+        let e = self.entries.entry(ip).or_insert_with(|| IpEntry { open: 0, bucket: TokenBucket::full(burst, now) });
+        if max_open > 0 && e.open >= max_open {
+            return Err(Refusal::PerIpConnections);
+        }
+        if rate > 0 && !e.bucket.try_take(rate, burst, now) {
+            return Err(Refusal::PerIpRate);
+        }
+        e.open += 1;
+        Ok(())
+    }
+
+    /// A connection admitted for `ip` ended.
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(e) = self.entries.get_mut(&ip) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
+
+    /// Drops entries with no open connection and a full bucket.
+    pub fn evict_idle(&mut self, rate: u32, now: Instant) {
+        let burst = rate.max(1);
+        self.entries.retain(|_, e| e.open > 0 || (rate > 0 && !e.bucket.is_full(rate, burst, now)));
+    }
+}
+
+/// Per-session frame rate: `messages_per_second` with a burst.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimiter {
+    bucket: TokenBucket,
+}
+
+impl MessageLimiter {
+    pub fn new(burst: u32, now: Instant) -> MessageLimiter {
+        MessageLimiter { bucket: TokenBucket::full(burst, now) }
+    }
+
+    /// `rate` 0 = unlimited.
+    #[inline]
+    pub fn allow(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        rate == 0 || self.bucket.try_take(rate, burst.max(1), now)
+    }
+}
+
+/// How often idle per-IP entries are evicted.
+pub const IP_EVICT_EVERY: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bucket_refills_at_rate_up_to_burst() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(3, t0);
+        assert!(b.try_take(10, 3, t0) && b.try_take(10, 3, t0) && b.try_take(10, 3, t0));
+        assert!(!b.try_take(10, 3, t0));
+        assert!(b.try_take(10, 3, t0 + Duration::from_millis(100)));
+        assert!(!b.try_take(10, 3, t0 + Duration::from_millis(100)));
+        assert!(b.is_full(10, 3, t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn per_ip_connection_cap_and_release() {
+        let t0 = Instant::now();
+        let mut t = PerIpTable::new(100);
+        for _ in 0..3 {
+            t.admit(ip("10.0.0.1"), 3, 0, t0).unwrap();
+        }
+        assert_eq!(t.admit(ip("10.0.0.1"), 3, 0, t0), Err(Refusal::PerIpConnections));
+        t.admit(ip("10.0.0.2"), 3, 0, t0).unwrap();
+        t.release(ip("10.0.0.1"));
+        t.admit(ip("10.0.0.1"), 3, 0, t0).unwrap();
+    }
+
+    #[test]
+    fn per_ip_rate() {
+        let t0 = Instant::now();
+        let mut t = PerIpTable::new(100);
+        for _ in 0..5 {
+            t.admit(ip("10.0.0.1"), 0, 5, t0).unwrap();
+        }
+        assert_eq!(t.admit(ip("10.0.0.1"), 0, 5, t0), Err(Refusal::PerIpRate));
+        t.admit(ip("10.0.0.1"), 0, 5, t0 + Duration::from_millis(250)).unwrap();
+    }
+
+    #[test]
+    fn idle_entries_are_evicted_and_the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut t = PerIpTable::new(10);
+        for i in 0..10 {
+            let a = ip(&format!("10.0.1.{i}"));
+            t.admit(a, 5, 0, t0).unwrap();
+            t.release(a);
+        }
+        // Full of idle entries: a new IP evicts them instead of being refused.
+        t.admit(ip("10.0.2.1"), 5, 0, t0).unwrap();
+        assert_eq!(t.len(), 1);
+        for i in 0..9 {
+            t.admit(ip(&format!("10.0.3.{i}")), 5, 0, t0).unwrap();
+        }
+        assert_eq!(t.admit(ip("10.0.4.1"), 5, 0, t0), Err(Refusal::IpTableFull));
+    }
+
+    #[test]
+    fn unlimited_tracks_nothing() {
+        let mut t = PerIpTable::new(1);
+        for i in 0..100 {
+            t.admit(ip(&format!("10.0.0.{i}")), 0, 0, Instant::now()).unwrap();
+        }
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn message_limiter_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut m = MessageLimiter::new(4, t0);
+        let allowed = (0..10).filter(|_| m.allow(2, 4, t0)).count();
+        assert_eq!(allowed, 4);
+        assert!(m.allow(2, 4, t0 + Duration::from_millis(600)));
+        assert!(MessageLimiter::new(1, t0).allow(0, 0, t0));
+    }
+}
