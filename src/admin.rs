@@ -19,6 +19,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub config_source: String,
     pub control: Arc<crate::control::ControlStats>,
+    /// Where `POST /drain` goes.
+    pub control_tx: Option<crossbeam_channel::Sender<crate::control::ControlEvent>>,
 }
 
 /// Binds and serves on a background thread; returns the bound address.
@@ -48,7 +50,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; MAX_REQUEST_BYTES];
     let mut n = 0;
-    let path = loop {
+    let (method, path) = loop {
         let r = c.read(&mut buf[n..])?;
         if r == 0 {
             return Ok(());
@@ -57,13 +59,22 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("/").to_string(),
+            Ok(httparse::Status::Complete(_)) => {
+                break (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string())
+            }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
             _ => return respond(&mut c, 400, "text/plain", "bad request\n"),
         }
     };
     let path = path.split('?').next().unwrap_or("/");
     match path {
+        "/drain" if method == "POST" => match &state.control_tx {
+            Some(tx) if tx.send(crate::control::ControlEvent::Drain).is_ok() => {
+                respond(&mut c, 202, "text/plain", "draining\n")
+            }
+            _ => respond(&mut c, 503, "text/plain", "no control loop\n"),
+        },
+        "/drain" => respond(&mut c, 405, "text/plain", "use POST\n"),
         "/health" => {
             let answered = state.handle.worker_stats().iter().filter(|s| s.is_some()).count();
             if answered == state.handle.workers().len() {
@@ -125,6 +136,8 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
 fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        202 => "Accepted",
+        405 => "Method Not Allowed",
         400 => "Bad Request",
         404 => "Not Found",
         _ => "Service Unavailable",

@@ -24,7 +24,7 @@ use crate::redis_source::{FetchError, RedisSource};
 use crate::route_source::{fingerprint, merge, RouteSet};
 use crate::routing::RouteTable;
 use crate::worker::WorkerCommand;
-use crossbeam_channel::{unbounded, RecvTimeoutError};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -126,6 +126,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 pub enum ControlEvent {
     Signal(i32),
     RedisNotify,
+    /// The admin drain call (same as SIGTERM).
+    Drain,
 }
 
 pub struct Control {
@@ -151,18 +153,36 @@ fn mtime(p: &Path) -> Option<SystemTime> {
 
 impl Control {
     /// Takes over the calling thread until the gateway stopped.
-    pub fn run(gw: Gateway, path: &Path, admin: Arc<AdminState>) -> std::io::Result<()> {
+    /// The channel the control loop reads; hand its sender to the admin
+    /// server (drain calls) before calling [`Control::run`].
+    pub fn channel() -> (Sender<ControlEvent>, Receiver<ControlEvent>) {
+        unbounded()
+    }
+
+    pub fn run(
+        gw: Gateway,
+        path: &Path,
+        admin: Arc<AdminState>,
+        (tx, rx): (Sender<ControlEvent>, Receiver<ControlEvent>),
+    ) -> std::io::Result<()> {
         let running = gw.cfg.clone();
-        let (tx, rx) = unbounded();
         let sig_tx = tx.clone();
         let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+        let hard = gw.handle();
         std::thread::Builder::new().name("gw-signals".into()).spawn(move || {
             let mut stops = 0;
             for sig in signals.forever() {
                 if sig != libc::SIGHUP {
                     stops += 1;
-                    if stops >= 2 {
-                        eprintln!("second stop signal: exiting now");
+                    if stops == 2 {
+                        // Second INT/TERM: end the drain now (sessions closed
+                        // with DISCONNECT 6, queues flushed), then exit.
+                        tracing::warn!(signal = sig, "second stop signal: hard stop");
+                        hard.hard_stop();
+                        continue;
+                    }
+                    if stops > 2 {
+                        eprintln!("third stop signal: exiting now");
                         std::process::exit(0);
                     }
                 }
@@ -215,7 +235,11 @@ impl Control {
                     c.reload();
                 }
                 Ok(ControlEvent::Signal(sig)) => {
-                    c.stop(sig);
+                    c.stop(&format!("signal {sig}"));
+                    return Ok(());
+                }
+                Ok(ControlEvent::Drain) => {
+                    c.stop("admin drain call");
                     return Ok(());
                 }
                 Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
@@ -240,12 +264,19 @@ impl Control {
         }
     }
 
-    fn stop(self, sig: i32) {
-        tracing::info!(signal = sig, "stop requested: no new connections, closing sessions");
+    /// Drain, then stop. Phases, logged in order: readiness off, listeners
+    /// closed, sessions drain until `drain_timeout`, the rest closed with
+    /// reason 6, queues flushed, exit.
+    fn stop(self, why: &str) {
         self.admin.ready.store(false, Ordering::Relaxed);
+        let drain = self.running.server.drain_timeout;
+        tracing::info!(
+            cause = why,
+            drain_timeout_ms = drain.as_millis() as u64,
+            "drain started: /ready is 503, no new connections"
+        );
         self.stop_sub.store(true, Ordering::Relaxed);
-        let timeout = self.running.server.drain_timeout.max(Duration::from_millis(100));
-        self.gw.stop(timeout);
+        self.gw.stop(drain);
         tracing::info!("stopped");
     }
 

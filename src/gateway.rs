@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 pub const LISTEN_BACKLOG: i32 = 4096;
 /// How long a worker may take to report its runtime up.
 pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the drain: time to close the remaining sessions and flush queues.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a stats request waits for each worker.
 pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -66,6 +68,53 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpList
     Ok(sock.into())
 }
 
+/// Steers each client IPv4 address to one worker: a classic BPF program on
+/// the SO_REUSEPORT group returns `source address % workers`, the index of
+/// the listener (listeners join the group in worker order). This makes
+/// per-IP limits exact without sharing state between cores. Returns false
+/// (and per-IP limits fall back to each worker's share) where it cannot be
+/// attached: IPv6 listeners, or kernels that refuse it.
+pub fn attach_ip_steering(first: &std::net::TcpListener, workers: usize, addr: SocketAddr) -> bool {
+    use std::os::fd::AsRawFd;
+    if !addr.is_ipv4() {
+        tracing::info!("per-IP steering needs an IPv4 listener; per-IP limits apply per worker share");
+        return false;
+    }
+    // SKF_NET_OFF: loads relative to the network header; +12 is the IPv4 source.
+    const SKF_NET_OFF: i32 = -0x100000;
+    let prog = [
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: (SKF_NET_OFF + 12) as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: workers as u32,
+        },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    let rc = unsafe {
+        libc::setsockopt(
+            first.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot attach per-IP steering; per-IP limits apply per worker share");
+        return false;
+    }
+    true
+}
+
 impl Gateway {
     pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
         let cfg = Arc::new(cfg);
@@ -80,6 +129,7 @@ impl Gateway {
                 reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?,
             );
         }
+        let ip_steered = n == 1 || attach_ip_steering(&listeners[0], n, local_addr);
         let (ready_tx, ready_rx) = bounded(n);
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -93,6 +143,7 @@ impl Gateway {
                 listener,
                 commands: rx,
                 ready: ready_tx.clone(),
+                ip_steered,
             };
             let join = std::thread::Builder::new()
                 .name(format!("gw-worker-{index}"))
@@ -142,16 +193,20 @@ impl Gateway {
 
     /// Stops every worker (sessions get `DISCONNECT` reason 6) and joins them,
     /// waiting at most `timeout` for sessions and queues to finish.
-    pub fn stop(mut self, timeout: Duration) {
-        self.stop_and_join(timeout);
+    /// Stops every worker and joins them: no new connections, sessions get
+    /// `drain` to end by themselves, then the rest are closed (`DISCONNECT`
+    /// reason 6) and backend queues flushed within [`STOP_GRACE`].
+    pub fn stop(mut self, drain: Duration) {
+        self.stop_and_join(drain);
         tracing::info!("all workers stopped");
     }
 
-    fn stop_and_join(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    fn stop_and_join(&mut self, drain: Duration) {
+        let drain_until = Instant::now() + drain;
+        let deadline = drain_until + STOP_GRACE;
         for w in &self.workers {
             if w.join.is_some() {
-                let _ = w.tx.send_timeout(WorkerCommand::Stop { deadline }, Duration::from_secs(1));
+                let _ = w.tx.send_timeout(WorkerCommand::Stop { drain_until, deadline }, Duration::from_secs(1));
             }
         }
         for w in &mut self.workers {
@@ -166,13 +221,21 @@ impl Drop for Gateway {
     /// A gateway dropped without `stop` (tests, start errors) still stops its
     /// workers, with a short deadline.
     fn drop(&mut self) {
-        self.stop_and_join(Duration::from_secs(2));
+        self.stop_and_join(Duration::ZERO);
     }
 }
 
 impl GatewayHandle {
     pub fn workers(&self) -> &[WorkerInfo] {
         &self.infos
+    }
+
+    /// Ends a drain now: remaining sessions are closed (reason 6) at once.
+    pub fn hard_stop(&self) {
+        let now = Instant::now();
+        for tx in &self.txs {
+            let _ = tx.try_send(WorkerCommand::Stop { drain_until: now, deadline: now + STOP_GRACE });
+        }
     }
 
     /// Sends a command built by `make` to every worker.

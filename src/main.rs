@@ -184,12 +184,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let events = Control::channel();
     let state = Arc::new(admin::AdminState {
         handle: gw.handle(),
         // Ready once the control loop has loaded its routes.
         ready: AtomicBool::new(false),
         config_source: gw.cfg.source.clone(),
         control: Arc::new(ControlStats::default()),
+        control_tx: Some(events.0.clone()),
     });
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
@@ -207,7 +209,7 @@ fn main() -> ExitCode {
         admin_addr,
         gw.workers()[0].io_driver
     );
-    match Control::run(gw, &cli.config, state) {
+    match Control::run(gw, &cli.config, state, events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("game-gateway: control: {e}");

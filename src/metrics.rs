@@ -22,6 +22,9 @@ pub const BACKEND_CONNECTIONS_ACTIVE: &str = "game_gateway_backend_connections_a
 pub const BACKEND_ERRORS_TOTAL: &str = "game_gateway_backend_errors_total";
 pub const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
 pub const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
+pub const RATE_LIMIT_REJECTED_TOTAL: &str = "game_gateway_rate_limit_rejected_total";
+pub const CIRCUIT_BREAKER_STATE: &str = "game_gateway_circuit_breaker_state";
+pub const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
 pub const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
 pub const WORKER_INFO: &str = "game_gateway_worker_info";
 pub const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
@@ -75,6 +78,8 @@ pub fn render(s: &WorkerStats, workers: &[WorkerInfo], c: &ControlStats) -> Stri
     labelled(&mut o, SESSIONS_CLOSED_TOTAL, "reason", &s.sessions_closed);
     header(&mut o, PROTOCOL_ERRORS_TOTAL, "counter", "Protocol errors and timeouts, by kind.");
     labelled(&mut o, PROTOCOL_ERRORS_TOTAL, "kind", &s.protocol_errors);
+    header(&mut o, RATE_LIMIT_REJECTED_TOTAL, "counter", "Connections and frames refused by a limit, by limit.");
+    labelled(&mut o, RATE_LIMIT_REJECTED_TOTAL, "limit", &s.rate_limit_rejected);
     let mut backends: Vec<_> = s.backends.iter().collect();
     backends.sort_by(|a, b| a.0.cmp(b.0));
     header(&mut o, BACKEND_CONNECTIONS_ACTIVE, "gauge", "Backend connections up, by endpoint.");
@@ -88,6 +93,21 @@ pub fn render(s: &WorkerStats, workers: &[WorkerInfo], c: &ControlStats) -> Stri
         for (k, v) in errs {
             let _ = writeln!(o, "{BACKEND_ERRORS_TOTAL}{{backend=\"{}\",type=\"{k}\"}} {v}", escape(name));
         }
+    }
+    header(
+        &mut o,
+        CIRCUIT_BREAKER_STATE,
+        "gauge",
+        "Circuit breaker per backend: 0 closed, 1 open, 2 half-open (worst over workers).",
+    );
+    for (name, b) in &backends {
+        let _ = writeln!(o, "{CIRCUIT_BREAKER_STATE}{{backend=\"{}\"}} {}", escape(name), b.circuit_state);
+    }
+    header(&mut o, BACKEND_RTT_SECONDS, "summary", "Keep-alive PING round trips per backend.");
+    for (name, b) in &backends {
+        let n = escape(name);
+        let _ = writeln!(o, "{BACKEND_RTT_SECONDS}_sum{{backend=\"{n}\"}} {}", b.rtt_sum_us as f64 / 1e6);
+        let _ = writeln!(o, "{BACKEND_RTT_SECONDS}_count{{backend=\"{n}\"}} {}", b.rtt_count);
     }
     header(&mut o, BACKEND_DIALS_TOTAL, "counter", "Backend dial attempts, by endpoint.");
     for (name, b) in &backends {

@@ -58,6 +58,8 @@ pub struct Options {
     pub trace: bool,
     /// Do not echo `TRANS` (a backend that only records).
     pub no_echo: bool,
+    /// Do not answer `PING` (a backend that only knows `TRANS`).
+    pub no_pong: bool,
 }
 
 struct Inner {
@@ -322,7 +324,8 @@ fn on_frame(inner: &Inner, conn: u64, h: &bproto::Header, body: Body<'_>, out: &
                 bproto::encode_reply(out, h.msg_type, h.server_id, h.session_id, payload);
             }
         }
-        Body::Ping => bproto::encode_ping(out, Opcode::Pong, h.object_id),
+        Body::Ping if !inner.opts.no_pong => bproto::encode_ping(out, Opcode::Pong, h.object_id),
+        Body::Ping => {}
         Body::Pong | Body::Kick { .. } | Body::Multicast { .. } | Body::Broadcast { .. } => {}
     }
 }

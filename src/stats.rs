@@ -20,6 +20,11 @@ pub struct BackendStats {
     pub frames_sent: u64,
     pub frames_received: u64,
     pub sessions_bound: u64,
+    /// Circuit breaker: 0 closed, 1 open, 2 half-open (merged: the worst).
+    pub circuit_state: u64,
+    /// PING round trips: count and sum in microseconds.
+    pub rtt_count: u64,
+    pub rtt_sum_us: u64,
 }
 
 impl BackendStats {
@@ -32,6 +37,9 @@ impl BackendStats {
         self.frames_sent += o.frames_sent;
         self.frames_received += o.frames_received;
         self.sessions_bound += o.sessions_bound;
+        self.circuit_state = self.circuit_state.max(o.circuit_state);
+        self.rtt_count += o.rtt_count;
+        self.rtt_sum_us += o.rtt_sum_us;
     }
 }
 
@@ -50,6 +58,8 @@ pub struct WorkerStats {
     pub frames_dropped: AHashMap<&'static str, u64>,
     pub sessions_closed: AHashMap<&'static str, u64>,
     pub protocol_errors: AHashMap<&'static str, u64>,
+    /// Connections and frames refused by a limit, by limit name.
+    pub rate_limit_rejected: AHashMap<&'static str, u64>,
     pub backends: AHashMap<Arc<str>, BackendStats>,
     pub route_version: u64,
 }
@@ -68,6 +78,7 @@ impl Default for WorkerStats {
             frames_dropped: AHashMap::new(),
             sessions_closed: AHashMap::new(),
             protocol_errors: AHashMap::new(),
+            rate_limit_rejected: AHashMap::new(),
             backends: AHashMap::new(),
             route_version: 0,
         }
@@ -108,6 +119,7 @@ impl WorkerStats {
         add_map(&mut self.frames_dropped, &o.frames_dropped);
         add_map(&mut self.sessions_closed, &o.sessions_closed);
         add_map(&mut self.protocol_errors, &o.protocol_errors);
+        add_map(&mut self.rate_limit_rejected, &o.rate_limit_rejected);
         for (k, v) in &o.backends {
             self.backend(k).merge(v);
         }

@@ -406,7 +406,7 @@ fn max_connections_refuses_past_the_cap() {
 
 #[test]
 fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
-    let mb = mock_with(Options { record_trans: true, trace: true, no_echo: false });
+    let mb = mock_with(Options { record_trans: true, trace: true, ..Default::default() });
     let gw = start(1, "", &route(10, 0, "round_robin", &[mb.addr()], "trace_propagation = true"));
     let mut traces = vec![];
     for _ in 0..2 {

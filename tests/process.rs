@@ -39,9 +39,16 @@ fn sigterm_disconnects_every_session_with_reason_6_and_exits_0() {
         assert!(c.closed());
     }
     let log = gw.stderr();
-    let a = log.find("stop requested").expect("stop logged");
-    let b = log.find("all workers stopped").expect("end logged");
-    assert!(a < b);
+    let phases = [
+        "drain started",
+        "drain: listener closed",
+        "drain deadline: closing remaining",
+        "flushing backend queues",
+        "all workers stopped",
+    ];
+    let at: Vec<usize> =
+        phases.iter().map(|p| log.find(p).unwrap_or_else(|| panic!("{p:?} not logged:\n{log}"))).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "phases out of order:\n{log}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    let mb = match MockBackend::start(&a.listen, Options { record_trans: false, trace: a.trace, no_echo: false }) {
+    let mb = match MockBackend::start(&a.listen, Options { trace: a.trace, ..Default::default() }) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("mock-backend: cannot listen on {}: {e}", a.listen);

@@ -23,6 +23,7 @@ use super::client::ClientSession;
 use super::Worker;
 use crate::notify::Notify;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
+use crate::resilience::{CircuitBreaker, CircuitState};
 use crate::routing::{Endpoint, OnBackendLoss};
 use crate::stats::bump;
 use ahash::AHashSet;
@@ -54,6 +55,19 @@ pub enum ConnState {
 pub struct EndpointPool {
     pub endpoint: Endpoint,
     pub conns: Vec<Rc<BackendConn>>,
+    /// Shared by the pool's connections: failures of any open it.
+    pub breaker: Rc<RefCell<CircuitBreaker>>,
+}
+
+impl EndpointPool {
+    pub fn circuit_gauge(&self, now: Instant) -> u64 {
+        let b = self.breaker.borrow();
+        // Report an open circuit that is due for a probe as half-open.
+        match b.state() {
+            CircuitState::Open { until } if now >= until => 2,
+            s => s.gauge(),
+        }
+    }
 }
 
 pub struct BackendConn {
@@ -73,13 +87,18 @@ pub struct BackendConn {
     pub sessions: RefCell<AHashSet<i64>>,
     failures: Cell<u32>,
     fd: Cell<i32>,
+    breaker: Rc<RefCell<CircuitBreaker>>,
+    /// Last bytes from the backend; drives the keep-alive PING.
+    last_rx: Cell<Instant>,
+    /// When the outstanding keep-alive PING went out.
+    ping_sent: Cell<Option<Instant>>,
 }
 
 /// Is any connection of `ep` usable now (not backing off)?
 pub fn endpoint_available(w: &Worker, ep: &Endpoint, now: Instant) -> bool {
     match w.pools.borrow().get(&ep.addr) {
         None => true,
-        Some(p) => p.conns.iter().any(|c| c.available(now)),
+        Some(p) => p.breaker.borrow_mut().allows(now) && p.conns.iter().any(|c| c.available(now)),
     }
 }
 
@@ -91,10 +110,15 @@ pub fn conn_for(w: &Rc<Worker>, ep: &Endpoint, session_id: i64, now: Instant) ->
         pools
             .entry(ep.addr)
             .or_insert_with(|| {
-                let n = w.cfg.borrow().backend.connections_per_endpoint;
+                let b = &w.cfg.borrow().backend;
+                let breaker =
+                    Rc::new(RefCell::new(CircuitBreaker::new(b.circuit_failure_threshold, b.circuit_open_duration)));
                 Rc::new(EndpointPool {
                     endpoint: ep.clone(),
-                    conns: (0..n).map(|i| Rc::new(BackendConn::new(ep.clone(), i))).collect(),
+                    conns: (0..b.connections_per_endpoint)
+                        .map(|i| Rc::new(BackendConn::new(ep.clone(), i, breaker.clone())))
+                        .collect(),
+                    breaker,
                 })
             })
             .clone()
@@ -107,7 +131,7 @@ pub fn conn_for(w: &Rc<Worker>, ep: &Endpoint, session_id: i64, now: Instant) ->
 }
 
 impl BackendConn {
-    fn new(endpoint: Endpoint, slot: usize) -> BackendConn {
+    fn new(endpoint: Endpoint, slot: usize, breaker: Rc<RefCell<CircuitBreaker>>) -> BackendConn {
         BackendConn {
             endpoint,
             slot,
@@ -120,6 +144,9 @@ impl BackendConn {
             sessions: RefCell::new(AHashSet::new()),
             failures: Cell::new(0),
             fd: Cell::new(-1),
+            breaker,
+            last_rx: Cell::new(Instant::now()),
+            ping_sent: Cell::new(None),
         }
     }
 
@@ -149,6 +176,7 @@ impl BackendConn {
             ConnState::Backoff(until) if now >= until => {}
             _ => return,
         }
+        self.breaker.borrow_mut().on_attempt();
         self.generation.set(self.generation.get() + 1);
         self.state.set(ConnState::Connecting);
         monoio::spawn(run(w.clone(), self.clone(), self.generation.get()));
@@ -235,6 +263,11 @@ impl BackendConn {
             return;
         }
         let was_up = self.state.get() == ConnState::Up;
+        if self.breaker.borrow_mut().on_failure(Instant::now()) {
+            bump(&mut w.stats.borrow_mut().backend(&self.endpoint.name).errors, "circuit_opened", 1);
+            tracing::warn!(worker = w.index, backend = %self.endpoint, "circuit opened: routing skips this backend until a probe succeeds");
+        }
+        self.ping_sent.set(None);
         self.shutdown_socket();
         self.fd.set(-1);
         let failures = if was_up { 1 } else { self.failures.get().saturating_add(1) };
@@ -310,6 +343,11 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
     c.fd.set(stream.as_raw_fd());
     c.state.set(ConnState::Up);
     c.failures.set(0);
+    c.last_rx.set(Instant::now());
+    c.ping_sent.set(None);
+    if c.breaker.borrow_mut().on_success() {
+        tracing::info!(worker = w.index, backend = %c.endpoint, "circuit closed: backend answered");
+    }
     tracing::info!(worker = w.index, backend = %c.endpoint, slot = c.slot, "backend connected");
     let (rd, mut wr) = stream.into_split();
     monoio::spawn(read_loop(w.clone(), c.clone(), generation, rd));
@@ -360,7 +398,10 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, c: Rc<BackendConn>, generati
         }
         match res {
             Ok(0) => return c.lost(&w, generation, "closed_by_backend", &"end of stream"),
-            Ok(n) => w.stats.borrow_mut().backend(&c.endpoint.name).bytes_received += n as u64,
+            Ok(n) => {
+                c.last_rx.set(Instant::now());
+                w.stats.borrow_mut().backend(&c.endpoint.name).bytes_received += n as u64;
+            }
             Err(e) => return c.lost(&w, generation, "read_failed", &e),
         }
         let max = w.cfg.borrow().backend.max_frame_size;
@@ -453,12 +494,52 @@ fn on_backend_frame(w: &Worker, c: &BackendConn, h: &bproto::Header, body: Body<
         Body::Ping => {
             c.enqueue(w, |out| bproto::encode_ping(out, Opcode::Pong, h.session_id));
         }
-        Body::Pong => {}
+        Body::Pong => {
+            if let Some(sent) = c.ping_sent.take() {
+                let us = sent.elapsed().as_micros() as u64;
+                let mut stats = w.stats.borrow_mut();
+                let b = stats.backend(&c.endpoint.name);
+                b.rtt_count += 1;
+                b.rtt_sum_us += us;
+            }
+        }
         Body::Connect { .. } | Body::Disconnect { .. } => {
             bump(&mut w.stats.borrow_mut().frames_dropped, "unexpected_opcode", 1);
             if let Some(n) = w.logs.borrow_mut().allow("unexpected_opcode", Instant::now()) {
                 tracing::warn!(backend = %c.endpoint, opcode = ?h.opcode, suppressed = n, "backend sent a gateway-only opcode, dropped");
             }
+        }
+    }
+}
+
+/// Keep-alive, run once a second: a connection silent for
+/// `keepalive_interval` gets a `PING`; one whose `PING` is unanswered after
+/// `keepalive_timeout` is dead (handled as a loss). Any bytes from the backend
+/// count as life, so busy connections are never pinged.
+pub fn keepalive(w: &Worker, now: Instant) {
+    let (interval, timeout) = {
+        let b = &w.cfg.borrow().backend;
+        (b.keepalive_interval, b.keepalive_timeout)
+    };
+    if interval.is_zero() {
+        return;
+    }
+    let conns: Vec<Rc<BackendConn>> = w.pools.borrow().values().flat_map(|p| p.conns.iter().cloned()).collect();
+    for c in conns {
+        if !c.is_up() {
+            continue;
+        }
+        match c.ping_sent.get() {
+            Some(sent) if now.saturating_duration_since(sent) >= timeout => {
+                c.lost(w, c.generation.get(), "keepalive_timeout", &format_args!("no PONG within {timeout:?}"));
+            }
+            Some(_) => {}
+            None if now.saturating_duration_since(c.last_rx.get()) >= interval => {
+                if c.enqueue(w, |out| bproto::encode_ping(out, Opcode::Ping, 0)) {
+                    c.ping_sent.set(Some(now));
+                }
+            }
+            None => {}
         }
     }
 }

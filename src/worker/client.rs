@@ -15,6 +15,8 @@
 
 use super::backend::BackendConn;
 use super::Worker;
+use crate::config::RateLimitAction;
+use crate::limits::MessageLimiter;
 use crate::notify::Notify;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
@@ -58,6 +60,10 @@ pub struct ClientSession {
     pub writer_wake: Notify,
     /// Set once `close` ran: the writer flushes and exits.
     pub closed: Cell<bool>,
+    /// `messages_per_second` bucket.
+    limiter: Cell<MessageLimiter>,
+    /// Counted in the per-IP table (released on close).
+    ip_counted: bool,
     fd: RawFd,
 }
 
@@ -150,6 +156,18 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         }
         return;
     }
+    let (max_per_ip, rate_per_ip) = w.per_ip_limits_here();
+    let ip_counted = max_per_ip > 0 || rate_per_ip > 0;
+    if let Err(refusal) = w.ip_table.borrow_mut().admit(peer.ip(), max_per_ip, rate_per_ip, now) {
+        let mut stats = w.stats.borrow_mut();
+        bump(&mut stats.connection_rejected, refusal.as_str(), 1);
+        bump(&mut stats.rate_limit_rejected, refusal.as_str(), 1);
+        drop(stats);
+        if let Some(n) = w.logs.borrow_mut().allow(refusal.as_str(), now) {
+            tracing::warn!(worker = w.index, client = %peer, limit = refusal.as_str(), suppressed = n, "connection refused by a per-IP limit");
+        }
+        return;
+    }
     let _ = stream.set_nodelay(true);
     let id = w.ids.borrow_mut().next();
     let fd = stream.as_raw_fd();
@@ -162,6 +180,8 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         out: RefCell::new(BytesMut::new()),
         writer_wake: Notify::new(),
         closed: Cell::new(false),
+        limiter: Cell::new(MessageLimiter::new(w.cfg.borrow().limits.messages_burst, now)),
+        ip_counted,
         fd,
     });
     w.sessions.borrow_mut().insert(id, s.clone());
@@ -193,9 +213,9 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
                 break;
             }
         }
-        if s.info.borrow().close_reason.is_some() {
-            break;
-        }
+        // Bytes read are forwarded even when the session is closing (drain,
+        // kick): they were sent before the close and must not be lost. The
+        // close itself arrives as end of stream after the buffered bytes.
         if let Err(reason) = on_client_bytes(&w, &s, &mut buf) {
             s.info.borrow_mut().set_close_reason(reason);
             break;
@@ -210,7 +230,10 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
 /// Frames and forwards everything complete in `buf`, leaving a partial
 /// frame in place. An error ends the session with that reason.
 fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
-    let max = w.cfg.borrow().limits.max_message_size;
+    let (max, rate, burst, action) = {
+        let l = &w.cfg.borrow().limits;
+        (l.max_message_size, l.messages_per_second, l.messages_burst, l.on_rate_limit)
+    };
     let now = Instant::now();
     loop {
         let h = match cproto::check(buf, max) {
@@ -233,6 +256,31 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
                 info.handshaken = true;
                 info.first_server_type = Some(h.server_id.server_type());
                 info.first_world = h.server_id.world_id();
+            }
+        }
+        if rate > 0 {
+            let mut lim = s.limiter.get();
+            let ok = lim.allow(rate, burst, now);
+            s.limiter.set(lim);
+            if !ok {
+                let mut stats = w.stats.borrow_mut();
+                bump(&mut stats.rate_limit_rejected, "messages_per_second", 1);
+                bump(&mut stats.frames_dropped, "rate_limited", 1);
+                drop(stats);
+                if let Some(n) = w.logs.borrow_mut().allow("messages_per_second", now) {
+                    tracing::warn!(
+                        session_id = s.id(),
+                        rate,
+                        burst,
+                        suppressed = n,
+                        "client frame over messages_per_second"
+                    );
+                }
+                if action == RateLimitAction::Close {
+                    return Err(DisconnectReason::RateLimited);
+                }
+                buf.advance(h.frame_len());
+                continue;
             }
         }
         forward(w, s, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
@@ -334,6 +382,9 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
         (info.id, info.close_reason.unwrap_or(DisconnectReason::ClientClosed))
     };
     w.sessions.borrow_mut().remove(&id);
+    if s.ip_counted {
+        w.ip_table.borrow_mut().release(s.info.borrow().peer.ip());
+    }
     let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
     for b in bindings {
         b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));

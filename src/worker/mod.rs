@@ -23,6 +23,7 @@ pub mod backend;
 pub mod client;
 
 use crate::config::{Config, IoDriver};
+use crate::limits::{PerIpTable, IP_EVICT_EVERY, MAX_IP_ENTRIES};
 use crate::notify::Notify;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::RouteTable;
@@ -56,9 +57,11 @@ pub enum WorkerCommand {
     Config(Arc<Config>),
     /// Reply with a copy of the counters.
     Stats(Sender<WorkerStats>),
-    /// Stop accepting, close every session with `DISCONNECT` reason 6, flush
-    /// backend queues, and exit; whatever is left at `deadline` is dropped.
-    Stop { deadline: Instant },
+    /// Stop accepting; let sessions end by themselves until `drain_until`;
+    /// then close the rest with `DISCONNECT` reason 6, flush backend queues
+    /// and exit; whatever is left at `deadline` is dropped. A second `Stop`
+    /// during a drain moves both instants earlier (hard stop).
+    Stop { drain_until: Instant, deadline: Instant },
 }
 
 /// Facts a worker reports once its runtime is up.
@@ -91,6 +94,14 @@ pub struct Worker {
     pub sessions_gone: Notify,
     /// Wakes the worker's main future when the stop sequence is finished.
     stop_done: Notify,
+    /// The stop sequence's two instants (see [`WorkerCommand::Stop`]).
+    drain_until: Cell<Instant>,
+    stop_deadline: Cell<Instant>,
+    /// Per-IP connection counts and connect-rate buckets.
+    pub ip_table: RefCell<PerIpTable>,
+    /// The SO_REUSEPORT group steers each client IPv4 address to one worker,
+    /// so per-IP limits apply whole here; otherwise this worker's share.
+    pub ip_steered: bool,
 }
 
 impl Worker {
@@ -101,6 +112,18 @@ impl Worker {
 
     fn info_workers(&self, cfg: &Config) -> usize {
         cfg.server.workers.max(1)
+    }
+
+    /// (max connections per IP, connects per second per IP) on this worker.
+    pub fn per_ip_limits_here(&self) -> (u32, u32) {
+        let cfg = self.cfg.borrow();
+        let (max, rate) = (cfg.limits.max_connections_per_ip, cfg.limits.connection_rate_per_ip);
+        if self.ip_steered {
+            (max, rate)
+        } else {
+            let n = self.info_workers(&cfg) as u32;
+            (max.div_ceil(n), rate.div_ceil(n))
+        }
     }
 
     pub fn random(&self) -> u64 {
@@ -152,45 +175,71 @@ impl Worker {
                 let mut s = self.stats.borrow().clone();
                 s.sessions_active = self.sessions.borrow().len() as u64;
                 s.connections_active = s.sessions_active;
+                let now = Instant::now();
                 for pool in self.pools.borrow().values() {
                     let up = pool.conns.iter().filter(|c| c.is_up()).count() as u64;
                     s.backend(&pool.endpoint.name).connections_active = up;
+                    s.backend(&pool.endpoint.name).circuit_state = pool.circuit_gauge(now);
                     s.backend(&pool.endpoint.name).sessions_bound =
                         pool.conns.iter().map(|c| c.sessions.borrow().len() as u64).sum();
                 }
                 let _ = tx.send(s);
             }
-            WorkerCommand::Stop { deadline } => {
+            WorkerCommand::Stop { drain_until, deadline } => {
                 if !self.stopping.replace(true) {
+                    self.drain_until.set(drain_until);
+                    self.stop_deadline.set(deadline);
                     let me = self.clone();
-                    monoio::spawn(async move { me.stop(deadline).await });
+                    monoio::spawn(async move { me.stop().await });
+                } else {
+                    tracing::info!(worker = self.index, "hard stop: ending the drain now");
+                    self.drain_until.set(self.drain_until.get().min(drain_until));
+                    self.stop_deadline.set(self.stop_deadline.get().min(deadline));
+                    self.sessions_gone.notify();
                 }
             }
         }
     }
 
-    /// The stop sequence: no new clients, every session closed with reason 6
-    /// (its `DISCONNECT`s queued), backend queues flushed, then exit.
-    async fn stop(self: Rc<Self>, deadline: Instant) {
-        tracing::info!(worker = self.index, sessions = self.sessions.borrow().len(), "stopping: closing listener");
-        // Wakes a pending accept (it fails with EINVAL) on both drivers.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
-        let sessions: Vec<Rc<ClientSession>> = self.sessions.borrow().values().cloned().collect();
-        for s in &sessions {
-            s.begin_close(DisconnectReason::Shutdown, false);
-        }
-        while !self.sessions.borrow().is_empty() && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
+    /// Waits until no session is left or `until()` passes.
+    async fn wait_sessions_gone(&self, until: impl Fn() -> Instant) {
+        while !self.sessions.borrow().is_empty() && Instant::now() < until() {
+            let left = until().saturating_duration_since(Instant::now());
             let _ = monoio::time::timeout(left.min(TICK), self.sessions_gone.notified()).await;
         }
+    }
+
+    /// The stop sequence, in order: (1) close the listener; (2) drain:
+    /// sessions end by themselves until `drain_until`; (3) close the rest with
+    /// reason 6 (their `DISCONNECT`s queued behind every frame they sent);
+    /// (4) flush backend queues; (5) exit. Each phase is logged.
+    async fn stop(self: Rc<Self>) {
+        // Wakes a pending accept (it fails with EINVAL) on both drivers.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        tracing::info!(
+            worker = self.index,
+            sessions = self.sessions.borrow().len(),
+            "drain: listener closed, waiting for sessions to end"
+        );
+        self.wait_sessions_gone(|| self.drain_until.get()).await;
+        let left: Vec<Rc<ClientSession>> = self.sessions.borrow().values().cloned().collect();
+        tracing::info!(
+            worker = self.index,
+            sessions = left.len(),
+            "drain deadline: closing remaining sessions (reason 6)"
+        );
+        for s in &left {
+            s.begin_close(DisconnectReason::Shutdown, false);
+        }
+        self.wait_sessions_gone(|| self.stop_deadline.get()).await;
         tracing::info!(
             worker = self.index,
             left = self.sessions.borrow().len(),
-            "stopping: sessions closed, flushing backends"
+            "sessions closed, flushing backend queues"
         );
         loop {
             let busy = self.pools.borrow().values().any(|p| p.conns.iter().any(|c| c.has_pending()));
-            if !busy || Instant::now() >= deadline {
+            if !busy || Instant::now() >= self.stop_deadline.get() {
                 break;
             }
             monoio::time::sleep(Duration::from_millis(2)).await;
@@ -241,6 +290,8 @@ pub struct WorkerSetup {
     pub listener: std::net::TcpListener,
     pub commands: Receiver<WorkerCommand>,
     pub ready: Sender<Result<WorkerInfo, String>>,
+    /// Client IPs are steered to workers by the SO_REUSEPORT group's program.
+    pub ip_steered: bool,
 }
 
 fn io_uring_refused(e: &std::io::Error) -> bool {
@@ -285,7 +336,7 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, ip_steered } = setup;
     let listener_fd = listener.as_raw_fd();
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -321,6 +372,10 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         logs: RefCell::new(LogLimiter::default()),
         sessions_gone: Notify::new(),
         stop_done: Notify::new(),
+        drain_until: Cell::new(Instant::now()),
+        stop_deadline: Cell::new(Instant::now()),
+        ip_table: RefCell::new(PerIpTable::new(MAX_IP_ENTRIES)),
+        ip_steered,
     });
     tracing::info!(worker = index, cpu = ?cpu, io_driver, "worker started");
     let _ = ready.send(Ok(info));
@@ -357,6 +412,7 @@ async fn accept_loop(w: Rc<Worker>, listener: monoio::net::TcpListener) {
 
 async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
     let mut last_sweep = Instant::now();
+    let mut last_evict = Instant::now();
     loop {
         monoio::time::sleep(TICK).await;
         for _ in 0..MAX_COMMANDS_PER_TICK {
@@ -366,7 +422,11 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     // The control side is gone: nobody can stop us any more.
                     if !w.stopping.get() {
-                        w.handle_command(WorkerCommand::Stop { deadline: Instant::now() + Duration::from_secs(5) });
+                        let now = Instant::now();
+                        w.handle_command(WorkerCommand::Stop {
+                            drain_until: now,
+                            deadline: now + Duration::from_secs(5),
+                        });
                     }
                     break;
                 }
@@ -376,6 +436,12 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
         if now.duration_since(last_sweep) >= SWEEP_EVERY {
             last_sweep = now;
             client::sweep(&w, now);
+            backend::keepalive(&w, now);
+        }
+        if now.duration_since(last_evict) >= IP_EVICT_EVERY {
+            last_evict = now;
+            let rate = w.per_ip_limits_here().1;
+            w.ip_table.borrow_mut().evict_idle(rate, now);
         }
     }
 }

@@ -38,7 +38,7 @@ pub fn route(server_type: u8, world: u16, strategy: &str, eps: &[SocketAddr], ex
 /// Config text for a test gateway: port 0, `workers`, the driver under test.
 pub fn config_text(workers: usize, extra: &str, routes: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = {workers}\nio_driver = \"{}\"\ndrain_timeout = \"3s\"\n{extra}\n[log]\nlevel = \"warn\"\nformat = \"text\"\n\n{routes}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = {workers}\nio_driver = \"{}\"\ndrain_timeout = \"1s\"\n{extra}\n[log]\nlevel = \"warn\"\nformat = \"text\"\n\n{routes}",
         driver()
     )
 }
@@ -372,5 +372,22 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A client connection from a chosen loopback source address.
+pub fn connect_from(src: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())?;
+    sock.connect(&addr.into())?;
+    let s: TcpStream = sock.into();
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(T))?;
+    Ok(s)
+}
+
+impl Client {
+    pub fn from(src: &str, addr: SocketAddr) -> Client {
+        Client { s: connect_from(src, addr).unwrap() }
     }
 }
