@@ -19,11 +19,29 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub config_source: String,
     pub control: Arc<crate::control::ControlStats>,
+    /// Holds the [`crate::metrics::GatewayCollector`].
+    pub registry: prometheus::Registry,
     /// Where `POST /drain` goes.
     pub control_tx: Option<crossbeam_channel::Sender<crate::control::ControlEvent>>,
 }
 
 /// Binds and serves on a background thread; returns the bound address.
+impl AdminState {
+    pub fn new(
+        handle: GatewayHandle,
+        config_source: String,
+        control_tx: Option<crossbeam_channel::Sender<crate::control::ControlEvent>>,
+    ) -> AdminState {
+        let control = Arc::new(crate::control::ControlStats::default());
+        let registry = prometheus::Registry::new();
+        let collector = crate::metrics::GatewayCollector { handle: handle.clone(), control: control.clone() };
+        if let Err(e) = registry.register(Box::new(collector)) {
+            tracing::error!(error = %e, "metrics collector not registered");
+        }
+        AdminState { handle, ready: AtomicBool::new(false), config_source, control, registry, control_tx }
+    }
+}
+
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
@@ -91,9 +109,8 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             }
         }
         "/metrics" => {
-            let s = state.handle.stats();
-            let body = crate::metrics::render(&s, state.handle.workers(), &state.control);
-            respond(&mut c, 200, "text/plain; version=0.0.4", &body)
+            let body = crate::metrics::encode(&state.registry.gather());
+            respond(&mut c, 200, prometheus::TEXT_FORMAT, &body)
         }
         "/status" => {
             let per = state.handle.worker_stats();
@@ -109,9 +126,18 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                         "io_driver": i.io_driver,
                         "responsive": s.is_some(),
                         "sessions": s.as_ref().map(|s| s.sessions_active),
+                        "connections_total": s.as_ref().map(|s| s.connections_total),
+                        "connections_rejected": s.as_ref().map(|s| s.connection_rejected.values().sum::<u64>()),
+                        "messages_in": s.as_ref().map(|s| s.messages_in.iter().sum::<u64>()),
+                        "messages_out": s.as_ref().map(|s| s.messages_out.iter().sum::<u64>()),
+                        "routing_errors": s.as_ref().map(|s| s.routing_errors.values().sum::<u64>()),
+                        "sessions_closed": s.as_ref().map(|s| s.sessions_closed.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>()),
                         "backends": s.as_ref().map(|s| s.backends.iter().map(|(k, b)| (k.to_string(), serde_json::json!({
                             "connections_up": b.connections_active,
                             "sessions_bound": b.sessions_bound,
+                            "circuit": match b.circuit_state { 0 => "closed", 1 => "open", _ => "half_open" },
+                            "frames_sent": b.frames_sent,
+                            "frames_received": b.frames_received,
                         }))).collect::<serde_json::Map<_, _>>()),
                         "route_version": s.as_ref().map(|s| s.route_version),
                     })

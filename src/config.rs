@@ -177,11 +177,12 @@ pub struct RawLog {
     pub level: String,
     pub format: String,
     pub access_log: bool,
+    pub access_log_path: String,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { level: "info".into(), format: "json".into(), access_log: true }
+        RawLog { level: "info".into(), format: "json".into(), access_log: true, access_log_path: String::new() }
     }
 }
 
@@ -283,6 +284,8 @@ pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+    /// Where access-log records go; `None` = stdout.
+    pub access_log_path: Option<std::path::PathBuf>,
 }
 
 /// Checked configuration.
@@ -750,7 +753,13 @@ impl RawConfig {
             backend,
             redis,
             routes,
-            log: LogConfig { level, format, access_log: self.log.access_log },
+            log: LogConfig {
+                level,
+                format,
+                access_log: self.log.access_log,
+                access_log_path: (!self.log.access_log_path.is_empty())
+                    .then(|| self.log.access_log_path.clone().into()),
+            },
         })
     }
 }

@@ -43,8 +43,13 @@ static LEVEL: OnceLock<LevelSetter> = OnceLock::new();
 /// changed by [`set_log_level`] (config reload).
 pub fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(&cfg.log.level);
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_thread_names(true);
+    // Colours only on a terminal: log files and collectors get plain text.
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_thread_names(true);
     match cfg.log.format {
         LogFormat::Json => {
             let b = builder.json().flatten_event(true).with_filter_reloading();

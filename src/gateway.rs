@@ -45,6 +45,8 @@ struct WorkerHandle {
 
 pub struct Gateway {
     workers: Vec<WorkerHandle>,
+    /// Ends once every worker (holding the senders) is gone.
+    access_writer: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
     pub cfg: Arc<Config>,
 }
@@ -130,6 +132,8 @@ impl Gateway {
             );
         }
         let ip_steered = n == 1 || attach_ip_steering(&listeners[0], n, local_addr);
+        let (access_tx, access_writer) = crate::access_log::spawn_writer(cfg.log.access_log_path.clone())
+            .map_err(|e| StartError::Worker(format!("access log {:?}: {e}", cfg.log.access_log_path)))?;
         let (ready_tx, ready_rx) = bounded(n);
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -144,6 +148,7 @@ impl Gateway {
                 commands: rx,
                 ready: ready_tx.clone(),
                 ip_steered,
+                access_tx: access_tx.clone(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("gw-worker-{index}"))
@@ -160,7 +165,8 @@ impl Gateway {
                     workers[i].info = info;
                 }
                 Ok(Err(e)) => {
-                    let gw = Gateway { workers, local_addr, cfg };
+                    drop(access_tx);
+                    let gw = Gateway { workers, access_writer: Some(access_writer), local_addr, cfg };
                     gw.stop(Duration::from_secs(1));
                     return Err(StartError::Worker(e));
                 }
@@ -168,7 +174,8 @@ impl Gateway {
             }
         }
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
-        Ok(Gateway { workers, local_addr, cfg })
+        drop(access_tx);
+        Ok(Gateway { workers, access_writer: Some(access_writer), local_addr, cfg })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -213,6 +220,9 @@ impl Gateway {
             if let Some(j) = w.join.take() {
                 let _ = j.join();
             }
+        }
+        if let Some(j) = self.access_writer.take() {
+            let _ = j.join();
         }
     }
 }
@@ -265,14 +275,19 @@ impl GatewayHandle {
 
     /// Counters merged over all workers.
     pub fn stats(&self) -> WorkerStats {
-        let mut total = WorkerStats { workers: 0, route_version: u64::MAX, ..Default::default() };
-        for s in self.worker_stats().into_iter().flatten() {
-            total.merge(&s);
-            total.workers += 1;
-        }
-        if total.workers == 0 {
-            total.route_version = 0;
-        }
-        total
+        merge_stats(self.worker_stats().iter().flatten())
     }
+}
+
+/// Adds per-worker counters together (`workers` counts the inputs).
+pub fn merge_stats<'a>(per: impl IntoIterator<Item = &'a WorkerStats>) -> WorkerStats {
+    let mut total = WorkerStats { workers: 0, route_version: u64::MAX, ..Default::default() };
+    for s in per {
+        total.merge(s);
+        total.workers += 1;
+    }
+    if total.workers == 0 {
+        total.route_version = 0;
+    }
+    total
 }

@@ -11,6 +11,7 @@
 //!   metrics and status over HTTP; [`metrics`] and [`stats`]: counters.
 //! - [`mock_backend`]: a reference game backend for tests, demos and perf.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod control;

@@ -1,12 +1,11 @@
 use clap::{Parser, Subcommand};
 use game_gateway::config::{self, Config, IoDriver};
-use game_gateway::control::{self, Control, ControlStats};
+use game_gateway::control::{self, Control};
 use game_gateway::redis_source;
 use game_gateway::route_source::{self, RouteSet};
 use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Thread-per-core game gateway.
@@ -185,14 +184,8 @@ fn main() -> ExitCode {
         }
     };
     let events = Control::channel();
-    let state = Arc::new(admin::AdminState {
-        handle: gw.handle(),
-        // Ready once the control loop has loaded its routes.
-        ready: AtomicBool::new(false),
-        config_source: gw.cfg.source.clone(),
-        control: Arc::new(ControlStats::default()),
-        control_tx: Some(events.0.clone()),
-    });
+    // Not ready until the control loop has loaded its routes.
+    let state = Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), Some(events.0.clone())));
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
         Err(e) => {

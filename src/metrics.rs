@@ -1,13 +1,19 @@
-//! Metric names (every one a constant here) and the Prometheus text rendering
-//! of merged worker counters.
+//! Metrics: every name is a constant here; the [`GatewayCollector`] turns the
+//! workers' counters (merged at scrape time) and the control side's into
+//! Prometheus metric families, encoded by the `prometheus` crate.
 //!
-//! Names keep the original gateway's so existing dashboards keep working.
+//! Names keep the original gateway's so dashboards and alerts keep working.
+//! The data path never sees any of this: workers keep plain integers and
+//! fixed-bucket histograms and hand copies over when asked.
 
 use crate::control::ControlStats;
-use crate::stats::WorkerStats;
+use crate::gateway::GatewayHandle;
+use crate::stats::{LatencyHistogram, WorkerStats, LATENCY_BOUNDS};
 use crate::worker::WorkerInfo;
-use std::fmt::Write;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub const CONNECTIONS_ACTIVE: &str = "game_gateway_connections_active";
 pub const CONNECTIONS_TOTAL: &str = "game_gateway_connections_total";
@@ -15,142 +21,260 @@ pub const CONNECTION_REJECTED_TOTAL: &str = "game_gateway_connection_rejected_to
 pub const SESSIONS_ACTIVE: &str = "game_gateway_sessions_active";
 pub const MESSAGES_PROCESSED_TOTAL: &str = "game_gateway_messages_processed_total";
 pub const ROUTING_ERRORS_TOTAL: &str = "game_gateway_routing_errors_total";
-pub const FRAMES_DROPPED_TOTAL: &str = "game_gateway_frames_dropped_total";
-pub const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_total";
-pub const PROTOCOL_ERRORS_TOTAL: &str = "game_gateway_protocol_errors_total";
-pub const BACKEND_CONNECTIONS_ACTIVE: &str = "game_gateway_backend_connections_active";
-pub const BACKEND_ERRORS_TOTAL: &str = "game_gateway_backend_errors_total";
-pub const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
-pub const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
 pub const RATE_LIMIT_REJECTED_TOTAL: &str = "game_gateway_rate_limit_rejected_total";
 pub const CIRCUIT_BREAKER_STATE: &str = "game_gateway_circuit_breaker_state";
+pub const BACKEND_CONNECTIONS_ACTIVE: &str = "game_gateway_backend_connections_active";
+pub const BACKEND_ERRORS_TOTAL: &str = "game_gateway_backend_errors_total";
+pub const BACKEND_RETRIES_TOTAL: &str = "game_gateway_backend_retries_total";
+pub const BACKEND_TIMEOUTS_TOTAL: &str = "game_gateway_backend_timeouts_total";
+pub const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
+pub const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
+pub const CONNECTION_SETUP_LATENCY_SECONDS: &str = "game_gateway_connection_setup_latency_seconds";
+pub const BACKEND_CONNECTION_LATENCY_SECONDS: &str = "game_gateway_backend_connection_latency_seconds";
+pub const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
+pub const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
+pub const FORWARD_LATENCY_SECONDS: &str = "game_gateway_forward_latency_seconds";
 pub const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
 pub const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
 pub const WORKER_INFO: &str = "game_gateway_worker_info";
-pub const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
-pub const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
+pub const FRAMES_DROPPED_TOTAL: &str = "game_gateway_frames_dropped_total";
+pub const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_total";
+pub const PROTOCOL_ERRORS_TOTAL: &str = "game_gateway_protocol_errors_total";
 pub const ROUTE_SNAPSHOTS_REJECTED_TOTAL: &str = "game_gateway_route_snapshots_rejected_total";
 pub const REDIS_UP: &str = "game_gateway_redis_up";
 pub const CONFIG_RELOADS_TOTAL: &str = "game_gateway_config_reloads_total";
 pub const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_total";
+pub const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_records_total";
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropped_total";
+pub const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
+/// Builds one metric family at a time.
+struct Family(MetricFamily);
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-fn labelled(out: &mut String, name: &str, label: &str, map: &ahash::AHashMap<&'static str, u64>) {
-    let mut items: Vec<_> = map.iter().collect();
-    items.sort();
-    for (k, v) in items {
-        let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {v}", escape(k));
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Family {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(kind);
+        Family(mf)
     }
-}
 
-/// Renders merged counters in the Prometheus text exposition format.
-pub fn render(s: &WorkerStats, workers: &[WorkerInfo], c: &ControlStats) -> String {
-    let mut o = String::with_capacity(4096);
-    header(&mut o, CONNECTIONS_ACTIVE, "gauge", "Open client connections.");
-    let _ = writeln!(o, "{CONNECTIONS_ACTIVE} {}", s.connections_active);
-    header(&mut o, CONNECTIONS_TOTAL, "counter", "Client connections accepted.");
-    let _ = writeln!(o, "{CONNECTIONS_TOTAL} {}", s.connections_total);
-    header(&mut o, CONNECTION_REJECTED_TOTAL, "counter", "Client connections refused, by reason.");
-    labelled(&mut o, CONNECTION_REJECTED_TOTAL, "reason", &s.connection_rejected);
-    header(&mut o, SESSIONS_ACTIVE, "gauge", "Live sessions.");
-    let _ = writeln!(o, "{SESSIONS_ACTIVE} {}", s.sessions_active);
-    header(&mut o, MESSAGES_PROCESSED_TOTAL, "counter", "Frames forwarded, by direction and server type.");
-    for (dir, arr) in [("client_to_backend", &s.messages_in), ("backend_to_client", &s.messages_out)] {
-        for (t, v) in arr.iter().enumerate() {
-            if *v > 0 {
-                let _ = writeln!(o, "{MESSAGES_PROCESSED_TOTAL}{{direction=\"{dir}\",server_type=\"{t}\"}} {v}");
+    fn metric(labels: &[(&str, &str)]) -> proto::Metric {
+        let mut m = proto::Metric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = proto::LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        m
+    }
+
+    fn value(mut self, labels: &[(&str, &str)], v: f64) -> Family {
+        let mut m = Self::metric(labels);
+        match self.0.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = proto::Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
             }
         }
+        self.0.mut_metric().push(m);
+        self
     }
-    header(&mut o, ROUTING_ERRORS_TOTAL, "counter", "Client frames that could not be routed, by type.");
-    labelled(&mut o, ROUTING_ERRORS_TOTAL, "type", &s.routing_errors);
-    header(&mut o, FRAMES_DROPPED_TOTAL, "counter", "Frames dropped, by reason.");
-    labelled(&mut o, FRAMES_DROPPED_TOTAL, "reason", &s.frames_dropped);
-    header(&mut o, SESSIONS_CLOSED_TOTAL, "counter", "Sessions ended, by disconnect reason.");
-    labelled(&mut o, SESSIONS_CLOSED_TOTAL, "reason", &s.sessions_closed);
-    header(&mut o, PROTOCOL_ERRORS_TOTAL, "counter", "Protocol errors and timeouts, by kind.");
-    labelled(&mut o, PROTOCOL_ERRORS_TOTAL, "kind", &s.protocol_errors);
-    header(&mut o, RATE_LIMIT_REJECTED_TOTAL, "counter", "Connections and frames refused by a limit, by limit.");
-    labelled(&mut o, RATE_LIMIT_REJECTED_TOTAL, "limit", &s.rate_limit_rejected);
+
+    fn histogram(mut self, labels: &[(&str, &str)], h: &LatencyHistogram) -> Family {
+        let mut m = Self::metric(labels);
+        let mut ph = proto::Histogram::default();
+        ph.set_sample_count(h.count);
+        ph.set_sample_sum(h.sum_ns as f64 / 1e9);
+        let mut cumulative = 0;
+        let buckets = LATENCY_BOUNDS
+            .iter()
+            .zip(h.counts.iter())
+            .map(|(bound, n)| {
+                cumulative += n;
+                let mut b = proto::Bucket::default();
+                b.set_cumulative_count(cumulative);
+                b.set_upper_bound(*bound);
+                b
+            })
+            .collect();
+        ph.set_bucket(buckets);
+        m.set_histogram(ph);
+        self.0.mut_metric().push(m);
+        self
+    }
+
+    /// One series per `(label value, count)`, sorted for stable output.
+    fn by<'a>(mut self, label: &str, items: impl IntoIterator<Item = (&'a str, u64)>) -> Family {
+        let mut v: Vec<_> = items.into_iter().collect();
+        v.sort();
+        for (k, n) in v {
+            self = self.value(&[(label, k)], n as f64);
+        }
+        self
+    }
+}
+
+/// Everything `/metrics` reports, as metric families.
+pub fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &ControlStats) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let map = |m: &ahash::AHashMap<&'static str, u64>| m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>();
     let mut backends: Vec<_> = s.backends.iter().collect();
     backends.sort_by(|a, b| a.0.cmp(b.0));
-    header(&mut o, BACKEND_CONNECTIONS_ACTIVE, "gauge", "Backend connections up, by endpoint.");
-    for (name, b) in &backends {
-        let _ = writeln!(o, "{BACKEND_CONNECTIONS_ACTIVE}{{backend=\"{}\"}} {}", escape(name), b.connections_active);
-    }
-    header(&mut o, BACKEND_ERRORS_TOTAL, "counter", "Backend connection errors, by endpoint and type.");
-    for (name, b) in &backends {
-        let mut errs: Vec<_> = b.errors.iter().collect();
-        errs.sort();
-        for (k, v) in errs {
-            let _ = writeln!(o, "{BACKEND_ERRORS_TOTAL}{{backend=\"{}\",type=\"{k}\"}} {v}", escape(name));
+    let per_backend = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&crate::stats::BackendStats) -> f64| {
+        let mut fam = Family::new(name, help, kind);
+        for (b, st) in &backends {
+            fam = fam.value(&[("backend", b)], f(st));
+        }
+        fam.0
+    };
+    let mut messages =
+        Family::new(MESSAGES_PROCESSED_TOTAL, "Frames forwarded, by direction and server type.", COUNTER);
+    for (dir, arr) in [("client_to_backend", &s.messages_in), ("backend_to_client", &s.messages_out)] {
+        for (t, v) in arr.iter().enumerate().filter(|(_, v)| **v > 0) {
+            messages = messages.value(&[("direction", dir), ("server_type", &t.to_string())], *v as f64);
         }
     }
-    header(
-        &mut o,
-        CIRCUIT_BREAKER_STATE,
-        "gauge",
-        "Circuit breaker per backend: 0 closed, 1 open, 2 half-open (worst over workers).",
-    );
-    for (name, b) in &backends {
-        let _ = writeln!(o, "{CIRCUIT_BREAKER_STATE}{{backend=\"{}\"}} {}", escape(name), b.circuit_state);
+    let mut bytes = Family::new(BACKEND_BYTES_TRANSMITTED_TOTAL, "Bytes to and from backends.", COUNTER);
+    let mut errors = Family::new(BACKEND_ERRORS_TOTAL, "Backend connection errors, by endpoint and type.", COUNTER);
+    let mut rtt = Family::new(BACKEND_RTT_SECONDS, "Keep-alive PING round trips, by endpoint.", HISTOGRAM);
+    for (b, st) in &backends {
+        bytes = bytes.value(&[("backend", b), ("direction", "sent")], st.bytes_sent as f64);
+        bytes = bytes.value(&[("backend", b), ("direction", "received")], st.bytes_received as f64);
+        let mut errs: Vec<_> = st.errors.iter().collect();
+        errs.sort();
+        for (k, v) in errs {
+            errors = errors.value(&[("backend", b), ("type", k)], *v as f64);
+        }
+        rtt = rtt.histogram(&[("backend", b)], &st.rtt);
     }
-    header(&mut o, BACKEND_RTT_SECONDS, "summary", "Keep-alive PING round trips per backend.");
-    for (name, b) in &backends {
-        let n = escape(name);
-        let _ = writeln!(o, "{BACKEND_RTT_SECONDS}_sum{{backend=\"{n}\"}} {}", b.rtt_sum_us as f64 / 1e6);
-        let _ = writeln!(o, "{BACKEND_RTT_SECONDS}_count{{backend=\"{n}\"}} {}", b.rtt_count);
-    }
-    header(&mut o, BACKEND_DIALS_TOTAL, "counter", "Backend dial attempts, by endpoint.");
-    for (name, b) in &backends {
-        let _ = writeln!(o, "{BACKEND_DIALS_TOTAL}{{backend=\"{}\"}} {}", escape(name), b.dials);
-    }
-    header(&mut o, BACKEND_BYTES_TRANSMITTED_TOTAL, "counter", "Bytes to and from backends.");
-    for (name, b) in &backends {
-        let n = escape(name);
-        let _ = writeln!(o, "{BACKEND_BYTES_TRANSMITTED_TOTAL}{{backend=\"{n}\",direction=\"sent\"}} {}", b.bytes_sent);
-        let _ = writeln!(
-            o,
-            "{BACKEND_BYTES_TRANSMITTED_TOTAL}{{backend=\"{n}\",direction=\"received\"}} {}",
-            b.bytes_received
-        );
-    }
-    header(&mut o, ROUTE_SNAPSHOT_VERSION, "gauge", "Routing snapshot version (lowest over workers).");
-    let _ = writeln!(o, "{ROUTE_SNAPSHOT_VERSION} {}", s.route_version);
-    header(&mut o, WORKER_INFO, "gauge", "One per worker: its core and I/O driver.");
+    let mut info = Family::new(WORKER_INFO, "One series per worker: its core and I/O driver.", GAUGE);
     for w in workers {
         let cpu = w.cpu.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-        let _ = writeln!(o, "{WORKER_INFO}{{worker=\"{}\",cpu=\"{cpu}\",io_driver=\"{}\"}} 1", w.index, w.io_driver);
+        info = info.value(&[("worker", &w.index.to_string()), ("cpu", &cpu), ("io_driver", w.io_driver)], 1.0);
     }
-    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    for (name, kind, help, v) in [
-        (CONFIG_REFRESH_SUCCESS_TOTAL, "counter", "Successful route reads from Redis.", ld(&c.refresh_success)),
-        (CONFIG_REFRESH_ERRORS_TOTAL, "counter", "Failed or rejected route reads from Redis.", ld(&c.refresh_errors)),
-        (
-            ROUTE_SNAPSHOTS_REJECTED_TOTAL,
-            "counter",
-            "Route snapshots rejected by validation.",
-            ld(&c.snapshots_rejected),
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    vec![
+        Family::new(CONNECTIONS_ACTIVE, "Open client connections.", GAUGE).value(&[], s.connections_active as f64).0,
+        Family::new(CONNECTIONS_TOTAL, "Client connections accepted.", COUNTER)
+            .value(&[], s.connections_total as f64)
+            .0,
+        Family::new(CONNECTION_REJECTED_TOTAL, "Client connections refused, by reason.", COUNTER)
+            .by("reason", map(&s.connection_rejected))
+            .0,
+        Family::new(SESSIONS_ACTIVE, "Live sessions.", GAUGE).value(&[], s.sessions_active as f64).0,
+        messages.0,
+        Family::new(ROUTING_ERRORS_TOTAL, "Client frames that could not be routed, by type.", COUNTER)
+            .by("type", map(&s.routing_errors))
+            .0,
+        Family::new(RATE_LIMIT_REJECTED_TOTAL, "Connections and frames refused by a limit, by limit.", COUNTER)
+            .by("limit", map(&s.rate_limit_rejected))
+            .0,
+        Family::new(FRAMES_DROPPED_TOTAL, "Frames dropped, by reason.", COUNTER).by("reason", map(&s.frames_dropped)).0,
+        Family::new(SESSIONS_CLOSED_TOTAL, "Sessions ended, by disconnect reason.", COUNTER)
+            .by("reason", map(&s.sessions_closed))
+            .0,
+        Family::new(PROTOCOL_ERRORS_TOTAL, "Protocol errors and timeouts, by kind.", COUNTER)
+            .by("kind", map(&s.protocol_errors))
+            .0,
+        per_backend(
+            CIRCUIT_BREAKER_STATE,
+            "Circuit breaker: 0 closed, 1 open, 2 half-open (worst over workers).",
+            GAUGE,
+            &|b| b.circuit_state as f64,
         ),
-        (CONFIG_RELOADS_TOTAL, "counter", "Config file reloads applied.", ld(&c.config_reloads)),
-        (CONFIG_RELOAD_ERRORS_TOTAL, "counter", "Config file reloads rejected.", ld(&c.config_reload_errors)),
-        (
-            REDIS_UP,
-            "gauge",
-            "1 when Redis answered the last read, 0 when not (or not configured).",
-            (c.redis_state.load(Ordering::Relaxed) == 1) as u64,
-        ),
-    ] {
-        header(&mut o, name, kind, help);
-        let _ = writeln!(o, "{name} {v}");
+        per_backend(BACKEND_CONNECTIONS_ACTIVE, "Backend connections up.", GAUGE, &|b| b.connections_active as f64),
+        errors.0,
+        per_backend(BACKEND_RETRIES_TOTAL, "Redials after a failed or lost connection.", COUNTER, &|b| {
+            b.retries as f64
+        }),
+        per_backend(BACKEND_TIMEOUTS_TOTAL, "Dial and keep-alive timeouts.", COUNTER, &|b| b.timeouts as f64),
+        per_backend(BACKEND_DIALS_TOTAL, "Backend dial attempts.", COUNTER, &|b| b.dials as f64),
+        bytes.0,
+        Family::new(
+            CONNECTION_SETUP_LATENCY_SECONDS,
+            "Accept to the first client frame queued towards a backend.",
+            HISTOGRAM,
+        )
+        .histogram(&[], &s.setup_latency)
+        .0,
+        Family::new(BACKEND_CONNECTION_LATENCY_SECONDS, "Backend dial time.", HISTOGRAM)
+            .histogram(&[], &s.dial_latency)
+            .0,
+        Family::new(FORWARD_LATENCY_SECONDS, "Time a frame waits inside the gateway, per direction.", HISTOGRAM)
+            .histogram(&[("direction", "client_to_backend")], &s.forward_c2b)
+            .histogram(&[("direction", "backend_to_client")], &s.forward_b2c)
+            .0,
+        rtt.0,
+        Family::new(ROUTE_SNAPSHOT_VERSION, "Routing snapshot version (lowest over workers).", GAUGE)
+            .value(&[], s.route_version as f64)
+            .0,
+        info.0,
+        Family::new(WORKERS_RESPONSIVE, "Workers that answered this scrape.", GAUGE).value(&[], responsive as f64).0,
+        Family::new(ACCESS_LOG_RECORDS_TOTAL, "Access-log records written.", COUNTER)
+            .value(&[], s.access_log_records as f64)
+            .0,
+        Family::new(ACCESS_LOG_DROPPED_TOTAL, "Access-log records dropped under overload.", COUNTER)
+            .value(&[], s.access_log_dropped as f64)
+            .0,
+        Family::new(CONFIG_REFRESH_SUCCESS_TOTAL, "Successful route reads from Redis.", COUNTER)
+            .value(&[], ld(&c.refresh_success))
+            .0,
+        Family::new(CONFIG_REFRESH_ERRORS_TOTAL, "Failed or rejected route reads from Redis.", COUNTER)
+            .value(&[], ld(&c.refresh_errors))
+            .0,
+        Family::new(ROUTE_SNAPSHOTS_REJECTED_TOTAL, "Route snapshots rejected by validation.", COUNTER)
+            .value(&[], ld(&c.snapshots_rejected))
+            .0,
+        Family::new(CONFIG_RELOADS_TOTAL, "Config file reloads applied.", COUNTER).value(&[], ld(&c.config_reloads)).0,
+        Family::new(CONFIG_RELOAD_ERRORS_TOTAL, "Config file reloads rejected.", COUNTER)
+            .value(&[], ld(&c.config_reload_errors))
+            .0,
+        Family::new(REDIS_UP, "1 when Redis answered the last read; 0 when not or not configured.", GAUGE)
+            .value(&[], (c.redis_state.load(Ordering::Relaxed) == 1) as u8 as f64)
+            .0,
+    ]
+}
+
+/// The custom collector: asks every worker for its counters at scrape time.
+pub struct GatewayCollector {
+    pub handle: GatewayHandle,
+    pub control: Arc<ControlStats>,
+}
+
+impl Collector for GatewayCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        // Unchecked collector: the families are built fresh on every scrape.
+        vec![]
     }
-    o
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let per = self.handle.worker_stats();
+        let responsive = per.iter().filter(|s| s.is_some()).count();
+        let merged = crate::gateway::merge_stats(per.iter().flatten());
+        families(&merged, self.handle.workers(), responsive, &self.control)
+    }
+}
+
+/// Prometheus text exposition of `families`.
+pub fn encode(families: &[MetricFamily]) -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::with_capacity(8192);
+    if let Err(e) = prometheus::TextEncoder::new().encode(families, &mut buf) {
+        tracing::error!(error = %e, "metrics encoding failed");
+    }
+    String::from_utf8(buf).unwrap_or_default()
 }

@@ -8,6 +8,45 @@
 
 use ahash::AHashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram buckets: 10 µs .. 10 s.
+pub const LATENCY_BOUNDS: [f64; 19] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A fixed-bucket latency histogram a worker owns; merged at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    /// Per-bucket (not cumulative) counts; the last slot is +Inf.
+    pub counts: [u64; LATENCY_BOUNDS.len() + 1],
+    pub sum_ns: u128,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    /// Records `n` observations of `d`.
+    #[inline]
+    pub fn record_n(&mut self, d: Duration, n: u64) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.counts[i] += n;
+        self.sum_ns += d.as_nanos() * n as u128;
+        self.count += n;
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        self.record_n(d, 1)
+    }
+
+    pub fn merge(&mut self, o: &LatencyHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(o.counts.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+        self.count += o.count;
+    }
+}
 
 /// Counters of one backend endpoint on one worker.
 #[derive(Debug, Clone, Default)]
@@ -22,9 +61,12 @@ pub struct BackendStats {
     pub sessions_bound: u64,
     /// Circuit breaker: 0 closed, 1 open, 2 half-open (merged: the worst).
     pub circuit_state: u64,
-    /// PING round trips: count and sum in microseconds.
-    pub rtt_count: u64,
-    pub rtt_sum_us: u64,
+    /// Keep-alive PING round trips.
+    pub rtt: LatencyHistogram,
+    /// Redials after a failure.
+    pub retries: u64,
+    /// Dial and keep-alive timeouts.
+    pub timeouts: u64,
 }
 
 impl BackendStats {
@@ -38,13 +80,16 @@ impl BackendStats {
         self.frames_received += o.frames_received;
         self.sessions_bound += o.sessions_bound;
         self.circuit_state = self.circuit_state.max(o.circuit_state);
-        self.rtt_count += o.rtt_count;
-        self.rtt_sum_us += o.rtt_sum_us;
+        self.rtt.merge(&o.rtt);
+        self.retries += o.retries;
+        self.timeouts += o.timeouts;
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct WorkerStats {
+    /// The worker (for per-worker views; meaningless after a merge).
+    pub worker: usize,
     pub workers: usize,
     pub connections_total: u64,
     pub connections_active: u64,
@@ -60,6 +105,18 @@ pub struct WorkerStats {
     pub protocol_errors: AHashMap<&'static str, u64>,
     /// Connections and frames refused by a limit, by limit name.
     pub rate_limit_rejected: AHashMap<&'static str, u64>,
+    /// Accept to the first client frame queued towards a backend.
+    pub setup_latency: LatencyHistogram,
+    /// Backend dial durations (successful dials).
+    pub dial_latency: LatencyHistogram,
+    /// Time frames wait inside the gateway: read from the client until
+    /// written to the backend, and read from the backend until written to the
+    /// client (per write batch, timed from its oldest frame).
+    pub forward_c2b: LatencyHistogram,
+    pub forward_b2c: LatencyHistogram,
+    pub access_log_records: u64,
+    /// Access-log records dropped because the writer could not keep up.
+    pub access_log_dropped: u64,
     pub backends: AHashMap<Arc<str>, BackendStats>,
     pub route_version: u64,
 }
@@ -67,6 +124,7 @@ pub struct WorkerStats {
 impl Default for WorkerStats {
     fn default() -> Self {
         WorkerStats {
+            worker: 0,
             workers: 1,
             connections_total: 0,
             connections_active: 0,
@@ -79,6 +137,12 @@ impl Default for WorkerStats {
             sessions_closed: AHashMap::new(),
             protocol_errors: AHashMap::new(),
             rate_limit_rejected: AHashMap::new(),
+            setup_latency: LatencyHistogram::default(),
+            dial_latency: LatencyHistogram::default(),
+            forward_c2b: LatencyHistogram::default(),
+            forward_b2c: LatencyHistogram::default(),
+            access_log_records: 0,
+            access_log_dropped: 0,
             backends: AHashMap::new(),
             route_version: 0,
         }
@@ -120,6 +184,12 @@ impl WorkerStats {
         add_map(&mut self.sessions_closed, &o.sessions_closed);
         add_map(&mut self.protocol_errors, &o.protocol_errors);
         add_map(&mut self.rate_limit_rejected, &o.rate_limit_rejected);
+        self.setup_latency.merge(&o.setup_latency);
+        self.dial_latency.merge(&o.dial_latency);
+        self.forward_c2b.merge(&o.forward_c2b);
+        self.forward_b2c.merge(&o.forward_b2c);
+        self.access_log_records += o.access_log_records;
+        self.access_log_dropped += o.access_log_dropped;
         for (k, v) in &o.backends {
             self.backend(k).merge(v);
         }

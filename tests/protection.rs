@@ -204,7 +204,7 @@ fn keepalive_marks_a_silent_backend_dead_and_measures_rtt_on_a_live_one() {
     let s = gw.stats();
     assert_eq!(stat(&s.backends[deaf.addr().to_string().as_str()].errors, "keepalive_timeout"), 1);
     eventually("rtt measured on the live backend", || {
-        gw.stats().backends[live.addr().to_string().as_str()].rtt_count > 0
+        gw.stats().backends[live.addr().to_string().as_str()].rtt.count > 0
     });
     b.echo(2, sid(1, 20, 0), b"still up");
 }
@@ -273,9 +273,14 @@ fn drain_does_not_lose_frames_sent_before_the_close() {
     let mb = mock_with(Options { record_trans: true, no_echo: true, ..Default::default() });
     let mut gw = GatewayProcess::spawn(&drain_config(&mb, "200ms"), &[]);
     let mut clients: Vec<Client> = (0..20).map(|_| Client::connect(gw.addr)).collect();
+    // Every session is established (bound, CONNECT seen) before the drain.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(0, sid(1, 10, 0), format!("c{i}-0").as_bytes());
+    }
+    eventually("20 sessions bound", || mb.sessions().len() == 20);
     for (i, c) in clients.iter_mut().enumerate() {
         let mut burst = Vec::new();
-        for n in 0..100u16 {
+        for n in 1..100u16 {
             burst.extend(Client::frame(n, sid(1, 10, 0), format!("c{i}-{n}").as_bytes()));
         }
         c.send_raw(&burst).unwrap();

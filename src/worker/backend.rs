@@ -88,6 +88,8 @@ pub struct BackendConn {
     failures: Cell<u32>,
     fd: Cell<i32>,
     breaker: Rc<RefCell<CircuitBreaker>>,
+    /// Enqueue time of the oldest frame waiting in `out` (forward latency).
+    oldest: Cell<Option<Instant>>,
     /// Last bytes from the backend; drives the keep-alive PING.
     last_rx: Cell<Instant>,
     /// When the outstanding keep-alive PING went out.
@@ -145,6 +147,7 @@ impl BackendConn {
             failures: Cell::new(0),
             fd: Cell::new(-1),
             breaker,
+            oldest: Cell::new(None),
             last_rx: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
         }
@@ -209,6 +212,9 @@ impl BackendConn {
                 if out.len() <= w.cfg.borrow().backend.max_queued_bytes {
                     f(&mut out);
                     drop(out);
+                    if self.oldest.get().is_none() {
+                        self.oldest.set(Some(Instant::now()));
+                    }
                     self.queued_frames.set(self.queued_frames.get() + 1);
                     self.wake.notify();
                     return true;
@@ -283,10 +289,15 @@ impl BackendConn {
         self.state.set(ConnState::Backoff(Instant::now() + backoff));
         let lost_frames = self.queued_frames.replace(0);
         self.out.borrow_mut().clear();
+        self.oldest.set(None);
         let sessions: Vec<i64> = self.sessions.borrow_mut().drain().collect();
         {
             let mut stats = w.stats.borrow_mut();
-            bump(&mut stats.backend(&self.endpoint.name).errors, kind, 1);
+            let b = stats.backend(&self.endpoint.name);
+            bump(&mut b.errors, kind, 1);
+            if kind == "dial_timeout" || kind == "keepalive_timeout" {
+                b.timeouts += 1;
+            }
             bump(&mut stats.frames_dropped, "backend_lost", lost_frames);
         }
         tracing::warn!(
@@ -314,10 +325,10 @@ impl BackendConn {
             match policy {
                 Some(OnBackendLoss::Rebind) => {
                     bump(&mut w.stats.borrow_mut().backend(&self.endpoint.name).errors, "session_rebind", 1);
-                    tracing::info!(session_id = id, backend = %self.endpoint, "backend lost, session will rebind on its next frame");
+                    tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %self.endpoint, "backend lost, session will rebind on its next frame");
                 }
                 Some(OnBackendLoss::Close) => {
-                    tracing::info!(session_id = id, backend = %self.endpoint, "backend lost, closing session");
+                    tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %self.endpoint, "backend lost, closing session");
                     s.begin_close(DisconnectReason::BackendLost, false);
                 }
                 None => {}
@@ -330,7 +341,15 @@ impl BackendConn {
 /// Dials, then writes queued frames until the stream fails or is replaced.
 async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
     let (dial_timeout, addr) = (w.cfg.borrow().backend.dial_timeout, c.endpoint.addr);
-    w.stats.borrow_mut().backend(&c.endpoint.name).dials += 1;
+    {
+        let mut stats = w.stats.borrow_mut();
+        let b = stats.backend(&c.endpoint.name);
+        b.dials += 1;
+        if c.failures.get() > 0 {
+            b.retries += 1;
+        }
+    }
+    let dial_start = Instant::now();
     let stream = match monoio::time::timeout(dial_timeout, TcpStream::connect_addr(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return c.lost(&w, generation, "dial_failed", &e),
@@ -339,6 +358,7 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
     if c.generation.get() != generation {
         return;
     }
+    w.stats.borrow_mut().dial_latency.record(dial_start.elapsed());
     let _ = stream.set_nodelay(true);
     c.fd.set(stream.as_raw_fd());
     c.state.set(ConnState::Up);
@@ -362,6 +382,7 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
         }
         let buf = std::mem::replace(&mut *c.out.borrow_mut(), spare);
         let frames = c.queued_frames.replace(0);
+        let oldest = c.oldest.take();
         let len = buf.len() as u64;
         c.writing.set(true);
         let (res, mut b) = wr.write_all(buf).await;
@@ -376,6 +397,9 @@ async fn run(w: Rc<Worker>, c: Rc<BackendConn>, generation: u64) {
             let bs = stats.backend(&c.endpoint.name);
             bs.bytes_sent += len;
             bs.frames_sent += frames;
+            if let Some(t) = oldest {
+                stats.forward_c2b.record_n(t.elapsed(), frames);
+            }
         }
         b.clear();
         spare = if b.capacity() > 4 * BACKEND_READ_BUF { BytesMut::new() } else { b };
@@ -467,7 +491,7 @@ fn on_backend_frame(w: &Worker, c: &BackendConn, h: &bproto::Header, body: Body<
                 if !payload.is_empty() {
                     s.deliver(w, msg_id, h.server_id, payload);
                 }
-                tracing::info!(session_id = h.session_id, backend = %c.endpoint, "session kicked by backend");
+                tracing::info!(session_id = h.session_id, trace_id = %s.trace_id(), backend = %c.endpoint, "session kicked by backend");
                 s.begin_close(DisconnectReason::Kicked, false);
             }
         }
@@ -496,11 +520,7 @@ fn on_backend_frame(w: &Worker, c: &BackendConn, h: &bproto::Header, body: Body<
         }
         Body::Pong => {
             if let Some(sent) = c.ping_sent.take() {
-                let us = sent.elapsed().as_micros() as u64;
-                let mut stats = w.stats.borrow_mut();
-                let b = stats.backend(&c.endpoint.name);
-                b.rtt_count += 1;
-                b.rtt_sum_us += us;
+                w.stats.borrow_mut().backend(&c.endpoint.name).rtt.record(sent.elapsed());
             }
         }
         Body::Connect { .. } | Body::Disconnect { .. } => {

@@ -40,6 +40,16 @@ pub const READ_BUF_INITIAL: usize = 2048;
 /// idle session never pins a 64 KiB buffer.
 pub const READ_BUF_KEEP_MAX: usize = 16 * 1024;
 
+/// A W3C-style trace id, displayed as 32 hex digits.
+#[derive(Clone, Copy)]
+pub struct TraceId(pub [u8; 16]);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::access_log::Hex(&self.0).fmt(f)
+    }
+}
+
 /// A session's binding to one backend connection for one server type.
 pub struct Binding {
     pub server_type: u8,
@@ -60,6 +70,10 @@ pub struct ClientSession {
     pub writer_wake: Notify,
     /// Set once `close` ran: the writer flushes and exits.
     pub closed: Cell<bool>,
+    /// When the oldest frame waiting in `out` was queued (forward latency).
+    oldest: Cell<Option<Instant>>,
+    /// `frames_out` at the last completed write (frames per write batch).
+    written_frames: Cell<u64>,
     /// `messages_per_second` bucket.
     limiter: Cell<MessageLimiter>,
     /// Counted in the per-IP table (released on close).
@@ -70,6 +84,11 @@ pub struct ClientSession {
 impl ClientSession {
     pub fn id(&self) -> i64 {
         self.info.borrow().id
+    }
+
+    /// The session's trace id, for log lines (hex when displayed).
+    pub fn trace_id(&self) -> TraceId {
+        TraceId(self.info.borrow().trace_id)
     }
 
     /// Asks the session to end with `reason` (first reason wins). The reader
@@ -100,6 +119,7 @@ impl ClientSession {
                 if let Some(n) = w.logs.borrow_mut().allow("reply_too_large", Instant::now()) {
                     tracing::warn!(
                         session_id = self.id(),
+                        trace_id = %self.trace_id(),
                         len = payload.len(),
                         suppressed = n,
                         "backend reply larger than a client frame can carry, dropped"
@@ -114,6 +134,9 @@ impl ClientSession {
             info.frames_out += 1;
             info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
         }
+        if self.oldest.get().is_none() {
+            self.oldest.set(Some(Instant::now()));
+        }
         self.writer_wake.notify();
         if len > w.cfg.borrow().limits.max_queued_bytes_per_session
             && self.begin_close(DisconnectReason::RateLimited, true)
@@ -122,6 +145,7 @@ impl ClientSession {
             if let Some(n) = w.logs.borrow_mut().allow("slow_reader", Instant::now()) {
                 tracing::warn!(
                     session_id = self.id(),
+                        trace_id = %self.trace_id(),
                     queued = len,
                     suppressed = n,
                     "client does not read its replies, closing"
@@ -180,15 +204,17 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         out: RefCell::new(BytesMut::new()),
         writer_wake: Notify::new(),
         closed: Cell::new(false),
+        oldest: Cell::new(None),
+        written_frames: Cell::new(0),
         limiter: Cell::new(MessageLimiter::new(w.cfg.borrow().limits.messages_burst, now)),
         ip_counted,
         fd,
     });
     w.sessions.borrow_mut().insert(id, s.clone());
     w.stats.borrow_mut().connections_total += 1;
-    tracing::debug!(session_id = id, client = %peer, "session opened");
+    tracing::debug!(session_id = id, trace_id = %TraceId(trace_id), client = %peer, "session opened");
     let (rd, wr) = stream.into_split();
-    monoio::spawn(write_loop(s.clone(), wr));
+    monoio::spawn(write_loop(w.clone(), s.clone(), wr));
     monoio::spawn(read_loop(w.clone(), s, rd));
 }
 
@@ -209,7 +235,7 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
                 s.info.borrow_mut().bytes_in += n as u64;
             }
             Err(e) => {
-                tracing::debug!(session_id = s.id(), error = %e, "client read failed");
+                tracing::debug!(session_id = s.id(), trace_id = %s.trace_id(), error = %e, "client read failed");
                 break;
             }
         }
@@ -243,15 +269,17 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
                 bump(&mut w.stats.borrow_mut().protocol_errors, "frame_too_large", 1);
                 if let Some(n) = w.logs.borrow_mut().allow("client_protocol_error", now) {
                     let info = s.info.borrow();
-                    tracing::warn!(session_id = info.id, client = %info.peer, error = %e, suppressed = n, "client protocol error, closing session");
+                    tracing::warn!(session_id = info.id, trace_id = %TraceId(info.trace_id), client = %info.peer, error = %e, suppressed = n, "client protocol error, closing session");
                 }
                 return Err(DisconnectReason::ProtocolError);
             }
         };
+        let first;
         {
             let mut info = s.info.borrow_mut();
             info.last_active = now;
             info.frames_in += 1;
+            first = !info.handshaken;
             if !info.handshaken {
                 info.handshaken = true;
                 info.first_server_type = Some(h.server_id.server_type());
@@ -270,6 +298,7 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
                 if let Some(n) = w.logs.borrow_mut().allow("messages_per_second", now) {
                     tracing::warn!(
                         session_id = s.id(),
+                        trace_id = %s.trace_id(),
                         rate,
                         burst,
                         suppressed = n,
@@ -285,6 +314,10 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
         }
         forward(w, s, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
         buf.advance(h.frame_len());
+        if first {
+            let started = s.info.borrow().started;
+            w.stats.borrow_mut().setup_latency.record(now.saturating_duration_since(started));
+        }
     }
 }
 
@@ -322,7 +355,7 @@ fn forward(w: &Rc<Worker>, s: &ClientSession, h: cproto::ClientHeader, payload: 
                 bump(&mut stats.frames_dropped, "routing_error", 1);
                 drop(stats);
                 if let Some(n) = w.logs.borrow_mut().allow("routing_error", now) {
-                    tracing::warn!(session_id = id, server_id = %h.server_id, msg_id = h.msg_id, error = kind, suppressed = n, "frame not routed, dropped");
+                    tracing::warn!(session_id = id, trace_id = %s.trace_id(), server_id = %h.server_id, msg_id = h.msg_id, error = kind, suppressed = n, "frame not routed, dropped");
                 }
                 return;
             }
@@ -361,7 +394,7 @@ fn bind(w: &Rc<Worker>, s: &ClientSession, id: i64, h: cproto::ClientHeader) -> 
     if rule.notify_sessions {
         conn.enqueue(w, |out| bproto::encode_connect(out, id, s.info.borrow().transport, peer));
     }
-    tracing::debug!(session_id = id, server_type = st, backend = %ep, "session bound");
+    tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, "session bound");
     Ok(Binding {
         server_type: st,
         conn,
@@ -386,6 +419,14 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
         w.ip_table.borrow_mut().release(s.info.borrow().peer.ip());
     }
     let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
+    if w.cfg.borrow().log.access_log {
+        let server = bindings.first().map(|b| &*b.conn.endpoint.name).unwrap_or("");
+        crate::access_log::append(&mut w.access_buf.borrow_mut(), &s.info.borrow(), reason, server);
+        w.access_pending.set(w.access_pending.get() + 1);
+        if w.access_buf.borrow().len() >= crate::access_log::FLUSH_BYTES {
+            w.flush_access_log();
+        }
+    }
     for b in bindings {
         b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));
     }
@@ -394,6 +435,7 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
         let info = s.info.borrow();
         tracing::debug!(
             session_id = id,
+            trace_id = %s.trace_id(),
             client = %info.peer,
             reason = reason.as_str(),
             frames_in = info.frames_in,
@@ -408,7 +450,7 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
     }
 }
 
-async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
+async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut wr: W) {
     let mut spare = BytesMut::new();
     loop {
         if s.out.borrow().is_empty() {
@@ -419,9 +461,11 @@ async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
             continue;
         }
         let buf = std::mem::replace(&mut *s.out.borrow_mut(), spare);
+        let oldest = s.oldest.take();
+        let frames = s.info.borrow().frames_out;
         let (res, mut b) = wr.write_all(buf).await;
         if let Err(e) = res {
-            tracing::debug!(session_id = s.id(), error = %e, "client write failed");
+            tracing::debug!(session_id = s.id(), trace_id = %s.trace_id(), error = %e, "client write failed");
             s.out.borrow_mut().clear();
             s.begin_close(DisconnectReason::ClientClosed, true);
             // Wait for the reader to run the close, then exit.
@@ -429,6 +473,11 @@ async fn write_loop<W: AsyncWriteRent>(s: Rc<ClientSession>, mut wr: W) {
                 s.writer_wake.notified().await;
             }
             return;
+        }
+        if let Some(t) = oldest {
+            // Frames in this write: those delivered since the previous write.
+            let n = frames - s.written_frames.replace(frames);
+            w.stats.borrow_mut().forward_b2c.record_n(t.elapsed(), n.max(1));
         }
         b.clear();
         spare = if b.capacity() > READ_BUF_KEEP_MAX { BytesMut::new() } else { b };
@@ -457,7 +506,7 @@ pub fn sweep(w: &Worker, now: Instant) {
     for (s, kind) in expired {
         bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
         if let Some(n) = w.logs.borrow_mut().allow(kind, now) {
-            tracing::info!(session_id = s.id(), kind, suppressed = n, "closing session on timeout");
+            tracing::info!(session_id = s.id(), trace_id = %s.trace_id(), kind, suppressed = n, "closing session on timeout");
         }
         s.begin_close(DisconnectReason::IdleTimeout, false);
     }

@@ -102,9 +102,41 @@ pub struct Worker {
     /// The SO_REUSEPORT group steers each client IPv4 address to one worker,
     /// so per-IP limits apply whole here; otherwise this worker's share.
     pub ip_steered: bool,
+    /// Access-log records not yet handed to the writer, and how many.
+    pub access_buf: RefCell<Vec<u8>>,
+    pub access_pending: Cell<u64>,
+    /// Taken at the end of the stop so the writer thread can finish.
+    access_tx: RefCell<Option<Sender<Vec<u8>>>>,
 }
 
 impl Worker {
+    /// Hands buffered access-log records to the writer (never blocks).
+    pub fn flush_access_log(&self) {
+        let n = self.access_pending.replace(0);
+        if n == 0 {
+            return;
+        }
+        let buf = std::mem::take(&mut *self.access_buf.borrow_mut());
+        let sent = match &*self.access_tx.borrow() {
+            Some(tx) => crate::access_log::hand_over(tx, buf, n),
+            None => Err(n),
+        };
+        match sent {
+            Ok(n) => self.stats.borrow_mut().access_log_records += n,
+            Err(n) => {
+                self.stats.borrow_mut().access_log_dropped += n;
+                if let Some(s) = self.logs.borrow_mut().allow("access_log_dropped", Instant::now()) {
+                    tracing::warn!(
+                        worker = self.index,
+                        records = n,
+                        suppressed = s,
+                        "access log writer behind: records dropped"
+                    );
+                }
+            }
+        }
+    }
+
     pub fn max_connections_here(&self) -> u64 {
         let cfg = self.cfg.borrow();
         cfg.limits.max_connections.div_ceil(self.info_workers(&cfg) as u64)
@@ -173,6 +205,7 @@ impl Worker {
             }
             WorkerCommand::Stats(tx) => {
                 let mut s = self.stats.borrow().clone();
+                s.worker = self.index;
                 s.sessions_active = self.sessions.borrow().len() as u64;
                 s.connections_active = s.sessions_active;
                 let now = Instant::now();
@@ -249,6 +282,8 @@ impl Worker {
                 c.shutdown_socket();
             }
         }
+        self.flush_access_log();
+        self.access_tx.borrow_mut().take();
         tracing::info!(worker = self.index, "stopped");
         self.stop_done.notify();
     }
@@ -292,6 +327,8 @@ pub struct WorkerSetup {
     pub ready: Sender<Result<WorkerInfo, String>>,
     /// Client IPs are steered to workers by the SO_REUSEPORT group's program.
     pub ip_steered: bool,
+    /// The access-log writer.
+    pub access_tx: Sender<Vec<u8>>,
 }
 
 fn io_uring_refused(e: &std::io::Error) -> bool {
@@ -336,7 +373,7 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, ip_steered } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, ip_steered, access_tx } = setup;
     let listener_fd = listener.as_raw_fd();
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -376,6 +413,9 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         stop_deadline: Cell::new(Instant::now()),
         ip_table: RefCell::new(PerIpTable::new(MAX_IP_ENTRIES)),
         ip_steered,
+        access_buf: RefCell::new(Vec::new()),
+        access_pending: Cell::new(0),
+        access_tx: RefCell::new(Some(access_tx)),
     });
     tracing::info!(worker = index, cpu = ?cpu, io_driver, "worker started");
     let _ = ready.send(Ok(info));
@@ -437,11 +477,27 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
             last_sweep = now;
             client::sweep(&w, now);
             backend::keepalive(&w, now);
+            w.flush_access_log();
         }
         if now.duration_since(last_evict) >= IP_EVICT_EVERY {
             last_evict = now;
             let rate = w.per_ip_limits_here().1;
             w.ip_table.borrow_mut().evict_idle(rate, now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_allows_a_burst_per_kind_then_counts_what_it_suppressed() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::default();
+        let allowed = (0..100).filter(|_| l.allow("flood", t0).is_some()).count();
+        assert_eq!(allowed, LOG_BURST as usize);
+        assert_eq!(l.allow("other", t0), Some(0), "kinds are limited separately");
+        assert_eq!(l.allow("flood", t0 + Duration::from_secs(1)), Some(100 - LOG_BURST as u64));
     }
 }

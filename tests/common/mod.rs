@@ -183,6 +183,9 @@ pub fn session_of(mb: &MockBackend, client: SocketAddr) -> i64 {
 
 /// A running gateway binary (for signal and CLI tests).
 pub struct GatewayProcess {
+    /// Everything the process printed on stdout after its first line (the
+    /// access log goes there by default).
+    pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -215,6 +218,10 @@ pub fn rand_u64() -> u64 {
 
 impl GatewayProcess {
     pub fn spawn(config: &str, args: &[&str]) -> GatewayProcess {
+        Self::spawn_env(config, args, &[])
+    }
+
+    pub fn spawn_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         let dir = TempDir::new("proc");
         let cfg = dir.0.join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
@@ -224,6 +231,7 @@ impl GatewayProcess {
             .arg(&cfg)
             .args(args)
             .env("LOG_LEVEL", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
@@ -241,7 +249,16 @@ impl GatewayProcess {
         );
         let addr = parts[3].parse().unwrap();
         let admin = parts[5].parse().unwrap();
-        GatewayProcess { child, addr, admin, stderr_path, _dir: dir }
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while out.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        GatewayProcess { stdout, child, addr, admin, stderr_path, _dir: dir }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -258,6 +275,10 @@ impl GatewayProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn stderr(&self) -> String {
