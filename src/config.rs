@@ -44,6 +44,9 @@ pub const DEFAULT_CIRCUIT_OPEN_DURATION: &str = "5s";
 pub const DEFAULT_KEEPALIVE_INTERVAL: &str = "10s";
 /// An unanswered PING older than this marks the connection dead.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
+/// One largest client frame (8-byte header + 65,535 payload bytes) plus room
+/// for a few small ones in the same message.
+pub const DEFAULT_WS_MAX_MESSAGE_SIZE: usize = 128 * 1024;
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_KEY_PREFIX: &str = "game-gateway:";
 pub const DEFAULT_REFRESH_INTERVAL: &str = "10s";
@@ -61,6 +64,36 @@ pub struct RawConfig {
     pub redis: Option<RawRedis>,
     pub routes: Vec<RawRule>,
     pub log: RawLog,
+    pub websocket: RawWebSocket,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWebSocket {
+    pub enabled: bool,
+    pub allowed_origins: Vec<String>,
+    pub subprotocols: Vec<String>,
+    pub max_message_size: i64,
+}
+
+impl Default for RawWebSocket {
+    fn default() -> Self {
+        RawWebSocket {
+            enabled: true,
+            allowed_origins: vec![],
+            subprotocols: vec![],
+            max_message_size: DEFAULT_WS_MAX_MESSAGE_SIZE as i64,
+        }
+    }
+}
+
+/// WebSocket on the game port.
+#[derive(Debug, Clone)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    pub policy: crate::protocol::frontdoor::UpgradePolicy,
+    /// Largest WebSocket message (and frame) accepted; larger closes with 1009.
+    pub max_message_size: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +106,8 @@ pub struct RawServer {
     pub cpus: Vec<i64>,
     pub io_driver: String,
     pub drain_timeout: String,
+    pub proxy_protocol: bool,
+    pub proxy_trusted: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -85,6 +120,8 @@ impl Default for RawServer {
             cpus: vec![],
             io_driver: "auto".into(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT.into(),
+            proxy_protocol: false,
+            proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
 }
@@ -224,6 +261,10 @@ pub struct ServerConfig {
     pub cpus: Vec<usize>,
     pub io_driver: IoDriver,
     pub drain_timeout: Duration,
+    /// Accept PROXY protocol v1/v2 headers ...
+    pub proxy_protocol: bool,
+    /// ... only from these source networks.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +340,7 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     pub routes: Vec<RouteRule>,
     pub log: LogConfig,
+    pub websocket: WebSocketConfig,
 }
 
 /// One config problem, located.
@@ -603,6 +645,22 @@ impl RawConfig {
             IoDriver::Auto
         });
         let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
+        let mut proxy_trusted = Vec::new();
+        for n in &s.proxy_trusted {
+            match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => proxy_trusted.push(net),
+                Err(_) => p.push("server", None, "proxy_trusted", format!("{n:?} is not a network like \"10.0.0.0/8\"")),
+            }
+        }
+        let ws = &self.websocket;
+        let websocket = WebSocketConfig {
+            enabled: ws.enabled,
+            policy: crate::protocol::frontdoor::UpgradePolicy {
+                allowed_origins: ws.allowed_origins.clone(),
+                subprotocols: ws.subprotocols.clone(),
+            },
+            max_message_size: p.int("websocket", "max_message_size", ws.max_message_size, 16, 16 << 20),
+        };
 
         let l = &self.limits;
         let limits = LimitsConfig {
@@ -748,11 +806,14 @@ impl RawConfig {
                 cpus,
                 io_driver,
                 drain_timeout,
+                proxy_protocol: s.proxy_protocol,
+                proxy_trusted,
             },
             limits,
             backend,
             redis,
             routes,
+            websocket,
             log: LogConfig {
                 level,
                 format,

@@ -47,6 +47,7 @@ pub const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_
 pub const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_records_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropped_total";
 pub const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
+pub const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
 
 /// Builds one metric family at a time.
 struct Family(MetricFamily);
@@ -224,6 +225,9 @@ pub fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &
             .0,
         info.0,
         Family::new(WORKERS_RESPONSIVE, "Workers that answered this scrape.", GAUGE).value(&[], responsive as f64).0,
+        Family::new(WEBSOCKET_UPGRADES_TOTAL, "Connections upgraded to WebSocket.", COUNTER)
+            .value(&[], s.websocket_upgrades as f64)
+            .0,
         Family::new(ACCESS_LOG_RECORDS_TOTAL, "Access-log records written.", COUNTER)
             .value(&[], s.access_log_records as f64)
             .0,

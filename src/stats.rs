@@ -115,6 +115,8 @@ pub struct WorkerStats {
     pub forward_c2b: LatencyHistogram,
     pub forward_b2c: LatencyHistogram,
     pub access_log_records: u64,
+    /// Connections upgraded to WebSocket.
+    pub websocket_upgrades: u64,
     /// Access-log records dropped because the writer could not keep up.
     pub access_log_dropped: u64,
     pub backends: AHashMap<Arc<str>, BackendStats>,
@@ -142,6 +144,7 @@ impl Default for WorkerStats {
             forward_c2b: LatencyHistogram::default(),
             forward_b2c: LatencyHistogram::default(),
             access_log_records: 0,
+            websocket_upgrades: 0,
             access_log_dropped: 0,
             backends: AHashMap::new(),
             route_version: 0,
@@ -189,6 +192,7 @@ impl WorkerStats {
         self.forward_c2b.merge(&o.forward_c2b);
         self.forward_b2c.merge(&o.forward_b2c);
         self.access_log_records += o.access_log_records;
+        self.websocket_upgrades += o.websocket_upgrades;
         self.access_log_dropped += o.access_log_dropped;
         for (k, v) in &o.backends {
             self.backend(k).merge(v);

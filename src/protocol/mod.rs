@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod frontdoor;
 
 use std::fmt;
 

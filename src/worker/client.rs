@@ -18,6 +18,8 @@ use super::Worker;
 use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
 use crate::notify::Notify;
+use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, ProxyError, Sniff};
+use super::ws::{WsEnd, WsState};
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
 use crate::protocol::ServerId;
@@ -39,6 +41,17 @@ pub const READ_BUF_INITIAL: usize = 2048;
 /// Buffers grown past this (by a large frame) are released once empty, so an
 /// idle session never pins a 64 KiB buffer.
 pub const READ_BUF_KEEP_MAX: usize = 16 * 1024;
+
+/// What a client connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// First bytes not seen yet (PROXY header, HTTP or game frames).
+    Sniffing,
+    /// Client frames straight on TCP.
+    Game,
+    /// Client frames inside WebSocket binary messages.
+    WebSocket,
+}
 
 /// A W3C-style trace id, displayed as 32 hex digits.
 #[derive(Clone, Copy)]
@@ -77,7 +90,13 @@ pub struct ClientSession {
     /// `messages_per_second` bucket.
     limiter: Cell<MessageLimiter>,
     /// Counted in the per-IP table (released on close).
-    ip_counted: bool,
+    ip_counted: Cell<bool>,
+    /// What the connection speaks (decided by the front door).
+    pub mode: Cell<Mode>,
+    /// A PROXY header was already taken.
+    proxy_done: Cell<bool>,
+    /// WebSocket framing state, once upgraded.
+    pub ws: RefCell<Option<Box<WsState>>>,
     fd: RawFd,
 }
 
@@ -113,6 +132,10 @@ impl ClientSession {
         }
         let len = {
             let mut out = self.out.borrow_mut();
+            if payload.len() <= cproto::MAX_PAYLOAD && self.mode.get() == Mode::WebSocket {
+                // One client frame per binary message.
+                super::ws::put_binary_header(&mut out, cproto::HEADER_LEN + payload.len());
+            }
             if !cproto::encode(&mut out, msg_id, ServerId(server_id), payload) {
                 drop(out);
                 bump(&mut w.stats.borrow_mut().frames_dropped, "reply_too_large", 1);
@@ -207,7 +230,10 @@ pub fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         oldest: Cell::new(None),
         written_frames: Cell::new(0),
         limiter: Cell::new(MessageLimiter::new(w.cfg.borrow().limits.messages_burst, now)),
-        ip_counted,
+        ip_counted: Cell::new(ip_counted),
+        mode: Cell::new(Mode::Sniffing),
+        proxy_done: Cell::new(false),
+        ws: RefCell::new(None),
         fd,
     });
     w.sessions.borrow_mut().insert(id, s.clone());
@@ -242,7 +268,12 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
         // Bytes read are forwarded even when the session is closing (drain,
         // kick): they were sent before the close and must not be lost. The
         // close itself arrives as end of stream after the buffered bytes.
-        if let Err(reason) = on_client_bytes(&w, &s, &mut buf) {
+        let r = match s.mode.get() {
+            Mode::Sniffing => front_door(&w, &s, &mut buf),
+            Mode::Game => on_client_bytes(&w, &s, &mut buf),
+            Mode::WebSocket => on_ws_bytes(&w, &s, &mut buf),
+        };
+        if let Err(reason) = r {
             s.info.borrow_mut().set_close_reason(reason);
             break;
         }
@@ -251,6 +282,163 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, s: Rc<ClientSession>, mut rd
         }
     }
     close(&w, &s);
+}
+
+/// The first bytes: an optional PROXY header (trusted sources only), then
+/// HTTP (a WebSocket upgrade, or plain HTTP answered with 426) or client
+/// frames. Bytes after a header stay in `buf` for the next stage.
+fn front_door(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
+    loop {
+        match sniff(buf) {
+            Sniff::NeedMore => return Ok(()),
+            Sniff::Game => {
+                s.mode.set(Mode::Game);
+                return on_client_bytes(w, s, buf);
+            }
+            Sniff::Proxy => {
+                let (enabled, trusted) = {
+                    let cfg = w.cfg.borrow();
+                    let ip = s.info.borrow().peer.ip();
+                    (cfg.server.proxy_protocol, cfg.server.proxy_trusted.iter().any(|n| n.contains(&ip)))
+                };
+                let header = if !enabled {
+                    Err(ProxyError::NotEnabled)
+                } else if !trusted || s.proxy_done.get() {
+                    Err(ProxyError::Untrusted(s.info.borrow().peer.ip()))
+                } else {
+                    parse_proxy(buf)
+                };
+                match header {
+                    Ok(None) => return Ok(()),
+                    Ok(Some(h)) => {
+                        buf.advance(h.len);
+                        s.proxy_done.set(true);
+                        if let Some(client) = h.client {
+                            readmit(w, s, client)?;
+                        }
+                    }
+                    Err(e) => {
+                        let kind = match e {
+                            ProxyError::Malformed(_) => "proxy_malformed",
+                            ProxyError::Untrusted(_) => "proxy_untrusted",
+                            ProxyError::NotEnabled => "proxy_not_enabled",
+                        };
+                        bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
+                        if let Some(n) = w.logs.borrow_mut().allow(kind, Instant::now()) {
+                            tracing::warn!(session_id = s.id(), trace_id = %s.trace_id(), client = %s.info.borrow().peer, error = %e, suppressed = n, "PROXY header refused, closing");
+                        }
+                        return Err(DisconnectReason::ProtocolError);
+                    }
+                }
+            }
+            Sniff::Http => {
+                let (enabled, policy) = {
+                    let cfg = w.cfg.borrow();
+                    (cfg.websocket.enabled, cfg.websocket.policy.clone())
+                };
+                let Some((decision, len)) = parse_http(buf, &policy) else { return Ok(()) };
+                buf.advance(len.min(buf.len()));
+                match decision {
+                    HttpDecision::Upgrade { response, subprotocol } if enabled => {
+                        s.out.borrow_mut().extend_from_slice(response.as_bytes());
+                        s.writer_wake.notify();
+                        let max = w.cfg.borrow().websocket.max_message_size;
+                        *s.ws.borrow_mut() = Some(Box::new(WsState::new(max)));
+                        s.mode.set(Mode::WebSocket);
+                        {
+                            let mut info = s.info.borrow_mut();
+                            info.transport = Transport::WebSocket;
+                            info.handshaken = true;
+                        }
+                        w.stats.borrow_mut().websocket_upgrades += 1;
+                        tracing::debug!(session_id = s.id(), trace_id = %s.trace_id(), subprotocol = ?subprotocol, "websocket upgrade");
+                        return on_ws_bytes(w, s, buf);
+                    }
+                    HttpDecision::Upgrade { .. } => {
+                        let body = "websocket is disabled on this gateway\n";
+                        let resp = format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                        return refuse_http(w, s, 404, &resp);
+                    }
+                    HttpDecision::Refuse { status, response } => return refuse_http(w, s, status, &response),
+                }
+            }
+        }
+    }
+}
+
+/// Answers an HTTP request that is not (a valid) upgrade and ends the session.
+fn refuse_http(w: &Worker, s: &ClientSession, status: u16, response: &str) -> Result<(), DisconnectReason> {
+    s.out.borrow_mut().extend_from_slice(response.as_bytes());
+    s.writer_wake.notify();
+    let kind = match status {
+        426 => "http_426",
+        403 => "http_403",
+        431 => "http_431",
+        404 => "http_404",
+        _ => "http_400",
+    };
+    bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
+    if let Some(n) = w.logs.borrow_mut().allow(kind, Instant::now()) {
+        tracing::info!(session_id = s.id(), trace_id = %s.trace_id(), client = %s.info.borrow().peer, status, suppressed = n, "HTTP request on the game port answered and closed");
+    }
+    Err(DisconnectReason::ProtocolError)
+}
+
+/// The client address from a PROXY header replaces the connection's: it is
+/// the one per-IP limits, `CONNECT`, logs and the access log see.
+fn readmit(w: &Worker, s: &ClientSession, client: SocketAddr) -> Result<(), DisconnectReason> {
+    let old = s.info.borrow().peer;
+    if s.ip_counted.get() {
+        w.ip_table.borrow_mut().release(old.ip());
+        s.ip_counted.set(false);
+    }
+    s.info.borrow_mut().peer = client;
+    let (max, rate) = w.per_ip_limits_here();
+    if max > 0 || rate > 0 {
+        if let Err(refusal) = w.ip_table.borrow_mut().admit(client.ip(), max, rate, Instant::now()) {
+            let mut stats = w.stats.borrow_mut();
+            bump(&mut stats.connection_rejected, refusal.as_str(), 1);
+            bump(&mut stats.rate_limit_rejected, refusal.as_str(), 1);
+            return Err(DisconnectReason::RateLimited);
+        }
+        s.ip_counted.set(true);
+    }
+    tracing::debug!(session_id = s.id(), trace_id = %s.trace_id(), proxy = %old, client = %client, "client address from PROXY header");
+    Ok(())
+}
+
+/// WebSocket bytes: unwrap binary messages into the client frame stream,
+/// then frame that stream exactly as on TCP.
+fn on_ws_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Result<(), DisconnectReason> {
+    let mut guard = s.ws.borrow_mut();
+    let Some(ws) = guard.as_mut() else { return Err(DisconnectReason::ProtocolError) };
+    let r = ws.on_bytes(buf, &mut s.out.borrow_mut());
+    let mut stream = std::mem::take(&mut ws.stream);
+    drop(guard);
+    if !s.out.borrow().is_empty() {
+        s.writer_wake.notify();
+    }
+    // Frames completed before a close still go to their backend.
+    let framed = on_client_bytes(w, s, &mut stream);
+    if let Some(ws) = s.ws.borrow_mut().as_mut() {
+        ws.stream = stream;
+    }
+    match r {
+        Ok(()) => framed,
+        Err(WsEnd::ClientClosed) => Err(DisconnectReason::ClientClosed),
+        Err(WsEnd::Violation(code, why)) => {
+            let kind = match code {
+                1003 => "websocket_text",
+                1009 => "websocket_too_large",
+                _ => "websocket_protocol",
+            };
+            bump(&mut w.stats.borrow_mut().protocol_errors, kind, 1);
+            if let Some(n) = w.logs.borrow_mut().allow(kind, Instant::now()) {
+                tracing::warn!(session_id = s.id(), trace_id = %s.trace_id(), code, reason = why, suppressed = n, "websocket protocol violation, closing");
+            }
+            Err(DisconnectReason::ProtocolError)
+        }
+    }
 }
 
 /// Frames and forwards everything complete in `buf`, leaving a partial
@@ -279,9 +467,9 @@ fn on_client_bytes(w: &Rc<Worker>, s: &ClientSession, buf: &mut BytesMut) -> Res
             let mut info = s.info.borrow_mut();
             info.last_active = now;
             info.frames_in += 1;
-            first = !info.handshaken;
-            if !info.handshaken {
-                info.handshaken = true;
+            info.handshaken = true;
+            first = info.first_server_type.is_none();
+            if first {
                 info.first_server_type = Some(h.server_id.server_type());
                 info.first_world = h.server_id.world_id();
             }
@@ -415,7 +603,7 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
         (info.id, info.close_reason.unwrap_or(DisconnectReason::ClientClosed))
     };
     w.sessions.borrow_mut().remove(&id);
-    if s.ip_counted {
+    if s.ip_counted.get() {
         w.ip_table.borrow_mut().release(s.info.borrow().peer.ip());
     }
     let bindings = std::mem::take(&mut *s.bindings.borrow_mut());
@@ -431,6 +619,20 @@ fn close(w: &Worker, s: &Rc<ClientSession>) {
         b.conn.unbind(w, id, b.generation, b.notify.then_some(reason));
     }
     w.count_closed(reason);
+    // A WebSocket client gets a close frame saying why (once).
+    if let Some(ws) = s.ws.borrow_mut().as_mut() {
+        use tungstenite::protocol::frame::coding::CloseCode;
+        let (code, why) = match reason {
+            DisconnectReason::Kicked => (CloseCode::Normal, "kicked"),
+            DisconnectReason::Shutdown => (CloseCode::Away, "gateway shutting down"),
+            DisconnectReason::IdleTimeout => (CloseCode::Away, "idle"),
+            DisconnectReason::RateLimited => (CloseCode::Policy, "rate limited"),
+            DisconnectReason::BackendLost => (CloseCode::Again, "backend unavailable"),
+            DisconnectReason::ProtocolError => (CloseCode::Protocol, "protocol error"),
+            DisconnectReason::ClientClosed | DisconnectReason::RouteChanged => (CloseCode::Normal, ""),
+        };
+        ws.close_into(&mut s.out.borrow_mut(), code, why);
+    }
     {
         let info = s.info.borrow();
         tracing::debug!(

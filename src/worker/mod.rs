@@ -21,6 +21,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod ws;
 
 use crate::config::{Config, IoDriver};
 use crate::limits::{PerIpTable, IP_EVICT_EVERY, MAX_IP_ENTRIES};

@@ -1,0 +1,295 @@
+//! The front door of the game port, sans-IO: what the first bytes of a
+//! connection are, the PROXY protocol header, and the HTTP request that may
+//! be a WebSocket upgrade.
+//!
+//! Nothing here consumes bytes it does not understand: [`sniff`] only looks,
+//! and the parsers report how many bytes their header took, so the bytes
+//! after it (the game stream) stay in the caller's buffer.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// What a connection starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// Too few bytes to tell yet.
+    NeedMore,
+    /// A PROXY protocol v1 or v2 header.
+    Proxy,
+    /// An HTTP request (a WebSocket upgrade or not).
+    Http,
+    /// Anything else is read as client frames (which reject garbage).
+    Game,
+}
+
+/// PROXY protocol v2 signature.
+pub const PROXY_V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+const PROXY_V1_SIG: &[u8] = b"PROXY ";
+const HTTP_METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+
+/// Decides from the first bytes. A buffer that is a strict prefix of a
+/// signature needs more bytes; anything that cannot become one is game data.
+pub fn sniff(buf: &[u8]) -> Sniff {
+    let matches = |sig: &[u8]| {
+        let n = buf.len().min(sig.len());
+        buf[..n] == sig[..n]
+    };
+    let complete = |sig: &[u8]| buf.len() >= sig.len();
+    let mut undecided = false;
+    for (sig, kind) in [(&PROXY_V2_SIG[..], Sniff::Proxy), (PROXY_V1_SIG, Sniff::Proxy)] {
+        if matches(sig) {
+            if complete(sig) {
+                return kind;
+            }
+            undecided = true;
+        }
+    }
+    for m in HTTP_METHODS {
+        if matches(m) {
+            if complete(m) {
+                return Sniff::Http;
+            }
+            undecided = true;
+        }
+    }
+    if undecided || buf.is_empty() {
+        Sniff::NeedMore
+    } else {
+        Sniff::Game
+    }
+}
+
+/// A parsed PROXY header: the client it announces (`None` for `LOCAL` /
+/// `UNKNOWN`: use the connection's own peer) and the header's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub client: Option<SocketAddr>,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("malformed PROXY header: {0}")]
+    Malformed(String),
+    #[error("PROXY header from {0}, which is not a trusted source")]
+    Untrusted(IpAddr),
+    #[error("PROXY header on a listener without proxy_protocol")]
+    NotEnabled,
+}
+
+/// Parses a PROXY v1 or v2 header at the front of `buf` (HAProxy's spec,
+/// via the `ppp` crate). `Ok(None)`: incomplete.
+pub fn parse_proxy(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
+    use ppp::PartialResult;
+    if buf.starts_with(PROXY_V2_SIG) {
+        let r = ppp::v2::Header::try_from(buf);
+        if r.is_incomplete() {
+            return Ok(None);
+        }
+        let h = r.map_err(|e| ProxyError::Malformed(e.to_string()))?;
+        let client = match (h.command, h.addresses) {
+            (ppp::v2::Command::Local, _) => None,
+            (_, ppp::v2::Addresses::IPv4(a)) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+            (_, ppp::v2::Addresses::IPv6(a)) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+            (_, ppp::v2::Addresses::Unspecified) | (_, ppp::v2::Addresses::Unix(_)) => None,
+        };
+        return Ok(Some(ProxyHeader { client, len: h.len() }));
+    }
+    let r = ppp::v1::Header::try_from(buf);
+    // A v1 header is one line: once its CRLF is in, "incomplete" means broken.
+    let line_done = buf.windows(2).any(|w| w == b"\r\n");
+    if r.is_incomplete() && !line_done {
+        return Ok(None);
+    }
+    let h = r.map_err(|e| ProxyError::Malformed(e.to_string()))?;
+    let client = match h.addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        ppp::v1::Addresses::Unknown => None,
+    };
+    Ok(Some(ProxyHeader { client, len: h.header.len() }))
+}
+
+/// WebSocket settings the handshake needs.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradePolicy {
+    /// Allowed `Origin` values; empty = any origin.
+    pub allowed_origins: Vec<String>,
+    /// Subprotocols the gateway speaks, in order of preference.
+    pub subprotocols: Vec<String>,
+}
+
+/// What to do with an HTTP request on the game port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpDecision {
+    /// A valid upgrade: send `response` (101) and switch to WebSocket.
+    Upgrade { response: String, subprotocol: Option<String> },
+    /// Answer with `response` and close (426 for plain HTTP, 400 for a bad
+    /// upgrade, 403 for a refused origin, 431 for a huge head).
+    Refuse { status: u16, response: String },
+}
+
+/// Largest request head read before answering 431.
+pub const MAX_REQUEST_HEAD: usize = 8192;
+const MAX_HEADERS: usize = 32;
+
+fn plain(status: u16, reason: &str, extra: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn refuse(status: u16, body: &str) -> HttpDecision {
+    let (reason, extra) = match status {
+        426 => ("Upgrade Required", "Upgrade: websocket\r\n"),
+        403 => ("Forbidden", ""),
+        431 => ("Request Header Fields Too Large", ""),
+        _ => ("Bad Request", ""),
+    };
+    HttpDecision::Refuse { status, response: plain(status, reason, extra, body) }
+}
+
+/// Parses the request head at the front of `buf` (with `httparse`).
+/// `Ok(None)`: incomplete. On a decision, also returns the head's length.
+pub fn parse_http(buf: &[u8], policy: &UpgradePolicy) -> Option<(HttpDecision, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => return None,
+        Ok(httparse::Status::Partial) => return Some((refuse(431, "request head too large\n"), buf.len())),
+        Err(e) => return Some((refuse(400, &format!("bad request: {e}\n")), buf.len())),
+    };
+    let header = |name: &str| {
+        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let has_token = |name: &str, token: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token("Upgrade", "websocket") {
+        return Some((refuse(426, "this port speaks game frames and WebSocket; upgrade to websocket\n"), len));
+    }
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Some((refuse(400, "a WebSocket upgrade must be GET over HTTP/1.1\n"), len));
+    }
+    if !has_token("Connection", "upgrade") {
+        return Some((refuse(400, "missing Connection: upgrade\n"), len));
+    }
+    if header("Sec-WebSocket-Version") != Some("13") {
+        return Some((refuse(400, "Sec-WebSocket-Version must be 13\n"), len));
+    }
+    let Some(key) = header("Sec-WebSocket-Key").filter(|k| !k.trim().is_empty()) else {
+        return Some((refuse(400, "missing Sec-WebSocket-Key\n"), len));
+    };
+    if !policy.allowed_origins.is_empty() {
+        let origin = header("Origin").unwrap_or("");
+        if !policy.allowed_origins.iter().any(|o| o == origin) {
+            return Some((refuse(403, "origin not allowed\n"), len));
+        }
+    }
+    let offered: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let subprotocol = policy.subprotocols.iter().find(|p| offered.contains(&p.as_str())).cloned();
+    let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let proto_line = subprotocol.as_ref().map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{proto_line}\r\n"
+    );
+    Some((HttpDecision::Upgrade { response, subprotocol }, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff(b""), Sniff::NeedMore);
+        assert_eq!(sniff(b"GE"), Sniff::NeedMore);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniff::Http);
+        assert_eq!(sniff(b"PROX"), Sniff::NeedMore);
+        assert_eq!(sniff(b"PROXY TCP4 "), Sniff::Proxy);
+        assert_eq!(sniff(b"\r\n\r\n\0\r\nQUIT\n\x21"), Sniff::Proxy);
+        assert_eq!(sniff(b"\r\n\r\n"), Sniff::NeedMore);
+        assert_eq!(sniff(&[5, 0, 1, 0, 2, 10, 1, 0]), Sniff::Game);
+        assert_eq!(sniff(b"GEX"), Sniff::Game);
+    }
+
+    #[test]
+    fn proxy_v1_and_v2() {
+        let v1 = b"PROXY TCP4 10.1.2.3 10.0.0.1 4567 8080\r\nrest";
+        assert_eq!(parse_proxy(&v1[..20]), Ok(None));
+        let h = parse_proxy(v1).unwrap().unwrap();
+        assert_eq!(h.client, Some("10.1.2.3:4567".parse().unwrap()));
+        assert_eq!(&v1[h.len..], b"rest");
+        assert_eq!(parse_proxy(b"PROXY UNKNOWN\r\n").unwrap().unwrap().client, None);
+        assert!(parse_proxy(b"PROXY TCP4 nonsense\r\n").is_err());
+
+        let mut v2 = PROXY_V2_SIG.to_vec();
+        v2.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 168, 1, 9, 10, 0, 0, 1, 0x1f, 0x90, 0x00, 0x50]);
+        assert_eq!(parse_proxy(&v2[..14]), Ok(None));
+        v2.extend_from_slice(b"game");
+        let h = parse_proxy(&v2).unwrap().unwrap();
+        assert_eq!(h.client, Some("192.168.1.9:8080".parse().unwrap()));
+        assert_eq!(&v2[h.len..], b"game");
+    }
+
+    const UPGRADE: &str = "GET /play HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: https://game.example\r\nSec-WebSocket-Protocol: chat, game.v1\r\n\r\n";
+
+    #[test]
+    fn upgrade_accept_key_and_subprotocol() {
+        let policy = UpgradePolicy { allowed_origins: vec![], subprotocols: vec!["game.v1".into()] };
+        let (d, len) = parse_http(UPGRADE.as_bytes(), &policy).unwrap();
+        assert_eq!(len, UPGRADE.len());
+        match d {
+            HttpDecision::Upgrade { response, subprotocol } => {
+                // The RFC 6455 sample key.
+                assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{response}");
+                assert_eq!(subprotocol.as_deref(), Some("game.v1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_http(&UPGRADE.as_bytes()[..40], &policy).is_none());
+    }
+
+    #[test]
+    fn refusals() {
+        let p = UpgradePolicy::default();
+        let status = |req: &str, p: &UpgradePolicy| match parse_http(req.as_bytes(), p).unwrap().0 {
+            HttpDecision::Refuse { status, response } => {
+                assert!(response.contains("Connection: close"));
+                status
+            }
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n", &p), 426);
+        assert_eq!(status(&UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), &p), 400);
+        assert_eq!(status(&UPGRADE.replace("Version: 13", "Version: 8"), &p), 400);
+        let strict = UpgradePolicy { allowed_origins: vec!["https://other".into()], subprotocols: vec![] };
+        assert_eq!(status(UPGRADE, &strict), 403);
+        let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_HEAD));
+        assert_eq!(status(&huge, &p), 431);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = sniff(&bytes);
+            let _ = parse_proxy(&bytes);
+            let _ = parse_http(&bytes, &UpgradePolicy::default());
+        }
+    }
+}
