@@ -649,7 +649,9 @@ impl RawConfig {
         for n in &s.proxy_trusted {
             match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
                 Ok(net) => proxy_trusted.push(net),
-                Err(_) => p.push("server", None, "proxy_trusted", format!("{n:?} is not a network like \"10.0.0.0/8\"")),
+                Err(_) => {
+                    p.push("server", None, "proxy_trusted", format!("{n:?} is not a network like \"10.0.0.0/8\""))
+                }
             }
         }
         let ws = &self.websocket;

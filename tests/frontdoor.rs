@@ -36,7 +36,11 @@ fn next_binary(ws: &mut Ws) -> Reply {
             Message::Binary(b) => {
                 let len = u16::from_le_bytes([b[0], b[1]]) as usize;
                 assert_eq!(b.len(), 8 + len, "one client frame per binary message");
-                return Reply { msg_id: u16::from_le_bytes([b[2], b[3]]), server_id: u32::from_le_bytes(b[4..8].try_into().unwrap()), payload: b[8..].to_vec() };
+                return Reply {
+                    msg_id: u16::from_le_bytes([b[2], b[3]]),
+                    server_id: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+                    payload: b[8..].to_vec(),
+                };
             }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected {other:?}"),
@@ -167,7 +171,9 @@ fn bad_handshake_gets_400_and_plain_http_gets_426() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    let bad = ask("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    let bad = ask(
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
     assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
     let plain = ask("GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{plain}");
@@ -176,7 +182,9 @@ fn bad_handshake_gets_400_and_plain_http_gets_426() {
 
 #[test]
 fn origin_allow_list_and_subprotocol_selection() {
-    let (_mb, gw) = ws_gateway("[websocket]\nallowed_origins = [\"https://play.example\"]\nsubprotocols = [\"game.v2\", \"game.v1\"]\n");
+    let (_mb, gw) = ws_gateway(
+        "[websocket]\nallowed_origins = [\"https://play.example\"]\nsubprotocols = [\"game.v2\", \"game.v1\"]\n",
+    );
     match ws_connect(gw.local_addr(), &[("Origin", "https://evil.example")]) {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
         other => panic!("{:?}", other.map(|_| ())),
@@ -214,8 +222,11 @@ fn kick_over_websocket_sends_last_frame_then_close() {
 
 /// A gateway with `proxy_protocol` on, trusting `trusted` (TOML list items).
 fn start_proxy(mb: &MockBackend, trusted: &str) -> game_gateway::gateway::Gateway {
-    let text = config_text(1, "", &route(10, 0, "round_robin", &[mb.addr()], ""))
-        .replacen("[server]\n", &format!("[server]\nproxy_protocol = true\nproxy_trusted = [{trusted}]\n"), 1);
+    let text = config_text(1, "", &route(10, 0, "round_robin", &[mb.addr()], "")).replacen(
+        "[server]\n",
+        &format!("[server]\nproxy_protocol = true\nproxy_trusted = [{trusted}]\n"),
+        1,
+    );
     let mut cfg = game_gateway::config::Config::from_str(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
     cfg.log.access_log = false;
     let table = game_gateway::control::static_routes(&cfg, 1);
@@ -259,7 +270,9 @@ fn proxy_v1_and_v2_from_a_trusted_source_set_the_client_address() {
     ws.send(Message::binary(Client::frame(1, sid(1, 10, 0), b"ws"))).unwrap();
     assert_eq!(next_binary(&mut ws).payload, b"ws");
     match mb.wait_for(T, |e| matches!(e, Event::Connect { .. })) {
-        Some(Event::Connect { addr, transport, .. }) => assert_eq!((addr, transport), ("192.0.2.1:5555".parse().unwrap(), 2)),
+        Some(Event::Connect { addr, transport, .. }) => {
+            assert_eq!((addr, transport), ("192.0.2.1:5555".parse().unwrap(), 2))
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -14,14 +14,14 @@
 //! a reason; only the reader's exit runs the close, so it runs exactly once.
 
 use super::backend::BackendConn;
+use super::ws::{WsEnd, WsState};
 use super::Worker;
 use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
 use crate::notify::Notify;
-use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, ProxyError, Sniff};
-use super::ws::{WsEnd, WsState};
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
+use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, ProxyError, Sniff};
 use crate::protocol::ServerId;
 use crate::routing::{OnBackendLoss, PickInput};
 use crate::session::SessionInfo;
