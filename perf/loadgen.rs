@@ -1,27 +1,40 @@
-//! gw-load: a load generator that speaks the client protocol (through the
-//! gateway) or the backend protocol (straight to a backend, the baseline).
+//! gw-load: a load generator that speaks the client protocol (to a gateway,
+//! over TCP or WebSocket), raw client frames to any TCP proxy or echo, or the
+//! backend protocol straight to a backend (the baseline).
 //!
-//! Closed loop: each session keeps `--inflight` frames outstanding and sends a
-//! new one per reply. Latency is timed from send to reply with HdrHistogram
-//! (microsecond resolution); every reply expected and not received by the end
-//! is counted as missing. A progress line is printed every second; the summary
-//! is printed as text and, with `--json`, as one JSON line.
+//! Workloads:
+//! - closed loop (default): each session keeps `--inflight` frames
+//!   outstanding and sends a new one per reply;
+//! - open loop (`--rate R`): each session sends R frames per second on a
+//!   fixed schedule; latency is timed from the *intended* send time, so a
+//!   stall is charged to every frame it delayed (coordinated omission
+//!   corrected);
+//! - churn (`--churn`): each session repeatedly connects, sends one frame,
+//!   reads the reply and closes; reports sessions per second;
+//! - idle (`--idle`): sessions connect, bind with one frame, then hold still
+//!   (memory measurements).
+//!
+//! Latency is recorded with HdrHistogram (µs). Every reply expected and not
+//! received is counted as missing; a progress line is printed every second;
+//! the summary is printed as text and, with `--json`, as one JSON line.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use clap::{Parser, ValueEnum};
 use game_gateway::protocol::backend as bproto;
 use game_gateway::protocol::{client as cproto, ServerId};
 use hdrhistogram::Histogram;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Mode {
-    /// Client frames to a gateway.
+    /// Client frames (to a gateway, or through any byte proxy to an echo).
     Gateway,
     /// Backend `TRANS` frames straight to a backend (no gateway).
     Direct,
@@ -35,12 +48,24 @@ struct Args {
     target: SocketAddr,
     #[arg(long, value_enum, default_value = "gateway")]
     mode: Mode,
+    /// Speak WebSocket (binary messages carrying client frames).
+    #[arg(long)]
+    ws: bool,
     /// Concurrent sessions (connections).
     #[arg(long, default_value_t = 100)]
     sessions: usize,
     /// Frames in flight per session (closed loop).
     #[arg(long, default_value_t = 1)]
     inflight: usize,
+    /// Open loop: frames per second per session (0 = closed loop).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Churn: connect, one frame, reply, close, repeat.
+    #[arg(long)]
+    churn: bool,
+    /// Idle: bind with one frame, then hold the connection still.
+    #[arg(long)]
+    idle: bool,
     /// Payload bytes per frame (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     payload: usize,
@@ -75,170 +100,364 @@ struct Shared {
     stop: AtomicBool,
     replies: AtomicU64,
     errors: AtomicU64,
+    sessions_done: AtomicU64,
     epoch: Instant,
 }
 
-struct ThreadResult {
-    hist: Histogram<u64>,
-    replies: u64,
-    sent: u64,
-    missing: u64,
-    errors: u64,
-}
-
-fn encode(args: &Args, out: &mut BytesMut, session: i64, t_ns: u64) {
-    let mut payload = vec![0u8; args.payload.max(8)];
-    payload[..8].copy_from_slice(&t_ns.to_le_bytes());
-    let sid = ServerId::new(false, args.world, args.server_type, args.inst);
-    match args.mode {
-        Mode::Gateway => {
-            cproto::encode(out, 1, sid, &payload);
-        }
-        Mode::Direct => bproto::encode_trans(out, 1, sid.0, session, None, &payload),
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+    fn error(&self, r: &mut Outcome) {
+        r.errors += 1;
+        self.errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Parses one reply at the front of `buf`: `Some(Some(sent_ns))`, `Some(None)`
-/// when incomplete, `None` on a protocol error.
-fn decode(mode: Mode, buf: &mut BytesMut) -> Option<Option<u64>> {
-    let (start, len) = match mode {
+struct Outcome {
+    hist: Histogram<u64>,
+    replies: u64,
+    missing: u64,
+    errors: u64,
+    sessions: u64,
+}
+
+impl Outcome {
+    fn new() -> Outcome {
+        Outcome { hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(), replies: 0, missing: 0, errors: 0, sessions: 0 }
+    }
+    fn add(&mut self, o: &Outcome) {
+        self.hist.add(&o.hist).unwrap();
+        self.replies += o.replies;
+        self.missing += o.missing;
+        self.errors += o.errors;
+        self.sessions += o.sessions;
+    }
+}
+
+/// Encodes one request carrying `t_ns` in its first payload bytes.
+fn encode(args: &Args, out: &mut BytesMut, session: i64, t_ns: u64) {
+    let mut payload = [0u8; 65_535];
+    let n = args.payload.max(8);
+    payload[..8].copy_from_slice(&t_ns.to_le_bytes());
+    let sid = ServerId::new(false, args.world, args.server_type, args.inst);
+    match args.mode {
+        Mode::Direct => bproto::encode_trans(out, 1, sid.0, session, None, &payload[..n]),
+        Mode::Gateway if args.ws => {
+            // A masked binary frame, as a client must send.
+            let mut frame = BytesMut::new();
+            cproto::encode(&mut frame, 1, sid, &payload[..n]);
+            let mask = (t_ns as u32 ^ session as u32).to_le_bytes();
+            let h = tungstenite::protocol::frame::FrameHeader {
+                opcode: tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Binary),
+                mask: Some(mask),
+                ..Default::default()
+            };
+            let _ = h.format(frame.len() as u64, &mut out.writer());
+            out.extend(frame.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        Mode::Gateway => {
+            cproto::encode(out, 1, sid, &payload[..n]);
+        }
+    }
+}
+
+/// One reply at the front of `buf`: `Some(Some(sent_ns))`, `Some(None)` when
+/// incomplete, `None` on a protocol error.
+fn decode(args: &Args, buf: &mut BytesMut) -> Option<Option<u64>> {
+    let (skip, start, len) = match args.mode {
+        Mode::Gateway if args.ws => {
+            let mut cur = std::io::Cursor::new(&buf[..]);
+            match tungstenite::protocol::frame::FrameHeader::parse(&mut cur) {
+                Ok(Some((_h, plen))) => {
+                    let hl = cur.position() as usize;
+                    if buf.len() < hl + plen as usize {
+                        return Some(None);
+                    }
+                    (hl, hl + cproto::HEADER_LEN, hl + plen as usize)
+                }
+                Ok(None) => return Some(None),
+                Err(_) => return None,
+            }
+        }
         Mode::Gateway => match cproto::check(buf, cproto::MAX_PAYLOAD) {
-            Ok(Some(h)) => (cproto::HEADER_LEN, h.frame_len()),
+            Ok(Some(h)) => (0, cproto::HEADER_LEN, h.frame_len()),
             Ok(None) => return Some(None),
             Err(_) => return None,
         },
         Mode::Direct => match bproto::check(buf, 1 << 20) {
-            Ok(Some(h)) => (bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN, h.frame_len()),
+            Ok(Some(h)) => (0, bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN, h.frame_len()),
             Ok(None) => return Some(None),
             Err(_) => return None,
         },
     };
-    let t = if len - start >= 8 { u64::from_le_bytes(buf[start..start + 8].try_into().unwrap()) } else { 0 };
+    let _ = skip;
+    let t = if len >= start + 8 { u64::from_le_bytes(buf[start..start + 8].try_into().unwrap()) } else { 0 };
     buf.advance(len);
     Some(Some(t))
 }
 
-async fn session(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> ThreadResult {
-    let mut r = ThreadResult {
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-        replies: 0,
-        sent: 0,
-        missing: 0,
-        errors: 0,
-    };
-    let stream = match monoio::net::TcpStream::connect_addr(args.target).await {
+async fn connect(args: &Args) -> std::io::Result<monoio::net::TcpStream> {
+    let mut s = monoio::net::TcpStream::connect_addr(args.target).await?;
+    let _ = s.set_nodelay(true);
+    if args.ws {
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            args.target
+        );
+        let (r, _) = s.write_all(req.into_bytes()).await;
+        r?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let (r, b) = s.read(vec![0u8; 1]).await;
+            if r? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            head.push(b[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            return Err(std::io::Error::other("websocket upgrade refused"));
+        }
+    }
+    Ok(s)
+}
+
+/// Reads more bytes into `buf`; `false` on end, error or timeout.
+async fn fill<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut) -> bool {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    let (len, cap) = (buf.len(), buf.capacity());
+    let b = std::mem::take(buf);
+    match monoio::time::timeout(REPLY_TIMEOUT, rd.read(b.slice_mut(len..cap))).await {
+        Ok((Ok(n), s)) => {
+            *buf = s.into_inner();
+            n > 0
+        }
+        Ok((Err(_), s)) => {
+            *buf = s.into_inner();
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+fn record(shared: &Shared, r: &mut Outcome, sent_ns: u64) {
+    if shared.measuring.load(Ordering::Relaxed) {
+        r.replies += 1;
+        let _ = r.hist.record((shared.now_ns().saturating_sub(sent_ns) / 1000).max(1));
+        shared.replies.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Closed loop (or idle when `args.idle`).
+async fn closed_loop(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
+    let mut r = Outcome::new();
+    let mut stream = match connect(&args).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("session {id}: connect {}: {e}", args.target);
-            r.errors += 1;
-            shared.errors.fetch_add(1, Ordering::Relaxed);
+            shared.error(&mut r);
             return r;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let mut stream = stream;
     let mut out = BytesMut::with_capacity(4096);
-    let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let now_ns = |s: &Shared| s.epoch.elapsed().as_nanos() as u64;
-    for _ in 0..args.inflight {
-        encode(&args, &mut out, id, now_ns(&shared));
+    let mut inbuf = BytesMut::with_capacity(if args.idle { 256 } else { 64 * 1024 });
+    let inflight = if args.idle { 1 } else { args.inflight };
+    for _ in 0..inflight {
+        encode(&args, &mut out, id, shared.now_ns());
     }
-    let mut outstanding = args.inflight as u64;
-    let mut measured_sent = 0u64;
+    let mut outstanding = inflight as u64;
     loop {
         if !out.is_empty() {
             let (res, b) = stream.write_all(out).await;
             out = b;
+            out.clear();
             if res.is_err() {
-                r.errors += 1;
+                shared.error(&mut r);
                 break;
             }
-            out.clear();
         }
-        if shared.stop.load(Ordering::Relaxed) && outstanding == 0 {
-            break;
-        }
-        let (len, cap) = (inbuf.len(), inbuf.capacity());
-        if cap - len < 4096 {
-            inbuf.reserve(64 * 1024);
-        }
-        let (len, cap) = (inbuf.len(), inbuf.capacity());
-        // A reply that takes over REPLY_TIMEOUT ends the session: counted as
-        // an error while measuring, as missing replies at the end.
-        let (res, s) = match monoio::time::timeout(REPLY_TIMEOUT, stream.read(inbuf.slice_mut(len..cap))).await {
-            Ok(x) => x,
-            Err(_) => {
-                if !shared.stop.load(Ordering::Relaxed) {
-                    r.errors += 1;
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        if outstanding == 0 {
+            if stopping {
+                break;
+            }
+            if args.idle {
+                // Bound; hold still until the end.
+                while !shared.stop.load(Ordering::Relaxed) {
+                    monoio::time::sleep(Duration::from_millis(100)).await;
                 }
                 break;
             }
-        };
-        inbuf = s.into_inner();
-        match res {
-            Ok(0) | Err(_) => {
-                r.errors += 1;
-                shared.errors.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            Ok(_) => {}
         }
-        let measuring = shared.measuring.load(Ordering::Relaxed);
+        if !fill(&mut stream, &mut inbuf).await {
+            if !shared.stop.load(Ordering::Relaxed) {
+                shared.error(&mut r);
+            }
+            break;
+        }
         let stopping = shared.stop.load(Ordering::Relaxed);
         loop {
-            match decode(args.mode, &mut inbuf) {
+            match decode(&args, &mut inbuf) {
                 None => {
-                    r.errors += 1;
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    shared.error(&mut r);
                     return r;
                 }
                 Some(None) => break,
                 Some(Some(t)) => {
                     outstanding -= 1;
-                    let now = now_ns(&shared);
-                    if measuring {
-                        r.replies += 1;
-                        let _ = r.hist.record(((now.saturating_sub(t)) / 1000).max(1));
-                        shared.replies.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if !stopping {
-                        encode(&args, &mut out, id, now);
+                    record(&shared, &mut r, t);
+                    if !stopping && !args.idle {
+                        encode(&args, &mut out, id, shared.now_ns());
                         outstanding += 1;
-                        if measuring {
-                            measured_sent += 1;
-                        }
                     }
                 }
             }
         }
-        if stopping && outstanding == 0 {
-            break;
-        }
     }
-    r.sent = measured_sent;
     r.missing = outstanding;
     r
 }
 
-fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>) -> ThreadResult {
+/// Open loop: a writer on a fixed schedule, a reader timing from the
+/// intended send time.
+async fn open_loop(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
+    let mut r = Outcome::new();
+    let stream = match connect(&args).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("session {id}: connect {}: {e}", args.target);
+            shared.error(&mut r);
+            return r;
+        }
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let sent = Rc::new(Cell::new(0u64));
+    let writer_done = Rc::new(Cell::new(false));
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let (a2, s2, sent2, done2) = (args.clone(), shared.clone(), sent.clone(), writer_done.clone());
+    let writer = monoio::spawn(async move {
+        // Sessions start spread over one interval, not all at once.
+        let start = s2.epoch.elapsed() + interval.mul_f64((id as f64 * 0.618_034) % 1.0);
+        let mut n = 0u64;
+        let mut out = BytesMut::with_capacity(4096);
+        while !s2.stop.load(Ordering::Relaxed) {
+            let intended = start + interval.mul_f64(n as f64);
+            let now = s2.epoch.elapsed();
+            if intended > now {
+                monoio::time::sleep(intended - now).await;
+            }
+            encode(&a2, &mut out, id, intended.as_nanos() as u64);
+            let (res, b) = wr.write_all(out).await;
+            out = b;
+            out.clear();
+            if res.is_err() {
+                break;
+            }
+            n += 1;
+            sent2.set(n);
+        }
+        done2.set(true);
+        // Returned, not dropped: dropping the write half would half-close
+        // the connection, which ends the session before its last replies.
+        wr
+    });
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let mut got = 0u64;
+    loop {
+        if writer_done.get() && got >= sent.get() {
+            break;
+        }
+        if !fill(&mut rd, &mut inbuf).await {
+            if !shared.stop.load(Ordering::Relaxed) {
+                shared.error(&mut r);
+            }
+            break;
+        }
+        loop {
+            match decode(&args, &mut inbuf) {
+                None => {
+                    shared.error(&mut r);
+                    return r;
+                }
+                Some(None) => break,
+                Some(Some(t)) => {
+                    got += 1;
+                    record(&shared, &mut r, t);
+                }
+            }
+        }
+    }
+    let _wr = writer.await;
+    r.missing = sent.get().saturating_sub(got);
+    r
+}
+
+/// Churn: connect, one frame, reply, close; repeat until the end.
+async fn churn(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
+    let mut r = Outcome::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut s = match connect(&args).await {
+            Ok(s) => s,
+            Err(_) => {
+                shared.error(&mut r);
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let mut out = BytesMut::new();
+        let t = shared.now_ns();
+        encode(&args, &mut out, id, t);
+        let (res, _) = s.write_all(out).await;
+        if res.is_err() {
+            shared.error(&mut r);
+            continue;
+        }
+        let mut inbuf = BytesMut::with_capacity(1024);
+        let ok = loop {
+            if !fill(&mut s, &mut inbuf).await {
+                break false;
+            }
+            match decode(&args, &mut inbuf) {
+                Some(Some(t)) => {
+                    record(&shared, &mut r, t);
+                    break true;
+                }
+                Some(None) => continue,
+                None => break false,
+            }
+        };
+        if !ok {
+            shared.error(&mut r);
+        } else if shared.measuring.load(Ordering::Relaxed) {
+            r.sessions += 1;
+            shared.sessions_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
+}
+
+fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>) -> Outcome {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().expect("runtime");
     rt.block_on(async move {
-        let handles: Vec<_> = ids.map(|i| monoio::spawn(session(args.clone(), shared.clone(), i as i64 + 1))).collect();
-        let mut total = ThreadResult {
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            replies: 0,
-            sent: 0,
-            missing: 0,
-            errors: 0,
-        };
+        let handles: Vec<_> = ids
+            .map(|i| {
+                let (a, s, id) = (args.clone(), shared.clone(), i as i64 + 1);
+                monoio::spawn(async move {
+                    if a.churn {
+                        churn(a, s, id).await
+                    } else if a.rate > 0.0 && !a.idle {
+                        open_loop(a, s, id).await
+                    } else {
+                        closed_loop(a, s, id).await
+                    }
+                })
+            })
+            .collect();
+        let mut total = Outcome::new();
         for h in handles {
-            let r = h.await;
-            total.hist.add(&r.hist).unwrap();
-            total.replies += r.replies;
-            total.sent += r.sent;
-            total.missing += r.missing;
-            total.errors += r.errors;
+            total.add(&h.await);
         }
         total
     })
@@ -251,6 +470,7 @@ fn main() {
         stop: AtomicBool::new(false),
         replies: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        sessions_done: AtomicU64::new(0),
         epoch: Instant::now(),
     });
     let per = args.sessions.div_ceil(args.threads.max(1));
@@ -267,50 +487,74 @@ fn main() {
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
     shared.measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
-    let mut last = 0;
+    let (mut last, mut last_s) = (0, 0);
     while t0.elapsed().as_secs_f64() < args.duration {
-        std::thread::sleep(
-            Duration::from_secs(1).min(Duration::from_secs_f64((args.duration - t0.elapsed().as_secs_f64()).max(0.0))),
-        );
+        let left = (args.duration - t0.elapsed().as_secs_f64()).max(0.0);
+        std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs_f64(left)));
         let n = shared.replies.load(Ordering::Relaxed);
+        let s = shared.sessions_done.load(Ordering::Relaxed);
         eprintln!(
-            "[{:>5.1}s] {:>10} msgs/s  errors {}",
+            "[{:>5.1}s] {:>10} msgs/s {:>8} sessions/s  errors {}",
             t0.elapsed().as_secs_f64(),
             n - last,
+            s - last_s,
             shared.errors.load(Ordering::Relaxed)
         );
-        last = n;
+        (last, last_s) = (n, s);
     }
     shared.measuring.store(false, Ordering::SeqCst);
     let elapsed = t0.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::SeqCst);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    let (mut replies, mut missing, mut errors) = (0, 0, 0);
+    let mut total = Outcome::new();
     for t in threads {
-        let r = t.join().unwrap();
-        hist.add(&r.hist).unwrap();
-        replies += r.replies;
-        missing += r.missing;
-        errors += r.errors;
+        total.add(&t.join().unwrap());
     }
-    let rate = replies as f64 / elapsed;
-    let q = |p: f64| hist.value_at_quantile(p);
+    let rate = total.replies as f64 / elapsed;
+    let churn_rate = total.sessions as f64 / elapsed;
+    let h = &total.hist;
+    let q = |p: f64| h.value_at_quantile(p);
+    let kind = if args.churn {
+        "churn"
+    } else if args.idle {
+        "idle"
+    } else if args.rate > 0.0 {
+        "open"
+    } else {
+        "closed"
+    };
     println!(
-        "{}: mode={:?} sessions={} inflight={} payload={} => {:.0} msgs/s  p50={}us p90={}us p99={}us p99.9={}us max={}us  replies={} missing={} errors={}",
-        args.label, args.mode, args.sessions, args.inflight, args.payload, rate, q(0.5), q(0.9), q(0.99), q(0.999), hist.max(), replies, missing, errors
+        "{}: {kind} mode={:?}{} sessions={} inflight={} rate={} payload={} => {:.0} msgs/s {:.0} sessions/s  p50={}us p90={}us p99={}us p99.9={}us max={}us  replies={} missing={} errors={}",
+        args.label,
+        args.mode,
+        if args.ws { "+ws" } else { "" },
+        args.sessions,
+        args.inflight,
+        args.rate,
+        args.payload,
+        rate,
+        churn_rate,
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        h.max(),
+        total.replies,
+        total.missing,
+        total.errors
     );
     if args.json {
         println!(
             "{}",
             serde_json::json!({
-                "label": args.label, "mode": format!("{:?}", args.mode).to_lowercase(), "sessions": args.sessions,
-                "inflight": args.inflight, "payload": args.payload, "seconds": elapsed, "msgs_per_sec": rate,
-                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": hist.max(),
-                "replies": replies, "missing": missing, "errors": errors,
+                "label": args.label, "kind": kind, "mode": format!("{:?}", args.mode).to_lowercase(), "ws": args.ws,
+                "sessions": args.sessions, "inflight": args.inflight, "rate": args.rate, "payload": args.payload,
+                "seconds": elapsed, "msgs_per_sec": rate, "sessions_per_sec": churn_rate,
+                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": h.max(),
+                "replies": total.replies, "missing": total.missing, "errors": total.errors,
             })
         );
     }
-    if errors > 0 || missing > 0 {
+    if total.errors > 0 || total.missing > 0 {
         std::process::exit(1);
     }
 }

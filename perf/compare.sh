@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Side-by-side: direct (no proxy), HAProxy (TCP mode, nbthread 1), nginx
+# (stream, 1 worker) and game-gateway (1 worker), one after another in the
+# same run. The proxy under test is pinned to core 0; the load generator and
+# the backends share core 1.
+#
+# Usage: perf/compare.sh [SECONDS]          (default 10 s per load)
+# Needs: haproxy, nginx + libnginx-mod-stream (Debian packages).
+# Writes: perf/results/<timestamp>/{results.jsonl,summary.md}; prints the summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+WARM=2
+command -v haproxy >/dev/null || { echo "haproxy missing: apt-get install haproxy" >&2; exit 1; }
+command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx libnginx-mod-stream" >&2; exit 1; }
+NGX_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
+[ -f "$NGX_MOD" ] || { echo "nginx stream module missing: apt-get install libnginx-mod-stream" >&2; exit 1; }
+cargo build --release --bins >/dev/null 2>&1 || cargo build --release --bins
+BIN=target/release
+OUT=perf/results/$(date -u +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+RES="$OUT/results.jsonl"
+TMP=$(mktemp -d)
+ECHO=127.0.0.1:29800; MOCK=127.0.0.1:29711
+GW=127.0.0.1:28080; HAP=127.0.0.1:28081; NGX=127.0.0.1:28082; GW2=127.0.0.1:28083
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+taskset -c 1 $BIN/gw-echo --listen $ECHO >/dev/null & PIDS+=($!)
+taskset -c 1 $BIN/mock-backend --listen $MOCK --quiet >/dev/null 2>&1 & PIDS+=($!)
+
+cat > "$TMP/haproxy.cfg" <<CFG
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+frontend game
+  bind $HAP
+  default_backend echo
+backend echo
+  server s1 $ECHO
+CFG
+taskset -c 0 haproxy -db -f "$TMP/haproxy.cfg" >/dev/null 2>&1 & PIDS+=($!); HAP_PID=$!
+
+cat > "$TMP/nginx.conf" <<CFG
+load_module $NGX_MOD;
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $TMP/nginx-error.log warn;
+pid $TMP/nginx.pid;
+events { worker_connections 9000; }
+stream {
+  server { listen $NGX; proxy_pass $ECHO; }
+}
+CFG
+taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" >/dev/null 2>&1 & PIDS+=($!); NGX_PID=$!
+
+gw_config() { # listen workers cpus
+cat <<CFG
+[server]
+listen = "$1"
+admin_listen = "127.0.0.1:0"
+workers = $2
+cpus = [$3]
+[log]
+level = "warn"
+access_log = false
+[[routes]]
+server_type = 10
+service_name = "bench"
+strategy = "round_robin"
+endpoints = ["$MOCK"]
+CFG
+}
+gw_config $GW 1 0 > "$TMP/gw.toml"
+$BIN/game-gateway --config "$TMP/gw.toml" >/dev/null 2>&1 & PIDS+=($!); GW_PID=$!
+gw_config $GW2 2 "0, 1" > "$TMP/gw2.toml"
+$BIN/game-gateway --config "$TMP/gw2.toml" >/dev/null 2>&1 & PIDS+=($!); GW2_PID=$!
+sleep 1
+
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+TCK=$(getconf CLK_TCK)
+
+# run LABEL TARGET PID(or -) gw-load-args...
+run() {
+  local label=$1 target=$2 pid=$3; shift 3
+  local before=0 after=0
+  [ "$pid" != - ] && before=$(ticks "$pid")
+  local out
+  out=$(taskset -c 1 $BIN/gw-load --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>/dev/null | tail -1) || true
+  [ "$pid" != - ] && after=$(ticks "$pid")
+  python3 - "$out" "$before" "$after" "$TCK" "$SECS" "$WARM" >>"$RES" <<'PY'
+import json, sys
+out, before, after, tck, secs, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+try:
+    r = json.loads(out)
+except Exception:
+    r = {"label": "?", "error": out}
+cpu_s = (after - before) / tck
+# CPU over the whole run (warm-up + measured + drain) divided by the
+# messages of the whole run, estimated from the measured rate.
+msgs = r.get("msgs_per_sec", 0) * (secs + warm)
+sess = r.get("sessions_per_sec", 0) * (secs + warm)
+r["proxy_cpu_s"] = cpu_s
+r["cpu_us_per_msg"] = (cpu_s * 1e6 / msgs) if msgs and after else None
+r["cpu_us_per_session"] = (cpu_s * 1e6 / sess) if sess and after else None
+print(json.dumps(r))
+PY
+  tail -1 "$RES" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+g = r.get
+print("%24s: %10.0f msgs/s %8.0f sess/s p50=%sus p99=%sus p99.9=%sus cpu/msg=%s errors=%s missing=%s" % (
+    g("label"), g("msgs_per_sec", 0), g("sessions_per_sec", 0), g("p50_us"), g("p99_us"), g("p999_us"),
+    g("cpu_us_per_msg"), g("errors"), g("missing")))'
+}
+
+for load in "100 1" "100 16" "1000 1"; do
+  set -- $load; S=$1; K=$2
+  run "direct-${S}x${K}" $ECHO - --sessions $S --inflight $K
+  run "haproxy-${S}x${K}" $HAP $HAP_PID --sessions $S --inflight $K
+  run "nginx-${S}x${K}" $NGX $NGX_PID --sessions $S --inflight $K
+  run "gateway-${S}x${K}" $GW $GW_PID --sessions $S --inflight $K
+done
+
+# p99 at half of HAProxy's peak (100 sessions, open loop).
+PEAK=$(python3 -c "import json; print(max(json.loads(l)['msgs_per_sec'] for l in open('$RES') if json.loads(l).get('label')=='haproxy-100x1'))")
+RATE=$(python3 -c "print(round($PEAK/2/100, 1))")
+run "haproxy-open-half" $HAP $HAP_PID --sessions 100 --rate "$RATE"
+run "gateway-open-half" $GW $GW_PID --sessions 100 --rate "$RATE"
+
+# Session churn: connect, one frame, reply, close.
+run "haproxy-churn" $HAP $HAP_PID --sessions 50 --churn
+run "gateway-churn" $GW $GW_PID --sessions 50 --churn
+
+# 1 vs 2 workers (the 2-worker gateway shares core 1 with the load).
+run "gateway2w-100x16" $GW2 $GW2_PID --sessions 100 --inflight 16
+
+# Idle memory: RSS delta over 10,000 bound idle sessions (1 worker).
+IDLE=10000
+base=$(rss_kb $GW_PID)
+taskset -c 1 $BIN/gw-load --target $GW --idle --sessions $IDLE --duration 6 --warmup 4 --label idle >/dev/null 2>&1 &
+LOADPID=$!
+sleep 7
+peak=$(rss_kb $GW_PID)
+wait $LOADPID || true
+python3 - "$base" "$peak" "$IDLE" >>"$RES" <<'PY'
+import json, sys
+base, peak, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+print(json.dumps({"label": "gateway-idle-memory", "sessions": n, "rss_base_kb": base, "rss_kb": peak, "bytes_per_session": (peak - base) * 1024 / n}))
+PY
+tail -1 "$RES"
+
+python3 - "$RES" "$SECS" > "$OUT/summary.md" <<'PY'
+import json, sys, platform, subprocess, datetime
+rows = {json.loads(l)["label"]: json.loads(l) for l in open(sys.argv[1])}
+def f(v, fmt="{:,.0f}"):
+    return "-" if v is None else fmt.format(v)
+out = []
+kern = platform.release()
+cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/Model name: *//p'"], capture_output=True, text=True).stdout.strip()
+out.append(f"Run: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {cpu}, Linux {kern}, {sys.argv[2]} s per load, 64-byte payloads.\n")
+out.append("| load | peer | msgs/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg |")
+out.append("|---|---|---:|---:|---:|---:|---:|")
+for load in ["100x1", "100x16", "1000x1"]:
+    for peer in ["direct", "haproxy", "nginx", "gateway"]:
+        r = rows.get(f"{peer}-{load}", {})
+        out.append(f"| {load} | {peer} | {f(r.get('msgs_per_sec'))} | {f(r.get('p50_us'))} | {f(r.get('p99_us'))} | {f(r.get('p999_us'))} | {f(r.get('cpu_us_per_msg'), '{:.2f}')} |")
+out.append("")
+out.append("| ratio gateway / peer | load | msgs/s | CPU per msg |")
+out.append("|---|---|---:|---:|")
+for peer in ["haproxy", "nginx"]:
+    for load in ["100x1", "100x16", "1000x1"]:
+        g, p = rows.get(f"gateway-{load}", {}), rows.get(f"{peer}-{load}", {})
+        r1 = g.get("msgs_per_sec", 0) / p["msgs_per_sec"] if p.get("msgs_per_sec") else None
+        r2 = g["cpu_us_per_msg"] / p["cpu_us_per_msg"] if g.get("cpu_us_per_msg") and p.get("cpu_us_per_msg") else None
+        out.append(f"| gateway / {peer} | {load} | {f(r1, '{:.2f}')} | {f(r2, '{:.2f}')} |")
+out.append("")
+h, g = rows.get("haproxy-open-half", {}), rows.get("gateway-open-half", {})
+out.append(f"Open loop at half of HAProxy's 100x1 peak ({f(h.get('rate'), '{:.1f}')} frames/s per session, 100 sessions): p99 HAProxy {f(h.get('p99_us'))} µs, gateway {f(g.get('p99_us'))} µs; p99.9 {f(h.get('p999_us'))} / {f(g.get('p999_us'))} µs.\n")
+h, g = rows.get("haproxy-churn", {}), rows.get("gateway-churn", {})
+ratio = g.get("sessions_per_sec", 0) / h["sessions_per_sec"] if h.get("sessions_per_sec") else None
+out.append(f"Session churn (50 loops of connect, one frame, reply, close): HAProxy {f(h.get('sessions_per_sec'))}/s ({f(h.get('cpu_us_per_session'), '{:.1f}')} µs CPU each), gateway {f(g.get('sessions_per_sec'))}/s ({f(g.get('cpu_us_per_session'), '{:.1f}')} µs CPU each); ratio {f(ratio, '{:.2f}')}.\n")
+w1, w2 = rows.get("gateway-100x16", {}), rows.get("gateway2w-100x16", {})
+out.append(f"1 vs 2 workers at 100x16: {f(w1.get('msgs_per_sec'))} vs {f(w2.get('msgs_per_sec'))} msgs/s (the second worker shares core 1 with the load generator and backends).\n")
+m = rows.get("gateway-idle-memory", {})
+out.append(f"Idle memory: {f(m.get('bytes_per_session'), '{:,.0f}')} bytes RSS per bound idle session ({m.get('sessions')} sessions, {m.get('rss_base_kb')} -> {m.get('rss_kb')} KiB).")
+print("\n".join(out))
+PY
+echo
+cat "$OUT/summary.md"
