@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot pure pieces, each beside a naive baseline:
-//! client frame decode, backend frame encode, route pick per strategy.
+//! client frame decode, backend frame encode, route pick per strategy, the
+//! session table, the token bucket.
 //! Reports only; never decides whether CI passes.
 
 use bytes::BytesMut;
@@ -117,5 +118,78 @@ fn pick(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, encode, pick);
+/// The per-worker session table (ahash map keyed by session id) against a
+/// std `HashMap` with SipHash.
+fn session_table(c: &mut Criterion) {
+    use game_gateway::session::SessionIdGen;
+    let mut ids = SessionIdGen::new(1, 0);
+    let keys: Vec<i64> = (0..10_000).map(|_| ids.next()).collect();
+    let mut g = c.benchmark_group("session_table_10k");
+    g.throughput(Throughput::Elements(keys.len() as u64));
+    g.bench_function("ahash insert+lookup+remove", |b| {
+        b.iter(|| {
+            let mut m: ahash::AHashMap<i64, u64> = ahash::AHashMap::with_capacity(keys.len());
+            for k in &keys {
+                m.insert(*k, 1);
+            }
+            let mut n = 0;
+            for k in &keys {
+                n += m.get(k).copied().unwrap_or(0);
+            }
+            for k in &keys {
+                m.remove(k);
+            }
+            black_box(n)
+        })
+    });
+    g.bench_function("std SipHash (baseline)", |b| {
+        b.iter(|| {
+            let mut m: std::collections::HashMap<i64, u64> = std::collections::HashMap::with_capacity(keys.len());
+            for k in &keys {
+                m.insert(*k, 1);
+            }
+            let mut n = 0;
+            for k in &keys {
+                n += m.get(k).copied().unwrap_or(0);
+            }
+            for k in &keys {
+                m.remove(k);
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+/// Token bucket check with the caller's `now` against a naive bucket that
+/// reads the clock itself on every check.
+fn token_bucket(c: &mut Criterion) {
+    use game_gateway::limits::TokenBucket;
+    use std::time::Instant;
+    let mut g = c.benchmark_group("token_bucket_check");
+    g.throughput(Throughput::Elements(1));
+    let now = Instant::now();
+    let mut b1 = TokenBucket::full(1_000_000, now);
+    g.bench_function("TokenBucket::try_take (now passed in)", |b| b.iter(|| black_box(b1.try_take(1_000_000, 1_000_000, black_box(now)))));
+    struct Naive {
+        tokens: f64,
+        last: Instant,
+    }
+    let mut n = Naive { tokens: 1e6, last: Instant::now() };
+    g.bench_function("naive (clock read per check)", |b| {
+        b.iter(|| {
+            let t = Instant::now();
+            n.tokens = (n.tokens + t.duration_since(n.last).as_secs_f64() * 1e6).min(1e6);
+            n.last = t;
+            let ok = n.tokens >= 1.0;
+            if ok {
+                n.tokens -= 1.0;
+            }
+            black_box(ok)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode, encode, pick, session_table, token_bucket);
 criterion_main!(benches);

@@ -79,9 +79,11 @@ endpoints = ["$MOCK"]
 CFG
 }
 gw_config $GW 1 0 > "$TMP/gw.toml"
-$BIN/game-gateway --config "$TMP/gw.toml" >/dev/null 2>&1 & PIDS+=($!); GW_PID=$!
+# GW_IO_DRIVER=epoll|io_uring picks the gateway's driver (default: auto).
+DRV=${GW_IO_DRIVER:-auto}
+$BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GW_PID=$!
 gw_config $GW2 2 "0, 1" > "$TMP/gw2.toml"
-$BIN/game-gateway --config "$TMP/gw2.toml" >/dev/null 2>&1 & PIDS+=($!); GW2_PID=$!
+$BIN/game-gateway --config "$TMP/gw2.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GW2_PID=$!
 sleep 1
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -166,7 +168,8 @@ def f(v, fmt="{:,.0f}"):
 out = []
 kern = platform.release()
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/Model name: *//p'"], capture_output=True, text=True).stdout.strip()
-out.append(f"Run: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {cpu}, Linux {kern}, {sys.argv[2]} s per load, 64-byte payloads.\n")
+import os
+out.append(f"Run: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {cpu}, Linux {kern}, gateway io_driver {os.environ.get('GW_IO_DRIVER', 'auto')}, {sys.argv[2]} s per load, 64-byte payloads.\n")
 out.append("| load | peer | msgs/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg |")
 out.append("|---|---|---:|---:|---:|---:|---:|")
 for load in ["100x1", "100x16", "1000x1"]:
