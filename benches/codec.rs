@@ -170,7 +170,9 @@ fn token_bucket(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let now = Instant::now();
     let mut b1 = TokenBucket::full(1_000_000, now);
-    g.bench_function("TokenBucket::try_take (now passed in)", |b| b.iter(|| black_box(b1.try_take(1_000_000, 1_000_000, black_box(now)))));
+    g.bench_function("TokenBucket::try_take (now passed in)", |b| {
+        b.iter(|| black_box(b1.try_take(1_000_000, 1_000_000, black_box(now))))
+    });
     struct Naive {
         tokens: f64,
         last: Instant,

@@ -124,7 +124,13 @@ struct Outcome {
 
 impl Outcome {
     fn new() -> Outcome {
-        Outcome { hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(), replies: 0, missing: 0, errors: 0, sessions: 0 }
+        Outcome {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            replies: 0,
+            missing: 0,
+            errors: 0,
+            sessions: 0,
+        }
     }
     fn add(&mut self, o: &Outcome) {
         self.hist.add(&o.hist).unwrap();
@@ -149,7 +155,9 @@ fn encode(args: &Args, out: &mut BytesMut, session: i64, t_ns: u64) {
             cproto::encode(&mut frame, 1, sid, &payload[..n]);
             let mask = (t_ns as u32 ^ session as u32).to_le_bytes();
             let h = tungstenite::protocol::frame::FrameHeader {
-                opcode: tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Binary),
+                opcode: tungstenite::protocol::frame::coding::OpCode::Data(
+                    tungstenite::protocol::frame::coding::Data::Binary,
+                ),
                 mask: Some(mask),
                 ..Default::default()
             };
