@@ -379,10 +379,7 @@ fn idle_and_handshake_timeouts_close_sessions() {
     assert!(idle.closed());
     assert!(silent.closed());
     let sid_idle = session_of(&mb, idle.local());
-    match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (sid_idle, 2)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_disconnect(&mb), (sid_idle, 2));
 }
 
 #[test]
@@ -443,10 +440,7 @@ fn new_snapshot_rebinds_sessions_off_unlisted_backends_and_retires_the_connectio
     let cfg = Config::from_str(&config_text(2, "", &route(10, 0, "round_robin", &[b.addr()], "")), "new.toml").unwrap();
     let table = Arc::new(RouteTable::new(2, cfg.routes.clone(), vec![]));
     gw.broadcast(move || WorkerCommand::Routes(table.clone()));
-    match a.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (s, 8)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_disconnect(&a), (s, 8));
     c.echo(2, sid(1, 10, 0), b"on b");
     assert_eq!(session_of(&b, c.local()), s, "same session, rebound with a new CONNECT");
     eventually("the connection to the unlisted backend is closed", || a.connections() == 0);

@@ -85,10 +85,7 @@ fn messages_per_second_can_close_the_session() {
         burst.extend(Client::frame(i, sid(1, 10, 0), b"spam"));
     }
     c.send_raw(&burst).unwrap();
-    match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (s, 4)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_disconnect(&mb), (s, 4));
 }
 
 #[test]
@@ -323,10 +320,7 @@ fn second_sigterm_is_a_hard_stop() {
     gw.signal(libc::SIGTERM);
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(5), "did not wait for the 30s drain");
-    match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
-        Some(Event::Disconnect { session, reason, .. }) => assert_eq!((session, reason), (s, 6)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(next_disconnect(&mb), (s, 6));
 }
 
 #[test]

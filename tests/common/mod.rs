@@ -414,3 +414,11 @@ impl Client {
         Client { s: connect_from(src, addr).unwrap() }
     }
 }
+
+/// The next `DISCONNECT` the mock saw, as (session, reason).
+pub fn next_disconnect(mb: &MockBackend) -> (i64, u8) {
+    match mb.wait_for(T, |e| matches!(e, Event::Disconnect { .. })) {
+        Some(Event::Disconnect { session, reason, .. }) => (session, reason),
+        other => panic!("expected a DISCONNECT, got {other:?}"),
+    }
+}
