@@ -82,21 +82,7 @@ fn encode(c: &mut Criterion) {
 
 fn pick(c: &mut Criterion) {
     let eps: Vec<String> = (0..16).map(|i| format!("127.0.0.1:{}", 20000 + i)).collect();
-    let rule = |s: &str| {
-        RawRule {
-            server_type: 10,
-            world_id: 0,
-            service_name: "b".into(),
-            strategy: s.into(),
-            endpoints: eps.clone(),
-            hash_key: None,
-            notify_sessions: None,
-            trace_propagation: None,
-            on_backend_loss: None,
-        }
-        .validate()
-        .unwrap()
-    };
+    let rule = |s: &str| RawRule::new(10, 0, s, &eps).validate().unwrap();
     let table = RouteTable::new(1, vec![], vec![(7, Endpoint::parse("127.0.0.1:30000").unwrap())]);
     let input = PickInput { session_id: 99, world_id: 3, inst_id: 4, client_ip: "10.0.0.1".parse().unwrap() };
     let all = |_: &Endpoint| true;
@@ -118,6 +104,18 @@ fn pick(c: &mut Criterion) {
     g.finish();
 }
 
+/// Inserts, looks up and removes every key.
+fn churn_map<S: std::hash::BuildHasher>(mut m: std::collections::HashMap<i64, u64, S>, keys: &[i64]) -> u64 {
+    for k in keys {
+        m.insert(*k, 1);
+    }
+    let n = keys.iter().map(|k| m.get(k).copied().unwrap_or(0)).sum();
+    for k in keys {
+        m.remove(k);
+    }
+    black_box(n)
+}
+
 /// The per-worker session table (ahash map keyed by session id) against a
 /// std `HashMap` with SipHash.
 fn session_table(c: &mut Criterion) {
@@ -128,35 +126,11 @@ fn session_table(c: &mut Criterion) {
     g.throughput(Throughput::Elements(keys.len() as u64));
     g.bench_function("ahash insert+lookup+remove", |b| {
         b.iter(|| {
-            let mut m: ahash::AHashMap<i64, u64> = ahash::AHashMap::with_capacity(keys.len());
-            for k in &keys {
-                m.insert(*k, 1);
-            }
-            let mut n = 0;
-            for k in &keys {
-                n += m.get(k).copied().unwrap_or(0);
-            }
-            for k in &keys {
-                m.remove(k);
-            }
-            black_box(n)
+            churn_map(std::collections::HashMap::with_capacity_and_hasher(keys.len(), ahash::RandomState::new()), &keys)
         })
     });
     g.bench_function("std SipHash (baseline)", |b| {
-        b.iter(|| {
-            let mut m: std::collections::HashMap<i64, u64> = std::collections::HashMap::with_capacity(keys.len());
-            for k in &keys {
-                m.insert(*k, 1);
-            }
-            let mut n = 0;
-            for k in &keys {
-                n += m.get(k).copied().unwrap_or(0);
-            }
-            for k in &keys {
-                m.remove(k);
-            }
-            black_box(n)
-        })
+        b.iter(|| churn_map(std::collections::HashMap::with_capacity(keys.len()), &keys))
     });
     g.finish();
 }

@@ -230,6 +230,18 @@ async fn connect(args: &Args) -> std::io::Result<monoio::net::TcpStream> {
     Ok(s)
 }
 
+/// Connects, or reports and counts the failure.
+async fn connect_or_count(args: &Args, shared: &Shared, r: &mut Outcome, id: i64) -> Option<monoio::net::TcpStream> {
+    match connect(args).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("session {id}: connect {}: {e}", args.target);
+            shared.error(r);
+            None
+        }
+    }
+}
+
 /// Reads more bytes into `buf`; `false` on end, error or timeout.
 async fn fill<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut) -> bool {
     if buf.capacity() - buf.len() < 4096 {
@@ -261,14 +273,7 @@ fn record(shared: &Shared, r: &mut Outcome, sent_ns: u64) {
 /// Closed loop (or idle when `args.idle`).
 async fn closed_loop(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
     let mut r = Outcome::new();
-    let mut stream = match connect(&args).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("session {id}: connect {}: {e}", args.target);
-            shared.error(&mut r);
-            return r;
-        }
-    };
+    let Some(mut stream) = connect_or_count(&args, &shared, &mut r, id).await else { return r };
     let mut out = BytesMut::with_capacity(4096);
     let mut inbuf = BytesMut::with_capacity(if args.idle { 256 } else { 64 * 1024 });
     let inflight = if args.idle { 1 } else { args.inflight };
@@ -332,14 +337,7 @@ async fn closed_loop(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
 /// intended send time.
 async fn open_loop(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
     let mut r = Outcome::new();
-    let stream = match connect(&args).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("session {id}: connect {}: {e}", args.target);
-            shared.error(&mut r);
-            return r;
-        }
-    };
+    let Some(stream) = connect_or_count(&args, &shared, &mut r, id).await else { return r };
     let (mut rd, mut wr) = stream.into_split();
     let sent = Rc::new(Cell::new(0u64));
     let writer_done = Rc::new(Cell::new(false));

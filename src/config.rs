@@ -10,7 +10,7 @@ use crate::routing::{RawRule, RouteRule};
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// The documented default config, compiled in so the gateway runs with no file.
@@ -835,11 +835,6 @@ fn parse_addr(p: &mut Problems<'_>, section: &str, key: &str, v: &str) -> Option
             None
         }
     }
-}
-
-/// Path helper for tests and tools.
-pub fn path_or_default(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
 #[cfg(test)]

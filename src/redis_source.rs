@@ -67,11 +67,11 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(c)
 }
 
+/// What Redis holds: the rules text (if set) and the realm hash pairs.
+pub type RawRoutes = (Option<String>, Vec<(String, String)>);
+
 /// Reads the raw rules text and realm pairs.
-pub fn read_raw(
-    conn: &mut redis::Connection,
-    keys: &Keys,
-) -> redis::RedisResult<(Option<String>, Vec<(String, String)>)> {
+pub fn read_raw(conn: &mut redis::Connection, keys: &Keys) -> redis::RedisResult<RawRoutes> {
     let rules: Option<String> = redis::cmd("GET").arg(&keys.rules).query(conn)?;
     let realms: Vec<(String, String)> = redis::cmd("HGETALL").arg(&keys.realms).query(conn)?;
     Ok((rules, realms))
@@ -205,7 +205,7 @@ pub fn push(url: &str, prefix: &str, rules_json: &str, realms: &[(u16, String)])
 }
 
 /// Reads what Redis holds (the `routes show` tool).
-pub fn show(url: &str, prefix: &str) -> Result<(Option<String>, Vec<(String, String)>), String> {
+pub fn show(url: &str, prefix: &str) -> Result<RawRoutes, String> {
     let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
     let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
     read_raw(&mut conn, &Keys::new(prefix)).map_err(|e| format!("{url}: {e}"))

@@ -35,6 +35,24 @@ pub struct RawRule {
     pub on_backend_loss: Option<String>,
 }
 
+impl RawRule {
+    /// A rule with the given key, strategy and endpoints, every other field
+    /// at its default.
+    pub fn new(server_type: i64, world_id: i64, strategy: &str, endpoints: &[String]) -> RawRule {
+        RawRule {
+            server_type,
+            world_id,
+            service_name: String::new(),
+            strategy: strategy.into(),
+            endpoints: endpoints.to_vec(),
+            hash_key: None,
+            notify_sessions: None,
+            trace_propagation: None,
+            on_backend_loss: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
     RoundRobin,
@@ -371,19 +389,8 @@ mod tests {
     use super::*;
 
     fn rule(t: i64, w: i64, strategy: &str, eps: &[&str]) -> RouteRule {
-        RawRule {
-            server_type: t,
-            world_id: w,
-            service_name: "svc".into(),
-            strategy: strategy.into(),
-            endpoints: eps.iter().map(|s| s.to_string()).collect(),
-            hash_key: None,
-            notify_sessions: None,
-            trace_propagation: None,
-            on_backend_loss: None,
-        }
-        .validate()
-        .unwrap()
+        let eps: Vec<String> = eps.iter().map(|s| s.to_string()).collect();
+        RawRule::new(t, w, strategy, &eps).validate().unwrap()
     }
 
     fn input(inst: u8) -> PickInput {

@@ -23,7 +23,7 @@ fn lands_on(gw: SocketAddr, st: u8, world: u16, mbs: &[&MockBackend]) -> Option<
     c.try_recv()?;
     let me = c.local();
     mbs.iter().position(|m| {
-        m.sessions().len() > 0 && m.drain().iter().any(|e| matches!(e, Event::Connect { addr, .. } if *addr == me))
+        !m.sessions().is_empty() && m.drain().iter().any(|e| matches!(e, Event::Connect { addr, .. } if *addr == me))
     })
 }
 

@@ -185,9 +185,8 @@ impl BackendConn {
         monoio::spawn(run(w.clone(), self.clone(), self.generation.get()));
     }
 
-    pub fn bind(&self, w: &Worker, session_id: i64) {
+    pub fn bind(&self, session_id: i64) {
         self.sessions.borrow_mut().insert(session_id);
-        let _ = w;
     }
 
     /// Unbinds a session; `notify` queues a `DISCONNECT` with that reason when
@@ -317,10 +316,10 @@ impl BackendConn {
             };
             let policy = {
                 let mut bindings = s.bindings.borrow_mut();
-                match bindings.iter().position(|b| std::ptr::eq(Rc::as_ptr(&b.conn), self)) {
-                    Some(i) => Some(bindings.swap_remove(i).on_loss),
-                    None => None,
-                }
+                bindings
+                    .iter()
+                    .position(|b| std::ptr::eq(Rc::as_ptr(&b.conn), self))
+                    .map(|i| bindings.swap_remove(i).on_loss)
             };
             match policy {
                 Some(OnBackendLoss::Rebind) => {

@@ -578,7 +578,7 @@ fn bind(w: &Rc<Worker>, s: &ClientSession, id: i64, h: cproto::ClientHeader) -> 
     };
     let conn = super::backend::conn_for(w, &ep, id, now).ok_or("backend_unavailable")?;
     let generation = conn.generation();
-    conn.bind(w, id);
+    conn.bind(id);
     if rule.notify_sessions {
         conn.enqueue(w, |out| bproto::encode_connect(out, id, s.info.borrow().transport, peer));
     }

@@ -87,7 +87,6 @@ pub struct Worker {
     pub stats: RefCell<WorkerStats>,
     pub stopping: Cell<bool>,
     listener_fd: RawFd,
-    pub next_conn_id: Cell<u64>,
     /// xorshift state for backoff jitter.
     rng: Cell<u64>,
     pub logs: RefCell<LogLimiter>,
@@ -423,7 +422,6 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         stats: RefCell::new(stats),
         stopping: Cell::new(false),
         listener_fd,
-        next_conn_id: Cell::new(1),
         rng: Cell::new(seed),
         logs: RefCell::new(LogLimiter::default()),
         sessions_gone: Notify::new(),
