@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Helpers for scripts/check-deploy.sh (Python 3.11+, PyYAML).
+
+  deploycheck.py gen-prometheusrule            write the PrometheusRule from alerts.yml
+  deploycheck.py check-prometheusrule FILE...  the PrometheusRule (source and rendered) == alerts.yml
+  deploycheck.py split RENDERED OUTDIR         core kinds -> OUTDIR/core.yaml, CRD kinds -> OUTDIR/crd-*.yaml
+  deploycheck.py check-rendered RENDERED OVERLAY   the deployment rules (QoS, probes, grace, ...)
+  deploycheck.py extract RENDERED KIND NAME KEY    print ConfigMap/Secret data KEY
+  deploycheck.py check-unit UNIT CONFIG        systemd unit vs its config (stop timeout > drain)
+  deploycheck.py metric-names FILE...          metric names used in rule files / dashboard JSON
+"""
+import base64
+import json
+import os
+import re
+import sys
+import tomllib
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEPLOY = os.path.dirname(HERE)
+ALERTS = os.path.join(DEPLOY, "prometheus", "alerts.yml")
+PROMRULE = os.path.join(DEPLOY, "kubernetes", "components", "monitoring", "prometheusrule.yaml")
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print(f"  FAIL {msg}")
+
+
+def ok(msg):
+    print(f"  ok   {msg}")
+
+
+def done():
+    if failures:
+        print(f"{len(failures)} check(s) failed")
+        sys.exit(1)
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def duration_seconds(s):
+    m = re.fullmatch(r"(\d+)(ms|s|m|h)", s.strip())
+    if not m:
+        raise ValueError(f"bad duration {s!r}")
+    n, unit = int(m.group(1)), m.group(2)
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+# --- PrometheusRule <-> alerts.yml ------------------------------------------
+
+
+def gen_prometheusrule():
+    with open(ALERTS) as f:
+        rules = yaml.safe_load(f)
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "game-gateway-alerts",
+            "labels": {"app.kubernetes.io/name": "game-gateway", "release": "kube-prometheus-stack"},
+        },
+        "spec": {"groups": rules["groups"]},
+    }
+    header = (
+        "# GENERATED from deploy/prometheus/alerts.yml by `scripts/check-deploy.sh --regen`.\n"
+        "# Do not edit: edit alerts.yml (and alerts_test.yml) and regenerate;\n"
+        "# scripts/check-deploy.sh fails when the two differ.\n"
+        "# The release label is kube-prometheus-stack's default ruleSelector.\n"
+    )
+    with open(PROMRULE, "w") as f:
+        f.write(header)
+        yaml.safe_dump(doc, f, sort_keys=False, width=10000, allow_unicode=True)
+    print(f"wrote {os.path.relpath(PROMRULE)}")
+
+
+def check_prometheusrule(paths):
+    with open(ALERTS) as f:
+        want = yaml.safe_load(f)["groups"]
+    for path in paths:
+        found = [d for d in load_all(path) if d.get("kind") == "PrometheusRule"]
+        if len(found) != 1:
+            fail(f"{path}: expected one PrometheusRule, found {len(found)}")
+            continue
+        got = found[0]["spec"]["groups"]
+        if got == want:
+            n = sum(len(g["rules"]) for g in got)
+            ok(f"{path}: PrometheusRule carries exactly the {n} rules of alerts.yml")
+        else:
+            fail(f"{path}: PrometheusRule differs from deploy/prometheus/alerts.yml (run scripts/check-deploy.sh --regen)")
+
+
+# --- rendered manifests -------------------------------------------------------
+
+
+def split(rendered, outdir):
+    docs = load_all(rendered)
+    core, crd = [], {}
+    for d in docs:
+        if d["apiVersion"].startswith(CRD_GROUPS):
+            crd.setdefault(d["kind"], []).append(d)
+        else:
+            core.append(d)
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "core.yaml"), "w") as f:
+        yaml.safe_dump_all(core, f, sort_keys=False)
+    for kind, ds in crd.items():
+        with open(os.path.join(outdir, f"crd-{kind}.yaml"), "w") as f:
+            yaml.safe_dump_all(ds, f, sort_keys=False)
+        # PrometheusRule: the rule groups as a plain rule file for promtool.
+        if kind == "PrometheusRule":
+            with open(os.path.join(outdir, "prometheusrule-rules.yml"), "w") as f:
+                yaml.safe_dump({"groups": [g for d in ds for g in d["spec"]["groups"]]}, f, sort_keys=False)
+    print(f"{len(core)} core objects ({', '.join(sorted({d['kind'] for d in core}))}); "
+          f"custom resources: {', '.join(f'{k} x{len(v)}' for k, v in sorted(crd.items())) or 'none'}")
+
+
+def find(docs, kind, name=None):
+    for d in docs:
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name):
+            return d
+    return None
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def cm_data(docs, kind, name, key):
+    d = find(docs, kind, name)
+    if d is None:
+        return None
+    if key in d.get("data", {}):
+        v = d["data"][key]
+        return base64.b64decode(v).decode() if kind == "Secret" else v
+    return d.get("stringData", {}).get(key)
+
+
+def check_rendered(rendered, overlay):
+    docs = load_all(rendered)
+    kinds = {d["kind"] for d in docs}
+    print(f"-- {overlay}: {len(docs)} objects")
+    sts = find(docs, "StatefulSet", "game-gateway")
+    if sts is None:
+        fail("no StatefulSet game-gateway")
+        return
+    pod = sts["spec"]["template"]["spec"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    ns = sts["metadata"].get("namespace")
+    ok(f"StatefulSet game-gateway in namespace {ns}, {sts['spec']['replicas']} replicas")
+    for d in docs:
+        if d["kind"] != "Namespace" and d["metadata"].get("namespace") != ns:
+            fail(f"{d['kind']}/{d['metadata']['name']} is in namespace {d['metadata'].get('namespace')}, not {ns}")
+
+    # Guaranteed QoS: every container (and init container) requests == limits,
+    # cpu and memory set, cpu a whole number of cores.
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        r = c.get("resources", {})
+        req, lim = r.get("requests", {}), r.get("limits", {})
+        if not (req.get("cpu") and req.get("memory") and req == lim):
+            fail(f"container {c['name']}: requests {req} != limits {lim}: not Guaranteed QoS")
+            continue
+        if not re.fullmatch(r"[1-9]\d*", str(req["cpu"])):
+            fail(f"container {c['name']}: cpu {req['cpu']!r} is not a whole number of cores (static CPU manager)")
+            continue
+        ok(f"container {c['name']}: Guaranteed QoS, {req['cpu']} whole cores, memory {req['memory']}")
+
+    gw = next(c for c in pod["containers"] if c["name"] == "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        h = gw.get(probe, {}).get("httpGet", {})
+        if h.get("path") == path and h.get("port") in ("admin", ports.get("admin")):
+            ok(f"{probe} GET {path} on the admin port")
+        else:
+            fail(f"{probe} is {h}, want GET {path} on port admin")
+
+    # The config the pod mounts.
+    cfg_text = cm_data(docs, "ConfigMap", "game-gateway-config", "gateway.toml")
+    if cfg_text is None:
+        fail("ConfigMap game-gateway-config has no gateway.toml")
+        return
+    cfg = tomllib.loads(cfg_text)
+    srv = cfg.get("server", {})
+    admin_host = srv.get("admin_listen", "127.0.0.1:9090").rsplit(":", 1)
+    if admin_host[0] in ("0.0.0.0", "[::]", "::"):
+        ok(f"server.admin_listen {srv['admin_listen']} reachable by probes and Prometheus")
+    else:
+        fail(f"server.admin_listen {srv.get('admin_listen')} is not reachable from outside the pod")
+    if int(admin_host[1]) != ports.get("admin"):
+        fail(f"admin port {admin_host[1]} != containerPort admin {ports.get('admin')}")
+    listen_port = int(srv.get("listen", "0.0.0.0:8080").rsplit(":", 1)[1])
+    if listen_port != ports.get("game"):
+        fail(f"game port {listen_port} != containerPort game {ports.get('game')}")
+    drain = duration_seconds(srv.get("drain_timeout", "30s"))
+    pre = gw.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace > drain + pre:
+        ok(f"terminationGracePeriodSeconds {grace} > preStop {pre}s + drain_timeout {drain:g}s")
+    else:
+        fail(f"terminationGracePeriodSeconds {grace} <= preStop {pre}s + drain_timeout {drain:g}s")
+    if srv.get("node_id", 0) == 0 and not any(e["name"] == "POD_NAME" for e in gw.get("env", [])):
+        fail("node_id = 0 but POD_NAME is not set: node ids would collide")
+
+    # Mounts: gateway.toml and the admin token where the config says.
+    mounts = {m["name"]: m["mountPath"] for m in gw.get("volumeMounts", [])}
+    files = {}
+    for v in pod.get("volumes", []):
+        if v["name"] not in mounts:
+            continue
+        base = mounts[v["name"]]
+        if "projected" in v:
+            for s in v["projected"]["sources"]:
+                for kind in ("configMap", "secret"):
+                    if kind in s:
+                        for it in s[kind].get("items", []):
+                            files[f"{base}/{it['path']}"] = (kind, s[kind]["name"], it["key"])
+        for kind in ("configMap", "secret"):
+            if kind in v:
+                name = v[kind].get("name") or v[kind].get("secretName")
+                for it in v[kind].get("items", []):
+                    files[f"{base}/{it['path']}"] = (kind, name, it["key"])
+    cfg_path = gw["args"][gw["args"].index("--config") + 1] if "--config" in gw.get("args", []) else None
+    if cfg_path in files and files[cfg_path][1] == "game-gateway-config":
+        ok(f"--config {cfg_path} is the ConfigMap's gateway.toml")
+    else:
+        fail(f"--config {cfg_path} is not mounted from ConfigMap game-gateway-config ({sorted(files)})")
+    token_file = cfg.get("admin", {}).get("token_file")
+    if token_file:
+        src = files.get(token_file)
+        if src and src[0] == "secret" and find(docs, "Secret", src[1]) is not None:
+            token = cm_data(docs, "Secret", src[1], src[2]) or ""
+            ok(f"[admin] token_file {token_file} is Secret {src[1]} key {src[2]}"
+               + (" (still the PLACEHOLDER token: replace it before deploying)" if "REPLACE-ME" in token else ""))
+            if token != token.strip():
+                fail("the admin token has leading/trailing whitespace (a newline?)")
+        else:
+            fail(f"[admin] token_file {token_file} is not mounted from a Secret of this deployment")
+    else:
+        fail("no [admin] token_file: POST /drain on a non-loopback admin port needs the token")
+
+    # Redis: the routes Job writes where the gateway reads.
+    job = find(docs, "Job", "game-gateway-routes-push")
+    if job is None:
+        fail("no routes-push Job")
+    else:
+        jc = job["spec"]["template"]["spec"]["containers"][0]
+        args = jc["args"]
+        redis = cfg.get("redis")
+        if not redis:
+            fail("the routes Job pushes to Redis but the gateway config has no [redis]")
+        else:
+            url = args[args.index("--redis") + 1]
+            prefix = args[args.index("--prefix") + 1] if "--prefix" in args else "game-gateway:"
+            if url == redis.get("url") and prefix == redis.get("key_prefix", "game-gateway:"):
+                ok(f"routes Job pushes to {url} prefix {prefix!r}, where the gateway reads")
+            else:
+                fail(f"routes Job pushes to {url} {prefix!r}, gateway reads {redis.get('url')} {redis.get('key_prefix')!r}")
+        rules_path = args[args.index("push") + 1]
+        jmounts = {m["name"]: m["mountPath"] for m in jc.get("volumeMounts", [])}
+        vol = next((v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] in jmounts), None)
+        cmname = vol and vol.get("configMap", {}).get("name")
+        cm = cmname and find(docs, "ConfigMap", cmname)
+        if cm and os.path.dirname(rules_path) == jmounts[vol["name"]] and os.path.basename(rules_path) in cm["data"]:
+            json.loads(cm["data"][os.path.basename(rules_path)])
+            ok(f"routes Job reads {rules_path} from ConfigMap {cmname} (valid JSON)")
+        else:
+            fail(f"routes Job's {rules_path} is not a key of a mounted ConfigMap")
+        r = jc.get("resources", {})
+        if r.get("requests") != r.get("limits"):
+            fail("routes Job container is not Guaranteed QoS")
+
+    # PodDisruptionBudget over the gateway pods.
+    pdb = find(docs, "PodDisruptionBudget")
+    if pdb and matches(pdb["spec"]["selector"]["matchLabels"], pod_labels):
+        ok(f"PodDisruptionBudget {pdb['metadata']['name']}: maxUnavailable {pdb['spec'].get('maxUnavailable')}")
+    else:
+        fail("no PodDisruptionBudget selecting the gateway pods")
+
+    # Services select the pods; the ServiceMonitor selects the metrics Service.
+    svcs = [d for d in docs if d["kind"] == "Service"]
+    for s in svcs:
+        if not matches(s["spec"]["selector"], pod_labels):
+            fail(f"Service {s['metadata']['name']} does not select the gateway pods")
+    head = find(docs, "Service", sts["spec"]["serviceName"])
+    if head and head["spec"].get("clusterIP") == "None":
+        ok(f"headless Service {head['metadata']['name']} governs the StatefulSet")
+    else:
+        fail(f"StatefulSet serviceName {sts['spec']['serviceName']} is not a headless Service here")
+    sm = find(docs, "ServiceMonitor")
+    if sm:
+        sel = sm["spec"]["selector"]["matchLabels"]
+        targets = [s for s in svcs if matches(sel, s["metadata"].get("labels", {}))]
+        port = sm["spec"]["endpoints"][0]["port"]
+        if len(targets) == 1 and any(p.get("name") == port for p in targets[0]["spec"]["ports"]):
+            t = targets[0]["metadata"]["name"]
+            ok(f"ServiceMonitor scrapes Service {t} port {port} (job label {t!r})")
+            if t != "game-gateway":
+                fail(f"alerts select job=\"game-gateway\" but the scraped Service is {t}")
+        else:
+            fail(f"ServiceMonitor selects {[s['metadata']['name'] for s in targets]}, want exactly one with port {port}")
+    else:
+        fail("no ServiceMonitor")
+    if "PrometheusRule" not in kinds:
+        fail("no PrometheusRule")
+    dash = find(docs, "ConfigMap", "game-gateway-grafana-dashboard")
+    if dash and dash["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
+        (key, text), = dash["data"].items()
+        d = json.loads(text)
+        ok(f"Grafana dashboard ConfigMap ({key}: {len(d['panels'])} panels, uid {d['uid']})")
+    else:
+        fail("no Grafana dashboard ConfigMap labelled grafana_dashboard=1")
+
+    # Overlay specifics.
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+    if overlay == "host-network":
+        if pod.get("hostNetwork") is True and pod.get("dnsPolicy") == "ClusterFirstWithHostNet":
+            ok("hostNetwork with dnsPolicy ClusterFirstWithHostNet")
+        else:
+            fail("host-network overlay without hostNetwork: true / dnsPolicy: ClusterFirstWithHostNet")
+        req = anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        if any(t["topologyKey"] == "kubernetes.io/hostname" and matches(t["labelSelector"]["matchLabels"], pod_labels)
+               for t in req):
+            ok("required pod anti-affinity: one gateway per node")
+        else:
+            fail("host-network overlay without required anti-affinity on kubernetes.io/hostname")
+        for p in gw["ports"]:
+            if p.get("hostPort") not in (None, p["containerPort"]):
+                fail(f"hostPort {p.get('hostPort')} != containerPort {p['containerPort']} under hostNetwork")
+    elif overlay == "pod-network":
+        if pod.get("hostNetwork"):
+            fail("pod-network overlay uses hostNetwork")
+        lb = [s for s in svcs if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+        if lb and any(p.get("targetPort") in ("game", ports["game"]) for p in lb[0]["spec"]["ports"]):
+            ok(f"Service {lb[0]['metadata']['name']} ({lb[0]['spec']['type']}) exposes the game port, "
+               f"externalTrafficPolicy {lb[0]['spec'].get('externalTrafficPolicy', 'Cluster')}")
+        else:
+            fail("pod-network overlay has no Service exposing the game port")
+
+
+def extract(rendered, kind, name, key):
+    v = cm_data(load_all(rendered), kind, name, key)
+    if v is None:
+        sys.exit(f"{kind}/{name} has no key {key}")
+    sys.stdout.write(v)
+
+
+# --- systemd -------------------------------------------------------------------
+
+
+def check_unit(unit, config):
+    with open(unit) as f:
+        text = f.read()
+    kv = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            k, v = line.split("=", 1)
+            kv.setdefault(k.strip(), []).append(v.strip())
+    with open(config, "rb") as f:
+        cfg = tomllib.load(f)
+    drain = duration_seconds(cfg.get("server", {}).get("drain_timeout", "30s"))
+    stop = kv.get("TimeoutStopSec", ["90s"])[-1]
+    stop_s = duration_seconds(stop if re.search(r"[a-z]$", stop) else stop + "s")
+    if stop_s > drain:
+        ok(f"TimeoutStopSec {stop} > drain_timeout {drain:g}s")
+    else:
+        fail(f"TimeoutStopSec {stop} <= drain_timeout {drain:g}s: systemd would SIGKILL mid-drain")
+    want = {
+        "KillSignal": "SIGTERM", "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+    }
+    for k, v in want.items():
+        if v in kv.get(k, []):
+            ok(f"{k}={v}")
+        else:
+            fail(f"{k} is {kv.get(k)}, want {v}")
+    for k in ("CPUAffinity", "LimitNOFILE", "LimitMEMLOCK", "User"):
+        if k in kv:
+            ok(f"{k}={kv[k][-1]}")
+        else:
+            fail(f"no {k}")
+    if any("kill -HUP $MAINPID" in v for v in kv.get("ExecReload", [])):
+        ok("ExecReload sends SIGHUP to $MAINPID")
+    else:
+        fail("ExecReload does not send SIGHUP ($MAINPID)")
+    cfgs = [a for v in kv.get("ExecStart", []) for a in [v.split("--config", 1)[-1].split()[0]] if "--config" in v]
+    if cfgs and os.path.basename(cfgs[0]) == os.path.basename(config):
+        ok(f"ExecStart reads {cfgs[0]}")
+    else:
+        fail(f"ExecStart --config {cfgs} does not name {os.path.basename(config)}")
+
+
+# --- metric names ---------------------------------------------------------------
+
+
+METRIC_RE = re.compile(r"\b(game_gateway_[a-z0-9_]+)")
+SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def metric_names(paths):
+    names = set()
+    for p in paths:
+        with open(p) as f:
+            text = f.read()
+        exprs = []
+        if p.endswith(".json"):
+            def walk(o):
+                if isinstance(o, dict):
+                    for k, v in o.items():
+                        if k in ("expr", "definition") and isinstance(v, str):
+                            exprs.append(v)
+                        elif k == "query" and isinstance(v, str):
+                            exprs.append(v)
+                        else:
+                            walk(v)
+                elif isinstance(o, list):
+                    for v in o:
+                        walk(v)
+            walk(json.loads(text))
+        else:
+            for g in yaml.safe_load(text)["groups"]:
+                exprs += [r["expr"] for r in g["rules"]]
+        for e in exprs:
+            for n in METRIC_RE.findall(e):
+                for s in SUFFIXES:
+                    if n.endswith(s):
+                        n = n[: -len(s)]
+                names.add(n)
+    print("\n".join(sorted(names)))
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "gen-prometheusrule":
+        gen_prometheusrule()
+    elif cmd == "check-prometheusrule":
+        check_prometheusrule(args or [PROMRULE])
+    elif cmd == "split":
+        split(*args)
+    elif cmd == "check-rendered":
+        check_rendered(*args)
+    elif cmd == "extract":
+        extract(*args)
+    elif cmd == "check-unit":
+        check_unit(*args)
+    elif cmd == "metric-names":
+        metric_names(args)
+    else:
+        sys.exit(__doc__)
+    done()
+
+
+if __name__ == "__main__":
+    main()
