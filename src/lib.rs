@@ -5,7 +5,9 @@
 //! - [`session`]: session ids and per-session state.
 //! - [`routing`]: rules, the immutable `RouteTable` snapshot, strategies.
 //! - [`config`]: the TOML config, validated into typed sections.
-//! - [`worker`]: the per-core I/O driver (monoio; io_uring or epoll).
+//! - `shard`: the per-core session and backend state machine (no I/O).
+//! - [`worker`]: the per-core I/O driver (monoio; io_uring or epoll) that
+//!   moves bytes and timers for its shard.
 //! - [`gateway`]: starts the workers and is the control side's handle on them.
 //! - [`control`]: signals, config reload, stop; [`admin`]: health, readiness,
 //!   metrics and status over HTTP; [`metrics`] and [`stats`]: counters.
@@ -26,5 +28,6 @@ pub mod resilience;
 pub mod route_source;
 pub mod routing;
 pub mod session;
+pub(crate) mod shard;
 pub mod stats;
 pub mod worker;

@@ -73,6 +73,16 @@ impl SessionIdGen {
     }
 }
 
+/// A W3C-style trace id, displayed as 32 hex digits.
+#[derive(Clone, Copy)]
+pub struct TraceId(pub [u8; 16]);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::access_log::Hex(&self.0).fmt(f)
+    }
+}
+
 /// What a worker knows about one live session, apart from its I/O handles.
 #[derive(Debug)]
 pub struct SessionInfo {

@@ -77,6 +77,17 @@ pub enum ProxyError {
     NotEnabled,
 }
 
+impl ProxyError {
+    /// Label of `protocol_errors` / log kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Malformed(_) => "proxy_malformed",
+            ProxyError::Untrusted(_) => "proxy_untrusted",
+            ProxyError::NotEnabled => "proxy_not_enabled",
+        }
+    }
+}
+
 /// Parses a PROXY v1 or v2 header at the front of `buf` (HAProxy's spec,
 /// via the `ppp` crate). `Ok(None)`: incomplete.
 pub fn parse_proxy(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
@@ -124,31 +135,92 @@ pub struct UpgradePolicy {
 pub enum HttpDecision {
     /// A valid upgrade: send `response` (101) and switch to WebSocket.
     Upgrade { response: String, subprotocol: Option<String> },
-    /// Answer with `response` and close (426 for plain HTTP, 400 for a bad
-    /// upgrade, 403 for a refused origin, 431 for a huge head).
-    Refuse { status: u16, response: String },
+    /// Answer with the refusal's response and close.
+    Refuse(HttpRefusal),
+}
+
+/// Every answer the game port gives an HTTP request it does not upgrade.
+/// The responses are constants, built once at compile time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpRefusal {
+    /// Plain HTTP, not an upgrade: 426.
+    UpgradeRequired,
+    /// An upgrade that is not GET over HTTP/1.1: 400.
+    BadMethod,
+    /// No `Connection: upgrade`: 400.
+    MissingConnectionUpgrade,
+    /// `Sec-WebSocket-Version` other than 13: 400.
+    BadVersion,
+    /// No `Sec-WebSocket-Key`: 400.
+    MissingKey,
+    /// A head that does not parse: 400.
+    Malformed,
+    /// `Origin` not in the allow-list: 403.
+    OriginRefused,
+    /// A head longer than [`MAX_REQUEST_HEAD`]: 431.
+    HeadTooLarge,
+    /// A valid upgrade while `[websocket] enabled = false`: 404.
+    WebSocketDisabled,
+}
+
+/// A complete `text/plain` response with `Connection: close`. The length is
+/// written by hand (a macro cannot count); a unit test checks every one.
+macro_rules! response {
+    ($status:literal, $extra:literal, $len:literal, $body:literal) => {
+        concat!(
+            "HTTP/1.1 ",
+            $status,
+            "\r\n",
+            $extra,
+            "Content-Type: text/plain\r\nContent-Length: ",
+            $len,
+            "\r\nConnection: close\r\n\r\n",
+            $body
+        )
+    };
+}
+
+impl HttpRefusal {
+    pub fn status(self) -> u16 {
+        match self {
+            HttpRefusal::UpgradeRequired => 426,
+            HttpRefusal::OriginRefused => 403,
+            HttpRefusal::HeadTooLarge => 431,
+            HttpRefusal::WebSocketDisabled => 404,
+            _ => 400,
+        }
+    }
+
+    /// Label of `protocol_errors` / log kind.
+    pub fn metric_kind(self) -> &'static str {
+        match self.status() {
+            426 => "http_426",
+            403 => "http_403",
+            431 => "http_431",
+            404 => "http_404",
+            _ => "http_400",
+        }
+    }
+
+    /// The whole response, `Connection: close` included.
+    pub fn response(self) -> &'static str {
+        match self {
+            HttpRefusal::UpgradeRequired => response!("426 Upgrade Required", "Upgrade: websocket\r\n", "65", "this port speaks game frames and WebSocket; upgrade to websocket\n"),
+            HttpRefusal::BadMethod => response!("400 Bad Request", "", "46", "a WebSocket upgrade must be GET over HTTP/1.1\n"),
+            HttpRefusal::MissingConnectionUpgrade => response!("400 Bad Request", "", "28", "missing Connection: upgrade\n"),
+            HttpRefusal::BadVersion => response!("400 Bad Request", "", "33", "Sec-WebSocket-Version must be 13\n"),
+            HttpRefusal::MissingKey => response!("400 Bad Request", "", "26", "missing Sec-WebSocket-Key\n"),
+            HttpRefusal::Malformed => response!("400 Bad Request", "", "23", "malformed HTTP request\n"),
+            HttpRefusal::OriginRefused => response!("403 Forbidden", "", "19", "origin not allowed\n"),
+            HttpRefusal::HeadTooLarge => response!("431 Request Header Fields Too Large", "", "23", "request head too large\n"),
+            HttpRefusal::WebSocketDisabled => response!("404 Not Found", "", "38", "websocket is disabled on this gateway\n"),
+        }
+    }
 }
 
 /// Largest request head read before answering 431.
 pub const MAX_REQUEST_HEAD: usize = 8192;
 const MAX_HEADERS: usize = 32;
-
-fn plain(status: u16, reason: &str, extra: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-fn refuse(status: u16, body: &str) -> HttpDecision {
-    let (reason, extra) = match status {
-        426 => ("Upgrade Required", "Upgrade: websocket\r\n"),
-        403 => ("Forbidden", ""),
-        431 => ("Request Header Fields Too Large", ""),
-        _ => ("Bad Request", ""),
-    };
-    HttpDecision::Refuse { status, response: plain(status, reason, extra, body) }
-}
 
 /// Parses the request head at the front of `buf` (with `httparse`).
 /// `Ok(None)`: incomplete. On a decision, also returns the head's length.
@@ -158,8 +230,8 @@ pub fn parse_http(buf: &[u8], policy: &UpgradePolicy) -> Option<(HttpDecision, u
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => return None,
-        Ok(httparse::Status::Partial) => return Some((refuse(431, "request head too large\n"), buf.len())),
-        Err(e) => return Some((refuse(400, &format!("bad request: {e}\n")), buf.len())),
+        Ok(httparse::Status::Partial) => return Some((HttpDecision::Refuse(HttpRefusal::HeadTooLarge), buf.len())),
+        Err(_) => return Some((HttpDecision::Refuse(HttpRefusal::Malformed), buf.len())),
     };
     let header = |name: &str| {
         req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
@@ -173,24 +245,24 @@ pub fn parse_http(buf: &[u8], policy: &UpgradePolicy) -> Option<(HttpDecision, u
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token("Upgrade", "websocket") {
-        return Some((refuse(426, "this port speaks game frames and WebSocket; upgrade to websocket\n"), len));
+        return Some((HttpDecision::Refuse(HttpRefusal::UpgradeRequired), len));
     }
     if req.method != Some("GET") || req.version != Some(1) {
-        return Some((refuse(400, "a WebSocket upgrade must be GET over HTTP/1.1\n"), len));
+        return Some((HttpDecision::Refuse(HttpRefusal::BadMethod), len));
     }
     if !has_token("Connection", "upgrade") {
-        return Some((refuse(400, "missing Connection: upgrade\n"), len));
+        return Some((HttpDecision::Refuse(HttpRefusal::MissingConnectionUpgrade), len));
     }
     if header("Sec-WebSocket-Version") != Some("13") {
-        return Some((refuse(400, "Sec-WebSocket-Version must be 13\n"), len));
+        return Some((HttpDecision::Refuse(HttpRefusal::BadVersion), len));
     }
     let Some(key) = header("Sec-WebSocket-Key").filter(|k| !k.trim().is_empty()) else {
-        return Some((refuse(400, "missing Sec-WebSocket-Key\n"), len));
+        return Some((HttpDecision::Refuse(HttpRefusal::MissingKey), len));
     };
     if !policy.allowed_origins.is_empty() {
         let origin = header("Origin").unwrap_or("");
         if !policy.allowed_origins.iter().any(|o| o == origin) {
-            return Some((refuse(403, "origin not allowed\n"), len));
+            return Some((HttpDecision::Refuse(HttpRefusal::OriginRefused), len));
         }
     }
     let offered: Vec<&str> = req
@@ -269,9 +341,12 @@ mod tests {
     fn refusals() {
         let p = UpgradePolicy::default();
         let status = |req: &str, p: &UpgradePolicy| match parse_http(req.as_bytes(), p).unwrap().0 {
-            HttpDecision::Refuse { status, response } => {
+            HttpDecision::Refuse(r) => {
+                let response = r.response();
                 assert!(response.contains("Connection: close"));
-                status
+                let len: usize = response.split("Content-Length: ").nth(1).unwrap().split('\r').next().unwrap().parse().unwrap();
+                assert_eq!(len, response.split("\r\n\r\n").nth(1).unwrap().len(), "{response}");
+                r.status()
             }
             d => panic!("{d:?}"),
         };

@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod client;
 pub mod frontdoor;
+pub mod ws;
 
 use std::fmt;
 

@@ -6,6 +6,7 @@
 //! header of outgoing binary frames is written here, with tungstenite's
 //! `FrameHeader`.
 
+use crate::protocol::backend::DisconnectReason;
 use bytes::{Buf, BufMut, BytesMut};
 use std::io::{Read, Write};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -119,6 +120,22 @@ impl WsState {
         let mut pipe = Pipe { input: &mut empty, output: out };
         let _ = self.ctx.close(&mut pipe, Some(CloseFrame { code, reason: reason.into() }));
         let _ = self.ctx.flush(&mut pipe);
+    }
+}
+
+impl WsState {
+    /// Queues the close frame that tells the client why its session ended.
+    pub fn close_for(&mut self, out: &mut BytesMut, reason: DisconnectReason) {
+        let (code, why) = match reason {
+            DisconnectReason::Kicked => (CloseCode::Normal, "kicked"),
+            DisconnectReason::Shutdown => (CloseCode::Away, "gateway shutting down"),
+            DisconnectReason::IdleTimeout => (CloseCode::Away, "idle"),
+            DisconnectReason::RateLimited => (CloseCode::Policy, "rate limited"),
+            DisconnectReason::BackendLost => (CloseCode::Again, "backend unavailable"),
+            DisconnectReason::ProtocolError => (CloseCode::Protocol, "protocol error"),
+            DisconnectReason::ClientClosed | DisconnectReason::RouteChanged => (CloseCode::Normal, ""),
+        };
+        self.close_into(out, code, why);
     }
 }
 

@@ -1,0 +1,797 @@
+//! Backend pools and connections inside the shard: binding, queues, loss,
+//! retirement, keep-alive and demultiplexing of backend frames. No I/O: the
+//! driver dials, writes each queue in one write and feeds what it reads.
+//!
+//! # Connection lifecycle
+//! ```text
+//! Idle --first bind--> Connecting --connected--> Up --lost (read/write error,
+//!   |                      |                      |    bad length, keep-alive)--> Backoff(until)
+//!   |                      +--dial failed/timeout------------------------------> Backoff(until)
+//! Backoff --until passed and a new bind--> Connecting (a new generation)
+//! Up/Connecting --no route lists it--> Retiring(deadline) --queue written or
+//!   deadline--> gone (socket closed, slot freed)
+//! ```
+//! Every dial gets a generation unique within the shard, so a binding
+//! `(ConnId, generation)` names one TCP stream forever, even after the slot
+//! is reused: a binding made on an older stream is stale, and the backend
+//! knows nothing of it. On loss, queued frames are counted as lost and each
+//! bound session is closed (reason 7) or, where its rule says `rebind`,
+//! unbound to rebind on its next frame. The backoff doubles per consecutive
+//! failure between `reconnect_backoff_min` and `reconnect_backoff_max`, with
+//! +-20% jitter; routing skips an endpoint whose breaker is open or whose
+//! connections are all backing off.
+
+use super::session::Session;
+use super::{Action, Ctx, DropReason, SessionId, Shard, Shut};
+use crate::config::BackendConfig;
+use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
+use crate::resilience::{CircuitBreaker, CircuitState};
+use crate::routing::{Endpoint, OnBackendLoss};
+use crate::stats::{bump, WorkerStats};
+use ahash::{AHashMap, AHashSet};
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Longest a retired connection may take to write its last queue.
+pub(crate) const RETIRE_DRAIN_MAX: Duration = Duration::from_secs(5);
+/// Frames handled per backend read before yielding to other tasks, so one
+/// busy backend cannot starve the core's other connections.
+pub(crate) const MAX_FRAMES_PER_READ: usize = 4096;
+
+/// A backend connection's slot in the shard. Slots are reused; the pair
+/// (slot, generation) is what names one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConnId(pub(crate) u32);
+
+/// Why a backend stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LossKind {
+    DialFailed,
+    DialTimeout,
+    ClosedByBackend,
+    ReadFailed,
+    WriteFailed,
+    /// A frame with an impossible length: the stream cannot be re-synchronised.
+    ProtocolError,
+    KeepaliveTimeout,
+}
+
+impl LossKind {
+    /// Metric label (`backend_errors_total{type}`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            LossKind::DialFailed => "dial_failed",
+            LossKind::DialTimeout => "dial_timeout",
+            LossKind::ClosedByBackend => "closed_by_backend",
+            LossKind::ReadFailed => "read_failed",
+            LossKind::WriteFailed => "write_failed",
+            LossKind::ProtocolError => "protocol_error",
+            LossKind::KeepaliveTimeout => "keepalive_timeout",
+        }
+    }
+
+    fn is_timeout(self) -> bool {
+        matches!(self, LossKind::DialTimeout | LossKind::KeepaliveTimeout)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// Never dialed.
+    Idle,
+    Connecting,
+    Up,
+    /// Lost; may be redialed once `until` passes.
+    Backoff(Instant),
+    /// No route lists the endpoint: write the queue, then close by `deadline`.
+    Retiring { deadline: Instant },
+}
+
+/// One multiplexed stream to a backend.
+struct BackendConn {
+    /// The endpoint (its name labels metrics and logs).
+    endpoint: Endpoint,
+    /// Index in the pool, for logs and to spread sessions.
+    slot: usize,
+    state: ConnState,
+    /// The current stream's generation; see the module docs.
+    generation: u64,
+    /// Frames waiting for the writer (taken whole per write).
+    out: BytesMut,
+    /// How many frames `out` holds (frames per write, and lost-frame counts).
+    queued_frames: u64,
+    /// A write is in progress: its bytes left `out` but are not on the wire.
+    writing: bool,
+    /// Sessions bound to this stream: the reverse index that backend frames
+    /// are checked against (isolation) and that loss walks.
+    sessions: AHashSet<SessionId>,
+    /// Consecutive failed dials: the backoff exponent.
+    failures: u32,
+    /// Enqueue time of the oldest frame in `out` (forward latency).
+    oldest: Option<Instant>,
+    /// Last bytes from the backend; drives the keep-alive PING.
+    last_rx: Instant,
+    /// When the outstanding keep-alive PING went out.
+    ping_sent: Option<Instant>,
+}
+
+impl BackendConn {
+    fn available(&self, now: Instant) -> bool {
+        match self.state {
+            ConnState::Backoff(until) => now >= until,
+            ConnState::Retiring { .. } => false,
+            _ => true,
+        }
+    }
+
+    fn live(&self) -> bool {
+        matches!(self.state, ConnState::Up | ConnState::Connecting | ConnState::Retiring { .. })
+    }
+
+    fn pending(&self) -> bool {
+        self.live() && (!self.out.is_empty() || self.writing)
+    }
+}
+
+/// The connections of one endpoint on this worker.
+struct Pool {
+    endpoint: Endpoint,
+    conns: Vec<ConnId>,
+    /// Shared by the pool's connections: failures of any open it.
+    breaker: CircuitBreaker,
+}
+
+/// Pools by endpoint address, and the connection slots.
+#[derive(Default)]
+pub(super) struct Backends {
+    pools: AHashMap<SocketAddr, Pool>,
+    conns: Vec<Option<BackendConn>>,
+    /// Slots of connections that are gone, for reuse.
+    free: Vec<u32>,
+    /// Last generation handed out (shard-wide, so never reused).
+    last_generation: u64,
+}
+
+/// What the driver's writer gets from [`Shard::take_backend_out`].
+pub(crate) enum BackendOut {
+    /// This generation is over: the writer exits.
+    Stale,
+    /// Nothing queued: wait for a wake-up.
+    Empty,
+    /// The queue was swapped into the writer's buffer: write it, then report
+    /// with [`Shard::backend_written`].
+    Write { frames: u64, oldest: Option<Instant> },
+}
+
+/// What the driver's reader does after [`Shard::backend_data`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BackendRead {
+    /// Read more.
+    Continue,
+    /// Frames are left in the buffer: yield to other tasks, then call again.
+    Yield,
+    /// This generation is over: the reader exits.
+    Stop,
+}
+
+impl Backends {
+    fn conn(&self, id: ConnId) -> Option<&BackendConn> {
+        self.conns.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut BackendConn> {
+        self.conns.get_mut(id.0 as usize).and_then(Option::as_mut)
+    }
+
+    /// The connection if `generation` is its current stream.
+    fn current(&mut self, id: ConnId, generation: u64) -> Option<&mut BackendConn> {
+        self.conn_mut(id).filter(|c| c.generation == generation)
+    }
+
+    /// The generation of a live stream of `id`.
+    pub(super) fn generation(&self, id: ConnId) -> Option<u64> {
+        self.conn(id).map(|c| c.generation)
+    }
+
+    /// Is any connection of `ep` usable now (breaker closed or due for a
+    /// probe, and some connection not backing off)?
+    pub(super) fn available(&mut self, ep: &Endpoint, now: Instant) -> bool {
+        let Some(p) = self.pools.get_mut(&ep.addr) else { return true };
+        if !p.breaker.allows(now) {
+            return false;
+        }
+        let conns = &self.conns;
+        p.conns.iter().any(|c| conns[c.0 as usize].as_ref().is_some_and(|c| c.available(now)))
+    }
+
+    /// The connection a session binds to on `ep`: from its id's slot, the
+    /// first not backing off; dialed if it is not live. `None`: all backing off.
+    pub(super) fn conn_for(
+        &mut self,
+        ctx: &mut Ctx,
+        ep: &Endpoint,
+        session: SessionId,
+        now: Instant,
+    ) -> Option<(ConnId, u64)> {
+        if !self.pools.contains_key(&ep.addr) {
+            let b = &ctx.cfg.backend;
+            let n = b.connections_per_endpoint.max(1);
+            let breaker = CircuitBreaker::new(b.circuit_failure_threshold, b.circuit_open_duration);
+            let conns = (0..n).map(|slot| self.insert(ep.clone(), slot, now)).collect();
+            self.pools.insert(ep.addr, Pool { endpoint: ep.clone(), conns, breaker });
+        }
+        let pool = &self.pools[&ep.addr];
+        let n = pool.conns.len();
+        let start = (session as u64 % n as u64) as usize;
+        let id = (0..n)
+            .map(|i| pool.conns[(start + i) % n])
+            .find(|c| self.conns[c.0 as usize].as_ref().is_some_and(|c| c.available(now)))?;
+        self.ensure_dialing(ctx, id, now);
+        Some((id, self.conns[id.0 as usize].as_ref()?.generation))
+    }
+
+    fn insert(&mut self, endpoint: Endpoint, slot: usize, now: Instant) -> ConnId {
+        let c = BackendConn {
+            endpoint,
+            slot,
+            state: ConnState::Idle,
+            generation: 0,
+            out: BytesMut::new(),
+            queued_frames: 0,
+            writing: false,
+            sessions: AHashSet::new(),
+            failures: 0,
+            oldest: None,
+            last_rx: now,
+            ping_sent: None,
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.conns[i as usize] = Some(c);
+                ConnId(i)
+            }
+            None => {
+                self.conns.push(Some(c));
+                ConnId(self.conns.len() as u32 - 1)
+            }
+        }
+    }
+
+    fn ensure_dialing(&mut self, ctx: &mut Ctx, id: ConnId, now: Instant) {
+        let Some(c) = self.conns[id.0 as usize].as_mut() else { return };
+        match c.state {
+            ConnState::Idle => {}
+            ConnState::Backoff(until) if now >= until => {}
+            _ => return,
+        }
+        self.last_generation += 1;
+        let generation = self.last_generation;
+        if let Some(p) = self.pools.get_mut(&c.endpoint.addr) {
+            p.breaker.on_attempt();
+        }
+        c.generation = generation;
+        c.state = ConnState::Connecting;
+        let b = ctx.stats.backend(&c.endpoint.name);
+        b.dials += 1;
+        if c.failures > 0 {
+            b.retries += 1;
+        }
+        ctx.actions.push(Action::Dial {
+            conn: id,
+            generation,
+            addr: c.endpoint.addr,
+            timeout: ctx.cfg.backend.dial_timeout,
+        });
+    }
+
+    /// Appends one frame (written by `f`) to `id`'s queue. Refused and counted
+    /// when the stream `generation` is not live or the queue is over
+    /// `max_queued_bytes`.
+    pub(super) fn enqueue(
+        &mut self,
+        ctx: &mut Ctx,
+        id: ConnId,
+        generation: u64,
+        now: Instant,
+        f: impl FnOnce(&mut BytesMut),
+    ) -> bool {
+        let max = ctx.cfg.backend.max_queued_bytes;
+        let Some(c) = self.conn_mut(id) else {
+            ctx.drop_frames(DropReason::BackendUnavailable, 1);
+            return false;
+        };
+        let reason = if c.generation != generation || !c.live() {
+            DropReason::BackendUnavailable
+        } else if c.out.len() > max {
+            DropReason::BackendQueueFull
+        } else {
+            let was_empty = c.out.is_empty();
+            f(&mut c.out);
+            c.queued_frames += 1;
+            if c.oldest.is_none() {
+                c.oldest = Some(now);
+            }
+            if was_empty {
+                ctx.actions.push(Action::WakeBackend(id));
+            }
+            return true;
+        };
+        ctx.drop_frames(reason, 1);
+        bump(&mut ctx.stats.backend(&c.endpoint.name).errors, reason.as_str(), 1);
+        if let Some(n) = ctx.logs.allow(reason.as_str(), now) {
+            tracing::warn!(backend = %c.endpoint, reason = reason.as_str(), suppressed = n, "frame to backend dropped");
+        }
+        false
+    }
+
+    /// Adds a session to the reverse index of stream `generation`.
+    pub(super) fn bind(&mut self, id: ConnId, generation: u64, session: SessionId) {
+        if let Some(c) = self.current(id, generation) {
+            c.sessions.insert(session);
+        }
+    }
+
+    /// Removes a session from the reverse index; `notify` queues a
+    /// `DISCONNECT` with that reason, when the binding is on the live stream.
+    pub(super) fn unbind(
+        &mut self,
+        ctx: &mut Ctx,
+        id: ConnId,
+        generation: u64,
+        session: SessionId,
+        notify: Option<DisconnectReason>,
+        now: Instant,
+    ) {
+        let Some(c) = self.current(id, generation) else { return };
+        c.sessions.remove(&session);
+        if let Some(reason) = notify {
+            self.enqueue(ctx, id, generation, now, |out| bproto::encode_disconnect(out, session, reason));
+        }
+    }
+
+    /// The endpoint name of `id` (access log), if the slot is in use.
+    pub(super) fn endpoint_name(&self, id: ConnId) -> Option<&str> {
+        self.conn(id).map(|c| &*c.endpoint.name)
+    }
+
+    pub(super) fn endpoint(&self, id: ConnId) -> Option<&Endpoint> {
+        self.conn(id).map(|c| &c.endpoint)
+    }
+
+    /// Starts retiring connections whose endpoint no route lists any more.
+    pub(super) fn retire_unlisted(&mut self, ctx: &mut Ctx, now: Instant) {
+        let gone: Vec<SocketAddr> = self.pools.keys().filter(|a| !ctx.routes.lists(a)).copied().collect();
+        for addr in gone {
+            let Some(pool) = self.pools.remove(&addr) else { continue };
+            for id in pool.conns {
+                let Some(c) = self.conn_mut(id) else { continue };
+                if c.live() {
+                    c.state = ConnState::Retiring { deadline: now + RETIRE_DRAIN_MAX };
+                } else {
+                    self.free_slot(id);
+                }
+            }
+        }
+        self.finish_retirements(ctx, now);
+    }
+
+    /// Closes retiring connections whose queue is written or whose deadline passed.
+    pub(super) fn finish_retirements(&mut self, ctx: &mut Ctx, now: Instant) {
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_ref() else { continue };
+            let ConnState::Retiring { deadline } = c.state else { continue };
+            if c.pending() && now < deadline {
+                continue;
+            }
+            let left = c.queued_frames;
+            ctx.drop_frames(DropReason::BackendLost, left);
+            tracing::info!(worker = ctx.index, backend = %c.endpoint, slot = c.slot, "backend connection retired: no route lists it");
+            ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation });
+            self.free_slot(ConnId(i as u32));
+        }
+    }
+
+    fn free_slot(&mut self, id: ConnId) {
+        if let Some(slot) = self.conns.get_mut(id.0 as usize) {
+            if slot.take().is_some() {
+                self.free.push(id.0);
+            }
+        }
+    }
+
+    /// Applies reloaded breaker settings to the live pools.
+    pub(super) fn reconfigure(&mut self, b: &BackendConfig) {
+        for p in self.pools.values_mut() {
+            p.breaker.reconfigure(b.circuit_failure_threshold, b.circuit_open_duration);
+        }
+    }
+
+    pub(super) fn any_pending(&self) -> bool {
+        self.conns.iter().flatten().any(BackendConn::pending)
+    }
+
+    pub(super) fn close_all(&mut self, ctx: &mut Ctx) {
+        for (i, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c.as_ref().filter(|c| c.live()) {
+                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation });
+            }
+        }
+        self.pools.clear();
+        self.conns.clear();
+        self.free.clear();
+    }
+
+    pub(super) fn fill_stats(&self, s: &mut WorkerStats, now: Instant) {
+        for pool in self.pools.values() {
+            let conns = pool.conns.iter().filter_map(|id| self.conn(*id));
+            let (mut up, mut bound) = (0, 0);
+            for c in conns {
+                up += (c.state == ConnState::Up) as u64;
+                bound += c.sessions.len() as u64;
+            }
+            let b = s.backend(&pool.endpoint.name);
+            b.connections_active = up;
+            b.sessions_bound = bound;
+            // An open circuit that is due for a probe reports half-open.
+            b.circuit_state = match pool.breaker.state() {
+                CircuitState::Open { until } if now >= until => 2,
+                st => st.gauge(),
+            };
+        }
+    }
+
+    /// The stream of `generation` failed: back off, count what was queued as
+    /// lost, and close or unbind every session bound to it. Runs once per
+    /// generation; returns the sessions bound to it.
+    fn lost(
+        &mut self,
+        ctx: &mut Ctx,
+        id: ConnId,
+        generation: u64,
+        kind: LossKind,
+        err: &dyn std::fmt::Display,
+        now: Instant,
+    ) -> Vec<SessionId> {
+        let Some(c) = self.conns.get_mut(id.0 as usize).and_then(Option::as_mut) else { return Vec::new() };
+        if c.generation != generation || !matches!(c.state, ConnState::Up | ConnState::Connecting) {
+            return Vec::new();
+        }
+        let was_up = c.state == ConnState::Up;
+        if let Some(p) = self.pools.get_mut(&c.endpoint.addr) {
+            if p.breaker.on_failure(now) {
+                bump(&mut ctx.stats.backend(&c.endpoint.name).errors, "circuit_opened", 1);
+                tracing::warn!(worker = ctx.index, backend = %c.endpoint, "circuit opened: routing skips this backend until a probe succeeds");
+            }
+        }
+        c.ping_sent = None;
+        c.failures = if was_up { 1 } else { c.failures.saturating_add(1) };
+        let backoff = {
+            // +-20% jitter so that workers and nodes do not redial in lockstep.
+            let jitter = (ctx.random() % 401) as f64 / 1000.0 + 0.8;
+            let (lo, hi) = (ctx.cfg.backend.reconnect_backoff_min, ctx.cfg.backend.reconnect_backoff_max);
+            lo.saturating_mul(1u32 << (c.failures - 1).min(16)).min(hi).mul_f64(jitter).min(hi)
+        };
+        c.state = ConnState::Backoff(now + backoff);
+        let lost_frames = std::mem::take(&mut c.queued_frames);
+        c.out.clear();
+        c.oldest = None;
+        c.writing = false;
+        let sessions: Vec<SessionId> = c.sessions.drain().collect();
+        {
+            let b = ctx.stats.backend(&c.endpoint.name);
+            bump(&mut b.errors, kind.as_str(), 1);
+            if kind.is_timeout() {
+                b.timeouts += 1;
+            }
+        }
+        ctx.drop_frames(DropReason::BackendLost, lost_frames);
+        tracing::warn!(
+            worker = ctx.index,
+            backend = %c.endpoint,
+            slot = c.slot,
+            kind = kind.as_str(),
+            error = %err,
+            sessions = sessions.len(),
+            lost_frames,
+            retry_in_ms = backoff.as_millis() as u64,
+            "backend connection lost"
+        );
+        ctx.actions.push(Action::CloseBackend { conn: id, generation });
+        sessions
+    }
+
+    /// Keep-alive, run once a second: a connection silent for
+    /// `keepalive_interval` gets a `PING`; one whose `PING` is unanswered after
+    /// `keepalive_timeout` is dead (handled as a loss). Any bytes from the
+    /// backend count as life, so busy connections are never pinged.
+    pub(super) fn keepalive(&mut self, ctx: &mut Ctx, sessions: &mut AHashMap<SessionId, Session>, now: Instant) {
+        let (interval, timeout) = (ctx.cfg.backend.keepalive_interval, ctx.cfg.backend.keepalive_timeout);
+        if interval.is_zero() {
+            return;
+        }
+        for i in 0..self.conns.len() {
+            let id = ConnId(i as u32);
+            let Some(c) = self.conns[i].as_ref().filter(|c| c.state == ConnState::Up) else { continue };
+            let generation = c.generation;
+            match c.ping_sent {
+                Some(sent) if now.saturating_duration_since(sent) >= timeout => {
+                    let err = format!("no PONG within {timeout:?}");
+                    let bound = self.lost(ctx, id, generation, LossKind::KeepaliveTimeout, &err, now);
+                    on_bound_lost(ctx, self, sessions, id, bound, now);
+                }
+                Some(_) => {}
+                None if now.saturating_duration_since(c.last_rx) >= interval => {
+                    if self.enqueue(ctx, id, generation, now, |out| bproto::encode_ping(out, Opcode::Ping, 0)) {
+                        if let Some(c) = self.conn_mut(id) {
+                            c.ping_sent = Some(now);
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Applies each bound session's loss policy after its connection was lost.
+fn on_bound_lost(
+    ctx: &mut Ctx,
+    backends: &Backends,
+    sessions: &mut AHashMap<SessionId, Session>,
+    conn: ConnId,
+    bound: Vec<SessionId>,
+    now: Instant,
+) {
+    let endpoint = backends.endpoint(conn).map(|e| e.to_string()).unwrap_or_default();
+    for id in bound {
+        let Some(s) = sessions.get_mut(&id) else { continue };
+        let Some(i) = s.bindings.iter().position(|b| b.conn == conn) else { continue };
+        let b = s.bindings.swap_remove(i);
+        match b.on_loss {
+            OnBackendLoss::Rebind => {
+                if let Some(name) = backends.endpoint(conn).map(|e| e.name.clone()) {
+                    bump(&mut ctx.stats.backend(&name).errors, "session_rebind", 1);
+                }
+                tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session will rebind on its next frame");
+            }
+            OnBackendLoss::Close => {
+                tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, closing session");
+                s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
+            }
+        }
+    }
+    let _ = now;
+}
+
+/// The session `sid` if it is bound to connection `id`; otherwise counts the
+/// drop (a backend can only reach the sessions bound to it).
+fn bound_session<'a>(
+    ctx: &mut Ctx,
+    backends: &Backends,
+    sessions: &'a mut AHashMap<SessionId, Session>,
+    id: ConnId,
+    sid: SessionId,
+    now: Instant,
+) -> Option<&'a mut Session> {
+    let bound = backends.conn(id).is_some_and(|c| c.sessions.contains(&sid));
+    if bound {
+        if let Some(s) = sessions.get_mut(&sid) {
+            return Some(s);
+        }
+    }
+    ctx.drop_frames(DropReason::UnboundSession, 1);
+    if let Some(n) = ctx.logs.allow("unbound_session", now) {
+        let backend = backends.endpoint(id).map(|e| e.to_string()).unwrap_or_default();
+        tracing::warn!(session_id = sid, backend = %backend, suppressed = n, "backend frame for a session not bound to this connection, dropped");
+    }
+    None
+}
+
+impl Shard {
+    /// The dial of `generation` succeeded. `false`: that generation is over
+    /// (retired or replaced while dialing); the driver drops the stream.
+    pub(crate) fn backend_connected(&mut self, id: ConnId, generation: u64, dial_time: Duration, now: Instant) -> bool {
+        let ctx = &mut self.ctx;
+        let Some(c) = self.backends.current(id, generation) else { return false };
+        if c.state != ConnState::Connecting && !matches!(c.state, ConnState::Retiring { .. }) {
+            return false;
+        }
+        ctx.stats.dial_latency.record(dial_time);
+        if c.state == ConnState::Connecting {
+            c.state = ConnState::Up;
+        }
+        c.failures = 0;
+        c.last_rx = now;
+        c.ping_sent = None;
+        let endpoint = c.endpoint.clone();
+        let slot = c.slot;
+        if let Some(p) = self.backends.pools.get_mut(&endpoint.addr) {
+            if p.breaker.on_success() {
+                tracing::info!(worker = ctx.index, backend = %endpoint, "circuit closed: backend answered");
+            }
+        }
+        tracing::info!(worker = ctx.index, backend = %endpoint, slot, "backend connected");
+        true
+    }
+
+    /// The stream of `generation` is lost (dial failure, read or write error).
+    pub(crate) fn backend_lost(
+        &mut self,
+        id: ConnId,
+        generation: u64,
+        kind: LossKind,
+        err: &dyn std::fmt::Display,
+        now: Instant,
+    ) {
+        let bound = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
+        on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound, now);
+    }
+
+    /// The writer takes the whole queue of stream `generation`.
+    pub(crate) fn take_backend_out(&mut self, id: ConnId, generation: u64, buf: &mut BytesMut) -> BackendOut {
+        let Some(c) = self.backends.current(id, generation) else { return BackendOut::Stale };
+        if !c.live() || c.state == ConnState::Connecting {
+            return if c.live() { BackendOut::Empty } else { BackendOut::Stale };
+        }
+        if c.out.is_empty() {
+            return BackendOut::Empty;
+        }
+        c.writing = true;
+        std::mem::swap(&mut c.out, buf);
+        BackendOut::Write { frames: std::mem::take(&mut c.queued_frames), oldest: c.oldest.take() }
+    }
+
+    /// A write of `frames` frames (`bytes` long) completed.
+    pub(crate) fn backend_written(
+        &mut self,
+        id: ConnId,
+        generation: u64,
+        bytes: u64,
+        frames: u64,
+        oldest: Option<Instant>,
+        now: Instant,
+    ) {
+        let ctx = &mut self.ctx;
+        let Some(c) = self.backends.current(id, generation) else { return };
+        c.writing = false;
+        let bs = ctx.stats.backend(&c.endpoint.name);
+        bs.bytes_sent += bytes;
+        bs.frames_sent += frames;
+        if let Some(t) = oldest {
+            ctx.stats.forward_c2b.record_n(now.saturating_duration_since(t), frames);
+        }
+        if matches!(c.state, ConnState::Retiring { .. }) && c.out.is_empty() {
+            self.backends.finish_retirements(&mut self.ctx, now);
+        }
+    }
+
+    /// A write failed: the frames of this write are lost with the stream.
+    pub(crate) fn backend_write_failed(
+        &mut self,
+        id: ConnId,
+        generation: u64,
+        frames: u64,
+        err: &dyn std::fmt::Display,
+        now: Instant,
+    ) {
+        if let Some(c) = self.backends.current(id, generation) {
+            c.writing = false;
+            c.queued_frames += frames;
+        }
+        if matches!(self.backends.conn(id).map(|c| c.state), Some(ConnState::Retiring { .. })) {
+            self.backends.finish_retirements(&mut self.ctx, now);
+            return;
+        }
+        self.backend_lost(id, generation, LossKind::WriteFailed, err, now);
+    }
+
+    /// Bytes read from stream `generation`: every complete frame in `buf` is
+    /// handled (at most [`MAX_FRAMES_PER_READ`] per call) and consumed.
+    pub(crate) fn backend_data(&mut self, id: ConnId, generation: u64, buf: &mut BytesMut, read: usize, now: Instant) -> BackendRead {
+        let Some(c) = self.backends.current(id, generation) else { return BackendRead::Stop };
+        if !c.live() {
+            return BackendRead::Stop;
+        }
+        if read > 0 {
+            c.last_rx = now;
+            self.ctx.stats.backend(&c.endpoint.name).bytes_received += read as u64;
+        }
+        let max = self.ctx.cfg.backend.max_frame_size;
+        for _ in 0..MAX_FRAMES_PER_READ {
+            let h = match bproto::check(buf, max) {
+                Ok(Some(h)) => h,
+                Ok(None) => return BackendRead::Continue,
+                Err(e) => {
+                    bump(&mut self.ctx.stats.protocol_errors, "backend_frame", 1);
+                    self.backend_lost(id, generation, LossKind::ProtocolError, &e, now);
+                    return BackendRead::Stop;
+                }
+            };
+            let len = h.frame_len();
+            match bproto::parse(&h, &buf[..len], false) {
+                Ok(body) => self.on_backend_frame(id, &h, body, now),
+                Err(e) => {
+                    bump(&mut self.ctx.stats.protocol_errors, "backend_frame", 1);
+                    self.backend_lost(id, generation, LossKind::ProtocolError, &e, now);
+                    return BackendRead::Stop;
+                }
+            }
+            buf.advance(len);
+            if self.backends.current(id, generation).is_none() {
+                return BackendRead::Stop;
+            }
+        }
+        BackendRead::Yield
+    }
+
+    fn on_backend_frame(&mut self, id: ConnId, h: &bproto::Header, body: Body<'_>, now: Instant) {
+        if let Some(name) = self.backends.endpoint(id).map(|e| e.name.clone()) {
+            self.ctx.stats.backend(&name).frames_received += 1;
+        }
+        let msg_id = h.msg_type as u16;
+        let st = (h.server_id >> 8) as u8 as usize;
+        match body {
+            Body::Trans { payload, .. } => {
+                let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now) else { return };
+                if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
+                    self.ctx.stats.messages_out[st] += 1;
+                }
+            }
+            Body::Kick { payload } => {
+                let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+                let backend = self.backends.endpoint(id).map(|e| e.to_string()).unwrap_or_default();
+                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now) else { return };
+                if !payload.is_empty() {
+                    s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now);
+                }
+                tracing::info!(session_id = h.session_id, trace_id = %s.trace_id(), backend = %backend, "session kicked by backend");
+                s.begin_close(&mut self.ctx, DisconnectReason::Kicked, Shut::Read);
+            }
+            Body::Multicast { sessions, payload } => {
+                let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+                for sid in sessions.iter() {
+                    if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now) {
+                        if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
+                            self.ctx.stats.messages_out[st] += 1;
+                        }
+                    }
+                }
+            }
+            Body::Broadcast { payload } => {
+                let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+                let Some(c) = self.backends.conn(id) else { return };
+                for sid in c.sessions.iter() {
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
+                            self.ctx.stats.messages_out[st] += 1;
+                        }
+                    }
+                }
+            }
+            Body::Ping => {
+                let Some(generation) = self.backends.generation(id) else { return };
+                let sid = h.session_id;
+                self.backends.enqueue(&mut self.ctx, id, generation, now, |out| {
+                    bproto::encode_ping(out, Opcode::Pong, sid)
+                });
+            }
+            Body::Pong => {
+                if let Some(c) = self.backends.conn_mut(id) {
+                    if let Some(sent) = c.ping_sent.take() {
+                        let name = c.endpoint.name.clone();
+                        self.ctx.stats.backend(&name).rtt.record(now.saturating_duration_since(sent));
+                    }
+                }
+            }
+            Body::Connect { .. } | Body::Disconnect { .. } => {
+                self.ctx.drop_frames(DropReason::UnexpectedOpcode, 1);
+                if let Some(n) = self.ctx.logs.allow("unexpected_opcode", now) {
+                    let backend = self.backends.endpoint(id).map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(backend = %backend, opcode = ?h.opcode, suppressed = n, "backend sent a gateway-only opcode, dropped");
+                }
+            }
+        }
+    }
+}

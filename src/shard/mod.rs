@@ -1,0 +1,424 @@
+//! The per-core shard: every decision about sessions and backend connections,
+//! with no I/O.
+//!
+//! One [`Shard`] per worker. It owns the session table, each session's
+//! bindings (server type -> backend connection and its generation), the
+//! backend pools with their circuit breakers, the reverse index of sessions
+//! per backend connection, the per-IP limit table, the counters and the
+//! drain state. The monoio driver (`crate::worker`) owns the sockets and
+//! timers: it feeds the shard events and carries out the [`Action`]s the
+//! shard queues, in order, after each event.
+//!
+//! ```text
+//!   driver                          shard (this module)
+//!   accept(peer) ------------------> admission, session id
+//!   client bytes ------------------> front door / framing / limits / route / bind
+//!                                    -> enqueue on a backend connection
+//!   <---- Action::WakeBackend(c) --- (the connection's queue became non-empty)
+//!   take_backend_out(c) -----------> the whole queue, one write
+//!   backend bytes -----------------> framing, isolation check, deliver
+//!   <---- Action::WakeClient(s) ---- (the session's queue became non-empty)
+//!   tick(now) ---------------------> idle / handshake sweep, keep-alive, evictions
+//!   apply_routes / apply_config ---> unbind, retire, reconfigure live pools
+//! ```
+//!
+//! Modelled on quinn-proto under quinn: the state machine is plain data with
+//! `handle`-style methods that take `now`; it is unit-tested below without a
+//! socket ([`tests`]) and can be driven by another runtime.
+//!
+//! Invariants the tests check:
+//! - a backend frame reaches a session only when that session is bound to the
+//!   very connection (and generation) it arrived on;
+//! - a session's `DISCONNECT` is queued behind every frame it sent;
+//! - every frame that is not forwarded is counted under a drop reason.
+
+mod backend;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use backend::{BackendOut, BackendRead, ConnId, LossKind};
+pub(crate) use session::ClientOut;
+
+use crate::config::Config;
+use crate::limits::PerIpTable;
+use crate::protocol::backend::DisconnectReason;
+use crate::routing::RouteTable;
+use crate::session::SessionIdGen;
+use crate::stats::{bump, WorkerStats};
+use ahash::AHashMap;
+use backend::Backends;
+use bytes::BytesMut;
+use session::Session;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A session id (see `crate::session` for its layout).
+pub(crate) type SessionId = i64;
+
+/// How much of a client socket the driver should shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shut {
+    /// Stop reading: the reader sees end of stream after what is buffered and
+    /// ends the session; queued replies are still written.
+    Read,
+    /// Both directions: for a client that does not read (its writer may be
+    /// blocked on a full socket buffer) or whose socket already failed.
+    Both,
+}
+
+/// What the driver must do after an event, in the order queued.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// The session's outgoing queue has bytes: wake its writer.
+    WakeClient(SessionId),
+    /// End the session: shut its socket down so the reader stops.
+    ShutdownClient(SessionId, Shut),
+    /// The session left the table. Its writer writes `tail` (the replies still
+    /// queued, and a WebSocket close frame), then half-closes and exits.
+    Closed { id: SessionId, tail: BytesMut },
+    /// Dial `addr` for connection `conn` as its `generation`.
+    Dial { conn: ConnId, generation: u64, addr: SocketAddr, timeout: Duration },
+    /// The connection's queue has bytes: wake its writer.
+    WakeBackend(ConnId),
+    /// The connection's `generation` is over (lost, retired or stopped): shut
+    /// its socket so both of its tasks end.
+    CloseBackend { conn: ConnId, generation: u64 },
+    /// Hand these access-log records to the writer thread (never blocking),
+    /// then report with [`Shard::access_log_handed`].
+    AccessLog { buf: Vec<u8>, records: u64 },
+    /// The last session left the table (the drain waits for this).
+    SessionsGone,
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AcceptRefusal {
+    #[error("max_connections reached")]
+    MaxConnections,
+    #[error("a per-IP limit refused it: {}", .0.as_str())]
+    PerIp(crate::limits::Refusal),
+    #[error("the gateway is draining")]
+    Draining,
+}
+
+impl AcceptRefusal {
+    /// Metric label (`connection_rejected_total{reason}`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AcceptRefusal::MaxConnections => "max_connections",
+            AcceptRefusal::PerIp(r) => r.as_str(),
+            AcceptRefusal::Draining => "draining",
+        }
+    }
+}
+
+/// Why a frame was not delivered; each is a `frames_dropped_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DropReason {
+    /// A backend reply larger than a client frame can carry.
+    ReplyTooLarge,
+    /// Over `messages_per_second`.
+    RateLimited,
+    /// No rule, no endpoints, or every backend unavailable.
+    RoutingError,
+    /// Queued on (or sent to) a backend connection that was then lost.
+    BackendLost,
+    /// The backend connection's queue is over `backend.max_queued_bytes`.
+    BackendQueueFull,
+    /// The backend connection is backing off.
+    BackendUnavailable,
+    /// A backend frame for a session not bound to the connection it came on.
+    UnboundSession,
+    /// A backend sent an opcode only the gateway may send.
+    UnexpectedOpcode,
+}
+
+impl DropReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DropReason::ReplyTooLarge => "reply_too_large",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::RoutingError => "routing_error",
+            DropReason::BackendLost => "backend_lost",
+            DropReason::BackendQueueFull => "backend_queue_full",
+            DropReason::BackendUnavailable => "backend_unavailable",
+            DropReason::UnboundSession => "unbound_session",
+            DropReason::UnexpectedOpcode => "unexpected_opcode",
+        }
+    }
+}
+
+/// The shard's view of the drain (see `WorkerCommand::Stop` in the driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// No new sessions; live ones end by themselves or are closed.
+    Draining,
+}
+
+/// Data-path log lines are limited per kind: at most [`LOG_BURST`] a second,
+/// the rest counted and reported in the next line of that kind.
+pub(crate) const LOG_BURST: u32 = 10;
+
+#[derive(Default)]
+pub(crate) struct LogLimiter {
+    kinds: AHashMap<&'static str, (Instant, u32, u64)>,
+}
+
+impl LogLimiter {
+    /// `Some(suppressed_since_last)` when a line of `kind` may be logged now.
+    pub(crate) fn allow(&mut self, kind: &'static str, now: Instant) -> Option<u64> {
+        let e = self.kinds.entry(kind).or_insert((now, 0, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            e.0 = now;
+            e.1 = 0;
+        }
+        if e.1 < LOG_BURST {
+            e.1 += 1;
+            Some(std::mem::take(&mut e.2))
+        } else {
+            e.2 += 1;
+            None
+        }
+    }
+}
+
+/// What every part of the shard reads or writes besides its own table: split
+/// from [`Shard`] so that a session (borrowed from the table) and the context
+/// can be used at once.
+pub(crate) struct Ctx {
+    /// The worker index: the round-robin cursor's start and log lines.
+    index: usize,
+    /// Workers in the process: this worker's share of global limits.
+    workers: usize,
+    /// The running config; replaced whole on reload ([`Shard::apply_config`]).
+    cfg: Arc<Config>,
+    /// The routing snapshot frames are routed with; replaced between events.
+    routes: Arc<RouteTable>,
+    /// Round-robin cursor per rule key, per worker (as ROUTING.md says).
+    rr: AHashMap<(u8, u16), usize>,
+    /// This worker's counters, copied out for a scrape.
+    stats: WorkerStats,
+    /// Rate limits data-path log lines.
+    logs: LogLimiter,
+    /// xorshift state: trace and span ids, backoff jitter.
+    rng: u64,
+    /// Actions for the driver, drained after every event.
+    actions: Vec<Action>,
+    /// Client IPv4 addresses are steered to one worker by the SO_REUSEPORT
+    /// group's program, so per-IP limits apply whole here; otherwise this
+    /// worker enforces its share of them.
+    ip_steered: bool,
+}
+
+impl Ctx {
+    fn random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    fn drop_frames(&mut self, reason: DropReason, n: u64) {
+        bump(&mut self.stats.frames_dropped, reason.as_str(), n);
+    }
+
+    /// (max connections per IP, connects per second per IP) on this worker.
+    fn per_ip_limits(&self) -> (u32, u32) {
+        let l = &self.cfg.limits;
+        let (max, rate) = (l.max_connections_per_ip, l.connection_rate_per_ip);
+        if self.ip_steered {
+            (max, rate)
+        } else {
+            let n = self.workers.max(1) as u32;
+            (max.div_ceil(n), rate.div_ceil(n))
+        }
+    }
+}
+
+/// One core's sessions, backends and limits. See the module docs.
+pub(crate) struct Shard {
+    ctx: Ctx,
+    /// Live sessions by id. A session leaves the table exactly once, in
+    /// [`Shard::client_closed`].
+    sessions: AHashMap<SessionId, Session>,
+    /// Backend pools, connections and the reverse index.
+    backends: Backends,
+    /// Session ids: node, worker and a clock sequence.
+    ids: SessionIdGen,
+    /// Per-IP connection counts and connect-rate buckets.
+    ip_table: PerIpTable,
+    /// Access-log records (JSON lines) not yet handed to the writer.
+    access_buf: Vec<u8>,
+    /// How many records `access_buf` holds.
+    access_pending: u64,
+    phase: Phase,
+}
+
+/// What the driver needs to start a shard.
+pub(crate) struct ShardSetup {
+    pub(crate) index: usize,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) routes: Arc<RouteTable>,
+    pub(crate) ip_steered: bool,
+    /// Non-zero seed for trace ids and jitter.
+    pub(crate) seed: u64,
+}
+
+impl Shard {
+    pub(crate) fn new(setup: ShardSetup) -> Shard {
+        let ShardSetup { index, cfg, routes, ip_steered, seed } = setup;
+        let stats = WorkerStats { worker: index, workers: 1, route_version: routes.version, ..Default::default() };
+        Shard {
+            ids: SessionIdGen::new(cfg.server.node_id, index),
+            ctx: Ctx {
+                index,
+                workers: cfg.server.workers.max(1),
+                cfg,
+                routes,
+                rr: AHashMap::new(),
+                stats,
+                logs: LogLimiter::default(),
+                rng: seed | 1,
+                actions: Vec::new(),
+                ip_steered,
+            },
+            sessions: AHashMap::new(),
+            backends: Backends::default(),
+            ip_table: PerIpTable::new(crate::limits::MAX_IP_ENTRIES),
+            access_buf: Vec::new(),
+            access_pending: 0,
+            phase: Phase::Running,
+        }
+    }
+
+    /// Takes the actions queued since the last call, in order.
+    pub(crate) fn drain_actions(&mut self, into: &mut Vec<Action>) {
+        into.append(&mut self.ctx.actions);
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Records a latency sample of frames written to a client.
+    pub(crate) fn client_written(&mut self, oldest: Option<Instant>, frames: u64, now: Instant) {
+        if let Some(t) = oldest {
+            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        }
+    }
+
+    /// A new routing snapshot. Bindings to a backend the rule for their server
+    /// type no longer lists are released (`DISCONNECT` reason 8); the session
+    /// rebinds on its next frame. Connections nobody routes to any more are
+    /// retired: closed once their queue is written.
+    pub(crate) fn apply_routes(&mut self, table: Arc<RouteTable>, now: Instant) {
+        tracing::info!(worker = self.ctx.index, version = table.version, "route snapshot applied");
+        self.ctx.stats.route_version = table.version;
+        self.ctx.routes = table;
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.unbind_unlisted(id);
+        }
+        self.backends.retire_unlisted(&mut self.ctx, now);
+    }
+
+    /// A reloaded config: limits and timeouts apply from the next event, and
+    /// breaker settings apply to the live pools too.
+    pub(crate) fn apply_config(&mut self, cfg: Arc<Config>) {
+        tracing::info!(worker = self.ctx.index, source = %cfg.source, "config applied");
+        self.backends.reconfigure(&cfg.backend);
+        self.ctx.cfg = cfg;
+    }
+
+    /// A copy of the counters, with the gauges filled in.
+    pub(crate) fn stats(&self, now: Instant) -> WorkerStats {
+        let mut s = self.ctx.stats.clone();
+        s.worker = self.ctx.index;
+        s.sessions_active = self.sessions.len() as u64;
+        s.connections_active = s.sessions_active;
+        self.backends.fill_stats(&mut s, now);
+        s
+    }
+
+    /// The periodic tick: handshake and idle timeouts, keep-alive, per-IP
+    /// table eviction, retirement deadlines, access-log hand-over.
+    pub(crate) fn tick(&mut self, now: Instant, sweep: bool, evict: bool) {
+        if sweep {
+            self.sweep(now);
+            self.backends.keepalive(&mut self.ctx, &mut self.sessions, now);
+            self.flush_access_log();
+        }
+        self.backends.finish_retirements(&mut self.ctx, now);
+        if evict {
+            let rate = self.ctx.per_ip_limits().1;
+            self.ip_table.evict_idle(rate, now);
+        }
+    }
+
+    /// Queues buffered access-log records for the writer.
+    pub(crate) fn flush_access_log(&mut self) {
+        let records = std::mem::take(&mut self.access_pending);
+        if records > 0 {
+            let buf = std::mem::take(&mut self.access_buf);
+            self.ctx.actions.push(Action::AccessLog { buf, records });
+        }
+    }
+
+    /// How handing records to the writer went: `Ok(written)` or `Err(dropped)`.
+    pub(crate) fn access_log_handed(&mut self, r: Result<u64, u64>, now: Instant) {
+        match r {
+            Ok(n) => self.ctx.stats.access_log_records += n,
+            Err(n) => {
+                self.ctx.stats.access_log_dropped += n;
+                if let Some(s) = self.ctx.logs.allow("access_log_dropped", now) {
+                    tracing::warn!(
+                        worker = self.ctx.index,
+                        records = n,
+                        suppressed = s,
+                        "access log writer behind: records dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Counts a failed accept (the driver backs off on descriptor exhaustion).
+    pub(crate) fn accept_failed(&mut self, err: &dyn std::fmt::Display, now: Instant) {
+        bump(&mut self.ctx.stats.connection_rejected, "accept_error", 1);
+        if let Some(n) = self.ctx.logs.allow("accept_error", now) {
+            tracing::warn!(worker = self.ctx.index, error = %err, suppressed = n, "accept failed");
+        }
+    }
+
+    /// Drain, step 1: refuse new sessions from now on.
+    pub(crate) fn begin_drain(&mut self) {
+        self.phase = Phase::Draining;
+    }
+
+    /// Drain, deadline: ends every live session with `reason` (their
+    /// `DISCONNECT`s are queued behind every frame they sent).
+    pub(crate) fn close_all(&mut self, reason: DisconnectReason) -> usize {
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for &id in &ids {
+            self.begin_close(id, reason, Shut::Read);
+        }
+        ids.len()
+    }
+
+    /// Drain, last step: is any backend connection still writing its queue?
+    pub(crate) fn backends_pending(&self) -> bool {
+        self.backends.any_pending()
+    }
+
+    /// Drain, end: close every backend connection.
+    pub(crate) fn close_backends(&mut self) {
+        self.backends.close_all(&mut self.ctx);
+        self.flush_access_log();
+    }
+}

@@ -1,0 +1,647 @@
+//! Client sessions inside the shard: admission, the front door, framing,
+//! limits, routing and binding, delivery, close. No I/O.
+//!
+//! # Session lifecycle
+//! ```text
+//! accept --admitted--> Sniffing --PROXY header (trusted)--> Sniffing (re-admitted as the header's client)
+//!                         |--HTTP upgrade--> WebSocket     |--plain HTTP--> answered, closed
+//!                         +--game frame----> Game
+//! Game / WebSocket: frames -> limits -> route -> bind (CONNECT) -> backend queue
+//! end: begin_close(reason) asks the driver to shut the socket's read side;
+//!      the reader forwards what was already read, then reports
+//!      client_closed -> DISCONNECT to every binding, access-log record,
+//!      the session leaves the table, its queued replies go to the writer.
+//! ```
+//! Whoever wants a session to end calls `begin_close` (the first reason
+//! wins); only [`Shard::client_closed`] removes it, so the close runs once.
+
+use super::backend::ConnId;
+use super::{AcceptRefusal, Action, Ctx, DropReason, Phase, SessionId, Shard, Shut};
+use crate::config::RateLimitAction;
+use crate::limits::MessageLimiter;
+use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
+use crate::protocol::client as cproto;
+use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
+use crate::protocol::ws::{self, WsEnd, WsState};
+use crate::protocol::ServerId;
+use crate::routing::{OnBackendLoss, PickInput, RouteError};
+use crate::session::{SessionInfo, TraceId};
+use crate::stats::bump;
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// What a client connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// First bytes not seen yet (PROXY header, HTTP or game frames).
+    Sniffing,
+    /// Client frames straight on TCP.
+    Game,
+    /// Client frames inside WebSocket binary messages.
+    WebSocket,
+}
+
+/// A session's binding to one backend stream for one server type.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Binding {
+    pub(super) server_type: u8,
+    pub(super) conn: ConnId,
+    /// The stream generation this binding was made on; a redialed connection
+    /// is a new stream the backend knows nothing about.
+    pub(super) generation: u64,
+    /// The rule sends CONNECT / DISCONNECT.
+    pub(super) notify: bool,
+    /// The rule propagates trace context in every frame.
+    pub(super) trace: bool,
+    pub(super) on_loss: OnBackendLoss,
+}
+
+/// Why a binding could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum BindError {
+    #[error("{0}")]
+    Route(RouteError),
+    #[error("every connection to the chosen backend is backing off")]
+    BackendUnavailable,
+}
+
+impl BindError {
+    /// Metric label (`routing_errors_total{type}`).
+    fn as_str(self) -> &'static str {
+        match self {
+            BindError::Route(e) => e.as_str(),
+            BindError::BackendUnavailable => "backend_unavailable",
+        }
+    }
+}
+
+/// One client connection's state.
+pub(super) struct Session {
+    /// Identity, addresses, counters and the close reason.
+    pub(super) info: SessionInfo,
+    /// At most one per server type the client has talked to.
+    pub(super) bindings: Vec<Binding>,
+    /// Bytes waiting for the client (frames, HTTP answers, WebSocket frames).
+    out: BytesMut,
+    /// When the oldest frame waiting in `out` was queued (forward latency).
+    oldest: Option<Instant>,
+    /// `info.frames_out` when the writer last took `out` (frames per write).
+    taken_frames: u64,
+    /// `messages_per_second` bucket.
+    limiter: MessageLimiter,
+    /// Counted in the per-IP table (released on close).
+    ip_counted: bool,
+    /// What the connection speaks (decided by the front door).
+    mode: Mode,
+    /// A PROXY header was already taken (a second one is refused).
+    proxy_done: bool,
+    /// WebSocket framing state, once upgraded.
+    ws: Option<Box<WsState>>,
+}
+
+/// What the driver's writer gets from [`Shard::take_client_out`].
+pub(crate) enum ClientOut {
+    /// The session left the table: the writer waits for its tail.
+    Gone,
+    /// Nothing queued.
+    Empty,
+    /// The queue was swapped into the writer's buffer: write it (`frames`
+    /// client frames, the oldest queued at `oldest`).
+    Write { frames: u64, oldest: Option<Instant> },
+}
+
+impl Session {
+    pub(super) fn trace_id(&self) -> TraceId {
+        TraceId(self.info.trace_id)
+    }
+
+    /// Asks the session to end with `reason` (the first reason wins).
+    /// Returns whether this call decided the reason.
+    pub(super) fn begin_close(&mut self, ctx: &mut Ctx, reason: DisconnectReason, how: Shut) -> bool {
+        if !self.info.set_close_reason(reason) {
+            return false;
+        }
+        ctx.actions.push(Action::ShutdownClient(self.info.id, how));
+        true
+    }
+
+    fn push_out(&mut self, ctx: &mut Ctx, bytes: &[u8]) {
+        if self.out.is_empty() {
+            ctx.actions.push(Action::WakeClient(self.info.id));
+        }
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Queues one client frame towards the client. A client that lets more
+    /// than `max_queued` bytes pile up is closed (it does not read).
+    pub(super) fn deliver(
+        &mut self,
+        ctx: &mut Ctx,
+        msg_id: u16,
+        server_id: u32,
+        payload: &[u8],
+        max_queued: usize,
+        now: Instant,
+    ) -> bool {
+        let was_empty = self.out.is_empty();
+        if payload.len() <= cproto::MAX_PAYLOAD && self.mode == Mode::WebSocket {
+            // One client frame per binary message.
+            ws::put_binary_header(&mut self.out, cproto::HEADER_LEN + payload.len());
+        }
+        if !cproto::encode(&mut self.out, msg_id, ServerId(server_id), payload) {
+            ctx.drop_frames(DropReason::ReplyTooLarge, 1);
+            if let Some(n) = ctx.logs.allow("reply_too_large", now) {
+                tracing::warn!(
+                    session_id = self.info.id,
+                    trace_id = %self.trace_id(),
+                    len = payload.len(),
+                    suppressed = n,
+                    "backend reply larger than a client frame can carry, dropped"
+                );
+            }
+            return false;
+        }
+        self.info.frames_out += 1;
+        self.info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
+        if self.oldest.is_none() {
+            self.oldest = Some(now);
+        }
+        if was_empty {
+            ctx.actions.push(Action::WakeClient(self.info.id));
+        }
+        let queued = self.out.len();
+        if queued > max_queued && self.begin_close(ctx, DisconnectReason::RateLimited, Shut::Both) {
+            bump(&mut ctx.stats.protocol_errors, "slow_reader", 1);
+            if let Some(n) = ctx.logs.allow("slow_reader", now) {
+                tracing::warn!(
+                    session_id = self.info.id,
+                    trace_id = %self.trace_id(),
+                    queued,
+                    suppressed = n,
+                    "client does not read its replies, closing"
+                );
+            }
+        }
+        true
+    }
+}
+
+impl Shard {
+    /// A connection was accepted from `peer`: admission (global cap, per-IP
+    /// cap and connect rate), then a new session. Refusals are counted and
+    /// logged (rate-limited); the driver drops the socket.
+    pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant) -> Result<SessionId, AcceptRefusal> {
+        let ctx = &mut self.ctx;
+        let refusal = if self.phase == Phase::Draining {
+            Some(AcceptRefusal::Draining)
+        } else if self.sessions.len() as u64 >= ctx.cfg.limits.max_connections.div_ceil(ctx.workers as u64) {
+            Some(AcceptRefusal::MaxConnections)
+        } else {
+            None
+        };
+        let (max_per_ip, rate_per_ip) = ctx.per_ip_limits();
+        let refusal = refusal.or_else(|| {
+            self.ip_table.admit(peer.ip(), max_per_ip, rate_per_ip, now).err().map(AcceptRefusal::PerIp)
+        });
+        if let Some(r) = refusal {
+            bump(&mut ctx.stats.connection_rejected, r.as_str(), 1);
+            if let AcceptRefusal::PerIp(p) = r {
+                bump(&mut ctx.stats.rate_limit_rejected, p.as_str(), 1);
+            }
+            if let Some(n) = ctx.logs.allow(r.as_str(), now) {
+                tracing::warn!(worker = ctx.index, client = %peer, reason = r.as_str(), suppressed = n, "connection refused: {r}");
+            }
+            return Err(r);
+        }
+        let id = self.ids.next();
+        let mut trace_id = [0u8; 16];
+        trace_id[..8].copy_from_slice(&ctx.random().to_le_bytes());
+        trace_id[8..].copy_from_slice(&ctx.random().to_le_bytes());
+        let s = Session {
+            info: SessionInfo::new(id, peer, Transport::Tcp, now, trace_id),
+            bindings: Vec::new(),
+            out: BytesMut::new(),
+            oldest: None,
+            taken_frames: 0,
+            limiter: MessageLimiter::new(ctx.cfg.limits.messages_burst, now),
+            ip_counted: max_per_ip > 0 || rate_per_ip > 0,
+            mode: Mode::Sniffing,
+            proxy_done: false,
+            ws: None,
+        };
+        self.sessions.insert(id, s);
+        ctx.stats.connections_total += 1;
+        tracing::debug!(session_id = id, trace_id = %TraceId(trace_id), client = %peer, "session opened");
+        Ok(id)
+    }
+
+    /// Bytes read from the client (`read` of them new; the rest of `buf` is a
+    /// partial frame kept from before). Complete frames are forwarded and
+    /// consumed. `Err(reason)`: the session must end (the driver stops
+    /// reading and reports [`Shard::client_closed`]).
+    ///
+    /// Bytes read are forwarded even when the session is closing (drain,
+    /// kick): they were sent before the close and must not be lost.
+    pub(crate) fn client_data(
+        &mut self,
+        id: SessionId,
+        buf: &mut BytesMut,
+        read: usize,
+        now: Instant,
+    ) -> Result<(), DisconnectReason> {
+        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+        s.info.bytes_in += read as u64;
+        let r = match s.mode {
+            Mode::Sniffing => self.front_door(id, buf, now),
+            Mode::Game => self.client_frames(id, buf, now),
+            Mode::WebSocket => self.ws_bytes(id, buf, now),
+        };
+        if let Err(reason) = r {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.info.set_close_reason(reason);
+            }
+        }
+        r
+    }
+
+    /// The first bytes: an optional PROXY header (trusted sources only), then
+    /// HTTP (a WebSocket upgrade, or plain HTTP answered and closed) or
+    /// client frames. Bytes after a header stay in `buf` for the next stage.
+    fn front_door(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        loop {
+            let ctx = &mut self.ctx;
+            let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+            match sniff(buf) {
+                Sniff::NeedMore => return Ok(()),
+                Sniff::Game => {
+                    s.mode = Mode::Game;
+                    return self.client_frames(id, buf, now);
+                }
+                Sniff::Proxy => {
+                    let server = &ctx.cfg.server;
+                    let ip = s.info.peer.ip();
+                    let header = if !server.proxy_protocol {
+                        Err(ProxyError::NotEnabled)
+                    } else if s.proxy_done || !server.proxy_trusted.iter().any(|n| n.contains(&ip)) {
+                        Err(ProxyError::Untrusted(ip))
+                    } else {
+                        parse_proxy(buf)
+                    };
+                    match header {
+                        Ok(None) => return Ok(()),
+                        Ok(Some(h)) => {
+                            buf.advance(h.len);
+                            s.proxy_done = true;
+                            if let Some(client) = h.client {
+                                self.readmit(id, client, now)?;
+                            }
+                        }
+                        Err(e) => {
+                            let kind = e.kind();
+                            bump(&mut ctx.stats.protocol_errors, kind, 1);
+                            if let Some(n) = ctx.logs.allow(kind, now) {
+                                tracing::warn!(session_id = id, trace_id = %s.trace_id(), client = %s.info.peer, error = %e, suppressed = n, "PROXY header refused, closing");
+                            }
+                            return Err(DisconnectReason::ProtocolError);
+                        }
+                    }
+                }
+                Sniff::Http => {
+                    let Some((decision, len)) = parse_http(buf, &ctx.cfg.websocket.policy) else { return Ok(()) };
+                    buf.advance(len.min(buf.len()));
+                    let refusal = match decision {
+                        HttpDecision::Upgrade { response, subprotocol } if ctx.cfg.websocket.enabled => {
+                            s.push_out(ctx, response.as_bytes());
+                            s.ws = Some(Box::new(WsState::new(ctx.cfg.websocket.max_message_size)));
+                            s.mode = Mode::WebSocket;
+                            s.info.transport = Transport::WebSocket;
+                            s.info.handshaken = true;
+                            ctx.stats.websocket_upgrades += 1;
+                            tracing::debug!(session_id = id, trace_id = %s.trace_id(), subprotocol = subprotocol.as_deref().unwrap_or(""), "websocket upgrade");
+                            return self.ws_bytes(id, buf, now);
+                        }
+                        HttpDecision::Upgrade { .. } => HttpRefusal::WebSocketDisabled,
+                        HttpDecision::Refuse(r) => r,
+                    };
+                    // An HTTP request that is not (a valid) upgrade is answered
+                    // and the session ends.
+                    s.push_out(ctx, refusal.response().as_bytes());
+                    let kind = refusal.metric_kind();
+                    bump(&mut ctx.stats.protocol_errors, kind, 1);
+                    if let Some(n) = ctx.logs.allow(kind, now) {
+                        tracing::info!(session_id = id, trace_id = %s.trace_id(), client = %s.info.peer, status = refusal.status(), suppressed = n, "HTTP request on the game port answered and closed");
+                    }
+                    return Err(DisconnectReason::ProtocolError);
+                }
+            }
+        }
+    }
+
+    /// The client address from a PROXY header replaces the connection's: it
+    /// is the one per-IP limits, `CONNECT`, logs and the access log see.
+    fn readmit(&mut self, id: SessionId, client: SocketAddr, now: Instant) -> Result<(), DisconnectReason> {
+        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+        let old = s.info.peer;
+        if s.ip_counted {
+            self.ip_table.release(old.ip());
+            s.ip_counted = false;
+        }
+        s.info.peer = client;
+        let (max, rate) = self.ctx.per_ip_limits();
+        if max > 0 || rate > 0 {
+            if let Err(refusal) = self.ip_table.admit(client.ip(), max, rate, now) {
+                let stats = &mut self.ctx.stats;
+                bump(&mut stats.connection_rejected, refusal.as_str(), 1);
+                bump(&mut stats.rate_limit_rejected, refusal.as_str(), 1);
+                return Err(DisconnectReason::RateLimited);
+            }
+            s.ip_counted = true;
+        }
+        tracing::debug!(session_id = id, trace_id = %s.trace_id(), proxy = %old, client = %client, "client address from PROXY header");
+        Ok(())
+    }
+
+    /// WebSocket bytes: unwrap binary messages into the client frame stream,
+    /// then frame that stream exactly as on TCP.
+    fn ws_bytes(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        let ctx = &mut self.ctx;
+        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+        let Some(ws) = s.ws.as_mut() else { return Err(DisconnectReason::ProtocolError) };
+        let was_empty = s.out.is_empty();
+        let r = ws.on_bytes(buf, &mut s.out);
+        let mut stream = std::mem::take(&mut ws.stream);
+        if was_empty && !s.out.is_empty() {
+            ctx.actions.push(Action::WakeClient(id));
+        }
+        // Frames completed before a close still go to their backend.
+        let framed = self.client_frames(id, &mut stream, now);
+        if let Some(ws) = self.sessions.get_mut(&id).and_then(|s| s.ws.as_mut()) {
+            ws.stream = stream;
+        }
+        match r {
+            Ok(()) => framed,
+            Err(WsEnd::ClientClosed) => Err(DisconnectReason::ClientClosed),
+            Err(WsEnd::Violation(code, why)) => {
+                let kind = match code {
+                    1003 => "websocket_text",
+                    1009 => "websocket_too_large",
+                    _ => "websocket_protocol",
+                };
+                bump(&mut self.ctx.stats.protocol_errors, kind, 1);
+                if let Some(n) = self.ctx.logs.allow(kind, now) {
+                    tracing::warn!(session_id = id, code, reason = why, suppressed = n, "websocket protocol violation, closing");
+                }
+                Err(DisconnectReason::ProtocolError)
+            }
+        }
+    }
+
+    /// Frames and forwards everything complete in `buf`, leaving a partial
+    /// frame in place. An error ends the session with that reason.
+    fn client_frames(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        let (max, rate, burst, action) = {
+            let l = &self.ctx.cfg.limits;
+            (l.max_message_size, l.messages_per_second, l.messages_burst, l.on_rate_limit)
+        };
+        loop {
+            let ctx = &mut self.ctx;
+            let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+            let h = match cproto::check(buf, max) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    bump(&mut ctx.stats.protocol_errors, "frame_too_large", 1);
+                    if let Some(n) = ctx.logs.allow("client_protocol_error", now) {
+                        tracing::warn!(session_id = id, trace_id = %s.trace_id(), client = %s.info.peer, error = %e, suppressed = n, "client protocol error, closing session");
+                    }
+                    return Err(DisconnectReason::ProtocolError);
+                }
+            };
+            let first = s.info.first_server_type.is_none();
+            s.info.last_active = now;
+            s.info.frames_in += 1;
+            s.info.handshaken = true;
+            if first {
+                s.info.first_server_type = Some(h.server_id.server_type());
+                s.info.first_world = h.server_id.world_id();
+            }
+            if rate > 0 && !s.limiter.allow(rate, burst, now) {
+                bump(&mut ctx.stats.rate_limit_rejected, "messages_per_second", 1);
+                ctx.drop_frames(DropReason::RateLimited, 1);
+                if let Some(n) = ctx.logs.allow("messages_per_second", now) {
+                    tracing::warn!(session_id = id, trace_id = %s.trace_id(), rate, burst, suppressed = n, "client frame over messages_per_second");
+                }
+                if action == RateLimitAction::Close {
+                    return Err(DisconnectReason::RateLimited);
+                }
+                buf.advance(h.frame_len());
+                continue;
+            }
+            let started = s.info.started;
+            self.forward(id, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
+            buf.advance(h.frame_len());
+            if first {
+                self.ctx.stats.setup_latency.record(now.saturating_duration_since(started));
+            }
+        }
+    }
+
+    /// Routes one client frame to its backend stream (binding on first use).
+    fn forward(&mut self, id: SessionId, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+        let st = h.server_id.server_type();
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let current = match s.bindings.iter().position(|b| b.server_type == st) {
+            Some(i) if self.backends.generation(s.bindings[i].conn) == Some(s.bindings[i].generation) => Some(i),
+            Some(i) => {
+                // The connection was lost and redialed since this binding was made.
+                let b = s.bindings.swap_remove(i);
+                if b.on_loss == OnBackendLoss::Close {
+                    self.ctx.drop_frames(DropReason::BackendLost, 1);
+                    s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
+                    return;
+                }
+                None
+            }
+            None => None,
+        };
+        let b = match current {
+            Some(i) => s.bindings[i],
+            None => match self.bind(id, h, now) {
+                Ok(b) => b,
+                Err(e) => {
+                    let ctx = &mut self.ctx;
+                    bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
+                    ctx.drop_frames(DropReason::RoutingError, 1);
+                    if let Some(n) = ctx.logs.allow("routing_error", now) {
+                        let trace = self.sessions.get(&id).map(|s| s.trace_id().to_string()).unwrap_or_default();
+                        tracing::warn!(session_id = id, trace_id = %trace, server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
+                    }
+                    return;
+                }
+            },
+        };
+        // A fresh span per forwarded frame, under the session's trace.
+        let trace = if b.trace {
+            let trace_id = self.sessions.get(&id).map(|s| s.info.trace_id).unwrap_or_default();
+            Some(bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() })
+        } else {
+            None
+        };
+        if self.backends.enqueue(&mut self.ctx, b.conn, b.generation, now, |out| {
+            bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)
+        }) {
+            self.ctx.stats.messages_in[st as usize] += 1;
+        }
+    }
+
+    /// First frame for a server type: pick an endpoint with the rule's
+    /// strategy, pick one of its connections, announce the session.
+    fn bind(&mut self, id: SessionId, h: cproto::ClientHeader, now: Instant) -> Result<Binding, BindError> {
+        let ctx = &mut self.ctx;
+        let routes = ctx.routes.clone();
+        let st = h.server_id.server_type();
+        let world = h.server_id.world_id();
+        let rule = routes.lookup(st, world).ok_or(BindError::Route(RouteError::NoRule))?;
+        let Some(s) = self.sessions.get_mut(&id) else { return Err(BindError::BackendUnavailable) };
+        let peer = s.info.peer;
+        let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
+        let backends = &mut self.backends;
+        let cursor = ctx.rr.entry(rule.key()).or_insert(ctx.index);
+        let ep = {
+            // `pick` takes a shared closure, and the breaker check may move a
+            // breaker from open to half-open: borrow the pools mutably inside.
+            let pools = std::cell::RefCell::new(&mut *backends);
+            let available = |e: &crate::routing::Endpoint| pools.borrow_mut().available(e, now);
+            routes.pick(rule, &input, cursor, &available).map_err(BindError::Route)?.clone()
+        };
+        let (conn, generation) = backends.conn_for(ctx, &ep, id, now).ok_or(BindError::BackendUnavailable)?;
+        backends.bind(conn, generation, id);
+        if rule.notify_sessions {
+            let transport = s.info.transport;
+            backends.enqueue(ctx, conn, generation, now, |out| bproto::encode_connect(out, id, transport, peer));
+        }
+        let b = Binding {
+            server_type: st,
+            conn,
+            generation,
+            notify: rule.notify_sessions,
+            trace: rule.trace_propagation,
+            on_loss: rule.on_backend_loss,
+        };
+        s.bindings.push(b);
+        tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, "session bound");
+        Ok(b)
+    }
+
+    /// Asks session `id` to end (see [`Session::begin_close`]).
+    pub(crate) fn begin_close(&mut self, id: SessionId, reason: DisconnectReason, how: Shut) -> bool {
+        match self.sessions.get_mut(&id) {
+            Some(s) => s.begin_close(&mut self.ctx, reason, how),
+            None => false,
+        }
+    }
+
+    /// Writing to the client failed: it is gone.
+    pub(crate) fn client_write_failed(&mut self, id: SessionId, err: &dyn std::fmt::Display) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            tracing::debug!(session_id = id, trace_id = %s.trace_id(), error = %err, "client write failed");
+            s.out.clear();
+            s.begin_close(&mut self.ctx, DisconnectReason::ClientClosed, Shut::Both);
+        }
+    }
+
+    /// The writer takes everything queued for the client: swapped with its
+    /// (empty) buffer, so both allocations are reused.
+    pub(crate) fn take_client_out(&mut self, id: SessionId, buf: &mut BytesMut) -> ClientOut {
+        let Some(s) = self.sessions.get_mut(&id) else { return ClientOut::Gone };
+        if s.out.is_empty() {
+            return ClientOut::Empty;
+        }
+        let frames = s.info.frames_out - std::mem::replace(&mut s.taken_frames, s.info.frames_out);
+        std::mem::swap(&mut s.out, buf);
+        ClientOut::Write { frames, oldest: s.oldest.take() }
+    }
+
+    /// The reader ended (end of stream, error, or `Err` from
+    /// [`Shard::client_data`]): the session leaves the table, `DISCONNECT`
+    /// goes to every binding, one access-log record is written, and the
+    /// replies still queued go to the writer with [`Action::Closed`].
+    pub(crate) fn client_closed(&mut self, id: SessionId, now: Instant) {
+        let Some(mut s) = self.sessions.remove(&id) else { return };
+        let ctx = &mut self.ctx;
+        let reason = s.info.close_reason.unwrap_or(DisconnectReason::ClientClosed);
+        if s.ip_counted {
+            self.ip_table.release(s.info.peer.ip());
+        }
+        if ctx.cfg.log.access_log {
+            let server = s.bindings.first().and_then(|b| self.backends.endpoint_name(b.conn)).unwrap_or("");
+            crate::access_log::append(&mut self.access_buf, &s.info, reason, server);
+            self.access_pending += 1;
+        }
+        for b in std::mem::take(&mut s.bindings) {
+            self.backends.unbind(ctx, b.conn, b.generation, id, b.notify.then_some(reason), now);
+        }
+        bump(&mut ctx.stats.sessions_closed, reason.as_str(), 1);
+        // A WebSocket client gets a close frame saying why (once).
+        if let Some(ws) = s.ws.as_mut() {
+            ws.close_for(&mut s.out, reason);
+        }
+        tracing::debug!(
+            session_id = id,
+            trace_id = %s.trace_id(),
+            client = %s.info.peer,
+            reason = reason.as_str(),
+            frames_in = s.info.frames_in,
+            frames_out = s.info.frames_out,
+            duration_ms = now.saturating_duration_since(s.info.started).as_millis() as u64,
+            "session closed"
+        );
+        ctx.actions.push(Action::Closed { id, tail: std::mem::take(&mut s.out) });
+        if self.access_buf.len() >= crate::access_log::FLUSH_BYTES {
+            self.flush_access_log();
+        }
+        if self.sessions.is_empty() {
+            self.ctx.actions.push(Action::SessionsGone);
+        }
+    }
+
+    /// Releases bindings whose backend the current route table no longer lists.
+    pub(super) fn unbind_unlisted(&mut self, id: SessionId) {
+        let now = Instant::now();
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let routes = self.ctx.routes.clone();
+        let backends = &mut self.backends;
+        let ctx = &mut self.ctx;
+        s.bindings.retain(|b| {
+            if backends.endpoint(b.conn).is_some_and(|e| routes.lists(&e.addr)) {
+                return true;
+            }
+            backends.unbind(ctx, b.conn, b.generation, id, b.notify.then_some(DisconnectReason::RouteChanged), now);
+            false
+        });
+    }
+
+    /// Closes sessions past their handshake or idle deadline.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        let (hs, idle) = (self.ctx.cfg.limits.handshake_timeout, self.ctx.cfg.limits.idle_timeout);
+        let ctx = &mut self.ctx;
+        for (id, s) in self.sessions.iter_mut() {
+            if s.info.close_reason.is_some() {
+                continue;
+            }
+            let kind = if !s.info.handshaken && now.saturating_duration_since(s.info.started) >= hs {
+                "handshake_timeout"
+            } else if now.saturating_duration_since(s.info.last_active) >= idle {
+                "idle_timeout"
+            } else {
+                continue;
+            };
+            bump(&mut ctx.stats.protocol_errors, kind, 1);
+            if let Some(n) = ctx.logs.allow(kind, now) {
+                tracing::info!(session_id = *id, trace_id = %s.trace_id(), kind, suppressed = n, "closing session on timeout");
+            }
+            s.begin_close(ctx, DisconnectReason::IdleTimeout, Shut::Read);
+        }
+    }
+}

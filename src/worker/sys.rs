@@ -1,0 +1,54 @@
+//! The one place the driver calls into libc directly.
+
+use crate::shard::Shut;
+use std::cell::Cell;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+/// Lets any task of this core shut down a socket whose read and write halves
+/// are owned by two other tasks (a session's reader and writer, or a backend
+/// stream's reader and writer).
+///
+/// Ownership: the descriptor belongs to the halves; it is closed when the last
+/// of them is dropped. Each owning task holds a [`HalfGuard`] declared
+/// before its half, so the guard is released in the same synchronous step in
+/// which the half is dropped; once both guards are gone, `shutdown` does
+/// nothing. A shutdown therefore only ever reaches the descriptor while it is
+/// open and still this socket's: never a closed or reused number.
+pub(crate) struct SocketShutdown {
+    fd: RawFd,
+    /// Halves still alive.
+    halves: Cell<u8>,
+}
+
+impl SocketShutdown {
+    /// A handle on `sock`, which is about to be split into two owned halves.
+    pub(crate) fn new(sock: &impl AsRawFd) -> Rc<SocketShutdown> {
+        Rc::new(SocketShutdown { fd: sock.as_raw_fd(), halves: Cell::new(2) })
+    }
+
+    /// Shuts down one or both directions; wakes the tasks blocked on them.
+    pub(crate) fn shutdown(&self, how: Shut) {
+        if self.halves.get() == 0 {
+            return;
+        }
+        let how = match how {
+            Shut::Read => libc::SHUT_RD,
+            Shut::Both => libc::SHUT_RDWR,
+        };
+        // SAFETY: `halves > 0`, so at least one owned half of the socket is
+        // alive and `fd` is open and refers to this socket (see the type's
+        // docs). shutdown(2) takes no pointers; its failure (ENOTCONN after
+        // the peer left) needs no handling.
+        unsafe { libc::shutdown(self.fd, how) };
+    }
+}
+
+/// Held by a task for as long as it owns one half of the socket.
+pub(crate) struct HalfGuard(pub(crate) Rc<SocketShutdown>);
+
+impl Drop for HalfGuard {
+    fn drop(&mut self) {
+        self.0.halves.set(self.0.halves.get().saturating_sub(1));
+    }
+}
