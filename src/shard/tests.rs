@@ -1,0 +1,520 @@
+//! The shard's rules, tested without sockets: events in, actions and queued
+//! bytes out.
+
+use super::*;
+use crate::protocol::backend::{self as bproto, Body, Opcode};
+use crate::protocol::{client as cproto, ServerId};
+use std::net::SocketAddr;
+
+const A: &str = "127.0.0.1:7001";
+const B: &str = "127.0.0.1:7002";
+
+fn route(st: u8, ep: &str, extra: &str) -> String {
+    format!(
+        "[[routes]]\nserver_type = {st}\nworld_id = 0\nservice_name = \"s{st}\"\nstrategy = \"round_robin\"\nendpoints = [\"{ep}\"]\n{extra}\n"
+    )
+}
+
+fn config(limits: &str, backend: &str, routes: &str) -> Arc<Config> {
+    let text = format!(
+        "[server]\nworkers = 1\n[limits]\n{limits}\n[backend]\nconnections_per_endpoint = 1\n{backend}\n[log]\naccess_log = false\n{routes}"
+    );
+    Arc::new(Config::from_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn table(cfg: &Config, version: u64) -> Arc<RouteTable> {
+    Arc::new(RouteTable::new(version, cfg.routes.clone(), vec![]))
+}
+
+/// A decoded frame from a backend queue.
+#[derive(Debug, Clone, PartialEq)]
+enum Sent {
+    Connect(i64),
+    Trans(i64, Vec<u8>),
+    Disconnect(i64, u8),
+    Ping,
+    Pong,
+}
+
+struct Harness {
+    sh: Shard,
+    now: Instant,
+    /// Every action seen, in order.
+    log: Vec<Action>,
+    /// Live backend streams by address (from Dial actions).
+    streams: AHashMap<SocketAddr, (ConnId, u64)>,
+}
+
+impl Harness {
+    fn new(cfg: Arc<Config>) -> Harness {
+        let routes = table(&cfg, 1);
+        let sh = Shard::new(ShardSetup { index: 0, cfg, routes, ip_steered: true, seed: 42 });
+        Harness { sh, now: Instant::now(), log: Vec::new(), streams: AHashMap::new() }
+    }
+
+    /// Collects actions; dials "succeed" at once unless `connect` is false.
+    fn pump(&mut self) {
+        let mut acts = Vec::new();
+        self.sh.drain_actions(&mut acts);
+        for a in &acts {
+            if let Action::Dial { conn, generation, addr, .. } = a {
+                self.streams.insert(*addr, (*conn, *generation));
+                assert!(self.sh.backend_connected(*conn, *generation, Duration::ZERO, self.now));
+            }
+        }
+        self.log.extend(acts);
+        let mut more = Vec::new();
+        self.sh.drain_actions(&mut more);
+        self.log.extend(more);
+    }
+
+    fn take_log(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.log)
+    }
+
+    fn accept(&mut self, port: u16) -> SessionId {
+        let id = self.sh.accept(SocketAddr::from(([10, 0, 0, 1], port)), self.now).unwrap();
+        self.pump();
+        id
+    }
+
+    fn send(&mut self, id: SessionId, st: u8, payload: &[u8]) -> Result<(), DisconnectReason> {
+        let mut buf = BytesMut::new();
+        assert!(cproto::encode(&mut buf, 7, ServerId::new(false, 1, st, 0), payload));
+        let n = buf.len();
+        let r = self.sh.client_data(id, &mut buf, n, self.now);
+        self.pump();
+        r
+    }
+
+    fn stream(&self, addr: &str) -> (ConnId, u64) {
+        self.streams[&addr.parse::<SocketAddr>().unwrap()]
+    }
+
+    /// What the gateway queued on the stream to `addr`, decoded.
+    fn backend_out(&mut self, addr: &str) -> Vec<Sent> {
+        let (c, g) = self.stream(addr);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        if let BackendOut::Write { frames, .. } = self.sh.take_backend_out(c, g, &mut buf) {
+            let len = buf.len() as u64;
+            self.sh.backend_written(c, g, len, frames, None, self.now);
+        }
+        self.pump();
+        while let Some(h) = bproto::check(&buf, 1 << 20).unwrap() {
+            let len = h.frame_len();
+            out.push(match bproto::parse(&h, &buf[..len], false).unwrap() {
+                Body::Connect { .. } => Sent::Connect(h.session_id),
+                Body::Trans { payload, .. } => Sent::Trans(h.session_id, payload.to_vec()),
+                Body::Disconnect { reason, .. } => Sent::Disconnect(h.session_id, reason as u8),
+                Body::Ping => Sent::Ping,
+                Body::Pong => Sent::Pong,
+                other => panic!("unexpected {other:?}"),
+            });
+            bytes::Buf::advance(&mut buf, len);
+        }
+        out
+    }
+
+    /// The backend at `addr` sends `frame`.
+    fn backend_send(&mut self, addr: &str, frame: BytesMut) -> BackendRead {
+        let (c, g) = self.stream(addr);
+        let mut buf = frame;
+        let n = buf.len();
+        let r = self.sh.backend_data(c, g, &mut buf, n, self.now);
+        self.pump();
+        r
+    }
+
+    /// Client frames queued for session `id`: (msg_id, payload).
+    fn client_out(&mut self, id: SessionId) -> Vec<(u16, Vec<u8>)> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        if let ClientOut::Write { .. } = self.sh.take_client_out(id, &mut buf) {
+            while let Some(h) = cproto::check(&buf, cproto::MAX_PAYLOAD).unwrap() {
+                out.push((h.msg_id, buf[cproto::HEADER_LEN..h.frame_len()].to_vec()));
+                bytes::Buf::advance(&mut buf, h.frame_len());
+            }
+        }
+        out
+    }
+
+    fn close(&mut self, id: SessionId) {
+        self.sh.client_closed(id, self.now);
+        self.pump();
+    }
+
+    fn dropped(&self, reason: &str) -> u64 {
+        WorkerStats::get(&self.sh.stats(self.now).frames_dropped, reason)
+    }
+
+    fn shutdowns(&mut self) -> Vec<(SessionId, Shut)> {
+        self.take_log()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::ShutdownClient(id, how) => Some((id, how)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn trans(session: i64, payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    bproto::encode_reply(&mut b, 9, ServerId::new(false, 1, 10, 0).0, session, payload);
+    b
+}
+
+#[test]
+fn first_frame_binds_with_connect_then_replies_reach_the_session() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"hi").unwrap();
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::Dial { .. } | Action::WakeBackend(_))));
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"hi".to_vec())]);
+    h.send(s, 10, b"again").unwrap();
+    assert_eq!(h.backend_out(A), vec![Sent::Trans(s, b"again".to_vec())], "bound once");
+    h.backend_send(A, trans(s, b"reply"));
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::WakeClient(id) if *id == s)));
+    assert_eq!(h.client_out(s), vec![(9, b"reply".to_vec())]);
+    h.close(s);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::ClientClosed as u8)]);
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::SessionsGone)));
+}
+
+#[test]
+fn a_backend_reaches_only_sessions_bound_to_it() {
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, B, ""))));
+    let s1 = h.accept(1);
+    let s2 = h.accept(2);
+    h.send(s1, 10, b"a").unwrap();
+    h.send(s2, 11, b"b").unwrap();
+    h.backend_out(A);
+    h.backend_out(B);
+    // B answers for s1 (bound to A only), and for an id nobody has.
+    h.backend_send(B, trans(s1, b"intrusion"));
+    h.backend_send(B, trans(0x7777, b"unknown"));
+    assert!(h.client_out(s1).is_empty());
+    assert_eq!(h.dropped("unbound_session"), 2);
+    // A multicast from B may only reach B's sessions.
+    let mut m = BytesMut::new();
+    bproto::encode_multicast(&mut m, 9, 0, &[s1, s2], b"mc");
+    h.backend_send(B, m);
+    assert!(h.client_out(s1).is_empty());
+    assert_eq!(h.client_out(s2), vec![(9, b"mc".to_vec())]);
+    assert_eq!(h.dropped("unbound_session"), 3);
+}
+
+#[test]
+fn multicast_and_broadcast_fan_out_to_bound_sessions() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let ids: Vec<SessionId> = (1..=3).map(|p| h.accept(p)).collect();
+    let other = h.accept(9); // never bound
+    for &s in &ids {
+        h.send(s, 10, b"x").unwrap();
+    }
+    h.backend_out(A);
+    let mut m = BytesMut::new();
+    bproto::encode_multicast(&mut m, 9, 0, &[ids[0], ids[2]], b"some");
+    h.backend_send(A, m);
+    assert_eq!(h.client_out(ids[0]), vec![(9, b"some".to_vec())]);
+    assert!(h.client_out(ids[1]).is_empty());
+    assert_eq!(h.client_out(ids[2]), vec![(9, b"some".to_vec())]);
+    let mut b = BytesMut::new();
+    bproto::encode_broadcast(&mut b, 9, 0, b"all");
+    h.backend_send(A, b);
+    for &s in &ids {
+        assert_eq!(h.client_out(s), vec![(9, b"all".to_vec())]);
+    }
+    assert!(h.client_out(other).is_empty(), "broadcast reaches the connection's sessions only");
+}
+
+#[test]
+fn kick_delivers_its_payload_then_closes_with_reason_5() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let mut k = BytesMut::new();
+    bproto::encode_kick(&mut k, 9, 0, s, b"bye");
+    h.backend_send(A, k);
+    assert_eq!(h.client_out(s), vec![(9, b"bye".to_vec())]);
+    assert_eq!(h.shutdowns(), vec![(s, Shut::Read)]);
+    // Bytes the client sent before the close are still forwarded.
+    h.send(s, 10, b"last").unwrap();
+    h.close(s);
+    assert_eq!(
+        h.backend_out(A),
+        vec![Sent::Trans(s, b"last".to_vec()), Sent::Disconnect(s, DisconnectReason::Kicked as u8)]
+    );
+}
+
+#[test]
+fn backend_loss_closes_sessions_by_default_and_counts_queued_frames() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.send(s, 10, b"y").unwrap(); // queued, never written
+    let (c, g) = h.stream(A);
+    h.take_log();
+    h.sh.backend_lost(c, g, LossKind::ReadFailed, &"test", h.now);
+    h.pump();
+    let log = h.take_log();
+    assert!(log.iter().any(|a| matches!(a, Action::CloseBackend { conn, generation } if *conn == c && *generation == g)));
+    assert!(log.iter().any(|a| matches!(a, Action::ShutdownClient(id, Shut::Read) if *id == s)));
+    assert_eq!(h.dropped("backend_lost"), 3, "CONNECT and two frames were queued");
+    h.close(s);
+    let st = h.sh.stats(h.now);
+    assert_eq!(WorkerStats::get(&st.sessions_closed, "backend_lost"), 1);
+    // A second report of the same loss changes nothing.
+    h.sh.backend_lost(c, g, LossKind::WriteFailed, &"again", h.now);
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).backends[&Arc::from(A)].errors, "write_failed"), 0);
+}
+
+#[test]
+fn backend_loss_with_rebind_keeps_the_session_and_rebinds_on_its_next_frame() {
+    let mut h = Harness::new(config("", "", &route(10, A, "on_backend_loss = \"rebind\"")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let (c, g) = h.stream(A);
+    h.sh.backend_lost(c, g, LossKind::ClosedByBackend, &"eof", h.now);
+    h.pump();
+    assert!(h.shutdowns().is_empty(), "the session stays open");
+    // While the connection backs off, frames are routing errors.
+    h.send(s, 10, b"during").unwrap();
+    assert_eq!(h.dropped("routing_error"), 1);
+    // After the backoff the next frame redials and announces the session again.
+    h.now += Duration::from_secs(6);
+    h.send(s, 10, b"after").unwrap();
+    let (c2, g2) = h.stream(A);
+    assert_eq!((c2, g2 > g), (c, true), "same slot, new generation");
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"after".to_vec())]);
+    // A reply on the old generation cannot reach anyone.
+    assert_eq!(h.sh.backend_data(c, g, &mut trans(s, b"old"), 0, h.now), BackendRead::Stop);
+}
+
+#[test]
+fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
+    let cfg = config("", "", &route(10, A, ""));
+    let mut h = Harness::new(cfg);
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let (ca, ga) = h.stream(A);
+    let moved = config("", "", &route(10, B, ""));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::RouteChanged as u8)]);
+    // Its queue written, the connection nobody routes to is closed.
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, generation } if *conn == ca && *generation == ga)));
+    h.send(s, 10, b"y").unwrap();
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s), Sent::Trans(s, b"y".to_vec())]);
+    assert_eq!(h.sh.stats(h.now).route_version, 2);
+}
+
+#[test]
+fn reload_applies_breaker_and_backoff_settings_to_live_pools() {
+    let slow = "circuit_failure_threshold = 5\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"10ms\"";
+    let mut h = Harness::new(config("", slow, &route(10, A, "on_backend_loss = \"rebind\"")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    let strict = "circuit_failure_threshold = 1\ncircuit_open_duration = \"60s\"\nreconnect_backoff_min = \"30s\"\nreconnect_backoff_max = \"30s\"";
+    h.sh.apply_config(config("", strict, &route(10, A, "on_backend_loss = \"rebind\"")));
+    let (c, g) = h.stream(A);
+    h.sh.backend_lost(c, g, LossKind::ReadFailed, &"x", h.now);
+    h.pump();
+    // One failure opened the live pool's breaker (threshold 1, not 5) ...
+    assert_eq!(h.sh.stats(h.now).backends[&Arc::from(A)].circuit_state, 1);
+    // ... and the redial waits the new backoff, not 10 ms.
+    h.now += Duration::from_secs(1);
+    h.send(s, 10, b"y").unwrap();
+    assert_eq!(h.dropped("routing_error"), 1);
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).routing_errors, "backend_unavailable"), 1);
+}
+
+#[test]
+fn drain_refuses_new_sessions_closes_the_rest_and_disconnects_after_their_frames() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s1 = h.accept(1);
+    let s2 = h.accept(2);
+    h.send(s1, 10, b"a").unwrap();
+    h.backend_out(A);
+    h.sh.begin_drain();
+    assert_eq!(h.sh.accept(SocketAddr::from(([10, 0, 0, 2], 1)), h.now), Err(AcceptRefusal::Draining));
+    assert_eq!(h.sh.close_all(DisconnectReason::Shutdown), 2);
+    h.pump();
+    let mut shut = h.shutdowns();
+    shut.sort_by_key(|(id, _)| *id);
+    assert_eq!(shut, vec![(s1, Shut::Read), (s2, Shut::Read)]);
+    // A frame the client wrote before the close still goes out, before DISCONNECT.
+    h.send(s1, 10, b"late").unwrap();
+    h.close(s1);
+    assert_eq!(
+        h.backend_out(A),
+        vec![Sent::Trans(s1, b"late".to_vec()), Sent::Disconnect(s1, DisconnectReason::Shutdown as u8)]
+    );
+    assert!(!h.take_log().iter().any(|a| matches!(a, Action::SessionsGone)));
+    h.close(s2);
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::SessionsGone)));
+    assert!(!h.sh.backends_pending());
+    h.sh.close_backends();
+    h.pump();
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { .. })));
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).sessions_closed, "shutdown"), 2);
+}
+
+#[test]
+fn connection_limits_are_enforced_and_counted() {
+    let mut h = Harness::new(config("max_connections = 2\nmax_connections_per_ip = 1", "", ""));
+    assert!(h.sh.accept(SocketAddr::from(([10, 0, 0, 1], 1)), h.now).is_ok());
+    let again = h.sh.accept(SocketAddr::from(([10, 0, 0, 1], 2)), h.now);
+    assert_eq!(again, Err(AcceptRefusal::PerIp(crate::limits::Refusal::PerIpConnections)));
+    assert!(h.sh.accept(SocketAddr::from(([10, 0, 0, 2], 1)), h.now).is_ok());
+    assert_eq!(h.sh.accept(SocketAddr::from(([10, 0, 0, 3], 1)), h.now), Err(AcceptRefusal::MaxConnections));
+    let st = h.sh.stats(h.now);
+    assert_eq!(WorkerStats::get(&st.connection_rejected, "max_connections"), 1);
+    assert_eq!(WorkerStats::get(&st.connection_rejected, "max_connections_per_ip"), 1);
+    assert_eq!(WorkerStats::get(&st.rate_limit_rejected, "max_connections_per_ip"), 1);
+}
+
+#[test]
+fn message_rate_drops_or_closes() {
+    let mut h = Harness::new(config("messages_per_second = 2\nmessages_burst = 2", "", &route(10, A, "")));
+    let s = h.accept(1);
+    for _ in 0..3 {
+        h.send(s, 10, b"m").unwrap();
+    }
+    assert_eq!(h.dropped("rate_limited"), 1);
+    assert_eq!(h.backend_out(A).len(), 3, "CONNECT and two frames");
+    let mut h = Harness::new(config(
+        "messages_per_second = 1\nmessages_burst = 1\non_rate_limit = \"close\"",
+        "",
+        &route(10, A, ""),
+    ));
+    let s = h.accept(1);
+    h.send(s, 10, b"m").unwrap();
+    assert_eq!(h.send(s, 10, b"m"), Err(DisconnectReason::RateLimited));
+}
+
+#[test]
+fn a_client_that_does_not_read_is_closed_on_both_sides() {
+    let mut h = Harness::new(config("max_queued_bytes_per_session = 65544", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    h.take_log();
+    for _ in 0..5 {
+        h.backend_send(A, trans(s, &[0u8; 16 * 1024]));
+    }
+    assert_eq!(h.shutdowns(), vec![(s, Shut::Both)]);
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).protocol_errors, "slow_reader"), 1);
+}
+
+#[test]
+fn frames_too_large_and_unframeable_streams_end_the_session() {
+    let mut h = Harness::new(config("max_message_size = 16", "", &route(10, A, "")));
+    let s = h.accept(1);
+    assert_eq!(h.send(s, 10, &[0u8; 17]), Err(DisconnectReason::ProtocolError));
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).protocol_errors, "frame_too_large"), 1);
+}
+
+#[test]
+fn handshake_and_idle_timeouts_are_swept() {
+    let mut h = Harness::new(config("handshake_timeout = \"1s\"\nidle_timeout = \"10s\"", "", &route(10, A, "")));
+    let silent = h.accept(1);
+    let active = h.accept(2);
+    h.send(active, 10, b"x").unwrap();
+    h.take_log();
+    h.sh.tick(h.now + Duration::from_secs(2), true, false);
+    h.pump();
+    assert_eq!(h.shutdowns(), vec![(silent, Shut::Read)]);
+    h.sh.tick(h.now + Duration::from_secs(11), true, false);
+    h.pump();
+    assert_eq!(h.shutdowns(), vec![(active, Shut::Read)]);
+}
+
+#[test]
+fn keepalive_pings_a_silent_connection_and_declares_it_dead_without_pong() {
+    let mut h = Harness::new(config(
+        "",
+        "keepalive_interval = \"1s\"\nkeepalive_timeout = \"1s\"",
+        &route(10, A, "on_backend_loss = \"rebind\""),
+    ));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    h.now += Duration::from_secs(2);
+    h.sh.tick(h.now, true, false);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Ping]);
+    h.now += Duration::from_secs(2);
+    h.sh.tick(h.now, true, false);
+    h.pump();
+    let st = h.sh.stats(h.now);
+    assert_eq!(WorkerStats::get(&st.backends[&Arc::from(A)].errors, "keepalive_timeout"), 1);
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { .. })));
+}
+
+#[test]
+fn backend_ping_is_answered_and_gateway_only_opcodes_are_dropped() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let mut p = BytesMut::new();
+    bproto::encode_ping(&mut p, Opcode::Ping, 5);
+    h.backend_send(A, p);
+    assert_eq!(h.backend_out(A), vec![Sent::Pong]);
+    let mut c = BytesMut::new();
+    bproto::encode_disconnect(&mut c, s, DisconnectReason::Kicked);
+    h.backend_send(A, c);
+    assert_eq!(h.dropped("unexpected_opcode"), 1);
+    assert!(h.shutdowns().is_empty());
+}
+
+#[test]
+fn websocket_upgrade_then_frames_in_binary_messages() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    let req = "GET / HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut buf = BytesMut::from(req.as_bytes());
+    let n = buf.len();
+    h.sh.client_data(s, &mut buf, n, h.now).unwrap();
+    h.pump();
+    let mut frame = BytesMut::new();
+    cproto::encode(&mut frame, 7, ServerId::new(false, 1, 10, 0), b"ws");
+    let mask = [1u8, 2, 3, 4];
+    let mut msg = vec![0x82, 0x80 | frame.len() as u8];
+    msg.extend_from_slice(&mask);
+    msg.extend(frame.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut buf = BytesMut::from(&msg[..]);
+    let n = buf.len();
+    h.sh.client_data(s, &mut buf, n, h.now).unwrap();
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"ws".to_vec())]);
+}
+
+#[test]
+fn plain_http_is_answered_and_closed() {
+    let mut h = Harness::new(config("", "", ""));
+    let s = h.accept(1);
+    let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]);
+    let n = buf.len();
+    assert_eq!(h.sh.client_data(s, &mut buf, n, h.now), Err(DisconnectReason::ProtocolError));
+    let mut out = BytesMut::new();
+    assert!(matches!(h.sh.take_client_out(s, &mut out), ClientOut::Write { .. }));
+    assert!(out.starts_with(b"HTTP/1.1 426 "));
+}
+
+#[test]
+fn log_limiter_allows_a_burst_per_kind_then_counts_what_it_suppressed() {
+    let t0 = Instant::now();
+    let mut l = LogLimiter::default();
+    let allowed = (0..100).filter(|_| l.allow("flood", t0).is_some()).count();
+    assert_eq!(allowed, LOG_BURST as usize);
+    assert_eq!(l.allow("other", t0), Some(0), "kinds are limited separately");
+    assert_eq!(l.allow("flood", t0 + Duration::from_secs(1)), Some(100 - LOG_BURST as u64));
+}
