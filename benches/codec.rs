@@ -121,7 +121,7 @@ fn churn_map<S: std::hash::BuildHasher>(mut m: std::collections::HashMap<i64, u6
 fn session_table(c: &mut Criterion) {
     use game_gateway::session::SessionIdGen;
     let mut ids = SessionIdGen::new(1, 0);
-    let keys: Vec<i64> = (0..10_000).map(|_| ids.next()).collect();
+    let keys: Vec<i64> = (0..10_000).map(|_| ids.next_id()).collect();
     let mut g = c.benchmark_group("session_table_10k");
     g.throughput(Throughput::Elements(keys.len() as u64));
     g.bench_function("ahash insert+lookup+remove", |b| {

@@ -68,7 +68,7 @@ impl SessionIdGen {
     }
 
     /// ... or from the wall clock.
-    pub fn next(&mut self) -> i64 {
+    pub fn next_id(&mut self) -> i64 {
         self.next_at(Self::now_ms())
     }
 }
@@ -148,12 +148,12 @@ mod tests {
     #[test]
     fn layout_roundtrips() {
         let mut g = SessionIdGen::new(4095, 127);
-        let id = g.next();
+        let id = g.next_id();
         assert!(id > 0);
         assert_eq!(owner_node(id), 4095);
         assert_eq!(owner_worker(id), 127);
         let mut g = SessionIdGen::new(3, 1);
-        let id = g.next();
+        let id = g.next_id();
         assert_eq!((owner_node(id), owner_worker(id)), (3, 1));
     }
 
@@ -173,10 +173,10 @@ mod tests {
     #[test]
     fn restart_starts_at_the_clock() {
         let mut a = SessionIdGen::new(0, 0);
-        let before = a.next();
+        let before = a.next_id();
         let mut b = SessionIdGen::new(0, 0);
         std::thread::sleep(std::time::Duration::from_millis(2));
-        assert!(b.next() > before);
+        assert!(b.next_id() > before);
         assert!(SessionIdGen::new(0, 0).next_at(0) > 0);
     }
 }

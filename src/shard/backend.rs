@@ -522,10 +522,12 @@ impl Backends {
                 }
                 Some(_) => {}
                 None if now.saturating_duration_since(c.last_rx) >= interval => {
-                    if self.enqueue(ctx, id, generation, now, |out| bproto::encode_ping(out, Opcode::Ping, 0)) {
-                        if let Some(c) = self.conn_mut(id) {
-                            c.ping_sent = Some(now);
-                        }
+                    // The timeout starts even when the PING cannot be queued
+                    // (queue full): a backend that neither reads nor sends
+                    // anything is hung either way.
+                    self.enqueue(ctx, id, generation, now, |out| bproto::encode_ping(out, Opcode::Ping, 0));
+                    if let Some(c) = self.conn_mut(id) {
+                        c.ping_sent = Some(now);
                     }
                 }
                 None => {}
@@ -675,9 +677,22 @@ impl Shard {
         err: &dyn std::fmt::Display,
         now: Instant,
     ) {
-        if let Some(c) = self.backends.current(id, generation) {
-            c.writing = false;
-            c.queued_frames += frames;
+        match self.backends.current(id, generation) {
+            Some(c) if c.live() => {
+                c.writing = false;
+                c.queued_frames += frames;
+            }
+            // The stream was already declared lost (or is gone): the frames
+            // of this write are lost with it.
+            Some(c) => {
+                c.writing = false;
+                self.ctx.drop_frames(DropReason::BackendLost, frames);
+                return;
+            }
+            None => {
+                self.ctx.drop_frames(DropReason::BackendLost, frames);
+                return;
+            }
         }
         if matches!(self.backends.conn(id).map(|c| c.state), Some(ConnState::Retiring { .. })) {
             self.backends.finish_retirements(&mut self.ctx, now);

@@ -214,7 +214,7 @@ impl Shard {
             }
             return Err(r);
         }
-        let id = self.ids.next();
+        let id = self.ids.next_id();
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&ctx.random().to_le_bytes());
         trace_id[8..].copy_from_slice(&ctx.random().to_le_bytes());

@@ -106,7 +106,7 @@ impl Harness {
             out.push(match bproto::parse(&h, &buf[..len], false).unwrap() {
                 Body::Connect { .. } => Sent::Connect(h.session_id),
                 Body::Trans { payload, .. } => Sent::Trans(h.session_id, payload.to_vec()),
-                Body::Disconnect { reason, .. } => Sent::Disconnect(h.session_id, reason as u8),
+                Body::Disconnect { reason, .. } => Sent::Disconnect(h.session_id, reason),
                 Body::Ping => Sent::Ping,
                 Body::Pong => Sent::Pong,
                 other => panic!("unexpected {other:?}"),
@@ -517,4 +517,26 @@ fn log_limiter_allows_a_burst_per_kind_then_counts_what_it_suppressed() {
     assert_eq!(allowed, LOG_BURST as usize);
     assert_eq!(l.allow("other", t0), Some(0), "kinds are limited separately");
     assert_eq!(l.allow("flood", t0 + Duration::from_secs(1)), Some(100 - LOG_BURST as u64));
+}
+
+#[test]
+fn a_hung_backend_with_a_full_queue_is_still_declared_dead() {
+    let mut h = Harness::new(config(
+        "max_message_size = 65535",
+        "keepalive_interval = \"1s\"\nkeepalive_timeout = \"1s\"\nmax_queued_bytes = 65536",
+        &route(10, A, "on_backend_loss = \"rebind\""),
+    ));
+    let s = h.accept(1);
+    // The backend reads nothing: the queue fills up.
+    for _ in 0..8 {
+        h.send(s, 10, &[0u8; 16 * 1024]).unwrap();
+    }
+    assert!(h.dropped("backend_queue_full") > 0);
+    h.now += Duration::from_secs(2);
+    h.sh.tick(h.now, true, false);
+    h.now += Duration::from_secs(2);
+    h.sh.tick(h.now, true, false);
+    h.pump();
+    let st = h.sh.stats(h.now);
+    assert_eq!(WorkerStats::get(&st.backends[&Arc::from(A)].errors, "keepalive_timeout"), 1);
 }
