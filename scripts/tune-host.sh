@@ -44,20 +44,21 @@ fi
 
 # --- CPU lists ---------------------------------------------------------------
 expand_cpus() { # "0-3,6" -> "0 1 2 3 6"
-  local part out=() a b i
+  local part a b i
+  local -a parts cpus=()
   IFS=, read -ra parts <<< "$1"
   for part in "${parts[@]}"; do
     [ -z "$part" ] && continue
     if [[ "$part" =~ ^([0-9]+)-([0-9]+)$ ]]; then
       a=${BASH_REMATCH[1]} b=${BASH_REMATCH[2]}
-      for ((i = a; i <= b; i++)); do out+=("$i"); done
+      for ((i = a; i <= b; i++)); do cpus+=("$i"); done
     elif [[ "$part" =~ ^[0-9]+$ ]]; then
-      out+=("$part")
+      cpus+=("$part")
     else
       return 1
     fi
   done
-  echo "${out[@]}"
+  echo "${cpus[@]}"
 }
 compress_cpus() { # "0 1 2 3 6" -> "0-3,6"
   local out="" start="" prev="" c
@@ -121,17 +122,17 @@ SYSCTLS=(
   "net.netfilter.nf_conntrack_max|1048576|min"
 )
 sysctl_ok() { # current recommended mode
-  local -a cur rec
-  read -ra cur <<< "$1"
-  read -ra rec <<< "$2"
-  [ "${#cur[@]}" -eq "${#rec[@]}" ] || return 1
+  local -a have want
+  read -ra have <<< "$1"
+  read -ra want <<< "$2"
+  [ "${#have[@]}" -eq "${#want[@]}" ] || return 1
   case "$3" in
     eq) [ "$1" = "$2" ] ;;
-    max) [ "${cur[0]}" -le "${rec[0]}" ] ;;
-    range) [ "${cur[0]}" -le "${rec[0]}" ] && [ "${cur[1]}" -ge "${rec[1]}" ] ;;
+    max) [ "${have[0]}" -le "${want[0]}" ] ;;
+    range) [ "${have[0]}" -le "${want[0]}" ] && [ "${have[1]}" -ge "${want[1]}" ] ;;
     min)
       local i
-      for i in "${!rec[@]}"; do [ "${cur[$i]}" -ge "${rec[$i]}" ] || return 1; done ;;
+      for i in "${!want[@]}"; do [ "${have[$i]}" -ge "${want[$i]}" ] || return 1; done ;;
   esac
 }
 persist_lines=()
@@ -167,11 +168,17 @@ fi
 
 # --- fd limits -------------------------------------------------------------------------
 want_nofile=1048576
-hard=$(ulimit -Hn)
-if [ "$hard" = unlimited ] || [ "$hard" -ge "$want_nofile" ]; then
-  row "ulimit -Hn (this shell)" "$hard" ">= $want_nofile" "ok"
-else
-  row "ulimit -Hn (this shell)" "$hard" ">= $want_nofile" "DIFF (the unit sets LimitNOFILE)"
+# This shell's limit only says what a gateway started by hand from it gets;
+# the unit sets its own (LimitNOFILE), so it is information, not a difference.
+row "ulimit -Hn (this shell)" "$(ulimit -Hn)" ">= $want_nofile by hand" "info"
+if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 \
+   && unit_nofile=$(systemctl show -p LimitNOFILE --value game-gateway 2>/dev/null) && [ -n "$unit_nofile" ] \
+   && systemctl cat game-gateway >/dev/null 2>&1; then
+  if [ "$unit_nofile" = infinity ] || [ "$unit_nofile" -ge "$want_nofile" ]; then
+    row "game-gateway.service LimitNOFILE" "$unit_nofile" ">= $want_nofile" "ok"
+  else
+    row "game-gateway.service LimitNOFILE" "$unit_nofile" ">= $want_nofile" "DIFF (systemctl edit game-gateway)"
+  fi
 fi
 pids=$(pgrep -x game-gateway 2>/dev/null || true)
 [ -n "$ROOT" ] && pids=""

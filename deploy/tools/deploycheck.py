@@ -8,6 +8,11 @@
   deploycheck.py extract RENDERED KIND NAME KEY    print ConfigMap/Secret data KEY
   deploycheck.py check-unit UNIT CONFIG        systemd unit vs its config (stop timeout > drain)
   deploycheck.py metric-names FILE...          metric names used in rule files / dashboard JSON
+  deploycheck.py check-alert-tests RULES TESTS  every alert has a firing and a quiet test case
+  deploycheck.py rules-hosts RULES.json        host names used by endpoints of a rules file
+  deploycheck.py strip-section TOML SECTION    print TOML without [SECTION]
+  deploycheck.py check-crds FILE...            ServiceMonitor / PrometheusRule against a strict schema
+                                               (the fields of monitoring.coreos.com/v1 this repo may use)
 """
 import base64
 import json
@@ -352,6 +357,156 @@ def extract(rendered, kind, name, key):
     sys.stdout.write(v)
 
 
+# --- custom resources ---------------------------------------------------------
+# kubernetes-validate has no schema for the Prometheus operator's kinds, so
+# they are checked here against a strict subset of monitoring.coreos.com/v1:
+# required fields, types, and no property the CRD does not define (for the
+# fields listed; a field of the real CRD that is missing here fails too, which
+# is the safe direction: add it when used).
+
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS,
+                   "annotations": _LABELS},
+    "additionalProperties": False,
+}
+_SELECTOR = {
+    "type": "object",
+    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+    "additionalProperties": False,
+}
+CRD_SCHEMAS = {
+    "ServiceMonitor": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+            "metadata": _META,
+            "spec": {
+                "type": "object", "required": ["selector", "endpoints"],
+                "properties": {
+                    "selector": _SELECTOR,
+                    "namespaceSelector": {"type": "object", "properties": {
+                        "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+                        "additionalProperties": False},
+                    "jobLabel": {"type": "string"},
+                    "targetLabels": {"type": "array", "items": {"type": "string"}},
+                    "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                    "sampleLimit": {"type": "integer"},
+                    "endpoints": {"type": "array", "minItems": 1, "items": {
+                        "type": "object",
+                        "properties": {
+                            "port": {"type": "string"}, "targetPort": {"type": ["string", "integer"]},
+                            "path": {"type": "string"}, "scheme": {"enum": ["http", "https"]},
+                            "interval": _DURATION, "scrapeTimeout": _DURATION,
+                            "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
+                            "params": {"type": "object"}, "relabelings": {"type": "array"},
+                            "metricRelabelings": {"type": "array"}, "tlsConfig": {"type": "object"},
+                            "authorization": {"type": "object"}, "followRedirects": {"type": "boolean"},
+                            "enableHttp2": {"type": "boolean"}, "filterRunning": {"type": "boolean"},
+                        },
+                        "additionalProperties": False}},
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    "PrometheusRule": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+            "metadata": _META,
+            "spec": {
+                "type": "object", "required": ["groups"],
+                "properties": {"groups": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "rules"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+                        "partial_response_strategy": {"type": "string"}, "limit": {"type": "integer"},
+                        "rules": {"type": "array", "items": {
+                            "type": "object", "required": ["expr"],
+                            "properties": {
+                                "alert": {"type": "string"}, "record": {"type": "string"},
+                                "expr": {"type": ["string", "integer"]}, "for": _DURATION,
+                                "keep_firing_for": _DURATION, "labels": _LABELS, "annotations": _LABELS,
+                            },
+                            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                            "additionalProperties": False}},
+                    },
+                    "additionalProperties": False}}},
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+}
+
+
+def check_crds(paths):
+    import jsonschema
+    for p in paths:
+        for d in load_all(p):
+            schema = CRD_SCHEMAS.get(d.get("kind"))
+            name = f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+            if schema is None:
+                fail(f"{p}: {name}: no schema for this custom resource kind")
+                continue
+            errs = sorted(jsonschema.Draft7Validator(schema).iter_errors(d), key=lambda e: list(e.path))
+            if errs:
+                for e in errs:
+                    fail(f"{p}: {name}: {'/'.join(map(str, e.path)) or '.'}: {e.message}")
+            else:
+                ok(f"{name} matches the monitoring.coreos.com/v1 schema subset (strict)")
+
+
+def check_alert_tests(rules_path, tests_path):
+    with open(rules_path) as f:
+        alerts = [r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"] if "alert" in r]
+    with open(tests_path) as f:
+        tests = yaml.safe_load(f)["tests"]
+    firing, quiet = set(), set()
+    for t in tests:
+        for a in t.get("alert_rule_test", []):
+            (firing if a.get("exp_alerts") else quiet).add(a["alertname"])
+    for a in alerts:
+        if a in firing and a in quiet:
+            ok(f"{a}: tested firing and quiet")
+        else:
+            fail(f"{a}: no {'firing' if a not in firing else 'quiet'} test case in {tests_path}")
+    for a in (firing | quiet) - set(alerts):
+        fail(f"{tests_path} tests {a}, which is not in {rules_path}")
+
+
+def rules_hosts(path):
+    with open(path) as f:
+        doc = json.load(f)
+    rules = doc.get("rules", doc) if isinstance(doc, dict) else doc
+    if isinstance(rules, dict):
+        rules = list(rules.values())
+    eps = [e for r in rules for e in r.get("endpoints", [])]
+    eps += list(doc.get("realm_mapping", {}).values()) if isinstance(doc, dict) else []
+    hosts = set()
+    for e in eps:
+        host = e.rsplit(":", 1)[0]
+        if not re.fullmatch(r"[0-9.]+|\[.*\]", host):
+            hosts.add(host)
+    print("\n".join(sorted(hosts)))
+
+
+def strip_section(path, section):
+    out, skip = [], False
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"^\s*\[\[?([^\]]+)\]\]?\s*(#.*)?$", line)
+            if m:
+                skip = m.group(1).strip() == section
+            if not skip:
+                out.append(line)
+    sys.stdout.write("".join(out))
+
+
 # --- systemd -------------------------------------------------------------------
 
 
@@ -453,6 +608,14 @@ def main():
         extract(*args)
     elif cmd == "check-unit":
         check_unit(*args)
+    elif cmd == "check-alert-tests":
+        check_alert_tests(*args)
+    elif cmd == "rules-hosts":
+        rules_hosts(*args)
+    elif cmd == "strip-section":
+        strip_section(*args)
+    elif cmd == "check-crds":
+        check_crds(args)
     elif cmd == "metric-names":
         metric_names(args)
     else:
