@@ -518,7 +518,7 @@ impl Backends {
                 Some(sent) if now.saturating_duration_since(sent) >= timeout => {
                     let err = format!("no PONG within {timeout:?}");
                     let bound = self.lost(ctx, id, generation, LossKind::KeepaliveTimeout, &err, now);
-                    on_bound_lost(ctx, self, sessions, id, bound, now);
+                    on_bound_lost(ctx, self, sessions, id, bound);
                 }
                 Some(_) => {}
                 None if now.saturating_duration_since(c.last_rx) >= interval => {
@@ -543,27 +543,32 @@ fn on_bound_lost(
     sessions: &mut AHashMap<SessionId, Session>,
     conn: ConnId,
     bound: Vec<SessionId>,
-    now: Instant,
 ) {
     let endpoint = backends.endpoint(conn).map(|e| e.to_string()).unwrap_or_default();
     for id in bound {
         let Some(s) = sessions.get_mut(&id) else { continue };
-        let Some(i) = s.bindings.iter().position(|b| b.conn == conn) else { continue };
-        let b = s.bindings.swap_remove(i);
-        match b.on_loss {
-            OnBackendLoss::Rebind => {
-                if let Some(name) = backends.endpoint(conn).map(|e| e.name.clone()) {
-                    bump(&mut ctx.stats.backend(&name).errors, "session_rebind", 1);
-                }
-                tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session will rebind on its next frame");
+        // Every server type bound on the lost stream goes; one that says
+        // `close` closes the session.
+        let before = s.bindings.len();
+        let mut close = false;
+        s.bindings.retain(|b| {
+            let lost = b.conn == conn;
+            close |= lost && b.on_loss == OnBackendLoss::Close;
+            !lost
+        });
+        if s.bindings.len() == before {
+            continue;
+        }
+        if close {
+            tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, closing session");
+            s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
+        } else {
+            if let Some(name) = backends.endpoint(conn).map(|e| e.name.clone()) {
+                bump(&mut ctx.stats.backend(&name).errors, "session_rebind", 1);
             }
-            OnBackendLoss::Close => {
-                tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, closing session");
-                s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
-            }
+            tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session will rebind on its next frame");
         }
     }
-    let _ = now;
 }
 
 /// The session `sid` if it is bound to connection `id`; otherwise counts the
@@ -627,7 +632,7 @@ impl Shard {
         now: Instant,
     ) {
         let bound = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
-        on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound, now);
+        on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound);
     }
 
     /// The writer takes the whole queue of stream `generation`.

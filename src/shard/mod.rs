@@ -314,7 +314,7 @@ impl Shard {
     }
 
     /// A new routing snapshot. Bindings to a backend the rule for their server
-    /// type no longer lists are released (`DISCONNECT` reason 8); the session
+    /// type (and world) no longer lists are released (`DISCONNECT` reason 8); the session
     /// rebinds on its next frame. Connections nobody routes to any more are
     /// retired: closed once their queue is written.
     pub(crate) fn apply_routes(&mut self, table: Arc<RouteTable>, now: Instant) {
@@ -323,7 +323,7 @@ impl Shard {
         self.ctx.routes = table;
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         for id in ids {
-            self.unbind_unlisted(id);
+            self.unbind_unlisted(id, now);
         }
         self.backends.retire_unlisted(&mut self.ctx, now);
     }

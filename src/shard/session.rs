@@ -46,6 +46,9 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Binding {
     pub(super) server_type: u8,
+    /// The world of the frame that made the binding: with the server type,
+    /// the rule that must keep listing the backend.
+    pub(super) world: u16,
     pub(super) conn: ConnId,
     /// The stream generation this binding was made on; a redialed connection
     /// is a new stream the backend knows nothing about.
@@ -516,13 +519,19 @@ impl Shard {
             routes.pick(rule, &input, cursor, &available).map_err(BindError::Route)?.clone()
         };
         let (conn, generation) = backends.conn_for(ctx, &ep, id, now).ok_or(BindError::BackendUnavailable)?;
-        backends.bind(conn, generation, id);
-        if rule.notify_sessions {
+        // A second server type routed to a stream the session is already
+        // bound on shares that binding: one CONNECT, one DISCONNECT.
+        let shared = s.bindings.iter().any(|b| b.conn == conn && b.generation == generation);
+        if !shared {
+            backends.bind(conn, generation, id);
+        }
+        if rule.notify_sessions && !shared {
             let transport = s.info.transport;
             backends.enqueue(ctx, conn, generation, now, |out| bproto::encode_connect(out, id, transport, peer));
         }
         let b = Binding {
             server_type: st,
+            world,
             conn,
             generation,
             notify: rule.notify_sessions,
@@ -579,7 +588,11 @@ impl Shard {
             crate::access_log::append(&mut self.access_buf, &s.info, reason, server);
             self.access_pending += 1;
         }
-        for b in std::mem::take(&mut s.bindings) {
+        let bindings = std::mem::take(&mut s.bindings);
+        for (i, b) in bindings.iter().enumerate() {
+            if bindings[..i].iter().any(|o| o.conn == b.conn && o.generation == b.generation) {
+                continue;
+            }
             self.backends.unbind(ctx, b.conn, b.generation, id, b.notify.then_some(reason), now);
         }
         bump(&mut ctx.stats.sessions_closed, reason.as_str(), 1);
@@ -606,20 +619,27 @@ impl Shard {
         }
     }
 
-    /// Releases bindings whose backend the current route table no longer lists.
-    pub(super) fn unbind_unlisted(&mut self, id: SessionId) {
-        let now = Instant::now();
+    /// Releases bindings whose backend the rule for their server type and
+    /// world no longer lists (`DISCONNECT` reason 8, once the session has no
+    /// other binding on that stream).
+    pub(super) fn unbind_unlisted(&mut self, id: SessionId, now: Instant) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         let routes = self.ctx.routes.clone();
         let backends = &mut self.backends;
-        let ctx = &mut self.ctx;
-        s.bindings.retain(|b| {
-            if backends.endpoint(b.conn).is_some_and(|e| routes.lists(&e.addr)) {
-                return true;
-            }
-            backends.unbind(ctx, b.conn, b.generation, id, b.notify.then_some(DisconnectReason::RouteChanged), now);
-            false
+        let (kept, gone): (Vec<Binding>, Vec<Binding>) = s.bindings.iter().partition(|b| {
+            backends.endpoint(b.conn).is_some_and(|e| routes.routes_to(b.server_type, b.world, &e.addr))
         });
+        if gone.is_empty() {
+            return;
+        }
+        s.bindings = kept;
+        for (i, b) in gone.iter().enumerate() {
+            let dup = gone[..i].iter().chain(&s.bindings).any(|o| o.conn == b.conn && o.generation == b.generation);
+            if !dup {
+                let notify = b.notify.then_some(DisconnectReason::RouteChanged);
+                backends.unbind(&mut self.ctx, b.conn, b.generation, id, notify, now);
+            }
+        }
     }
 
     /// Closes sessions past their handshake or idle deadline.

@@ -540,3 +540,35 @@ fn a_hung_backend_with_a_full_queue_is_still_declared_dead() {
     let st = h.sh.stats(h.now);
     assert_eq!(WorkerStats::get(&st.backends[&Arc::from(A)].errors, "keepalive_timeout"), 1);
 }
+
+#[test]
+fn route_change_unbinds_by_the_rule_of_the_binding_even_when_another_rule_lists_the_backend() {
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::RouteChanged as u8)]);
+    h.send(s, 10, b"y").unwrap();
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s), Sent::Trans(s, b"y".to_vec())]);
+}
+
+#[test]
+fn two_server_types_on_one_stream_share_the_binding() {
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.send(s, 11, b"y").unwrap();
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"x".to_vec()), Sent::Trans(s, b"y".to_vec())]);
+    // Type 10 moves away; the session stays bound on A for type 11.
+    let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![]);
+    h.backend_send(A, trans(s, b"still"));
+    assert_eq!(h.client_out(s), vec![(9, b"still".to_vec())]);
+    h.close(s);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::ClientClosed as u8)]);
+}
