@@ -14,7 +14,8 @@
 # What it checks (each a line in the summary):
 #   shell           shellcheck -S warning of the deploy scripts
 #   alerts          promtool check rules + promtool test rules; every alert has a
-#                   firing and a quiet test case
+#                   firing and a quiet test case; promtool check config of the
+#                   bare-metal prometheus.yml
 #   generated       PrometheusRule == alerts.yml; dashboard JSON == its generator
 #   render:O        kubectl kustomize of overlay O
 #   schema:O        kubernetes-validate --strict of every core object of O;
@@ -27,9 +28,10 @@
 #   config:*        the gateway binary's --check-config on every shipped config
 #   routes          `game-gateway routes check` of the Job's rules.json (in the
 #                   image rootfs, with the cluster names in its /etc/hosts)
-#   image           scripts/build-image.sh rootfs; chroot --check-config as uid
-#                   65532; the gateway started in the chroot answers /health,
-#                   /ready, /metrics and drains on SIGTERM
+#   image           scripts/build-image.sh rootfs (and the podman image FROM
+#                   scratch when podman is installed); chroot --check-config as
+#                   uid 65532; the gateway started in the chroot answers
+#                   /health, /ready, /metrics and drains on SIGTERM
 #   systemd         systemd-analyze verify (a copy whose paths point at the built
 #                   binary; any warning fails), unit-vs-config rules, exposure score
 #   tune-host       check mode changes nothing on this host; --apply/--persist/
@@ -142,6 +144,7 @@ fi
 # --- alerts ------------------------------------------------------------------------------
 section "alerts: promtool"
 if promtool check rules deploy/prometheus/alerts.yml && promtool test rules deploy/prometheus/alerts_test.yml \
+  && (cd deploy/prometheus && promtool check config prometheus.yml >/dev/null) \
   && "${PY[@]}" check-alert-tests deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml; then
   record alerts PASS "$(grep -c '^ *- alert:' deploy/prometheus/alerts.yml) alerts, promtool check + unit tests"
 else
@@ -226,7 +229,12 @@ fi
 if [ -n "$GW" ]; then
   section "image rootfs"
   img="$WORK/image"
-  if scripts/build-image.sh --binary "$GW" --out "$img" --no-podman > "$WORK/image.log" 2>&1; then
+  # With podman installed, the FROM-scratch image is built too (then removed).
+  podman_note="no podman: rootfs only"
+  command -v podman >/dev/null 2>&1 && podman_note="podman image built FROM scratch"
+  if scripts/build-image.sh --binary "$GW" --out "$img" --tag localhost/game-gateway:check-deploy \
+       > "$WORK/image.log" 2>&1; then
+    command -v podman >/dev/null 2>&1 && podman rmi -f localhost/game-gateway:check-deploy >/dev/null 2>&1
     rootfs="$img/rootfs"
     sed 's/^/   /' "$WORK/image.log"
     image_ok=1
@@ -295,7 +303,7 @@ EOF
       fi
     fi
     if [ "$image_ok" = 1 ]; then
-      record image PASS "$(du -sh "$rootfs" | cut -f1) rootfs, $(find "$rootfs" -name '*.so*' | wc -l) libraries; chroot check-config, serve, drain"
+      record image PASS "$(du -sh "$rootfs" | cut -f1) rootfs, $(find "$rootfs" -name '*.so*' | wc -l) libraries; chroot check-config, serve, drain; $podman_note"
     else
       record image FAIL "see above"
     fi

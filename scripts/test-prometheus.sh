@@ -79,24 +79,50 @@ trap cleanup EXIT
 
 fail() { echo "FAIL: $*" >&2; for f in "$WORK"/*.err; do echo "--- $f"; tail -n 20 "$f"; done >&2; exit 1; }
 
-# Free loopback ports: bound and released at once (nothing else binds here).
-read -r GAME ADMIN MOCKP PROM DEAD DEADREDIS < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(6):
+# The mock backend and the gateway bind port 0 and print what they got. The
+# other ports (Prometheus; a dead backend and a dead Redis, where nothing may
+# listen) are picked free below the kernel's ephemeral range, so that other
+# programs' outgoing connections cannot take them meanwhile.
+read -r PROM DEAD DEADREDIS < <(python3 - <<'EOF'
+import random, socket
+lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+pool = list(range(20000, lo)) if lo > 21000 else list(range(hi + 1, 65535))
+random.shuffle(pool)
+picked = []
+for p in pool:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    picked.append(p)
+    if len(picked) == 3:
+        break
+print(*picked)
 EOF
 )
-echo "ports: game $GAME admin $ADMIN mock $MOCKP prometheus $PROM dead backend $DEAD dead redis $DEADREDIS"
+wait_line() { # file sed-expression seconds -> the captured text
+  local i v
+  for ((i = 0; i < $3 * 10; i++)); do
+    v=$(sed -n "$2" "$1" 2>/dev/null | head -n 1)
+    [ -n "$v" ] && { echo "$v"; return 0; }
+    sleep 0.1
+  done
+  return 1
+}
 
 # --- the gateway and its backend -----------------------------------------------------------
+"$MOCK" --listen 127.0.0.1:0 --quiet < /dev/null > "$WORK/mock.out" 2> "$WORK/mock.err" &
+PIDS+=($!)
+MOCKP=$(wait_line "$WORK/mock.out" 's/^mock-backend listening on 127.0.0.1:\([0-9]*\).*/\1/p' 10) \
+  || fail "mock-backend did not start"
+
 cat > "$WORK/gateway.toml" <<EOF
 [server]
-listen = "127.0.0.1:$GAME"
-admin_listen = "127.0.0.1:$ADMIN"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 workers = 1
 drain_timeout = "1s"
 
@@ -142,10 +168,12 @@ access_log_path = "$WORK/access.log"
 EOF
 "$GW" --check-config --config "$WORK/gateway.toml" > /dev/null || fail "test config invalid"
 
-"$MOCK" --listen "127.0.0.1:$MOCKP" --quiet < /dev/null > "$WORK/mock.out" 2> "$WORK/mock.err" &
-PIDS+=($!)
 "$GW" --config "$WORK/gateway.toml" > "$WORK/gateway.out" 2> "$WORK/gateway.err" &
 PIDS+=($!)
+line=$(wait_line "$WORK/gateway.out" '/^game-gateway listening on /p' 20) || fail "the gateway did not start"
+GAME=$(sed 's/^game-gateway listening on 127.0.0.1:\([0-9]*\) .*/\1/' <<< "$line")
+ADMIN=$(sed 's/.* admin 127.0.0.1:\([0-9]*\) .*/\1/' <<< "$line")
+echo "ports: game $GAME admin $ADMIN mock $MOCKP prometheus $PROM dead backend $DEAD dead redis $DEADREDIS"
 
 wait_http() { # url what seconds
   local i
