@@ -88,6 +88,26 @@ enum ConnState {
     Retiring { deadline: Instant },
 }
 
+/// Data-path counters of one connection, kept here so the hot path never
+/// hashes an endpoint name; folded into the worker's per-backend stats when
+/// a scrape asks and when the slot is freed.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnCounters {
+    bytes_sent: u64,
+    frames_sent: u64,
+    bytes_received: u64,
+    frames_received: u64,
+}
+
+impl ConnCounters {
+    fn add_to(&self, b: &mut crate::stats::BackendStats) {
+        b.bytes_sent += self.bytes_sent;
+        b.frames_sent += self.frames_sent;
+        b.bytes_received += self.bytes_received;
+        b.frames_received += self.frames_received;
+    }
+}
+
 /// One multiplexed stream to a backend.
 struct BackendConn {
     /// The endpoint (its name labels metrics and logs).
@@ -114,6 +134,8 @@ struct BackendConn {
     last_rx: Instant,
     /// When the outstanding keep-alive PING went out.
     ping_sent: Option<Instant>,
+    /// Bytes and frames each way since the slot was created.
+    counters: ConnCounters,
 }
 
 impl BackendConn {
@@ -159,9 +181,17 @@ pub(crate) enum BackendOut {
     Stale,
     /// Nothing queued: wait for a wake-up.
     Empty,
-    /// The queue was swapped into the writer's buffer: write it, then report
-    /// with [`Shard::backend_written`].
-    Write { frames: u64, oldest: Option<Instant> },
+    /// The queue was swapped into the writer's buffer: write it, then hand
+    /// this back with the next take.
+    Write(WriteDone),
+}
+
+/// One write to a backend: what it carried, reported back when it completed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteDone {
+    bytes: u64,
+    pub(crate) frames: u64,
+    oldest: Option<Instant>,
 }
 
 /// What the driver's reader does after [`Shard::backend_data`].
@@ -245,6 +275,7 @@ impl Backends {
             oldest: None,
             last_rx: now,
             ping_sent: None,
+            counters: ConnCounters::default(),
         };
         match self.free.pop() {
             Some(i) => {
@@ -369,7 +400,7 @@ impl Backends {
                 if c.live() {
                     c.state = ConnState::Retiring { deadline: now + RETIRE_DRAIN_MAX };
                 } else {
-                    self.free_slot(id);
+                    self.free_slot(&mut ctx.stats, id);
                 }
             }
         }
@@ -388,15 +419,14 @@ impl Backends {
             ctx.drop_frames(DropReason::BackendLost, left);
             tracing::info!(worker = ctx.index, backend = %c.endpoint, slot = c.slot, "backend connection retired: no route lists it");
             ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation });
-            self.free_slot(ConnId(i as u32));
+            self.free_slot(&mut ctx.stats, ConnId(i as u32));
         }
     }
 
-    fn free_slot(&mut self, id: ConnId) {
-        if let Some(slot) = self.conns.get_mut(id.0 as usize) {
-            if slot.take().is_some() {
-                self.free.push(id.0);
-            }
+    fn free_slot(&mut self, stats: &mut WorkerStats, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id.0 as usize).and_then(Option::take) {
+            c.counters.add_to(stats.backend(&c.endpoint.name));
+            self.free.push(id.0);
         }
     }
 
@@ -418,11 +448,16 @@ impl Backends {
             }
         }
         self.pools.clear();
-        self.conns.clear();
+        for c in self.conns.drain(..).flatten() {
+            c.counters.add_to(ctx.stats.backend(&c.endpoint.name));
+        }
         self.free.clear();
     }
 
     pub(super) fn fill_stats(&self, s: &mut WorkerStats, now: Instant) {
+        for c in self.conns.iter().flatten() {
+            c.counters.add_to(s.backend(&c.endpoint.name));
+        }
         for pool in self.pools.values() {
             let conns = pool.conns.iter().filter_map(|id| self.conn(*id));
             let (mut up, mut bound) = (0, 0);
@@ -635,38 +670,40 @@ impl Shard {
         on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound);
     }
 
-    /// The writer takes the whole queue of stream `generation`.
-    pub(crate) fn take_backend_out(&mut self, id: ConnId, generation: u64, buf: &mut BytesMut) -> BackendOut {
-        let Some(c) = self.backends.current(id, generation) else { return BackendOut::Stale };
-        if !c.live() || c.state == ConnState::Connecting {
-            return if c.live() { BackendOut::Empty } else { BackendOut::Stale };
+    /// The writer reports its last completed write (`done`), then takes the
+    /// whole queue of stream `generation`, swapped with its (empty) buffer.
+    pub(crate) fn take_backend_out(
+        &mut self,
+        id: ConnId,
+        generation: u64,
+        buf: &mut BytesMut,
+        done: Option<WriteDone>,
+        now: Instant,
+    ) -> BackendOut {
+        if let Some(d) = done {
+            self.backend_written(id, generation, d, now);
         }
-        if c.out.is_empty() {
+        let Some(c) = self.backends.current(id, generation) else { return BackendOut::Stale };
+        if !c.live() {
+            return BackendOut::Stale;
+        }
+        if c.out.is_empty() || c.state == ConnState::Connecting {
             return BackendOut::Empty;
         }
         c.writing = true;
         std::mem::swap(&mut c.out, buf);
-        BackendOut::Write { frames: std::mem::take(&mut c.queued_frames), oldest: c.oldest.take() }
+        BackendOut::Write(WriteDone { bytes: buf.len() as u64, frames: std::mem::take(&mut c.queued_frames), oldest: c.oldest.take() })
     }
 
-    /// A write of `frames` frames (`bytes` long) completed.
-    pub(crate) fn backend_written(
-        &mut self,
-        id: ConnId,
-        generation: u64,
-        bytes: u64,
-        frames: u64,
-        oldest: Option<Instant>,
-        now: Instant,
-    ) {
+    /// A write completed.
+    fn backend_written(&mut self, id: ConnId, generation: u64, done: WriteDone, now: Instant) {
         let ctx = &mut self.ctx;
         let Some(c) = self.backends.current(id, generation) else { return };
         c.writing = false;
-        let bs = ctx.stats.backend(&c.endpoint.name);
-        bs.bytes_sent += bytes;
-        bs.frames_sent += frames;
-        if let Some(t) = oldest {
-            ctx.stats.forward_c2b.record_n(now.saturating_duration_since(t), frames);
+        c.counters.bytes_sent += done.bytes;
+        c.counters.frames_sent += done.frames;
+        if let Some(t) = done.oldest {
+            ctx.stats.forward_c2b.record_n(now.saturating_duration_since(t), done.frames);
         }
         if matches!(c.state, ConnState::Retiring { .. }) && c.out.is_empty() {
             self.backends.finish_retirements(&mut self.ctx, now);
@@ -715,7 +752,7 @@ impl Shard {
         }
         if read > 0 {
             c.last_rx = now;
-            self.ctx.stats.backend(&c.endpoint.name).bytes_received += read as u64;
+            c.counters.bytes_received += read as u64;
         }
         let max = self.ctx.cfg.backend.max_frame_size;
         for _ in 0..MAX_FRAMES_PER_READ {
@@ -746,8 +783,8 @@ impl Shard {
     }
 
     fn on_backend_frame(&mut self, id: ConnId, h: &bproto::Header, body: Body<'_>, now: Instant) {
-        if let Some(name) = self.backends.endpoint(id).map(|e| e.name.clone()) {
-            self.ctx.stats.backend(&name).frames_received += 1;
+        if let Some(c) = self.backends.conn_mut(id) {
+            c.counters.frames_received += 1;
         }
         let msg_id = h.msg_type as u16;
         let st = (h.server_id >> 8) as u8 as usize;

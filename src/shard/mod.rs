@@ -297,6 +297,12 @@ impl Shard {
         }
     }
 
+    /// Whether actions are waiting for the driver.
+    #[inline]
+    pub(crate) fn has_actions(&self) -> bool {
+        !self.ctx.actions.is_empty()
+    }
+
     /// Takes the actions queued since the last call, in order.
     pub(crate) fn drain_actions(&mut self, into: &mut Vec<Action>) {
         into.append(&mut self.ctx.actions);
@@ -304,13 +310,6 @@ impl Shard {
 
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
-    }
-
-    /// Records a latency sample of frames written to a client.
-    pub(crate) fn client_written(&mut self, oldest: Option<Instant>, frames: u64, now: Instant) {
-        if let Some(t) = oldest {
-            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
-        }
     }
 
     /// A new routing snapshot. Bindings to a backend the rule for their server

@@ -109,9 +109,17 @@ pub(crate) enum ClientOut {
     Gone,
     /// Nothing queued.
     Empty,
-    /// The queue was swapped into the writer's buffer: write it (`frames`
-    /// client frames, the oldest queued at `oldest`).
-    Write { frames: u64, oldest: Option<Instant> },
+    /// The queue was swapped into the writer's buffer: write it, then hand
+    /// this back with the next take.
+    Write(ClientWrite),
+}
+
+/// One write to a client: `frames` client frames, the oldest queued at
+/// `oldest` (forward latency).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientWrite {
+    frames: u64,
+    oldest: Option<Instant>,
 }
 
 impl Session {
@@ -560,16 +568,26 @@ impl Shard {
         }
     }
 
-    /// The writer takes everything queued for the client: swapped with its
-    /// (empty) buffer, so both allocations are reused.
-    pub(crate) fn take_client_out(&mut self, id: SessionId, buf: &mut BytesMut) -> ClientOut {
+    /// The writer reports its last completed write (`done`), then takes
+    /// everything queued for the client, swapped with its (empty) buffer so
+    /// both allocations are reused.
+    pub(crate) fn take_client_out(
+        &mut self,
+        id: SessionId,
+        buf: &mut BytesMut,
+        done: Option<ClientWrite>,
+        now: Instant,
+    ) -> ClientOut {
+        if let Some(ClientWrite { frames, oldest: Some(t) }) = done {
+            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        }
         let Some(s) = self.sessions.get_mut(&id) else { return ClientOut::Gone };
         if s.out.is_empty() {
             return ClientOut::Empty;
         }
         let frames = s.info.frames_out - std::mem::replace(&mut s.taken_frames, s.info.frames_out);
         std::mem::swap(&mut s.out, buf);
-        ClientOut::Write { frames, oldest: s.oldest.take() }
+        ClientOut::Write(ClientWrite { frames, oldest: s.oldest.take() })
     }
 
     /// The reader ended (end of stream, error, or `Err` from

@@ -72,17 +72,18 @@ pub(super) async fn run(w: Rc<Worker>, io: Rc<ConnIo>, conn: ConnId, addr: Socke
     let (rd, mut wr) = stream.into_split();
     monoio::spawn(read_loop(w.clone(), conn, generation, HalfGuard(sock), rd));
     let mut buf = BytesMut::new();
+    let mut done = None;
     loop {
-        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf)) {
+        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf, done.take(), Instant::now())) {
             BackendOut::Stale => return,
             BackendOut::Empty => io.wake.notified().await,
-            BackendOut::Write { frames, oldest } => {
-                let len = buf.len() as u64;
+            BackendOut::Write(write) => {
                 let (res, b) = wr.write_all(std::mem::take(&mut buf)).await;
                 if let Err(e) = res {
+                    let frames = write.frames;
                     return w.with_shard(|sh| sh.backend_write_failed(conn, generation, frames, &e, Instant::now()));
                 }
-                w.with_shard(|sh| sh.backend_written(conn, generation, len, frames, oldest, Instant::now()));
+                done = Some(write);
                 buf = b;
                 buf.clear();
                 if buf.capacity() > 4 * BACKEND_READ_BUF {

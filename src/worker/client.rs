@@ -114,10 +114,11 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, id: SessionId, io: Rc<Clie
     let _half = HalfGuard(io.sock.clone());
     let mut wr = wr;
     let mut buf = BytesMut::new();
+    let mut done = None;
     loop {
-        let out = w.with_shard(|sh| sh.take_client_out(id, &mut buf));
+        let out = w.with_shard(|sh| sh.take_client_out(id, &mut buf, done.take(), Instant::now()));
         match out {
-            ClientOut::Write { frames, oldest } => {
+            ClientOut::Write(write) => {
                 let (res, b) = wr.write_all(std::mem::take(&mut buf)).await;
                 if let Err(e) = res {
                     w.with_shard(|sh| sh.client_write_failed(id, &e));
@@ -128,7 +129,7 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, id: SessionId, io: Rc<Clie
                     w.clients.borrow_mut().remove(&id);
                     return;
                 }
-                w.with_shard(|sh| sh.client_written(oldest, frames, Instant::now()));
+                done = Some(write);
                 buf = b;
                 buf.clear();
                 if buf.capacity() > READ_BUF_KEEP_MAX {

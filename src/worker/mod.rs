@@ -109,18 +109,19 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Runs `f` on the shard, then carries out the actions it queued.
+    #[inline]
     fn with_shard<R>(self: &Rc<Self>, f: impl FnOnce(&mut Shard) -> R) -> R {
-        let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
-        let r = {
-            let mut shard = self.shard.borrow_mut();
-            let r = f(&mut shard);
+        let mut shard = self.shard.borrow_mut();
+        let r = f(&mut shard);
+        if shard.has_actions() {
+            let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
             shard.drain_actions(&mut actions);
-            r
-        };
-        for a in actions.drain(..) {
-            self.run_action(a);
+            drop(shard);
+            for a in actions.drain(..) {
+                self.run_action(a);
+            }
+            *self.actions.borrow_mut() = actions;
         }
-        *self.actions.borrow_mut() = actions;
         r
     }
 
