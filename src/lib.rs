@@ -9,7 +9,6 @@
 //! - [`gateway`]: starts the workers and is the control side's handle on them.
 //! - [`control`]: signals, config reload, stop; [`admin`]: health, readiness,
 //!   metrics and status over HTTP; [`metrics`] and [`stats`]: counters.
-//! - [`mock_backend`]: a reference game backend for tests, demos and perf.
 
 pub mod access_log;
 pub mod admin;
@@ -18,7 +17,6 @@ pub mod control;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
-pub mod mock_backend;
 pub mod notify;
 pub mod protocol;
 pub mod redis_source;

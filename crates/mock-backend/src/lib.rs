@@ -10,7 +10,7 @@
 //! Plain blocking threads, one per connection: the gateway multiplexes
 //! sessions, so a backend sees few connections.
 
-use crate::protocol::backend::{self as bproto, Body, Opcode};
+use gate_protocol::backend::{self as bproto, Body, Opcode};
 use bytes::{Buf, BytesMut};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
