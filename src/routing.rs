@@ -331,7 +331,7 @@ fn mix(mut z: u64) -> u64 {
 /// with the highest `mix(key ^ endpoint)`; removing one of N endpoints moves
 /// only the keys that were on it (about 1/N). Unavailable endpoints are
 /// skipped, so their keys fall to their second choice and return afterwards.
-pub fn rendezvous<'a>(
+pub(crate) fn rendezvous<'a>(
     key: u64,
     endpoints: &'a [Endpoint],
     available: &dyn Fn(&Endpoint) -> bool,

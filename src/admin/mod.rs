@@ -8,7 +8,7 @@
 //! handle; it never imports `control`. A drain call is a [`ControlEvent`] on
 //! the control loop's channel.
 
-pub mod metrics;
+pub(crate) mod metrics;
 
 use crate::gateway::GatewayHandle;
 use crate::state::{ControlEvent, ControlSender, ControlStats};

@@ -124,10 +124,7 @@ impl<'a> Problems<'a> {
         }
     }
 
-    fn int<T: TryFrom<i64>>(&mut self, section: &str, key: &str, v: i64, lo: i64, hi: i64) -> T
-    where
-        T: Default,
-    {
+    fn int<T: TryFrom<i64> + Default>(&mut self, section: &str, key: &str, v: i64, lo: i64, hi: i64) -> T {
         if v < lo || v > hi {
             self.push(section, None, key, format!("{v} is out of range {lo}..={hi}"));
             return T::default();
