@@ -132,8 +132,11 @@ impl Gateway {
             );
         }
         let ip_steered = n == 1 || attach_ip_steering(&listeners[0], n, local_addr);
-        let (access_tx, access_writer) = crate::access_log::spawn_writer(cfg.log.access_log_path.clone())
-            .map_err(|e| StartError::Worker(format!("access log {:?}: {e}", cfg.log.access_log_path)))?;
+        let (access_tx, access_writer) =
+            crate::access_log::spawn_writer(cfg.log.access_log_path.clone()).map_err(|e| {
+                let path = cfg.log.access_log_path.as_ref().map(|p| p.display().to_string());
+                StartError::Worker(format!("access log {}: {e}", path.as_deref().unwrap_or("stdout")))
+            })?;
         let (ready_tx, ready_rx) = bounded(n);
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
