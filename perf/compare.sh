@@ -15,7 +15,7 @@ command -v haproxy >/dev/null || { echo "haproxy missing: apt-get install haprox
 command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx libnginx-mod-stream" >&2; exit 1; }
 NGX_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [ -f "$NGX_MOD" ] || { echo "nginx stream module missing: apt-get install libnginx-mod-stream" >&2; exit 1; }
-cargo build --release --bins >/dev/null 2>&1 || cargo build --release --bins
+cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
 BIN=target/release
 OUT=perf/results/$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"

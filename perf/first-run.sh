@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-cargo build --release --bins >/dev/null
+cargo build --release --workspace --bins >/dev/null
 BIN=target/release
 BACKEND=127.0.0.1:29711
 GW_PORT=28080

@@ -20,8 +20,8 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 use clap::{Parser, ValueEnum};
-use game_gateway::protocol::backend as bproto;
-use game_gateway::protocol::{client as cproto, ServerId};
+use gate_protocol::backend as bproto;
+use gate_protocol::{client as cproto, ServerId};
 use hdrhistogram::Histogram;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};

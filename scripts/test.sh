@@ -23,8 +23,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-cargo build --all-targets --locked 2>/dev/null || cargo build --all-targets
+cargo build --workspace --all-targets --locked 2>/dev/null || cargo build --workspace --all-targets
 for driver in io_uring epoll; do
   echo "=== test suite on the ${driver} driver ==="
-  GATEWAY_TEST_IO_DRIVER="$driver" cargo test --all-targets "$@"
+  GATEWAY_TEST_IO_DRIVER="$driver" cargo test --workspace --all-targets "$@"
 done

@@ -21,12 +21,12 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 /// A worker hands its buffer over once it holds this many bytes.
-pub const FLUSH_BYTES: usize = 64 * 1024;
+pub(crate) const FLUSH_BYTES: usize = 64 * 1024;
 /// Buffers in flight to the writer before records are dropped.
-pub const CHANNEL_DEPTH: usize = 64;
+pub(crate) const CHANNEL_DEPTH: usize = 64;
 
 /// Hex text of an id, without allocating.
-pub struct Hex<'a>(pub &'a [u8]);
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
 
 impl std::fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,7 +68,7 @@ struct Record<'a> {
 }
 
 /// Whether a close reason is an error, and its message.
-pub fn outcome(reason: DisconnectReason) -> (&'static str, &'static str) {
+pub(crate) fn outcome(reason: DisconnectReason) -> (&'static str, &'static str) {
     use DisconnectReason::*;
     match reason {
         ClientClosed | Kicked | Shutdown | RouteChanged | IdleTimeout => ("ok", ""),
@@ -79,7 +79,7 @@ pub fn outcome(reason: DisconnectReason) -> (&'static str, &'static str) {
 }
 
 /// Appends one record (a JSON line) for a session that ended.
-pub fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectReason, server_address: &str) {
+pub(crate) fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectReason, server_address: &str) {
     let (status, error_message) = outcome(reason);
     let rec = Record {
         timestamp: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
@@ -105,7 +105,7 @@ pub fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectReason, s
 
 /// Hands a worker's buffer to the writer: `Ok(records)` written, or
 /// `Err(records)` dropped because the writer is behind (or gone).
-pub fn hand_over(tx: &Sender<Vec<u8>>, buf: Vec<u8>, records: u64) -> Result<u64, u64> {
+pub(crate) fn hand_over(tx: &Sender<Vec<u8>>, buf: Vec<u8>, records: u64) -> Result<u64, u64> {
     match tx.try_send(buf) {
         Ok(()) => Ok(records),
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(records),
@@ -114,7 +114,7 @@ pub fn hand_over(tx: &Sender<Vec<u8>>, buf: Vec<u8>, records: u64) -> Result<u64
 
 /// Starts the writer thread: appends to `path`, or stdout when `None`. It
 /// ends when every worker's sender is gone.
-pub fn spawn_writer(path: Option<PathBuf>) -> std::io::Result<(Sender<Vec<u8>>, std::thread::JoinHandle<()>)> {
+pub(crate) fn spawn_writer(path: Option<PathBuf>) -> std::io::Result<(Sender<Vec<u8>>, std::thread::JoinHandle<()>)> {
     let mut out: Box<dyn Write + Send> = match &path {
         Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
         None => Box::new(std::io::stdout()),

@@ -19,13 +19,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Listen backlog per worker socket.
-pub const LISTEN_BACKLOG: i32 = 4096;
+pub(crate) const LISTEN_BACKLOG: i32 = 4096;
 /// How long a worker may take to report its runtime up.
-pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the drain: time to close the remaining sessions and flush queues.
-pub const STOP_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a stats request waits for each worker.
-pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -59,7 +59,7 @@ pub struct GatewayHandle {
 }
 
 /// One SO_REUSEPORT listener socket.
-pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
@@ -76,7 +76,7 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpList
 /// per-IP limits exact without sharing state between cores. Returns false
 /// (and per-IP limits fall back to each worker's share) where it cannot be
 /// attached: IPv6 listeners, or kernels that refuse it.
-pub fn attach_ip_steering(first: &std::net::TcpListener, workers: usize, addr: SocketAddr) -> bool {
+pub(crate) fn attach_ip_steering(first: &std::net::TcpListener, workers: usize, addr: SocketAddr) -> bool {
     use std::os::fd::AsRawFd;
     if !addr.is_ipv4() {
         tracing::info!("per-IP steering needs an IPv4 listener; per-IP limits apply per worker share");
@@ -132,8 +132,11 @@ impl Gateway {
             );
         }
         let ip_steered = n == 1 || attach_ip_steering(&listeners[0], n, local_addr);
-        let (access_tx, access_writer) = crate::access_log::spawn_writer(cfg.log.access_log_path.clone())
-            .map_err(|e| StartError::Worker(format!("access log {:?}: {e}", cfg.log.access_log_path)))?;
+        let (access_tx, access_writer) =
+            crate::access_log::spawn_writer(cfg.log.access_log_path.clone()).map_err(|e| {
+                let path = cfg.log.access_log_path.as_ref().map(|p| p.display().to_string());
+                StartError::Worker(format!("access log {}: {e}", path.as_deref().unwrap_or("stdout")))
+            })?;
         let (ready_tx, ready_rx) = bounded(n);
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -280,7 +283,7 @@ impl GatewayHandle {
 }
 
 /// Adds per-worker counters together (`workers` counts the inputs).
-pub fn merge_stats<'a>(per: impl IntoIterator<Item = &'a WorkerStats>) -> WorkerStats {
+pub(crate) fn merge_stats<'a>(per: impl IntoIterator<Item = &'a WorkerStats>) -> WorkerStats {
     let mut total = WorkerStats { workers: 0, route_version: u64::MAX, ..Default::default() };
     for s in per {
         total.merge(s);

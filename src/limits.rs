@@ -56,6 +56,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, for exporting each label at zero from the start.
+    pub const ALL: [Refusal; 3] = [Refusal::PerIpConnections, Refusal::PerIpRate, Refusal::IpTableFull];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::PerIpConnections => "max_connections_per_ip",

@@ -1,8 +1,8 @@
 use clap::{Parser, Subcommand};
-use game_gateway::config::{self, Config, IoDriver};
-use game_gateway::control::{self, Control};
-use game_gateway::redis_source;
-use game_gateway::route_source::{self, RouteSet};
+use game_gateway::config::{self, Config, Environment, IoDriver};
+use game_gateway::control::routes::{self as route_source, RouteSet};
+use game_gateway::control::{self, redis as redis_source, Control};
+use game_gateway::state::ControlStats;
 use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -152,12 +152,19 @@ fn routes(action: RoutesCmd) -> ExitCode {
     }
 }
 
+/// The process environment, read here once and passed in.
+fn environment() -> Environment {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME") }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Routes { action }) = cli.command {
         return routes(action);
     }
-    let mut cfg = match Config::load(&cli.config) {
+    let env = environment();
+    let mut cfg = match Config::load(&cli.config, &env) {
         Ok(c) => c,
         Err(errs) => {
             for e in &errs.0 {
@@ -173,7 +180,7 @@ fn main() -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    control::init_logging(&cfg);
+    control::logging::init_logging(&cfg.log);
     let routes = control::static_routes(&cfg, 1);
     let gw = match Gateway::start(cfg, routes) {
         Ok(g) => g,
@@ -185,7 +192,9 @@ fn main() -> ExitCode {
     };
     let events = Control::channel();
     // Not ready until the control loop has loaded its routes.
-    let state = Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), Some(events.0.clone())));
+    let stats = Arc::new(ControlStats::default());
+    let state =
+        Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.0.clone())));
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
         Err(e) => {
@@ -202,7 +211,7 @@ fn main() -> ExitCode {
         admin_addr,
         gw.workers()[0].io_driver
     );
-    match Control::run(gw, &cli.config, state, events) {
+    match Control::run(gw, &cli.config, env, stats, events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("game-gateway: control: {e}");

@@ -53,7 +53,7 @@ impl RawRule {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Strategy {
     RoundRobin,
     ConsistentHash,
@@ -70,8 +70,14 @@ impl Strategy {
     }
 }
 
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What `consistent_hash` hashes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HashKey {
     /// (`world_id`, `inst_id`) of the binding frame: one game instance, one backend.
     InstId,
@@ -79,11 +85,44 @@ pub enum HashKey {
     ClientIp,
 }
 
+impl HashKey {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HashKey::InstId => "inst_id",
+            HashKey::Session => "session",
+            HashKey::ClientIp => "client_ip",
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What happens to sessions bound to a backend connection that is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OnBackendLoss {
     Close,
     Rebind,
+}
+
+impl OnBackendLoss {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnBackendLoss::Close => "close",
+            OnBackendLoss::Rebind => "rebind",
+        }
+    }
+}
+
+impl fmt::Display for OnBackendLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One backend address; `name` is how it was written (used for hashing, so
@@ -125,8 +164,9 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// A validated rule.
-#[derive(Debug, Clone)]
+/// A validated rule. Equality and hashing cover every field, so a changed
+/// rule is a changed route set (see `control::routes::fingerprint`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteRule {
     pub server_type: u8,
     /// 0 = any world.
@@ -154,7 +194,7 @@ impl fmt::Display for RouteRule {
             self.server_type,
             if self.world_id == 0 { "*".to_string() } else { self.world_id.to_string() },
             self.service_name,
-            self.strategy.as_str()
+            self.strategy
         )?;
         for (i, e) in self.endpoints.iter().enumerate() {
             if i > 0 {
@@ -164,8 +204,8 @@ impl fmt::Display for RouteRule {
         }
         write!(
             f,
-            "] notify={} trace={} on_backend_loss={:?}",
-            self.notify_sessions, self.trace_propagation, self.on_backend_loss
+            "] hash_key={} notify={} trace={} on_backend_loss={}",
+            self.hash_key, self.notify_sessions, self.trace_propagation, self.on_backend_loss
         )
     }
 }
@@ -248,6 +288,9 @@ pub enum RouteError {
 }
 
 impl RouteError {
+    /// Every routing error, for metrics exported at zero from the start.
+    pub const ALL: [RouteError; 3] = [RouteError::NoRule, RouteError::NoEndpoints, RouteError::AllUnavailable];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -288,7 +331,7 @@ fn mix(mut z: u64) -> u64 {
 /// with the highest `mix(key ^ endpoint)`; removing one of N endpoints moves
 /// only the keys that were on it (about 1/N). Unavailable endpoints are
 /// skipped, so their keys fall to their second choice and return afterwards.
-pub fn rendezvous<'a>(
+pub(crate) fn rendezvous<'a>(
     key: u64,
     endpoints: &'a [Endpoint],
     available: &dyn Fn(&Endpoint) -> bool,

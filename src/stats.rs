@@ -48,6 +48,23 @@ impl LatencyHistogram {
     }
 }
 
+/// The worse of two circuit gauge values (0 closed, 1 open, 2 half-open):
+/// open > half-open > closed, so one worker open and another half-open merge
+/// to open. (The gauge values keep the original gateway's numbering, which is
+/// not in order of severity, so `max` would report half-open.)
+fn worst_circuit(a: u64, b: u64) -> u64 {
+    let severity = |g: u64| match g {
+        1 => 2, // open
+        2 => 1, // half-open
+        _ => 0, // closed
+    };
+    if severity(b) > severity(a) {
+        b
+    } else {
+        a
+    }
+}
+
 /// Counters of one backend endpoint on one worker.
 #[derive(Debug, Clone, Default)]
 pub struct BackendStats {
@@ -79,7 +96,7 @@ impl BackendStats {
         self.frames_sent += o.frames_sent;
         self.frames_received += o.frames_received;
         self.sessions_bound += o.sessions_bound;
-        self.circuit_state = self.circuit_state.max(o.circuit_state);
+        self.circuit_state = worst_circuit(self.circuit_state, o.circuit_state);
         self.rtt.merge(&o.rtt);
         self.retries += o.retries;
         self.timeouts += o.timeouts;
@@ -202,5 +219,37 @@ impl WorkerStats {
 
     pub fn get(map: &AHashMap<&'static str, u64>, key: &str) -> u64 {
         map.get(key).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_circuit(name: &Arc<str>, gauge: u64) -> WorkerStats {
+        let mut s = WorkerStats::default();
+        s.backend(name).circuit_state = gauge;
+        s
+    }
+
+    #[test]
+    fn circuit_state_merges_to_the_worst() {
+        const CLOSED: u64 = 0;
+        const OPEN: u64 = 1;
+        const HALF_OPEN: u64 = 2;
+        let name: Arc<str> = Arc::from("127.0.0.1:1");
+        let merged = |states: &[u64]| {
+            let mut total = WorkerStats::default();
+            for g in states {
+                total.merge(&with_circuit(&name, *g));
+            }
+            total.backends[&name].circuit_state
+        };
+        assert_eq!(merged(&[OPEN, HALF_OPEN]), OPEN);
+        assert_eq!(merged(&[HALF_OPEN, OPEN]), OPEN);
+        assert_eq!(merged(&[CLOSED, HALF_OPEN]), HALF_OPEN);
+        assert_eq!(merged(&[HALF_OPEN, CLOSED]), HALF_OPEN);
+        assert_eq!(merged(&[CLOSED, OPEN, CLOSED]), OPEN);
+        assert_eq!(merged(&[CLOSED, CLOSED]), CLOSED);
     }
 }

@@ -161,3 +161,51 @@ fn access_log_off_writes_nothing_and_json_logs_parse() {
         assert!(v.get("level").is_some() && v.get("message").is_some(), "{line}");
     }
 }
+
+#[test]
+fn a_fresh_gateway_exports_known_label_values_at_zero() {
+    use game_gateway::admin::{serve, AdminState};
+    use game_gateway::state::ControlStats;
+    use std::sync::Arc;
+    let mb = mock();
+    let gw = start(2, "", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let state = Arc::new(AdminState::new(gw.handle(), "test.toml".into(), Arc::new(ControlStats::default()), None));
+    let admin = serve("127.0.0.1:0".parse().unwrap(), state).unwrap();
+    let m = http_get(admin, "/metrics").1;
+    let zero = |family: &str, label: &str, values: &[&str]| {
+        for v in values {
+            let series = format!("game_gateway_{family}{{{label}=\"{v}\"}}");
+            assert_eq!(metric(&m, &series), Some(0.0), "{series}\n{m}");
+        }
+    };
+    zero(
+        "connection_rejected_total",
+        "reason",
+        &["max_connections", "max_connections_per_ip", "connection_rate_per_ip", "ip_table_full", "accept_error"],
+    );
+    zero("routing_errors_total", "type", &["no_rule", "no_endpoints", "backend_unavailable"]);
+    zero(
+        "rate_limit_rejected_total",
+        "limit",
+        &["max_connections_per_ip", "connection_rate_per_ip", "ip_table_full", "messages_per_second"],
+    );
+    zero(
+        "frames_dropped_total",
+        "reason",
+        &["rate_limited", "routing_error", "backend_lost", "backend_queue_full", "backend_unavailable"],
+    );
+    zero(
+        "sessions_closed_total",
+        "reason",
+        &["client_closed", "idle_timeout", "protocol_error", "rate_limited", "kicked", "shutdown", "backend_lost"],
+    );
+    // Counting still works on top of the zeros.
+    let mut c = Client::connect(gw.local_addr());
+    c.send(1, sid(1, 99, 0), b"unrouted");
+    eventually("the routing error is counted", || {
+        metric(&http_get(admin, "/metrics").1, "game_gateway_routing_errors_total{type=\"no_rule\"}") == Some(1.0)
+    });
+    let m = http_get(admin, "/metrics").1;
+    assert_eq!(metric(&m, "game_gateway_routing_errors_total{type=\"no_endpoints\"}"), Some(0.0), "{m}");
+    assert_eq!(m.matches("game_gateway_routing_errors_total{type=\"no_rule\"}").count(), 1, "one series per value");
+}

@@ -76,6 +76,29 @@ fn check_config_prints_the_resolved_summary() {
     assert!(s.contains("workers=3"), "{s}");
     assert!(s.contains("redis: off"), "{s}");
     assert!(s.contains("config ok"), "{s}");
+    // Values are spelled as the config spells them, never as Rust Debug.
+    for want in
+        ["io_driver=auto ", "on_rate_limit=drop ", "format=json ", "strategy=round_robin ", "on_backend_loss=close"]
+    {
+        assert!(s.contains(want), "{want:?} missing in\n{s}");
+    }
+}
+
+#[test]
+fn check_config_spells_overrides_and_the_environment_as_the_config_does() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--check-config", "--io-driver", "io_uring"])
+        .env("LOG_LEVEL", "debug")
+        .env("POD_NAME", "game-gateway-5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout);
+    for want in ["io_driver=io_uring ", "node_id=5 ", "level=debug "] {
+        assert!(s.contains(want), "{want:?} missing in\n{s}");
+    }
+    assert!(!s.contains("IoUring") && !s.contains("Json") && !s.contains("Close"), "{s}");
 }
 
 #[test]

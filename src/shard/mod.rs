@@ -104,6 +104,15 @@ pub(crate) enum AcceptRefusal {
 }
 
 impl AcceptRefusal {
+    /// Every refusal, for exporting each label at zero from the start.
+    pub(crate) const ALL: [AcceptRefusal; 5] = [
+        AcceptRefusal::MaxConnections,
+        AcceptRefusal::PerIp(crate::limits::Refusal::PerIpConnections),
+        AcceptRefusal::PerIp(crate::limits::Refusal::PerIpRate),
+        AcceptRefusal::PerIp(crate::limits::Refusal::IpTableFull),
+        AcceptRefusal::Draining,
+    ];
+
     /// Metric label (`connection_rejected_total{reason}`).
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -136,6 +145,18 @@ pub(crate) enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, for exporting each label at zero from the start.
+    pub(crate) const ALL: [DropReason; 8] = [
+        DropReason::ReplyTooLarge,
+        DropReason::RateLimited,
+        DropReason::RoutingError,
+        DropReason::BackendLost,
+        DropReason::BackendQueueFull,
+        DropReason::BackendUnavailable,
+        DropReason::UnboundSession,
+        DropReason::UnexpectedOpcode,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             DropReason::ReplyTooLarge => "reply_too_large",

@@ -5,8 +5,8 @@
 use game_gateway::config::Config;
 use game_gateway::control::static_routes;
 use game_gateway::gateway::Gateway;
-pub use game_gateway::mock_backend::{Event, MockBackend, Options};
 use game_gateway::protocol::{client as cproto, ServerId};
+pub use mock_backend::{Event, MockBackend, Options};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

@@ -1,47 +1,56 @@
 //! Admin HTTP on `server.admin_listen`: `/health`, `/ready`, `/metrics`,
-//! `/status`. Runs on its own thread, never on a worker core; each request
-//! asks the workers for their counters over their command channels.
+//! `/status`, `POST /drain`. Runs on its own thread, never on a worker core;
+//! each request asks the workers for their counters over their command
+//! channels and reads the control side's facts from the shared
+//! [`ControlStats`]. [`metrics`] turns both into Prometheus families.
+//!
+//! Arrows: this module reads `state` (shared with `control`) and the gateway
+//! handle; it never imports `control`. A drain call is a [`ControlEvent`] on
+//! the control loop's channel.
+
+pub(crate) mod metrics;
 
 use crate::gateway::GatewayHandle;
+use crate::state::{ControlEvent, ControlSender, ControlStats};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest admin request head we read.
 const MAX_REQUEST_BYTES: usize = 8192;
 
-/// Shared control-side state the admin endpoints report.
+/// What the admin endpoints report from and where `POST /drain` goes.
 pub struct AdminState {
-    pub handle: GatewayHandle,
-    /// Routes loaded and not draining.
-    pub ready: AtomicBool,
-    pub config_source: String,
-    pub control: Arc<crate::control::ControlStats>,
-    /// Holds the [`crate::metrics::GatewayCollector`].
-    pub registry: prometheus::Registry,
-    /// Where `POST /drain` goes.
-    pub control_tx: Option<crossbeam_channel::Sender<crate::control::ControlEvent>>,
+    handle: GatewayHandle,
+    /// The config file, for `/status`.
+    config_source: String,
+    /// Written by the control loop (readiness, routes, Redis, reloads).
+    control: Arc<ControlStats>,
+    /// Holds the [`metrics::GatewayCollector`].
+    registry: prometheus::Registry,
+    /// Where `POST /drain` goes; `None` without a control loop.
+    control_tx: Option<ControlSender>,
 }
 
-/// Binds and serves on a background thread; returns the bound address.
 impl AdminState {
     pub fn new(
         handle: GatewayHandle,
         config_source: String,
-        control_tx: Option<crossbeam_channel::Sender<crate::control::ControlEvent>>,
+        control: Arc<ControlStats>,
+        control_tx: Option<ControlSender>,
     ) -> AdminState {
-        let control = Arc::new(crate::control::ControlStats::default());
         let registry = prometheus::Registry::new();
-        let collector = crate::metrics::GatewayCollector { handle: handle.clone(), control: control.clone() };
+        let collector = metrics::GatewayCollector { handle: handle.clone(), control: control.clone() };
         if let Err(e) = registry.register(Box::new(collector)) {
             tracing::error!(error = %e, "metrics collector not registered");
         }
-        AdminState { handle, ready: AtomicBool::new(false), config_source, control, registry, control_tx }
+        AdminState { handle, config_source, control, registry, control_tx }
     }
 }
 
+/// Binds and serves on a background thread; returns the bound address.
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
@@ -87,9 +96,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/drain" if method == "POST" => match &state.control_tx {
-            Some(tx) if tx.send(crate::control::ControlEvent::Drain).is_ok() => {
-                respond(&mut c, 202, "text/plain", "draining\n")
-            }
+            Some(tx) if tx.send(ControlEvent::Drain).is_ok() => respond(&mut c, 202, "text/plain", "draining\n"),
             _ => respond(&mut c, 503, "text/plain", "no control loop\n"),
         },
         "/drain" => respond(&mut c, 405, "text/plain", "use POST\n"),
@@ -102,14 +109,14 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             }
         }
         "/ready" => {
-            if state.ready.load(Ordering::Relaxed) {
+            if state.control.ready.load(Ordering::Relaxed) {
                 respond(&mut c, 200, "text/plain", "ready\n")
             } else {
                 respond(&mut c, 503, "text/plain", "not ready\n")
             }
         }
         "/metrics" => {
-            let body = crate::metrics::encode(&state.registry.gather());
+            let body = metrics::encode(&state.registry.gather());
             respond(&mut c, 200, prometheus::TEXT_FORMAT, &body)
         }
         "/status" => {
@@ -135,7 +142,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                         "backends": s.as_ref().map(|s| s.backends.iter().map(|(k, b)| (k.to_string(), serde_json::json!({
                             "connections_up": b.connections_active,
                             "sessions_bound": b.sessions_bound,
-                            "circuit": match b.circuit_state { 0 => "closed", 1 => "open", _ => "half_open" },
+                            "circuit": metrics::circuit_name(b.circuit_state),
                             "frames_sent": b.frames_sent,
                             "frames_received": b.frames_received,
                         }))).collect::<serde_json::Map<_, _>>()),
@@ -145,11 +152,11 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 .collect();
             let ctl = &state.control;
             let body = serde_json::json!({
-                "ready": state.ready.load(Ordering::Relaxed),
+                "ready": ctl.ready.load(Ordering::Relaxed),
                 "config": { "file": state.config_source, "loaded_at_unix": ctl.config_loaded_at.load(Ordering::Relaxed),
                             "reloads": ctl.config_reloads.load(Ordering::Relaxed), "reload_errors": ctl.config_reload_errors.load(Ordering::Relaxed) },
-                "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().clone(),
-                            "redis": match ctl.redis_state.load(Ordering::Relaxed) { 1 => "up", 2 => "down", _ => "off" },
+                "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().to_string(),
+                            "redis": ctl.redis_state.load().as_str(),
                             "last_error": ctl.last_error.lock().unwrap().clone() },
                 "workers": workers,
             });

@@ -10,9 +10,9 @@
 //! Plain blocking threads, one per connection: the gateway multiplexes
 //! sessions, so a backend sees few connections.
 
-use crate::protocol::backend::{self as bproto, Body, Opcode};
 use bytes::{Buf, BytesMut};
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use gate_protocol::backend::{self as bproto, Body, Opcode};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -1,7 +1,7 @@
 //! The Redis route source (control side only; never on a worker core).
 //!
 //! Keys are the original gateway's, under `key_prefix`:
-//! - `{prefix}routing:rules` (string, JSON; see [`crate::route_source`]),
+//! - `{prefix}routing:rules` (string, JSON; see [`super::routes`]),
 //! - `{prefix}realm:mapping` (hash, realm id -> `host:port`),
 //! - pub/sub `{prefix}routing:rules:notify` and `{prefix}realm:mapping:notify`:
 //!   any message triggers an immediate reload.
@@ -11,15 +11,15 @@
 //! messages into control events, and after every (re)subscribe asks for a
 //! reload too, so a notification missed while disconnected heals at once.
 
+use super::routes::{parse_realm_mapping, parse_rules_json, RouteSet};
 use crate::config::RedisConfig;
-use crate::route_source::{parse_realm_mapping, parse_rules_json, RouteSet};
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Connect, read and write timeout for every Redis operation.
-pub const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the subscriber blocks per read before checking its stop flag.
 const SUBSCRIBER_POLL: Duration = Duration::from_millis(500);
 /// Reconnect backoff bounds for the subscriber.
@@ -46,18 +46,37 @@ impl Keys {
     }
 }
 
+/// Why a read of the route keys gave no new routes.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
+    /// Connecting or reading failed: keep the last good routes, retry.
     #[error("redis unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(redis::RedisError),
+    /// Redis answered with data that does not validate (every reason).
     #[error("redis route data rejected: {}", .0.join("; "))]
     Invalid(Vec<String>),
 }
 
-pub struct RedisSource {
+/// Redis problems outside the control loop's reads: a bad URL, the
+/// subscriber thread, and the `routes push` / `routes show` tools.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis.url {url:?}: {source}")]
+    Url { url: String, source: redis::RedisError },
+    #[error("{url}: {source}")]
+    Command { url: String, source: redis::RedisError },
+    #[error("cannot start the redis subscriber thread: {0}")]
+    Thread(std::io::Error),
+}
+
+pub(crate) struct RedisSource {
     client: redis::Client,
     keys: Keys,
     conn: Option<redis::Connection>,
+}
+
+fn open(url: &str) -> Result<redis::Client, RedisError> {
+    redis::Client::open(url).map_err(|source| RedisError::Url { url: url.into(), source })
 }
 
 fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
@@ -71,7 +90,7 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
 pub type RawRoutes = (Option<String>, Vec<(String, String)>);
 
 /// Reads the raw rules text and realm pairs.
-pub fn read_raw(conn: &mut redis::Connection, keys: &Keys) -> redis::RedisResult<RawRoutes> {
+pub(crate) fn read_raw(conn: &mut redis::Connection, keys: &Keys) -> redis::RedisResult<RawRoutes> {
     let rules: Option<String> = redis::cmd("GET").arg(&keys.rules).query(conn)?;
     let realms: Vec<(String, String)> = redis::cmd("HGETALL").arg(&keys.realms).query(conn)?;
     Ok((rules, realms))
@@ -99,27 +118,23 @@ pub fn validate_raw(rules: Option<&str>, realms: &[(String, String)]) -> Result<
 }
 
 impl RedisSource {
-    pub fn new(cfg: &RedisConfig) -> Result<RedisSource, String> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| format!("redis.url {:?}: {e}", cfg.url))?;
+    pub(crate) fn new(cfg: &RedisConfig) -> Result<RedisSource, RedisError> {
+        let client = open(&cfg.url)?;
         Ok(RedisSource { client, keys: Keys::new(&cfg.key_prefix), conn: None })
-    }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
     }
 
     /// Reads and validates both keys. A missing rules key is an empty rule
     /// list (the static rules serve).
-    pub fn fetch(&mut self) -> Result<RouteSet, FetchError> {
+    pub(crate) fn fetch(&mut self) -> Result<RouteSet, FetchError> {
         if self.conn.is_none() {
-            self.conn = Some(connect(&self.client).map_err(|e| FetchError::Unavailable(e.to_string()))?);
+            self.conn = Some(connect(&self.client).map_err(FetchError::Unavailable)?);
         }
         let conn = self.conn.as_mut().unwrap();
         let (rules, realms) = match read_raw(conn, &self.keys) {
             Ok(x) => x,
             Err(e) => {
                 self.conn = None;
-                return Err(FetchError::Unavailable(e.to_string()));
+                return Err(FetchError::Unavailable(e));
             }
         };
         validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)
@@ -128,15 +143,16 @@ impl RedisSource {
 
 /// Runs the notify subscriber until `stop`; every message (and every
 /// successful subscribe) sends `event()` to the control loop.
-pub fn spawn_subscriber<E: Send + 'static>(
+pub(crate) fn spawn_subscriber<E: Send + 'static>(
     cfg: &RedisConfig,
     tx: Sender<E>,
     event: impl Fn() -> E + Send + 'static,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let client = redis::Client::open(cfg.url.as_str()).map_err(|e| std::io::Error::other(e.to_string()))?;
+) -> Result<std::thread::JoinHandle<()>, RedisError> {
+    let client = open(&cfg.url)?;
     let keys = Keys::new(&cfg.key_prefix);
-    std::thread::Builder::new().name("gw-redis-sub".into()).spawn(move || {
+    let thread = std::thread::Builder::new().name("gw-redis-sub".into());
+    thread.spawn(move || {
         let mut backoff = SUB_BACKOFF_MIN;
         while !stop.load(Ordering::Relaxed) {
             let mut conn = match connect(&client) {
@@ -176,6 +192,7 @@ pub fn spawn_subscriber<E: Send + 'static>(
             }
         }
     })
+    .map_err(RedisError::Thread)
 }
 
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
@@ -187,9 +204,10 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
 
 /// Writes a route set to Redis and publishes both notifications (the
 /// `routes push` tool).
-pub fn push(url: &str, prefix: &str, rules_json: &str, realms: &[(u16, String)]) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
-    let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
+pub fn push(url: &str, prefix: &str, rules_json: &str, realms: &[(u16, String)]) -> Result<(), RedisError> {
+    let command = |source| RedisError::Command { url: url.into(), source };
+    let client = redis::Client::open(url).map_err(command)?;
+    let mut conn = connect(&client).map_err(command)?;
     let keys = Keys::new(prefix);
     let mut pipe = redis::pipe();
     pipe.atomic().cmd("SET").arg(&keys.rules).arg(rules_json).ignore();
@@ -201,12 +219,13 @@ pub fn push(url: &str, prefix: &str, rules_json: &str, realms: &[(u16, String)])
     }
     pipe.cmd("PUBLISH").arg(&keys.rules_notify).arg("push").ignore();
     pipe.cmd("PUBLISH").arg(&keys.realms_notify).arg("push").ignore();
-    pipe.query::<()>(&mut conn).map_err(|e| format!("{url}: {e}"))
+    pipe.query::<()>(&mut conn).map_err(command)
 }
 
 /// Reads what Redis holds (the `routes show` tool).
-pub fn show(url: &str, prefix: &str) -> Result<RawRoutes, String> {
-    let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
-    let mut conn = connect(&client).map_err(|e| format!("{url}: {e}"))?;
-    read_raw(&mut conn, &Keys::new(prefix)).map_err(|e| format!("{url}: {e}"))
+pub fn show(url: &str, prefix: &str) -> Result<RawRoutes, RedisError> {
+    let command = |source| RedisError::Command { url: url.into(), source };
+    let client = redis::Client::open(url).map_err(command)?;
+    let mut conn = connect(&client).map_err(command)?;
+    read_raw(&mut conn, &Keys::new(prefix)).map_err(command)
 }

@@ -15,7 +15,7 @@ use crate::routing::{Endpoint, RawRule, RouteRule};
 use serde_json::Value;
 
 /// Rules and realm mapping from one source.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RouteSet {
     pub rules: Vec<RouteRule>,
     pub realms: Vec<(u16, Endpoint)>,
@@ -41,7 +41,7 @@ fn rule_from_value(v: Value, at: &str, errs: &mut Vec<String>) -> Option<RouteRu
 }
 
 /// Parses a rules document (object keyed by server type, or array).
-pub fn parse_rules_value(v: Value) -> Result<Vec<RouteRule>, Vec<String>> {
+pub(crate) fn parse_rules_value(v: Value) -> Result<Vec<RouteRule>, Vec<String>> {
     let mut errs = Vec::new();
     let mut rules = Vec::new();
     match v {
@@ -106,13 +106,13 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Parses the rules JSON text stored in Redis.
-pub fn parse_rules_json(text: &str) -> Result<Vec<RouteRule>, Vec<String>> {
+pub(crate) fn parse_rules_json(text: &str) -> Result<Vec<RouteRule>, Vec<String>> {
     let v: Value = serde_json::from_str(text).map_err(|e| vec![format!("rules: invalid JSON: {e}")])?;
     parse_rules_value(v)
 }
 
 /// Parses realm id -> `host:port` pairs (the `{prefix}realm:mapping` hash).
-pub fn parse_realm_mapping<'a>(
+pub(crate) fn parse_realm_mapping<'a>(
     pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<Vec<(u16, Endpoint)>, Vec<String>> {
     let mut errs = Vec::new();
@@ -182,7 +182,7 @@ pub fn parse_bundle(text: &str) -> Result<RouteSet, Vec<String>> {
 
 /// Static rules overlaid with Redis rules: a Redis rule replaces the static
 /// rule of the same (server type, world); static rules Redis lacks remain.
-pub fn merge(static_rules: &[RouteRule], redis: Option<&RouteSet>) -> RouteSet {
+pub(crate) fn merge(static_rules: &[RouteRule], redis: Option<&RouteSet>) -> RouteSet {
     let mut by_key: std::collections::BTreeMap<(u8, u16), RouteRule> =
         static_rules.iter().map(|r| (r.key(), r.clone())).collect();
     let mut realms = vec![];
@@ -195,10 +195,14 @@ pub fn merge(static_rules: &[RouteRule], redis: Option<&RouteSet>) -> RouteSet {
     RouteSet { rules: by_key.into_values().collect(), realms }
 }
 
-/// A stable fingerprint of a route set, to publish snapshots only on change.
-pub fn fingerprint(set: &RouteSet) -> u64 {
-    let text = format!("{:?}{:?}", set.rules, set.realms);
-    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+/// A fingerprint of a route set's values (every field of every rule, the
+/// realm mapping), to publish snapshots only on change. Stable within a
+/// process, which is all the comparison with the last published set needs.
+pub(crate) fn fingerprint(set: &RouteSet) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    set.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -284,6 +288,50 @@ mod tests {
         assert_eq!(m.rules[1].endpoints[0].addr.port(), 1);
         assert_ne!(fingerprint(&m), fingerprint(&merge(&stat, None)));
         assert_eq!(fingerprint(&m), fingerprint(&merge(&stat, Some(&redis))));
+    }
+
+    fn set(json: &str) -> RouteSet {
+        RouteSet { rules: parse_rules_json(json).unwrap(), realms: vec![] }
+    }
+
+    #[test]
+    fn fingerprint_is_stable_for_equal_values() {
+        let doc = r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]},
+                      {"server_type": 20, "strategy": "consistent_hash", "endpoints": ["127.0.0.1:3"]}]"#;
+        assert_eq!(fingerprint(&set(doc)), fingerprint(&set(doc)));
+        // The object form of the same rules, parsed separately, is the same set.
+        let object = r#"{"20": {"strategy": "consistent_hash", "endpoints": ["127.0.0.1:3"]},
+                         "10": {"service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}"#;
+        assert_eq!(set(doc), set(object));
+        assert_eq!(fingerprint(&set(doc)), fingerprint(&set(object)));
+        let with_realm = RouteSet { realms: parse_realm_mapping([("7", "127.0.0.1:7")]).unwrap(), ..set(doc) };
+        assert_eq!(fingerprint(&with_realm), fingerprint(&with_realm.clone()));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_any_value() {
+        let base =
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#;
+        let fp = fingerprint(&set(base));
+        let changed = [
+            r#"[{"server_type": 11, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#,
+            r#"[{"server_type": 10, "world_id": 3, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#,
+            r#"[{"server_type": 10, "service_name": "b", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "consistent_hash", "endpoints": ["127.0.0.1:1"]}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:2"]}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"], "hash_key": "session"}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"], "notify_sessions": false}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"], "trace_propagation": true}]"#,
+            r#"[{"server_type": 10, "service_name": "a", "strategy": "round_robin", "endpoints": ["127.0.0.1:1"], "on_backend_loss": "rebind"}]"#,
+            "[]",
+        ];
+        for doc in changed {
+            assert_ne!(fingerprint(&set(doc)), fp, "{doc}");
+        }
+        let realm = |ep: &str| RouteSet { realms: parse_realm_mapping([("7", ep)]).unwrap(), ..set(base) };
+        assert_ne!(fingerprint(&realm("127.0.0.1:7")), fp, "a realm mapping is a change");
+        assert_ne!(fingerprint(&realm("127.0.0.1:7")), fingerprint(&realm("127.0.0.1:8")));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Metrics: every name is a constant here; the [`GatewayCollector`] turns the
+//! Metrics: every name is a constant here (and label values known in advance
+//! are listed here, exported at zero from the start); the [`GatewayCollector`] turns the
 //! workers' counters (merged at scrape time) and the control side's into
 //! Prometheus metric families, encoded by the `prometheus` crate.
 //!
@@ -6,48 +7,90 @@
 //! The data path never sees any of this: workers keep plain integers and
 //! fixed-bucket histograms and hand copies over when asked.
 
-use crate::control::ControlStats;
 use crate::gateway::GatewayHandle;
+use crate::protocol::backend::DisconnectReason;
+use crate::routing::RouteError;
+use crate::state::{ControlStats, RedisState};
 use crate::stats::{LatencyHistogram, WorkerStats, LATENCY_BOUNDS};
 use crate::worker::WorkerInfo;
+use ahash::AHashMap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub const CONNECTIONS_ACTIVE: &str = "game_gateway_connections_active";
-pub const CONNECTIONS_TOTAL: &str = "game_gateway_connections_total";
-pub const CONNECTION_REJECTED_TOTAL: &str = "game_gateway_connection_rejected_total";
-pub const SESSIONS_ACTIVE: &str = "game_gateway_sessions_active";
-pub const MESSAGES_PROCESSED_TOTAL: &str = "game_gateway_messages_processed_total";
-pub const ROUTING_ERRORS_TOTAL: &str = "game_gateway_routing_errors_total";
-pub const RATE_LIMIT_REJECTED_TOTAL: &str = "game_gateway_rate_limit_rejected_total";
-pub const CIRCUIT_BREAKER_STATE: &str = "game_gateway_circuit_breaker_state";
-pub const BACKEND_CONNECTIONS_ACTIVE: &str = "game_gateway_backend_connections_active";
-pub const BACKEND_ERRORS_TOTAL: &str = "game_gateway_backend_errors_total";
-pub const BACKEND_RETRIES_TOTAL: &str = "game_gateway_backend_retries_total";
-pub const BACKEND_TIMEOUTS_TOTAL: &str = "game_gateway_backend_timeouts_total";
-pub const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
-pub const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
-pub const CONNECTION_SETUP_LATENCY_SECONDS: &str = "game_gateway_connection_setup_latency_seconds";
-pub const BACKEND_CONNECTION_LATENCY_SECONDS: &str = "game_gateway_backend_connection_latency_seconds";
-pub const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
-pub const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
-pub const FORWARD_LATENCY_SECONDS: &str = "game_gateway_forward_latency_seconds";
-pub const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
-pub const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
-pub const WORKER_INFO: &str = "game_gateway_worker_info";
-pub const FRAMES_DROPPED_TOTAL: &str = "game_gateway_frames_dropped_total";
-pub const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_total";
-pub const PROTOCOL_ERRORS_TOTAL: &str = "game_gateway_protocol_errors_total";
-pub const ROUTE_SNAPSHOTS_REJECTED_TOTAL: &str = "game_gateway_route_snapshots_rejected_total";
-pub const REDIS_UP: &str = "game_gateway_redis_up";
-pub const CONFIG_RELOADS_TOTAL: &str = "game_gateway_config_reloads_total";
-pub const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_total";
-pub const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_records_total";
-pub const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropped_total";
-pub const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
-pub const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
+pub(crate) const CONNECTIONS_ACTIVE: &str = "game_gateway_connections_active";
+pub(crate) const CONNECTIONS_TOTAL: &str = "game_gateway_connections_total";
+pub(crate) const CONNECTION_REJECTED_TOTAL: &str = "game_gateway_connection_rejected_total";
+pub(crate) const SESSIONS_ACTIVE: &str = "game_gateway_sessions_active";
+pub(crate) const MESSAGES_PROCESSED_TOTAL: &str = "game_gateway_messages_processed_total";
+pub(crate) const ROUTING_ERRORS_TOTAL: &str = "game_gateway_routing_errors_total";
+pub(crate) const RATE_LIMIT_REJECTED_TOTAL: &str = "game_gateway_rate_limit_rejected_total";
+pub(crate) const CIRCUIT_BREAKER_STATE: &str = "game_gateway_circuit_breaker_state";
+pub(crate) const BACKEND_CONNECTIONS_ACTIVE: &str = "game_gateway_backend_connections_active";
+pub(crate) const BACKEND_ERRORS_TOTAL: &str = "game_gateway_backend_errors_total";
+pub(crate) const BACKEND_RETRIES_TOTAL: &str = "game_gateway_backend_retries_total";
+pub(crate) const BACKEND_TIMEOUTS_TOTAL: &str = "game_gateway_backend_timeouts_total";
+pub(crate) const BACKEND_BYTES_TRANSMITTED_TOTAL: &str = "game_gateway_backend_bytes_transmitted_total";
+pub(crate) const BACKEND_DIALS_TOTAL: &str = "game_gateway_backend_dials_total";
+pub(crate) const CONNECTION_SETUP_LATENCY_SECONDS: &str = "game_gateway_connection_setup_latency_seconds";
+pub(crate) const BACKEND_CONNECTION_LATENCY_SECONDS: &str = "game_gateway_backend_connection_latency_seconds";
+pub(crate) const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
+pub(crate) const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
+pub(crate) const FORWARD_LATENCY_SECONDS: &str = "game_gateway_forward_latency_seconds";
+pub(crate) const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
+pub(crate) const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
+pub(crate) const WORKER_INFO: &str = "game_gateway_worker_info";
+pub(crate) const FRAMES_DROPPED_TOTAL: &str = "game_gateway_frames_dropped_total";
+pub(crate) const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_total";
+pub(crate) const PROTOCOL_ERRORS_TOTAL: &str = "game_gateway_protocol_errors_total";
+pub(crate) const ROUTE_SNAPSHOTS_REJECTED_TOTAL: &str = "game_gateway_route_snapshots_rejected_total";
+pub(crate) const REDIS_UP: &str = "game_gateway_redis_up";
+pub(crate) const CONFIG_RELOADS_TOTAL: &str = "game_gateway_config_reloads_total";
+pub(crate) const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_total";
+pub(crate) const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_records_total";
+pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropped_total";
+pub(crate) const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
+pub(crate) const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
+
+// Label values known in advance, exported at zero from the start so that
+// `rate()` panels and alerts see every series of a fresh gateway. They come
+// from the shard's own enums (one source of truth); a value missing here is
+// still exported as soon as it is counted.
+
+/// `connection_rejected_total{reason}`: every admission refusal, and accept failures.
+fn connection_rejected_reasons() -> impl Iterator<Item = &'static str> {
+    crate::shard::AcceptRefusal::ALL.iter().map(|r| r.as_str()).chain(["accept_error"])
+}
+/// `rate_limit_rejected_total{limit}`: the per-IP limits and the per-session frame rate.
+fn rate_limits() -> impl Iterator<Item = &'static str> {
+    crate::limits::Refusal::ALL.iter().map(|r| r.as_str()).chain(["messages_per_second"])
+}
+/// `frames_dropped_total{reason}`.
+fn frames_dropped_reasons() -> impl Iterator<Item = &'static str> {
+    crate::shard::DropReason::ALL.iter().map(|r| r.as_str())
+}
+
+/// `(label value, count)` for every value in `map` and every `known` one (0
+/// when not counted yet).
+fn with_known<'a>(map: &AHashMap<&'static str, u64>, known: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, u64)> {
+    let mut v: Vec<(&str, u64)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+    for k in known {
+        if !map.contains_key(k) {
+            v.push((k, 0));
+        }
+    }
+    v
+}
+
+/// The circuit breaker gauge value as `/status` names it.
+pub(crate) fn circuit_name(gauge: u64) -> &'static str {
+    match gauge {
+        0 => "closed",
+        1 => "open",
+        _ => "half_open",
+    }
+}
 
 /// Builds one metric family at a time.
 struct Family(MetricFamily);
@@ -130,9 +173,11 @@ impl Family {
 }
 
 /// Everything `/metrics` reports, as metric families.
-pub fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &ControlStats) -> Vec<MetricFamily> {
+fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &ControlStats) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
-    let map = |m: &ahash::AHashMap<&'static str, u64>| m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>();
+    let map = |m: &AHashMap<&'static str, u64>| m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>();
+    let routing_errors = RouteError::ALL.map(RouteError::as_str);
+    let close_reasons: Vec<&str> = (0..=u8::MAX).filter_map(DisconnectReason::from_u8).map(|r| r.as_str()).collect();
     let mut backends: Vec<_> = s.backends.iter().collect();
     backends.sort_by(|a, b| a.0.cmp(b.0));
     let per_backend = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&crate::stats::BackendStats) -> f64| {
@@ -174,19 +219,21 @@ pub fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &
             .value(&[], s.connections_total as f64)
             .0,
         Family::new(CONNECTION_REJECTED_TOTAL, "Client connections refused, by reason.", COUNTER)
-            .by("reason", map(&s.connection_rejected))
+            .by("reason", with_known(&s.connection_rejected, connection_rejected_reasons()))
             .0,
         Family::new(SESSIONS_ACTIVE, "Live sessions.", GAUGE).value(&[], s.sessions_active as f64).0,
         messages.0,
         Family::new(ROUTING_ERRORS_TOTAL, "Client frames that could not be routed, by type.", COUNTER)
-            .by("type", map(&s.routing_errors))
+            .by("type", with_known(&s.routing_errors, routing_errors))
             .0,
         Family::new(RATE_LIMIT_REJECTED_TOTAL, "Connections and frames refused by a limit, by limit.", COUNTER)
-            .by("limit", map(&s.rate_limit_rejected))
+            .by("limit", with_known(&s.rate_limit_rejected, rate_limits()))
             .0,
-        Family::new(FRAMES_DROPPED_TOTAL, "Frames dropped, by reason.", COUNTER).by("reason", map(&s.frames_dropped)).0,
+        Family::new(FRAMES_DROPPED_TOTAL, "Frames dropped, by reason.", COUNTER)
+            .by("reason", with_known(&s.frames_dropped, frames_dropped_reasons()))
+            .0,
         Family::new(SESSIONS_CLOSED_TOTAL, "Sessions ended, by disconnect reason.", COUNTER)
-            .by("reason", map(&s.sessions_closed))
+            .by("reason", with_known(&s.sessions_closed, close_reasons))
             .0,
         Family::new(PROTOCOL_ERRORS_TOTAL, "Protocol errors and timeouts, by kind.", COUNTER)
             .by("kind", map(&s.protocol_errors))
@@ -248,15 +295,15 @@ pub fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &
             .value(&[], ld(&c.config_reload_errors))
             .0,
         Family::new(REDIS_UP, "1 when Redis answered the last read; 0 when not or not configured.", GAUGE)
-            .value(&[], (c.redis_state.load(Ordering::Relaxed) == 1) as u8 as f64)
+            .value(&[], (c.redis_state.load() == RedisState::Up) as u8 as f64)
             .0,
     ]
 }
 
 /// The custom collector: asks every worker for its counters at scrape time.
-pub struct GatewayCollector {
-    pub handle: GatewayHandle,
-    pub control: Arc<ControlStats>,
+pub(crate) struct GatewayCollector {
+    pub(crate) handle: GatewayHandle,
+    pub(crate) control: Arc<ControlStats>,
 }
 
 impl Collector for GatewayCollector {
@@ -274,7 +321,7 @@ impl Collector for GatewayCollector {
 }
 
 /// Prometheus text exposition of `families`.
-pub fn encode(families: &[MetricFamily]) -> String {
+pub(crate) fn encode(families: &[MetricFamily]) -> String {
     use prometheus::Encoder;
     let mut buf = Vec::with_capacity(8192);
     if let Err(e) = prometheus::TextEncoder::new().encode(families, &mut buf) {

@@ -5,7 +5,7 @@
 //! `broadcast TEXT`, `push SESSION TEXT`, `sessions`.
 
 use clap::Parser;
-use game_gateway::mock_backend::{Event, MockBackend, Options};
+use mock_backend::{Event, MockBackend, Options};
 use std::io::BufRead;
 
 #[derive(Parser)]

@@ -131,17 +131,29 @@ pub struct TraceContext {
 
 /// Why a backend byte stream cannot be framed. Any of these closes the backend
 /// connection (the stream cannot be resynchronised).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendFrameError {
-    #[error("backend frame length {0} is below the 9-byte gate header")]
     TooShort(i32),
-    #[error("backend frame length {len} exceeds max_frame_size {max}")]
     TooLarge { len: usize, max: usize },
-    #[error("unknown backend opcode {0}")]
     UnknownOpcode(u8),
-    #[error("{opcode:?} body malformed: {what}")]
     BadBody { opcode: Opcode, what: &'static str },
 }
+
+// Written out rather than derived so this crate depends on `bytes` only.
+impl std::fmt::Display for BackendFrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendFrameError::TooShort(len) => write!(f, "backend frame length {len} is below the 9-byte gate header"),
+            BackendFrameError::TooLarge { len, max } => {
+                write!(f, "backend frame length {len} exceeds max_frame_size {max}")
+            }
+            BackendFrameError::UnknownOpcode(op) => write!(f, "unknown backend opcode {op}"),
+            BackendFrameError::BadBody { opcode, what } => write!(f, "{opcode:?} body malformed: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendFrameError {}
 
 /// First pass: validates the header; `Ok(None)` until the whole frame is in.
 #[inline]

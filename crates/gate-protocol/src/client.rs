@@ -35,11 +35,23 @@ impl ClientHeader {
 }
 
 /// Why a client byte stream cannot be framed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrameError {
-    #[error("client frame payload of {len} bytes exceeds max_message_size {max}")]
     TooLarge { len: usize, max: usize },
 }
+
+// Written out rather than derived so this crate depends on `bytes` only.
+impl std::fmt::Display for ClientFrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientFrameError::TooLarge { len, max } => {
+                write!(f, "client frame payload of {len} bytes exceeds max_message_size {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClientFrameError {}
 
 /// First pass: is a whole frame at the front of `buf`?
 ///

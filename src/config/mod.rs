@@ -1,0 +1,159 @@
+//! Configuration: one serde struct per TOML section, then validation.
+//!
+//! Data flow: file text -> [`raw`] (serde, unknown keys refused) ->
+//! [`validate`] (one function per section, every problem collected and
+//! located as `file:line: key: reason`) -> [`Config`] (checked, typed,
+//! durations parsed). [`summary`] prints what a file resolves to for
+//! `--check-config`. The process environment is read once, by `main`, into an
+//! [`Environment`] that is passed in here. Each component is handed only its
+//! own section.
+
+mod error;
+mod raw;
+mod sections;
+mod summary;
+mod validate;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use raw::DEFAULT_KEY_PREFIX;
+pub use sections::*;
+pub use validate::Environment;
+
+use std::path::Path;
+
+/// The documented default config, compiled in so the gateway runs with no file.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/gateway.toml");
+/// Where `--config` points when it is not given.
+pub const DEFAULT_PATH: &str = "config/gateway.toml";
+
+impl Config {
+    /// Loads and validates `path`; the default path falls back to the embedded
+    /// default when the file does not exist.
+    pub fn load(path: &Path, env: &Environment) -> Result<Config, ConfigErrors> {
+        match std::fs::read_to_string(path) {
+            Ok(src) => Config::from_str_env(&src, &path.display().to_string(), env),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
+                Config::from_str_env(EMBEDDED_DEFAULT, "<embedded>", env)
+            }
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                file: path.display().to_string(),
+                line: 0,
+                key: "-".into(),
+                reason: format!("cannot read: {e}"),
+            }])),
+        }
+    }
+
+    /// Parses and validates config text, ignoring the environment; `file`
+    /// names it in errors.
+    pub fn from_str(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+        Config::from_str_env(src, file, &Environment::default())
+    }
+
+    /// Parses and validates config text with the environment's overrides.
+    pub fn from_str_env(src: &str, file: &str, env: &Environment) -> Result<Config, ConfigErrors> {
+        let raw: raw::RawConfig = match toml::from_str(src) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.span().map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1).unwrap_or(1);
+                let msg = e.message().trim().to_string();
+                let key = e
+                    .span()
+                    .and_then(|s| src.get(s.start..s.end))
+                    .map(|t| t.split(['=', '\n']).next().unwrap_or("").trim().trim_matches(['[', ']']).to_string())
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or_else(|| "-".into());
+                return Err(ConfigErrors(vec![ConfigError { file: file.into(), line, key, reason: msg }]));
+            }
+        };
+        let loc = validate::Locator::new(src);
+        raw.validate(file, &loc, env)
+    }
+
+    /// Applies the command-line overrides (they win over the file).
+    pub fn apply_overrides(&mut self, workers: Option<usize>, io_driver: Option<IoDriver>) {
+        if let Some(w) = workers {
+            let w = if w == 0 { validate::available_cores() } else { w.min(MAX_WORKERS) };
+            self.server.workers = w;
+            if self.server.cpus.len() != w {
+                self.server.cpus = validate::default_cpus(w);
+            }
+        }
+        if let Some(d) = io_driver {
+            self.server.io_driver = d;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate::{node_id_from_pod_name, parse_duration};
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::from_str(EMBEDDED_DEFAULT, "<embedded>").unwrap();
+        assert!(c.redis.is_none(), "the default must run without Redis");
+        assert!(!c.routes.is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_file_line_and_key() {
+        let src = "[server]\nlisten = \"nope\"\nio_driver = \"kqueue\"\n\n[limits]\nidle_timeout = \"forever\"\n\n[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"random\"\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nserver_type = 10\nservice_name = \"b\"\nstrategy = \"round_robin\"\nendpoints = [\"127.0.0.1:99999\"]\n";
+        let errs = Config::from_str(src, "gw.toml").unwrap_err();
+        let text = errs.to_string();
+        assert!(text.contains("gw.toml:2: server.listen:"), "{text}");
+        assert!(text.contains("gw.toml:3: server.io_driver:"), "{text}");
+        assert!(text.contains("gw.toml:6: limits.idle_timeout:"), "{text}");
+        assert!(text.contains("gw.toml:11: routes[0].strategy:"), "{text}");
+        assert!(text.contains("gw.toml:18: routes[1].endpoints:"), "{text}");
+        assert_eq!(errs.0.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let errs = Config::from_str("[limits]\nmax_conections = 5\n", "x.toml").unwrap_err();
+        let e = &errs.0[0];
+        assert_eq!((e.line, e.key.as_str()), (2, "max_conections"), "{errs}");
+        assert!(e.reason.contains("unknown field"), "{errs}");
+    }
+
+    #[test]
+    fn duplicate_rule_keys() {
+        let src = "[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n[[routes]]\nserver_type = 10\nservice_name = \"a\"\nstrategy = \"round_robin\"\nendpoints = []\n";
+        let errs = Config::from_str(src, "d.toml").unwrap_err();
+        assert!(errs.to_string().contains("d.toml:7: routes[1].server_type: duplicate"), "{errs}");
+    }
+
+    #[test]
+    fn environment_overrides_and_is_checked() {
+        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()) };
+        let c = Config::from_str_env("[log]\nlevel = \"warn\"\n", "e.toml", &env).unwrap();
+        assert_eq!((c.log.level.as_str(), c.server.node_id), ("debug", 7));
+        let c = Config::from_str_env("[server]\nnode_id = 3\n", "e.toml", &env).unwrap();
+        assert_eq!(c.server.node_id, 3, "an explicit node_id wins over POD_NAME");
+        let bad = Environment { log_level: Some("loud".into()), pod_name: None };
+        let errs = Config::from_str_env("", "e.toml", &bad).unwrap_err();
+        assert!(errs.to_string().contains("log.level: \"loud\""), "{errs}");
+        assert_eq!(Config::from_str("", "e.toml").unwrap().log.level, "info", "no environment, the file's default");
+    }
+
+    #[test]
+    fn pod_name_node_ids() {
+        assert_eq!(node_id_from_pod_name("game-gateway-3"), 3);
+        let h = node_id_from_pod_name("gw-abcde");
+        assert!(h <= MAX_NODE_ID);
+        assert_eq!(h, node_id_from_pod_name("gw-abcde"));
+    }
+}

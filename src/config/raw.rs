@@ -1,0 +1,198 @@
+//! The raw TOML sections as serde reads them: one struct per section, unknown
+//! keys refused, every key optional with its documented default. Nothing here
+//! is checked; [`super::validate`] turns these into the typed sections.
+
+use crate::routing::RawRule;
+use serde::Deserialize;
+
+// Defaults, with units in the names.
+pub(crate) const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u64 = 100_000;
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE_BYTES: u32 = 65_535;
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: &str = "5s";
+pub(crate) const DEFAULT_IDLE_TIMEOUT: &str = "120s";
+/// Bytes queued towards one client before it counts as a slow reader and is closed.
+pub(crate) const DEFAULT_MAX_QUEUED_BYTES_PER_SESSION: u64 = 1 << 20;
+pub(crate) const DEFAULT_CONNECTIONS_PER_ENDPOINT: u32 = 1;
+pub(crate) const DEFAULT_DIAL_TIMEOUT: &str = "2s";
+pub(crate) const DEFAULT_BACKEND_MAX_FRAME_SIZE_BYTES: u32 = 1 << 20;
+pub(crate) const DEFAULT_RECONNECT_BACKOFF_MIN: &str = "100ms";
+pub(crate) const DEFAULT_RECONNECT_BACKOFF_MAX: &str = "5s";
+/// Bytes queued towards one backend connection (while it dials or is slow)
+/// before further frames are refused and counted.
+pub(crate) const DEFAULT_BACKEND_MAX_QUEUED_BYTES: u64 = 8 << 20;
+/// Consecutive failures (dials, lost connections) that open an endpoint's circuit.
+pub(crate) const DEFAULT_CIRCUIT_FAILURE_THRESHOLD: u32 = 5;
+/// How long an open circuit refuses traffic before one probe is let through.
+pub(crate) const DEFAULT_CIRCUIT_OPEN_DURATION: &str = "5s";
+/// A backend connection silent this long gets a PING ("0s" disables keep-alive).
+pub(crate) const DEFAULT_KEEPALIVE_INTERVAL: &str = "10s";
+/// An unanswered PING older than this marks the connection dead.
+pub(crate) const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
+/// One largest client frame (8-byte header + 65,535 payload bytes) plus room
+/// for a few small ones in the same message.
+pub(crate) const DEFAULT_WS_MAX_MESSAGE_SIZE: usize = 128 * 1024;
+pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_KEY_PREFIX: &str = "game-gateway:";
+pub(crate) const DEFAULT_REFRESH_INTERVAL: &str = "10s";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawConfig {
+    pub(crate) server: RawServer,
+    pub(crate) limits: RawLimits,
+    pub(crate) backend: RawBackend,
+    pub(crate) redis: Option<RawRedis>,
+    pub(crate) routes: Vec<RawRule>,
+    pub(crate) log: RawLog,
+    pub(crate) websocket: RawWebSocket,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawWebSocket {
+    pub(crate) enabled: bool,
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) subprotocols: Vec<String>,
+    pub(crate) max_message_size: i64,
+}
+
+impl Default for RawWebSocket {
+    fn default() -> Self {
+        RawWebSocket {
+            enabled: true,
+            allowed_origins: vec![],
+            subprotocols: vec![],
+            max_message_size: DEFAULT_WS_MAX_MESSAGE_SIZE as i64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawServer {
+    pub(crate) listen: String,
+    pub(crate) admin_listen: String,
+    pub(crate) node_id: i64,
+    pub(crate) workers: i64,
+    pub(crate) cpus: Vec<i64>,
+    pub(crate) io_driver: String,
+    pub(crate) drain_timeout: String,
+    pub(crate) proxy_protocol: bool,
+    pub(crate) proxy_trusted: Vec<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            node_id: 0,
+            workers: 0,
+            cpus: vec![],
+            io_driver: "auto".into(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT.into(),
+            proxy_protocol: false,
+            proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawLimits {
+    pub(crate) max_connections: i64,
+    pub(crate) max_connections_per_ip: i64,
+    pub(crate) connection_rate_per_ip: i64,
+    pub(crate) max_message_size: i64,
+    pub(crate) messages_per_second: i64,
+    pub(crate) handshake_timeout: String,
+    pub(crate) idle_timeout: String,
+    pub(crate) max_queued_bytes_per_session: i64,
+    pub(crate) messages_burst: i64,
+    pub(crate) on_rate_limit: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS as i64,
+            max_connections_per_ip: 0,
+            connection_rate_per_ip: 0,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE_BYTES as i64,
+            messages_per_second: 0,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT.into(),
+            max_queued_bytes_per_session: DEFAULT_MAX_QUEUED_BYTES_PER_SESSION as i64,
+            messages_burst: 0,
+            on_rate_limit: "drop".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawBackend {
+    pub(crate) connections_per_endpoint: i64,
+    pub(crate) dial_timeout: String,
+    pub(crate) max_frame_size: i64,
+    pub(crate) reconnect_backoff_min: String,
+    pub(crate) reconnect_backoff_max: String,
+    pub(crate) max_queued_bytes: i64,
+    pub(crate) circuit_failure_threshold: i64,
+    pub(crate) circuit_open_duration: String,
+    pub(crate) keepalive_interval: String,
+    pub(crate) keepalive_timeout: String,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        RawBackend {
+            connections_per_endpoint: DEFAULT_CONNECTIONS_PER_ENDPOINT as i64,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT.into(),
+            max_frame_size: DEFAULT_BACKEND_MAX_FRAME_SIZE_BYTES as i64,
+            reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN.into(),
+            reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX.into(),
+            max_queued_bytes: DEFAULT_BACKEND_MAX_QUEUED_BYTES as i64,
+            circuit_failure_threshold: DEFAULT_CIRCUIT_FAILURE_THRESHOLD as i64,
+            circuit_open_duration: DEFAULT_CIRCUIT_OPEN_DURATION.into(),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL.into(),
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawRedis {
+    pub(crate) url: String,
+    pub(crate) key_prefix: String,
+    pub(crate) refresh_interval: String,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: DEFAULT_REDIS_URL.into(),
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+            refresh_interval: DEFAULT_REFRESH_INTERVAL.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawLog {
+    pub(crate) level: String,
+    pub(crate) format: String,
+    pub(crate) access_log: bool,
+    pub(crate) access_log_path: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { level: "info".into(), format: "json".into(), access_log: true, access_log_path: String::new() }
+    }
+}

@@ -1,0 +1,196 @@
+//! The checked configuration: one typed struct per TOML section, what the
+//! rest of the gateway reads. Values here have passed [`super::validate`];
+//! enums print as the config spells them.
+
+use crate::routing::RouteRule;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Largest node id: 12 bits of the session id.
+pub const MAX_NODE_ID: u16 = 4095;
+/// Largest worker count: 7 bits of the session id.
+pub const MAX_WORKERS: usize = 128;
+
+/// WebSocket on the game port.
+#[derive(Debug, Clone)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    pub policy: crate::protocol::frontdoor::UpgradePolicy,
+    /// Largest WebSocket message (and frame) accepted; larger closes with 1009.
+    pub max_message_size: usize,
+}
+
+/// Which monoio driver a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring, falling back to epoll when the kernel refuses it.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl IoDriver {
+    pub fn parse(s: &str) -> Option<IoDriver> {
+        match s {
+            "auto" => Some(IoDriver::Auto),
+            "io_uring" | "iouring" => Some(IoDriver::IoUring),
+            "epoll" | "legacy" => Some(IoDriver::Epoll),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoDriver::Auto => "auto",
+            IoDriver::IoUring => "io_uring",
+            IoDriver::Epoll => "epoll",
+        }
+    }
+}
+
+impl fmt::Display for IoDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub node_id: u16,
+    /// Resolved worker count (0 in the file means one per available core).
+    pub workers: usize,
+    /// Core for each worker, `cpus[i]` for worker `i`; empty = no pinning.
+    pub cpus: Vec<usize>,
+    pub io_driver: IoDriver,
+    pub drain_timeout: Duration,
+    /// Accept PROXY protocol v1/v2 headers ...
+    pub proxy_protocol: bool,
+    /// ... only from these source networks.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_connections: u64,
+    pub max_connections_per_ip: u32,
+    pub connection_rate_per_ip: u32,
+    pub max_message_size: usize,
+    pub messages_per_second: u32,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_queued_bytes_per_session: usize,
+    /// Frames a session may send at once above `messages_per_second`.
+    pub messages_burst: u32,
+    /// What happens to a frame over `messages_per_second`.
+    pub on_rate_limit: RateLimitAction,
+}
+
+/// What happens to a client frame over the session's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitAction {
+    /// Drop the frame, count it, keep the session.
+    Drop,
+    /// Close the session (reason 4).
+    Close,
+}
+
+impl RateLimitAction {
+    pub(crate) fn parse(s: &str) -> Option<RateLimitAction> {
+        match s {
+            "drop" => Some(RateLimitAction::Drop),
+            "close" => Some(RateLimitAction::Close),
+            _ => None,
+        }
+    }
+
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitAction::Drop => "drop",
+            RateLimitAction::Close => "close",
+        }
+    }
+}
+
+impl fmt::Display for RateLimitAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub connections_per_endpoint: usize,
+    pub dial_timeout: Duration,
+    pub max_frame_size: usize,
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+    pub max_queued_bytes: usize,
+    pub circuit_failure_threshold: u32,
+    pub circuit_open_duration: Duration,
+    /// Zero disables keep-alive pings.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    pub(crate) fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "json" => Some(LogFormat::Json),
+            "text" => Some(LogFormat::Text),
+            _ => None,
+        }
+    }
+
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+    /// Where access-log records go; `None` = stdout.
+    pub access_log_path: Option<std::path::PathBuf>,
+}
+
+/// Checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (`<embedded>` for the compiled-in default).
+    pub source: String,
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub backend: BackendConfig,
+    pub redis: Option<RedisConfig>,
+    pub routes: Vec<RouteRule>,
+    pub log: LogConfig,
+    pub websocket: WebSocketConfig,
+}

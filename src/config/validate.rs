@@ -1,0 +1,370 @@
+//! Validation: [`RawConfig`] -> [`Config`], one function per TOML section.
+//!
+//! Every problem found is collected, not only the first, and reported as
+//! `file:line: key: reason`; lines come from the TOML document's spans
+//! ([`Locator`]). A section's function returns its typed section with
+//! placeholder values where a key was bad; any problem fails the whole file,
+//! so placeholders never reach a running gateway.
+
+use super::error::{ConfigError, ConfigErrors};
+use super::raw::{RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
+use super::sections::{
+    BackendConfig, Config, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction, RedisConfig, ServerConfig,
+    WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
+};
+use crate::routing::RouteRule;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What the config takes from the process environment, read once by `main`
+/// (empty values count as unset).
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `LOG_LEVEL`: overrides `[log] level`.
+    pub log_level: Option<String>,
+    /// `POD_NAME`: gives the node id when `server.node_id` is 0.
+    pub pod_name: Option<String>,
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("{0:?} is not a duration like \"250ms\", \"5s\", \"2m\"")]
+    NotANumber(String),
+    #[error("{0:?} has no unit (use ms, s, m or h)")]
+    NoUnit(String),
+}
+
+/// Parses "250ms", "5s", "2m", "1h" (an integer and a unit).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| DurationError::NotANumber(s.into()))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(DurationError::NoUnit(s.into())),
+    };
+    Ok(d)
+}
+
+/// Maps dotted key paths to line numbers using the document's spans.
+pub(crate) struct Locator<'a> {
+    src: &'a str,
+    doc: Option<toml_edit::ImDocument<&'a str>>,
+}
+
+impl<'a> Locator<'a> {
+    pub(crate) fn new(src: &'a str) -> Self {
+        Locator { src, doc: toml_edit::ImDocument::parse(src).ok() }
+    }
+
+    fn line_at(&self, offset: usize) -> usize {
+        self.src[..offset.min(self.src.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    }
+
+    /// Line of `section.key` (`key` may be empty for the section itself);
+    /// `index` selects an element of an array of tables such as `[[routes]]`.
+    fn line(&self, section: &str, index: Option<usize>, key: &str) -> usize {
+        let Some(doc) = &self.doc else { return 1 };
+        let Some(item) = doc.as_table().get(section) else {
+            return 1;
+        };
+        let table = match (index, item) {
+            (Some(i), toml_edit::Item::ArrayOfTables(a)) => a.get(i),
+            (None, toml_edit::Item::Table(t)) => Some(t),
+            _ => None,
+        };
+        let Some(table) = table else {
+            return item.span().map(|s| self.line_at(s.start)).unwrap_or(1);
+        };
+        if !key.is_empty() {
+            if let Some(span) = table.key(key).and_then(|k| k.span()) {
+                return self.line_at(span.start);
+            }
+        }
+        table.span().map(|s| self.line_at(s.start)).unwrap_or(1)
+    }
+}
+
+/// Collects located errors while validating.
+struct Problems<'a> {
+    file: &'a str,
+    loc: &'a Locator<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(file: &'a str, loc: &'a Locator<'a>) -> Self {
+        Problems { file, loc, errors: vec![] }
+    }
+
+    fn push(&mut self, section: &str, index: Option<usize>, key: &str, reason: impl Into<String>) {
+        let line = self.loc.line(section, index, key);
+        let name = match index {
+            Some(i) if key.is_empty() => format!("{section}[{i}]"),
+            Some(i) => format!("{section}[{i}].{key}"),
+            None if key.is_empty() => section.to_string(),
+            None => format!("{section}.{key}"),
+        };
+        self.errors.push(ConfigError { file: self.file.to_string(), line, key: name, reason: reason.into() });
+    }
+
+    fn duration(&mut self, section: &str, key: &str, v: &str) -> Duration {
+        match parse_duration(v) {
+            Ok(d) => d,
+            Err(e) => {
+                self.push(section, None, key, e.to_string());
+                // Non-zero so the "above zero" checks do not report it twice.
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn int<T: TryFrom<i64> + Default>(&mut self, section: &str, key: &str, v: i64, lo: i64, hi: i64) -> T {
+        if v < lo || v > hi {
+            self.push(section, None, key, format!("{v} is out of range {lo}..={hi}"));
+            return T::default();
+        }
+        T::try_from(v).unwrap_or_default()
+    }
+
+    fn addr(&mut self, section: &str, key: &str, v: &str) -> SocketAddr {
+        v.parse().unwrap_or_else(|_| {
+            self.push(section, None, key, format!("{v:?} is not an ip:port address"));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+}
+
+pub(super) fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_WORKERS)
+}
+
+pub(super) fn default_cpus(workers: usize) -> Vec<usize> {
+    let n = available_cores();
+    (0..workers).map(|i| i % n).collect()
+}
+
+/// Node id from a pod name: a StatefulSet ordinal suffix (`gw-3` -> 3) when
+/// there is one, else a stable hash of the name, so pods never need a per-pod
+/// config.
+pub(crate) fn node_id_from_pod_name(name: &str) -> u16 {
+    if let Some((_, tail)) = name.rsplit_once('-') {
+        if let Ok(n) = tail.parse::<u16>() {
+            if n <= MAX_NODE_ID {
+                return n;
+            }
+        }
+    }
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % (MAX_NODE_ID as u64 + 1)) as u16
+}
+
+impl RawConfig {
+    pub(crate) fn validate(self, file: &str, loc: &Locator<'_>, env: &Environment) -> Result<Config, ConfigErrors> {
+        let mut p = Problems::new(file, loc);
+        let server = server(&mut p, &self.server, env);
+        let websocket = websocket(&mut p, &self.websocket);
+        let limits = limits(&mut p, &self.limits);
+        let backend = backend(&mut p, &self.backend);
+        let redis = self.redis.as_ref().map(|r| redis(&mut p, r));
+        let routes = routes(&mut p, &self.routes);
+        let log = log(&mut p, &self.log, env);
+        if !p.errors.is_empty() {
+            p.errors.sort_by_key(|e| e.line);
+            return Err(ConfigErrors(p.errors));
+        }
+        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket })
+    }
+}
+
+fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfig {
+    let listen = p.addr("server", "listen", &s.listen);
+    let admin_listen = p.addr("server", "admin_listen", &s.admin_listen);
+    let mut node_id: u16 = p.int("server", "node_id", s.node_id, 0, MAX_NODE_ID as i64);
+    if node_id == 0 {
+        if let Some(pod) = env.pod_name.as_deref().filter(|p| !p.is_empty()) {
+            node_id = node_id_from_pod_name(pod);
+        }
+    }
+    let workers_raw: usize = p.int("server", "workers", s.workers, 0, MAX_WORKERS as i64);
+    let workers = if workers_raw == 0 { available_cores() } else { workers_raw };
+    let cpus = if s.cpus.is_empty() {
+        default_cpus(workers)
+    } else {
+        let ncpu = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(usize::MAX);
+        let mut v = Vec::new();
+        for c in &s.cpus {
+            if *c < 0 || *c as usize >= ncpu.max(1) {
+                p.push("server", None, "cpus", format!("core {c} does not exist (this machine has {ncpu})"));
+            } else {
+                v.push(*c as usize);
+            }
+        }
+        if s.cpus.len() < workers {
+            p.push("server", None, "cpus", format!("lists {} cores for {} workers", s.cpus.len(), workers));
+        }
+        v
+    };
+    let io_driver = IoDriver::parse(&s.io_driver).unwrap_or_else(|| {
+        p.push("server", None, "io_driver", format!("{:?} is not one of auto, io_uring, epoll", s.io_driver));
+        IoDriver::Auto
+    });
+    let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
+    let mut proxy_trusted = Vec::new();
+    for n in &s.proxy_trusted {
+        match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+            Ok(net) => proxy_trusted.push(net),
+            Err(_) => p.push("server", None, "proxy_trusted", format!("{n:?} is not a network like \"10.0.0.0/8\"")),
+        }
+    }
+    ServerConfig {
+        listen,
+        admin_listen,
+        node_id,
+        workers,
+        cpus,
+        io_driver,
+        drain_timeout,
+        proxy_protocol: s.proxy_protocol,
+        proxy_trusted,
+    }
+}
+
+fn websocket(p: &mut Problems<'_>, ws: &RawWebSocket) -> WebSocketConfig {
+    WebSocketConfig {
+        enabled: ws.enabled,
+        policy: crate::protocol::frontdoor::UpgradePolicy {
+            allowed_origins: ws.allowed_origins.clone(),
+            subprotocols: ws.subprotocols.clone(),
+        },
+        max_message_size: p.int("websocket", "max_message_size", ws.max_message_size, 16, 16 << 20),
+    }
+}
+
+fn limits(p: &mut Problems<'_>, l: &RawLimits) -> LimitsConfig {
+    let messages_per_second = p.int("limits", "messages_per_second", l.messages_per_second, 0, u32::MAX as i64);
+    let limits = LimitsConfig {
+        max_connections: p.int("limits", "max_connections", l.max_connections, 1, i64::MAX),
+        max_connections_per_ip: p.int("limits", "max_connections_per_ip", l.max_connections_per_ip, 0, u32::MAX as i64),
+        connection_rate_per_ip: p.int("limits", "connection_rate_per_ip", l.connection_rate_per_ip, 0, u32::MAX as i64),
+        max_message_size: p.int("limits", "max_message_size", l.max_message_size, 0, 65_535),
+        messages_per_second,
+        handshake_timeout: p.duration("limits", "handshake_timeout", &l.handshake_timeout),
+        idle_timeout: p.duration("limits", "idle_timeout", &l.idle_timeout),
+        max_queued_bytes_per_session: p.int(
+            "limits",
+            "max_queued_bytes_per_session",
+            l.max_queued_bytes_per_session,
+            65_544,
+            1 << 30,
+        ),
+        messages_burst: match l.messages_burst {
+            0 => messages_per_second,
+            b => p.int("limits", "messages_burst", b, 1, u32::MAX as i64),
+        },
+        on_rate_limit: RateLimitAction::parse(&l.on_rate_limit).unwrap_or_else(|| {
+            p.push("limits", None, "on_rate_limit", format!("{:?} is not one of drop, close", l.on_rate_limit));
+            RateLimitAction::Drop
+        }),
+    };
+    if limits.handshake_timeout.is_zero() {
+        p.push("limits", None, "handshake_timeout", "must be above zero");
+    }
+    if limits.idle_timeout.is_zero() {
+        p.push("limits", None, "idle_timeout", "must be above zero");
+    }
+    limits
+}
+
+fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
+    let backend = BackendConfig {
+        connections_per_endpoint: p.int("backend", "connections_per_endpoint", b.connections_per_endpoint, 1, 64),
+        dial_timeout: p.duration("backend", "dial_timeout", &b.dial_timeout),
+        max_frame_size: p.int("backend", "max_frame_size", b.max_frame_size, 9 + 65_535, 64 << 20),
+        reconnect_backoff_min: p.duration("backend", "reconnect_backoff_min", &b.reconnect_backoff_min),
+        reconnect_backoff_max: p.duration("backend", "reconnect_backoff_max", &b.reconnect_backoff_max),
+        max_queued_bytes: p.int("backend", "max_queued_bytes", b.max_queued_bytes, 1 << 16, 1 << 30),
+        circuit_failure_threshold: p.int(
+            "backend",
+            "circuit_failure_threshold",
+            b.circuit_failure_threshold,
+            1,
+            1_000_000,
+        ),
+        circuit_open_duration: p.duration("backend", "circuit_open_duration", &b.circuit_open_duration),
+        keepalive_interval: p.duration("backend", "keepalive_interval", &b.keepalive_interval),
+        keepalive_timeout: p.duration("backend", "keepalive_timeout", &b.keepalive_timeout),
+    };
+    if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {
+        p.push("backend", None, "keepalive_timeout", "must be above zero when keep-alive is on");
+    }
+    if backend.dial_timeout.is_zero() {
+        p.push("backend", None, "dial_timeout", "must be above zero");
+    }
+    if backend.reconnect_backoff_min > backend.reconnect_backoff_max {
+        p.push("backend", None, "reconnect_backoff_min", "is above reconnect_backoff_max");
+    }
+    backend
+}
+
+fn redis(p: &mut Problems<'_>, r: &RawRedis) -> RedisConfig {
+    if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("unix://")) {
+        p.push("redis", None, "url", format!("{:?} is not a redis:// URL", r.url));
+    }
+    RedisConfig {
+        url: r.url.clone(),
+        key_prefix: r.key_prefix.clone(),
+        refresh_interval: p.duration("redis", "refresh_interval", &r.refresh_interval),
+    }
+}
+
+fn routes(p: &mut Problems<'_>, raw: &[crate::routing::RawRule]) -> Vec<RouteRule> {
+    let mut routes = Vec::new();
+    let mut seen = ahash::AHashMap::new();
+    for (i, raw) in raw.iter().enumerate() {
+        match raw.validate() {
+            Ok(rule) => {
+                if let Some(prev) = seen.insert(rule.key(), i) {
+                    p.push(
+                        "routes",
+                        Some(i),
+                        "server_type",
+                        format!(
+                            "duplicate rule for server_type {} world_id {} (also routes[{prev}])",
+                            rule.server_type, rule.world_id
+                        ),
+                    );
+                }
+                routes.push(rule);
+            }
+            Err(errs) => {
+                for (key, reason) in errs {
+                    p.push("routes", Some(i), key, reason);
+                }
+            }
+        }
+    }
+    routes
+}
+
+fn log(p: &mut Problems<'_>, l: &RawLog, env: &Environment) -> LogConfig {
+    // LOG_LEVEL wins over the file; it is checked (and reported) as log.level.
+    let level = env.log_level.clone().filter(|v| !v.is_empty()).unwrap_or_else(|| l.level.clone());
+    if !matches!(level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+        p.push("log", None, "level", format!("{level:?} is not one of error, warn, info, debug, trace"));
+    }
+    let format = LogFormat::parse(&l.format).unwrap_or_else(|| {
+        p.push("log", None, "format", format!("{:?} is not one of json, text", l.format));
+        LogFormat::Json
+    });
+    LogConfig {
+        level,
+        format,
+        access_log: l.access_log,
+        access_log_path: (!l.access_log_path.is_empty()).then(|| l.access_log_path.clone().into()),
+    }
+}

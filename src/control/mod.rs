@@ -1,0 +1,303 @@
+//! The control side: the control loop, config reload, Redis routes,
+//! snapshots, stop.
+//!
+//! It runs on the main thread (plus a signal thread and, with Redis, a
+//! subscriber thread), never on a worker core. Parts:
+//! - this module: [`Control::run`], the loop;
+//! - [`reload`]: config reload and the restart-only keys;
+//! - [`redis`]: the Redis reader and notify subscriber;
+//! - [`routes`]: route documents (Redis JSON, realm mapping, rule files),
+//!   parsed and validated, merged with the static rules, fingerprinted;
+//! - [`logging`]: the tracing subscriber and its live level.
+//!
+//! The loop waits on one channel of [`ControlEvent`]s with a timeout that
+//! serves as its clock:
+//! - SIGHUP, or a changed config file mtime (polled every [`FILE_POLL`]):
+//!   reload the config;
+//! - a Redis notify (or the periodic `refresh_interval`): re-read Redis;
+//! - SIGINT / SIGTERM, or the admin's drain call: stop (the signal thread
+//!   ends the drain at once on a second signal, exits on a third).
+//!
+//! Every route change goes through [`Control::publish`]: static rules
+//! overlaid with the last good Redis data, published as a new versioned
+//! snapshot to every worker only when its content changed. Invalid Redis data
+//! is rejected whole (logged with every reason, counted) and the last good
+//! data stays; Redis unreachable keeps the last good snapshot too, retried
+//! with capped backoff, logged once per state change. What the admin side
+//! reports is written to the shared [`ControlStats`].
+
+pub mod logging;
+pub mod redis;
+mod reload;
+pub mod routes;
+
+use self::redis::{FetchError, RedisError, RedisSource};
+use self::routes::{fingerprint, merge, RouteSet};
+use crate::config::{Config, Environment};
+use crate::gateway::Gateway;
+use crate::routing::RouteTable;
+use crate::state::{ControlEvent, ControlSender, ControlStats, RedisState, RouteSource};
+use crate::worker::WorkerCommand;
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the config file's mtime is checked.
+const FILE_POLL: Duration = Duration::from_secs(1);
+/// Redis retry backoff while it is unreachable (doubles, capped).
+const REDIS_RETRY_MIN: Duration = Duration::from_millis(200);
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Redis re-read period when no `[redis]` section gives one (never used in
+/// practice: without `[redis]` there is nothing to read).
+const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
+
+/// Why the control loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the {name} thread: {source}")]
+    Thread { name: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The route snapshot the static config describes.
+pub fn static_routes(cfg: &Config, version: u64) -> Arc<RouteTable> {
+    Arc::new(RouteTable::new(version, cfg.routes.clone(), vec![]))
+}
+
+pub struct Control {
+    path: PathBuf,
+    /// The environment `main` read, applied again on every reload.
+    env: Environment,
+    running: Arc<Config>,
+    gw: Gateway,
+    stats: Arc<ControlStats>,
+    redis: Option<RedisSource>,
+    /// Last good Redis data (None until the first good read).
+    redis_set: Option<RouteSet>,
+    redis_up: Option<bool>,
+    next_fetch: Instant,
+    fetch_backoff: Duration,
+    version: u64,
+    /// Fingerprint of the last published route set.
+    published: u64,
+    mtime: Option<SystemTime>,
+    stop_sub: Arc<AtomicBool>,
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl Control {
+    /// The channel the control loop reads; hand its sender to the admin
+    /// server (drain calls) before calling [`Control::run`].
+    pub fn channel() -> (ControlSender, Receiver<ControlEvent>) {
+        unbounded()
+    }
+
+    /// Takes over the calling thread until the gateway stopped.
+    pub fn run(
+        gw: Gateway,
+        path: &Path,
+        env: Environment,
+        stats: Arc<ControlStats>,
+        (tx, rx): (ControlSender, Receiver<ControlEvent>),
+    ) -> Result<(), ControlError> {
+        let running = gw.cfg.clone();
+        let sig_tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(ControlError::Signals)?;
+        let hard = gw.handle();
+        std::thread::Builder::new()
+            .name("gw-signals".into())
+            .spawn(move || {
+                let mut stops = 0;
+                for sig in signals.forever() {
+                    if sig != libc::SIGHUP {
+                        stops += 1;
+                        if stops == 2 {
+                            // Second INT/TERM: end the drain now (sessions closed
+                            // with DISCONNECT 6, queues flushed), then exit.
+                            tracing::warn!(signal = sig, "second stop signal: hard stop");
+                            hard.hard_stop();
+                            continue;
+                        }
+                        if stops > 2 {
+                            eprintln!("third stop signal: exiting now");
+                            std::process::exit(0);
+                        }
+                    }
+                    let _ = sig_tx.send(ControlEvent::Signal(sig));
+                }
+            })
+            .map_err(|source| ControlError::Thread { name: "gw-signals", source })?;
+        let stop_sub = Arc::new(AtomicBool::new(false));
+        let redis = match &running.redis {
+            Some(rc) => {
+                let src = RedisSource::new(rc)?;
+                self::redis::spawn_subscriber(rc, tx.clone(), || ControlEvent::RedisNotify, stop_sub.clone())?;
+                stats.redis_state.store(RedisState::Down);
+                Some(src)
+            }
+            None => None,
+        };
+        let mut c = Control {
+            path: path.to_path_buf(),
+            env,
+            mtime: mtime(path),
+            running,
+            gw,
+            stats,
+            redis,
+            redis_set: None,
+            redis_up: None,
+            next_fetch: Instant::now(),
+            fetch_backoff: REDIS_RETRY_MIN,
+            version: 1,
+            published: 0,
+            stop_sub,
+        };
+        c.published = fingerprint(&merge(&c.running.routes, None));
+        c.stats.route_version.store(1, Ordering::Relaxed);
+        c.stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
+        *c.stats.route_source.lock().unwrap() = RouteSource::Static;
+        if c.redis.is_some() {
+            c.fetch_redis();
+        }
+        c.stats.ready.store(true, Ordering::Relaxed);
+        let mut last_poll = Instant::now();
+        loop {
+            let now = Instant::now();
+            let mut wait = FILE_POLL.saturating_sub(now.duration_since(last_poll));
+            if c.redis.is_some() {
+                wait = wait.min(c.next_fetch.saturating_duration_since(now));
+            }
+            match rx.recv_timeout(wait) {
+                Ok(ControlEvent::Signal(libc::SIGHUP)) => {
+                    tracing::info!("SIGHUP: reloading config");
+                    c.reload();
+                }
+                Ok(ControlEvent::Signal(sig)) => {
+                    c.stop(&format!("signal {sig}"));
+                    return Ok(());
+                }
+                Ok(ControlEvent::Drain) => {
+                    c.stop("admin drain call");
+                    return Ok(());
+                }
+                Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    unreachable!("the control loop holds a sender")
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_poll) >= FILE_POLL {
+                last_poll = now;
+                let m = mtime(&c.path);
+                if m.is_some() && m != c.mtime {
+                    c.mtime = m;
+                    tracing::info!(path = %c.path.display(), "config file changed: reloading");
+                    c.reload();
+                }
+            }
+            if c.redis.is_some() && now >= c.next_fetch {
+                c.fetch_redis();
+            }
+        }
+    }
+
+    /// Drain, then stop. Phases, logged in order: readiness off, listeners
+    /// closed, sessions drain until `drain_timeout`, the rest closed with
+    /// reason 6, queues flushed, exit.
+    fn stop(self, why: &str) {
+        self.stats.ready.store(false, Ordering::Relaxed);
+        let drain = self.running.server.drain_timeout;
+        tracing::info!(
+            cause = why,
+            drain_timeout_ms = drain.as_millis() as u64,
+            "drain started: /ready is 503, no new connections"
+        );
+        self.stop_sub.store(true, Ordering::Relaxed);
+        self.gw.stop(drain);
+        tracing::info!("stopped");
+    }
+
+    /// Reads Redis; keeps the last good data on any failure.
+    fn fetch_redis(&mut self) {
+        let Some(src) = self.redis.as_mut() else {
+            return;
+        };
+        let refresh = self.running.redis.as_ref().map(|r| r.refresh_interval).unwrap_or(DEFAULT_REFRESH);
+        let stats = self.stats.clone();
+        match src.fetch() {
+            Ok(set) => {
+                if self.redis_up != Some(true) {
+                    tracing::info!("redis reachable: routes from redis");
+                }
+                self.redis_up = Some(true);
+                stats.redis_state.store(RedisState::Up);
+                stats.refresh_success.fetch_add(1, Ordering::Relaxed);
+                self.fetch_backoff = REDIS_RETRY_MIN;
+                self.next_fetch = Instant::now() + refresh;
+                self.redis_set = Some(set);
+                self.publish("redis");
+            }
+            Err(FetchError::Invalid(reasons)) => {
+                // Reachable but bad data: reject whole, keep the last good.
+                self.redis_up = Some(true);
+                stats.redis_state.store(RedisState::Up);
+                stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
+                stats.snapshots_rejected.fetch_add(1, Ordering::Relaxed);
+                for r in &reasons {
+                    tracing::error!(reason = %r, "route snapshot from redis rejected; keeping the last good one");
+                }
+                *stats.last_error.lock().unwrap() = reasons.join("; ");
+                self.next_fetch = Instant::now() + refresh;
+            }
+            Err(FetchError::Unavailable(e)) => {
+                if self.redis_up != Some(false) {
+                    tracing::warn!(error = %e, "redis unreachable: keeping the last good routes, retrying with backoff");
+                }
+                self.redis_up = Some(false);
+                stats.redis_state.store(RedisState::Down);
+                stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
+                *stats.last_error.lock().unwrap() = e.to_string();
+                self.next_fetch = Instant::now() + self.fetch_backoff;
+                self.fetch_backoff = (self.fetch_backoff * 2).min(REDIS_RETRY_MAX).min(refresh.max(REDIS_RETRY_MIN));
+            }
+        }
+    }
+
+    /// Publishes static + last good Redis routes when they changed.
+    fn publish(&mut self, why: &str) {
+        let set = merge(&self.running.routes, self.redis_set.as_ref());
+        let fp = fingerprint(&set);
+        if fp == self.published {
+            return;
+        }
+        self.published = fp;
+        self.version += 1;
+        let table = Arc::new(RouteTable::new(self.version, set.rules, set.realms));
+        tracing::info!(
+            version = self.version,
+            rules = table.rules().count(),
+            realms = table.realms().count(),
+            cause = why,
+            "publishing route snapshot"
+        );
+        self.stats.route_version.store(self.version, Ordering::Relaxed);
+        *self.stats.route_source.lock().unwrap() =
+            if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
+        self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
+    }
+}

@@ -1,0 +1,81 @@
+//! Config reload (SIGHUP or a changed file): the new file is validated whole;
+//! reloadable keys and static routes apply live, restart-only keys are
+//! reported and keep their running value.
+
+use super::logging::set_log_level;
+use super::{unix_now, Control};
+use crate::config::Config;
+use crate::worker::WorkerCommand;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Keys that only take effect on restart, as "key (running -> new)", each
+/// value spelled as in the config.
+pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let (o, n) = (&old.server, &new.server);
+    let mut v = Vec::new();
+    let mut check = |key: &str, a: String, b: String| {
+        if a != b {
+            v.push(format!("{key} ({a} -> {b})"));
+        }
+    };
+    check("server.listen", o.listen.to_string(), n.listen.to_string());
+    check("server.admin_listen", o.admin_listen.to_string(), n.admin_listen.to_string());
+    check("server.workers", o.workers.to_string(), n.workers.to_string());
+    check("server.cpus", format!("{:?}", o.cpus), format!("{:?}", n.cpus));
+    check("server.io_driver", o.io_driver.to_string(), n.io_driver.to_string());
+    check("server.node_id", o.node_id.to_string(), n.node_id.to_string());
+    let redis =
+        |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
+    check("redis", redis(old), redis(new));
+    check("log.format", old.log.format.to_string(), new.log.format.to_string());
+    v
+}
+
+impl Control {
+    /// Re-reads the config file; rejects it whole when invalid.
+    pub(super) fn reload(&mut self) {
+        let stats = self.stats.clone();
+        match Config::load(&self.path, &self.env) {
+            Err(errs) => {
+                stats.config_reload_errors.fetch_add(1, Ordering::Relaxed);
+                for e in &errs.0 {
+                    tracing::error!(error = %e, "config reload rejected; the running config stays");
+                }
+                *stats.last_error.lock().unwrap() = errs.to_string();
+            }
+            Ok(mut new) => {
+                for k in needs_restart(&self.running, &new) {
+                    tracing::warn!(key = %k, "config change needs a restart; keeping the running value");
+                }
+                new.server = self.running.server.clone();
+                new.redis = self.running.redis.clone();
+                new.log.format = self.running.log.format;
+                if new.log.level != self.running.log.level {
+                    set_log_level(&new.log.level);
+                }
+                let new = Arc::new(new);
+                let c = new.clone();
+                self.gw.broadcast(move || WorkerCommand::Config(c.clone()));
+                self.running = new;
+                stats.config_reloads.fetch_add(1, Ordering::Relaxed);
+                stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
+                tracing::info!(source = %self.running.source, "config reloaded");
+                self.publish("config reload");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_keys_are_reported_as_spelled_in_the_config() {
+        let old = Config::from_str("[server]\nio_driver = \"auto\"\n[log]\nformat = \"json\"\n", "a.toml").unwrap();
+        let new = Config::from_str("[server]\nio_driver = \"epoll\"\n[log]\nformat = \"text\"\n", "b.toml").unwrap();
+        assert_eq!(needs_restart(&old, &new), vec!["server.io_driver (auto -> epoll)", "log.format (json -> text)"]);
+        assert!(needs_restart(&old, &old).is_empty());
+    }
+}

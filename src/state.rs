@@ -1,0 +1,144 @@
+//! State the control loop and the admin server share, wired by `main`.
+//!
+//! [`ControlStats`] holds the control side's counters and facts (readiness,
+//! route version and source, Redis state, config reloads); the control loop
+//! writes them, the admin endpoints (`/ready`, `/status`, `/metrics`) read
+//! them. [`ControlEvent`] is what reaches the control loop, including the
+//! admin's `POST /drain`. Arrows one way: `control` and `admin` import this
+//! module, it imports neither.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+/// Whether the routes' Redis source answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisState {
+    /// No `[redis]` section.
+    #[default]
+    Off,
+    /// The last read got an answer (valid data or not).
+    Up,
+    /// Unreachable (or not read yet): the last good routes stay.
+    Down,
+}
+
+impl RedisState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::Off => "off",
+            RedisState::Up => "up",
+            RedisState::Down => "down",
+        }
+    }
+
+    fn from_u8(v: u8) -> RedisState {
+        match v {
+            1 => RedisState::Up,
+            2 => RedisState::Down,
+            _ => RedisState::Off,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            RedisState::Off => 0,
+            RedisState::Up => 1,
+            RedisState::Down => 2,
+        }
+    }
+}
+
+impl fmt::Display for RedisState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A [`RedisState`] readable from any thread without a lock.
+#[derive(Debug, Default)]
+pub struct AtomicRedisState(AtomicU8);
+
+impl AtomicRedisState {
+    pub fn load(&self) -> RedisState {
+        RedisState::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    pub fn store(&self, s: RedisState) {
+        self.0.store(s.to_u8(), Ordering::Relaxed)
+    }
+}
+
+/// Where the published routes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteSource {
+    /// The config file's `[[routes]]` only.
+    #[default]
+    Static,
+    /// The config file's rules overlaid with the last good Redis data.
+    StaticAndRedis,
+}
+
+impl fmt::Display for RouteSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteSource::Static => "static",
+            RouteSource::StaticAndRedis => "static+redis",
+        })
+    }
+}
+
+/// Control-side counters and facts for `/ready`, `/metrics` and `/status`
+/// (written by the control thread only; the data path never touches these).
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// Routes loaded and not draining: what `/ready` answers.
+    pub ready: AtomicBool,
+    /// Good reads from Redis.
+    pub refresh_success: AtomicU64,
+    /// Failed or rejected reads from Redis.
+    pub refresh_errors: AtomicU64,
+    /// Route data from Redis rejected by validation.
+    pub snapshots_rejected: AtomicU64,
+    /// Version of the last published route snapshot.
+    pub route_version: AtomicU64,
+    pub redis_state: AtomicRedisState,
+    pub config_reloads: AtomicU64,
+    pub config_reload_errors: AtomicU64,
+    /// Unix seconds of the last successful config load.
+    pub config_loaded_at: AtomicU64,
+    pub route_source: Mutex<RouteSource>,
+    /// The last config or Redis problem, for `/status`.
+    pub last_error: Mutex<String>,
+}
+
+/// What reaches the control loop.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// SIGINT, SIGTERM or SIGHUP.
+    Signal(i32),
+    /// A message on a Redis notify channel (or a fresh subscription).
+    RedisNotify,
+    /// The admin's `POST /drain` (same as SIGTERM).
+    Drain,
+}
+
+/// The sending side of the control loop's channel.
+pub type ControlSender = crossbeam_channel::Sender<ControlEvent>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_state_round_trips_through_the_atomic() {
+        let a = AtomicRedisState::default();
+        assert_eq!(a.load(), RedisState::Off);
+        for s in [RedisState::Up, RedisState::Down, RedisState::Off] {
+            a.store(s);
+            assert_eq!(a.load(), s);
+        }
+        assert_eq!(RedisState::Down.to_string(), "down");
+        assert_eq!(RouteSource::StaticAndRedis.to_string(), "static+redis");
+    }
+}
