@@ -22,7 +22,7 @@
 //! connections are all backing off.
 
 use super::session::Session;
-use super::{Action, Ctx, DropReason, SessionId, Shard, Shut};
+use super::{Action, Ctx, DropReason, SessionId, SessionTable, Shard, Shut};
 use crate::config::BackendConfig;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
 use crate::resilience::{CircuitBreaker, CircuitState};
@@ -540,7 +540,7 @@ impl Backends {
     /// `keepalive_interval` gets a `PING`; one whose `PING` is unanswered after
     /// `keepalive_timeout` is dead (handled as a loss). Any bytes from the
     /// backend count as life, so busy connections are never pinged.
-    pub(super) fn keepalive(&mut self, ctx: &mut Ctx, sessions: &mut AHashMap<SessionId, Session>, now: Instant) {
+    pub(super) fn keepalive(&mut self, ctx: &mut Ctx, sessions: &mut SessionTable, now: Instant) {
         let (interval, timeout) = (ctx.cfg.backend.keepalive_interval, ctx.cfg.backend.keepalive_timeout);
         if interval.is_zero() {
             return;
@@ -575,13 +575,13 @@ impl Backends {
 fn on_bound_lost(
     ctx: &mut Ctx,
     backends: &Backends,
-    sessions: &mut AHashMap<SessionId, Session>,
+    sessions: &mut SessionTable,
     conn: ConnId,
     bound: Vec<SessionId>,
 ) {
     let endpoint = backends.endpoint(conn).map(|e| e.to_string()).unwrap_or_default();
     for id in bound {
-        let Some(s) = sessions.get_mut(&id) else { continue };
+        let Some(s) = sessions.by_id_mut(id) else { continue };
         // Every server type bound on the lost stream goes; one that says
         // `close` closes the session.
         let before = s.bindings.len();
@@ -611,14 +611,14 @@ fn on_bound_lost(
 fn bound_session<'a>(
     ctx: &mut Ctx,
     backends: &Backends,
-    sessions: &'a mut AHashMap<SessionId, Session>,
+    sessions: &'a mut SessionTable,
     id: ConnId,
     sid: SessionId,
     now: Instant,
 ) -> Option<&'a mut Session> {
     let bound = backends.conn(id).is_some_and(|c| c.sessions.contains(&sid));
     if bound {
-        if let Some(s) = sessions.get_mut(&sid) {
+        if let Some(s) = sessions.by_id_mut(sid) {
             return Some(s);
         }
     }
@@ -820,7 +820,7 @@ impl Shard {
                 let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
                 let Some(c) = self.backends.conn(id) else { return };
                 for sid in c.sessions.iter() {
-                    if let Some(s) = self.sessions.get_mut(sid) {
+                    if let Some(s) = self.sessions.by_id_mut(*sid) {
                         if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
                             self.ctx.stats.messages_out[st] += 1;
                         }

@@ -57,6 +57,79 @@ use std::time::{Duration, Instant};
 /// A session id (see `crate::session` for its layout).
 pub(crate) type SessionId = i64;
 
+/// How the driver names a session: its slot in the table (found by index,
+/// not by hashing, on every client event) and its id (so a reused slot is
+/// never mistaken for the session that held it before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionKey {
+    pub(crate) slot: u32,
+    pub(crate) id: SessionId,
+}
+
+/// The session table: slots for the driver's keys, an id index for backend
+/// frames (which carry only the id).
+#[derive(Default)]
+pub(crate) struct SessionTable {
+    slots: Vec<Option<Session>>,
+    /// Free slots, reused first.
+    free: Vec<u32>,
+    by_id: AHashMap<SessionId, u32>,
+}
+
+impl SessionTable {
+    fn insert(&mut self, make: impl FnOnce(SessionKey) -> Session, id: SessionId) -> SessionKey {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() as u32 - 1
+            }
+        };
+        let key = SessionKey { slot, id };
+        self.slots[slot as usize] = Some(make(key));
+        self.by_id.insert(id, slot);
+        key
+    }
+
+    #[inline]
+    fn get_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
+        self.slots.get_mut(key.slot as usize)?.as_mut().filter(|s| s.info.id == key.id)
+    }
+
+    #[inline]
+    fn get(&self, key: SessionKey) -> Option<&Session> {
+        self.slots.get(key.slot as usize)?.as_ref().filter(|s| s.info.id == key.id)
+    }
+
+    fn by_id_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        let slot = *self.by_id.get(&id)?;
+        self.slots[slot as usize].as_mut()
+    }
+
+    fn remove(&mut self, key: SessionKey) -> Option<Session> {
+        self.get(key)?;
+        self.by_id.remove(&key.id);
+        self.free.push(key.slot);
+        self.slots[key.slot as usize].take()
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn keys(&self) -> Vec<SessionKey> {
+        self.slots.iter().flatten().map(|s| s.key).collect()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Session> {
+        self.slots.iter_mut().flatten()
+    }
+}
+
 /// How much of a client socket the driver should shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Shut {
@@ -72,12 +145,12 @@ pub(crate) enum Shut {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// The session's outgoing queue has bytes: wake its writer.
-    WakeClient(SessionId),
+    WakeClient(SessionKey),
     /// End the session: shut its socket down so the reader stops.
-    ShutdownClient(SessionId, Shut),
+    ShutdownClient(SessionKey, Shut),
     /// The session left the table. Its writer writes `tail` (the replies still
     /// queued, and a WebSocket close frame), then half-closes and exits.
-    Closed { id: SessionId, tail: BytesMut },
+    Closed { key: SessionKey, tail: BytesMut },
     /// Dial `addr` for connection `conn` as its `generation`.
     Dial { conn: ConnId, generation: u64, addr: SocketAddr, timeout: Duration },
     /// The connection's queue has bytes: wake its writer.
@@ -265,9 +338,9 @@ impl Ctx {
 /// One core's sessions, backends and limits. See the module docs.
 pub(crate) struct Shard {
     ctx: Ctx,
-    /// Live sessions by id. A session leaves the table exactly once, in
+    /// Live sessions. A session leaves the table exactly once, in
     /// [`Shard::client_closed`].
-    sessions: AHashMap<SessionId, Session>,
+    sessions: SessionTable,
     /// Backend pools, connections and the reverse index.
     backends: Backends,
     /// Session ids: node, worker and a clock sequence.
@@ -309,7 +382,7 @@ impl Shard {
                 actions: Vec::new(),
                 ip_steered,
             },
-            sessions: AHashMap::new(),
+            sessions: SessionTable::default(),
             backends: Backends::default(),
             ip_table: PerIpTable::new(crate::limits::MAX_IP_ENTRIES),
             access_buf: Vec::new(),
@@ -341,9 +414,8 @@ impl Shard {
         tracing::info!(worker = self.ctx.index, version = table.version, "route snapshot applied");
         self.ctx.stats.route_version = table.version;
         self.ctx.routes = table;
-        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for id in ids {
-            self.unbind_unlisted(id, now);
+        for key in self.sessions.keys() {
+            self.unbind_unlisted(key, now);
         }
         self.backends.retire_unlisted(&mut self.ctx, now);
     }
@@ -424,11 +496,11 @@ impl Shard {
     /// Drain, deadline: ends every live session with `reason` (their
     /// `DISCONNECT`s are queued behind every frame they sent).
     pub(crate) fn close_all(&mut self, reason: DisconnectReason) -> usize {
-        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for &id in &ids {
-            self.begin_close(id, reason, Shut::Read);
+        let keys = self.sessions.keys();
+        for &key in &keys {
+            self.begin_close(key, reason, Shut::Read);
         }
-        ids.len()
+        keys.len()
     }
 
     /// Drain, last step: is any backend connection still writing its queue?

@@ -16,7 +16,7 @@
 //! wins); only [`Shard::client_closed`] removes it, so the close runs once.
 
 use super::backend::ConnId;
-use super::{AcceptRefusal, Action, Ctx, DropReason, Phase, SessionId, Shard, Shut};
+use super::{AcceptRefusal, Action, Ctx, DropReason, Phase, SessionKey, Shard, Shut};
 use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
@@ -81,6 +81,8 @@ impl BindError {
 
 /// One client connection's state.
 pub(super) struct Session {
+    /// The driver's name for this session (actions carry it).
+    pub(super) key: SessionKey,
     /// Identity, addresses, counters and the close reason.
     pub(super) info: SessionInfo,
     /// At most one per server type the client has talked to.
@@ -133,13 +135,13 @@ impl Session {
         if !self.info.set_close_reason(reason) {
             return false;
         }
-        ctx.actions.push(Action::ShutdownClient(self.info.id, how));
+        ctx.actions.push(Action::ShutdownClient(self.key, how));
         true
     }
 
     fn push_out(&mut self, ctx: &mut Ctx, bytes: &[u8]) {
         if self.out.is_empty() {
-            ctx.actions.push(Action::WakeClient(self.info.id));
+            ctx.actions.push(Action::WakeClient(self.key));
         }
         self.out.extend_from_slice(bytes);
     }
@@ -179,7 +181,7 @@ impl Session {
             self.oldest = Some(now);
         }
         if was_empty {
-            ctx.actions.push(Action::WakeClient(self.info.id));
+            ctx.actions.push(Action::WakeClient(self.key));
         }
         let queued = self.out.len();
         if queued > max_queued && self.begin_close(ctx, DisconnectReason::RateLimited, Shut::Both) {
@@ -202,7 +204,7 @@ impl Shard {
     /// A connection was accepted from `peer`: admission (global cap, per-IP
     /// cap and connect rate), then a new session. Refusals are counted and
     /// logged (rate-limited); the driver drops the socket.
-    pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant) -> Result<SessionId, AcceptRefusal> {
+    pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant) -> Result<SessionKey, AcceptRefusal> {
         let ctx = &mut self.ctx;
         let refusal = if self.phase == Phase::Draining {
             Some(AcceptRefusal::Draining)
@@ -229,22 +231,24 @@ impl Shard {
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&ctx.random().to_le_bytes());
         trace_id[8..].copy_from_slice(&ctx.random().to_le_bytes());
-        let s = Session {
+        let limiter = MessageLimiter::new(ctx.cfg.limits.messages_burst, now);
+        let make = |key| Session {
+            key,
             info: SessionInfo::new(id, peer, Transport::Tcp, now, trace_id),
             bindings: Vec::new(),
             out: BytesMut::new(),
             oldest: None,
             taken_frames: 0,
-            limiter: MessageLimiter::new(ctx.cfg.limits.messages_burst, now),
+            limiter,
             ip_counted: max_per_ip > 0 || rate_per_ip > 0,
             mode: Mode::Sniffing,
             proxy_done: false,
             ws: None,
         };
-        self.sessions.insert(id, s);
+        let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
         tracing::debug!(session_id = id, trace_id = %TraceId(trace_id), client = %peer, "session opened");
-        Ok(id)
+        Ok(key)
     }
 
     /// Bytes read from the client (`read` of them new; the rest of `buf` is a
@@ -256,20 +260,20 @@ impl Shard {
     /// kick): they were sent before the close and must not be lost.
     pub(crate) fn client_data(
         &mut self,
-        id: SessionId,
+        key: SessionKey,
         buf: &mut BytesMut,
         read: usize,
         now: Instant,
     ) -> Result<(), DisconnectReason> {
-        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+        let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         s.info.bytes_in += read as u64;
         let r = match s.mode {
-            Mode::Sniffing => self.front_door(id, buf, now),
-            Mode::Game => self.client_frames(id, buf, now),
-            Mode::WebSocket => self.ws_bytes(id, buf, now),
+            Mode::Sniffing => self.front_door(key, buf, now),
+            Mode::Game => self.client_frames(key, buf, now),
+            Mode::WebSocket => self.ws_bytes(key, buf, now),
         };
         if let Err(reason) = r {
-            if let Some(s) = self.sessions.get_mut(&id) {
+            if let Some(s) = self.sessions.get_mut(key) {
                 s.info.set_close_reason(reason);
             }
         }
@@ -279,15 +283,16 @@ impl Shard {
     /// The first bytes: an optional PROXY header (trusted sources only), then
     /// HTTP (a WebSocket upgrade, or plain HTTP answered and closed) or
     /// client frames. Bytes after a header stay in `buf` for the next stage.
-    fn front_door(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+    fn front_door(&mut self, key: SessionKey, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        let id = key.id;
         loop {
             let ctx = &mut self.ctx;
-            let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+            let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
             match sniff(buf) {
                 Sniff::NeedMore => return Ok(()),
                 Sniff::Game => {
                     s.mode = Mode::Game;
-                    return self.client_frames(id, buf, now);
+                    return self.client_frames(key, buf, now);
                 }
                 Sniff::Proxy => {
                     let server = &ctx.cfg.server;
@@ -305,7 +310,7 @@ impl Shard {
                             buf.advance(h.len);
                             s.proxy_done = true;
                             if let Some(client) = h.client {
-                                self.readmit(id, client, now)?;
+                                self.readmit(key, client, now)?;
                             }
                         }
                         Err(e) => {
@@ -330,7 +335,7 @@ impl Shard {
                             s.info.handshaken = true;
                             ctx.stats.websocket_upgrades += 1;
                             tracing::debug!(session_id = id, trace_id = %s.trace_id(), subprotocol = subprotocol.as_deref().unwrap_or(""), "websocket upgrade");
-                            return self.ws_bytes(id, buf, now);
+                            return self.ws_bytes(key, buf, now);
                         }
                         HttpDecision::Upgrade { .. } => HttpRefusal::WebSocketDisabled,
                         HttpDecision::Refuse(r) => r,
@@ -351,8 +356,9 @@ impl Shard {
 
     /// The client address from a PROXY header replaces the connection's: it
     /// is the one per-IP limits, `CONNECT`, logs and the access log see.
-    fn readmit(&mut self, id: SessionId, client: SocketAddr, now: Instant) -> Result<(), DisconnectReason> {
-        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+    fn readmit(&mut self, key: SessionKey, client: SocketAddr, now: Instant) -> Result<(), DisconnectReason> {
+        let id = key.id;
+        let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         let old = s.info.peer;
         if s.ip_counted {
             self.ip_table.release(old.ip());
@@ -375,19 +381,20 @@ impl Shard {
 
     /// WebSocket bytes: unwrap binary messages into the client frame stream,
     /// then frame that stream exactly as on TCP.
-    fn ws_bytes(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+    fn ws_bytes(&mut self, key: SessionKey, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        let id = key.id;
         let ctx = &mut self.ctx;
-        let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+        let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         let Some(ws) = s.ws.as_mut() else { return Err(DisconnectReason::ProtocolError) };
         let was_empty = s.out.is_empty();
         let r = ws.on_bytes(buf, &mut s.out);
         let mut stream = std::mem::take(&mut ws.stream);
         if was_empty && !s.out.is_empty() {
-            ctx.actions.push(Action::WakeClient(id));
+            ctx.actions.push(Action::WakeClient(key));
         }
         // Frames completed before a close still go to their backend.
-        let framed = self.client_frames(id, &mut stream, now);
-        if let Some(ws) = self.sessions.get_mut(&id).and_then(|s| s.ws.as_mut()) {
+        let framed = self.client_frames(key, &mut stream, now);
+        if let Some(ws) = self.sessions.get_mut(key).and_then(|s| s.ws.as_mut()) {
             ws.stream = stream;
         }
         match r {
@@ -410,14 +417,15 @@ impl Shard {
 
     /// Frames and forwards everything complete in `buf`, leaving a partial
     /// frame in place. An error ends the session with that reason.
-    fn client_frames(&mut self, id: SessionId, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+    fn client_frames(&mut self, key: SessionKey, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        let id = key.id;
         let (max, rate, burst, action) = {
             let l = &self.ctx.cfg.limits;
             (l.max_message_size, l.messages_per_second, l.messages_burst, l.on_rate_limit)
         };
         loop {
             let ctx = &mut self.ctx;
-            let Some(s) = self.sessions.get_mut(&id) else { return Err(DisconnectReason::ClientClosed) };
+            let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
             let h = match cproto::check(buf, max) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
@@ -450,7 +458,7 @@ impl Shard {
                 continue;
             }
             let started = s.info.started;
-            self.forward(id, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
+            self.forward(key, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
             buf.advance(h.frame_len());
             if first {
                 self.ctx.stats.setup_latency.record(now.saturating_duration_since(started));
@@ -459,9 +467,10 @@ impl Shard {
     }
 
     /// Routes one client frame to its backend stream (binding on first use).
-    fn forward(&mut self, id: SessionId, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+    fn forward(&mut self, key: SessionKey, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+        let id = key.id;
         let st = h.server_id.server_type();
-        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let Some(s) = self.sessions.get_mut(key) else { return };
         let current = match s.bindings.iter().position(|b| b.server_type == st) {
             Some(i) if self.backends.generation(s.bindings[i].conn) == Some(s.bindings[i].generation) => Some(i),
             Some(i) => {
@@ -478,14 +487,14 @@ impl Shard {
         };
         let b = match current {
             Some(i) => s.bindings[i],
-            None => match self.bind(id, h, now) {
+            None => match self.bind(key, h, now) {
                 Ok(b) => b,
                 Err(e) => {
                     let ctx = &mut self.ctx;
                     bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
                     ctx.drop_frames(DropReason::RoutingError, 1);
                     if let Some(n) = ctx.logs.allow("routing_error", now) {
-                        let trace = self.sessions.get(&id).map(|s| s.trace_id().to_string()).unwrap_or_default();
+                        let trace = self.sessions.get(key).map(|s| s.trace_id().to_string()).unwrap_or_default();
                         tracing::warn!(session_id = id, trace_id = %trace, server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
                     }
                     return;
@@ -494,7 +503,7 @@ impl Shard {
         };
         // A fresh span per forwarded frame, under the session's trace.
         let trace = if b.trace {
-            let trace_id = self.sessions.get(&id).map(|s| s.info.trace_id).unwrap_or_default();
+            let trace_id = self.sessions.get(key).map(|s| s.info.trace_id).unwrap_or_default();
             Some(bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() })
         } else {
             None
@@ -508,13 +517,14 @@ impl Shard {
 
     /// First frame for a server type: pick an endpoint with the rule's
     /// strategy, pick one of its connections, announce the session.
-    fn bind(&mut self, id: SessionId, h: cproto::ClientHeader, now: Instant) -> Result<Binding, BindError> {
+    fn bind(&mut self, key: SessionKey, h: cproto::ClientHeader, now: Instant) -> Result<Binding, BindError> {
+        let id = key.id;
         let ctx = &mut self.ctx;
         let routes = ctx.routes.clone();
         let st = h.server_id.server_type();
         let world = h.server_id.world_id();
         let rule = routes.lookup(st, world).ok_or(BindError::Route(RouteError::NoRule))?;
-        let Some(s) = self.sessions.get_mut(&id) else { return Err(BindError::BackendUnavailable) };
+        let Some(s) = self.sessions.get_mut(key) else { return Err(BindError::BackendUnavailable) };
         let peer = s.info.peer;
         let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
         let backends = &mut self.backends;
@@ -552,16 +562,17 @@ impl Shard {
     }
 
     /// Asks session `id` to end (see [`Session::begin_close`]).
-    pub(crate) fn begin_close(&mut self, id: SessionId, reason: DisconnectReason, how: Shut) -> bool {
-        match self.sessions.get_mut(&id) {
+    pub(crate) fn begin_close(&mut self, key: SessionKey, reason: DisconnectReason, how: Shut) -> bool {
+        match self.sessions.get_mut(key) {
             Some(s) => s.begin_close(&mut self.ctx, reason, how),
             None => false,
         }
     }
 
     /// Writing to the client failed: it is gone.
-    pub(crate) fn client_write_failed(&mut self, id: SessionId, err: &dyn std::fmt::Display) {
-        if let Some(s) = self.sessions.get_mut(&id) {
+    pub(crate) fn client_write_failed(&mut self, key: SessionKey, err: &dyn std::fmt::Display) {
+        let id = key.id;
+        if let Some(s) = self.sessions.get_mut(key) {
             tracing::debug!(session_id = id, trace_id = %s.trace_id(), error = %err, "client write failed");
             s.out.clear();
             s.begin_close(&mut self.ctx, DisconnectReason::ClientClosed, Shut::Both);
@@ -573,7 +584,7 @@ impl Shard {
     /// both allocations are reused.
     pub(crate) fn take_client_out(
         &mut self,
-        id: SessionId,
+        key: SessionKey,
         buf: &mut BytesMut,
         done: Option<ClientWrite>,
         now: Instant,
@@ -581,7 +592,7 @@ impl Shard {
         if let Some(ClientWrite { frames, oldest: Some(t) }) = done {
             self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
         }
-        let Some(s) = self.sessions.get_mut(&id) else { return ClientOut::Gone };
+        let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };
         if s.out.is_empty() {
             return ClientOut::Empty;
         }
@@ -594,8 +605,9 @@ impl Shard {
     /// [`Shard::client_data`]): the session leaves the table, `DISCONNECT`
     /// goes to every binding, one access-log record is written, and the
     /// replies still queued go to the writer with [`Action::Closed`].
-    pub(crate) fn client_closed(&mut self, id: SessionId, now: Instant) {
-        let Some(mut s) = self.sessions.remove(&id) else { return };
+    pub(crate) fn client_closed(&mut self, key: SessionKey, now: Instant) {
+        let id = key.id;
+        let Some(mut s) = self.sessions.remove(key) else { return };
         let ctx = &mut self.ctx;
         let reason = s.info.close_reason.unwrap_or(DisconnectReason::ClientClosed);
         if s.ip_counted {
@@ -628,7 +640,7 @@ impl Shard {
             duration_ms = now.saturating_duration_since(s.info.started).as_millis() as u64,
             "session closed"
         );
-        ctx.actions.push(Action::Closed { id, tail: std::mem::take(&mut s.out) });
+        ctx.actions.push(Action::Closed { key, tail: std::mem::take(&mut s.out) });
         if self.access_buf.len() >= crate::access_log::FLUSH_BYTES {
             self.flush_access_log();
         }
@@ -640,8 +652,9 @@ impl Shard {
     /// Releases bindings whose backend the rule for their server type and
     /// world no longer lists (`DISCONNECT` reason 8, once the session has no
     /// other binding on that stream).
-    pub(super) fn unbind_unlisted(&mut self, id: SessionId, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&id) else { return };
+    pub(super) fn unbind_unlisted(&mut self, key: SessionKey, now: Instant) {
+        let id = key.id;
+        let Some(s) = self.sessions.get_mut(key) else { return };
         let routes = self.ctx.routes.clone();
         let backends = &mut self.backends;
         let (kept, gone): (Vec<Binding>, Vec<Binding>) = s.bindings.iter().partition(|b| {
@@ -664,7 +677,8 @@ impl Shard {
     pub(super) fn sweep(&mut self, now: Instant) {
         let (hs, idle) = (self.ctx.cfg.limits.handshake_timeout, self.ctx.cfg.limits.idle_timeout);
         let ctx = &mut self.ctx;
-        for (id, s) in self.sessions.iter_mut() {
+        for s in self.sessions.iter_mut() {
+            let id = &s.info.id;
             if s.info.close_reason.is_some() {
                 continue;
             }

@@ -72,13 +72,13 @@ impl Harness {
         std::mem::take(&mut self.log)
     }
 
-    fn accept(&mut self, port: u16) -> SessionId {
+    fn accept(&mut self, port: u16) -> SessionKey {
         let id = self.sh.accept(SocketAddr::from(([10, 0, 0, 1], port)), self.now).unwrap();
         self.pump();
         id
     }
 
-    fn send(&mut self, id: SessionId, st: u8, payload: &[u8]) -> Result<(), DisconnectReason> {
+    fn send(&mut self, id: SessionKey, st: u8, payload: &[u8]) -> Result<(), DisconnectReason> {
         let mut buf = BytesMut::new();
         assert!(cproto::encode(&mut buf, 7, ServerId::new(false, 1, st, 0), payload));
         let n = buf.len();
@@ -127,7 +127,7 @@ impl Harness {
     }
 
     /// Client frames queued for session `id`: (msg_id, payload).
-    fn client_out(&mut self, id: SessionId) -> Vec<(u16, Vec<u8>)> {
+    fn client_out(&mut self, id: SessionKey) -> Vec<(u16, Vec<u8>)> {
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         if let ClientOut::Write(_) = self.sh.take_client_out(id, &mut buf, None, self.now) {
@@ -139,7 +139,7 @@ impl Harness {
         out
     }
 
-    fn close(&mut self, id: SessionId) {
+    fn close(&mut self, id: SessionKey) {
         self.sh.client_closed(id, self.now);
         self.pump();
     }
@@ -148,7 +148,7 @@ impl Harness {
         WorkerStats::get(&self.sh.stats(self.now).frames_dropped, reason)
     }
 
-    fn shutdowns(&mut self) -> Vec<(SessionId, Shut)> {
+    fn shutdowns(&mut self) -> Vec<(SessionKey, Shut)> {
         self.take_log()
             .into_iter()
             .filter_map(|a| match a {
@@ -171,14 +171,14 @@ fn first_frame_binds_with_connect_then_replies_reach_the_session() {
     let s = h.accept(1);
     h.send(s, 10, b"hi").unwrap();
     assert!(h.take_log().iter().any(|a| matches!(a, Action::Dial { .. } | Action::WakeBackend(_))));
-    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"hi".to_vec())]);
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"hi".to_vec())]);
     h.send(s, 10, b"again").unwrap();
-    assert_eq!(h.backend_out(A), vec![Sent::Trans(s, b"again".to_vec())], "bound once");
-    h.backend_send(A, trans(s, b"reply"));
+    assert_eq!(h.backend_out(A), vec![Sent::Trans(s.id, b"again".to_vec())], "bound once");
+    h.backend_send(A, trans(s.id, b"reply"));
     assert!(h.take_log().iter().any(|a| matches!(a, Action::WakeClient(id) if *id == s)));
     assert_eq!(h.client_out(s), vec![(9, b"reply".to_vec())]);
     h.close(s);
-    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::ClientClosed as u8)]);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::ClientClosed as u8)]);
     assert!(h.take_log().iter().any(|a| matches!(a, Action::SessionsGone)));
 }
 
@@ -192,13 +192,13 @@ fn a_backend_reaches_only_sessions_bound_to_it() {
     h.backend_out(A);
     h.backend_out(B);
     // B answers for s1 (bound to A only), and for an id nobody has.
-    h.backend_send(B, trans(s1, b"intrusion"));
+    h.backend_send(B, trans(s1.id, b"intrusion"));
     h.backend_send(B, trans(0x7777, b"unknown"));
     assert!(h.client_out(s1).is_empty());
     assert_eq!(h.dropped("unbound_session"), 2);
     // A multicast from B may only reach B's sessions.
     let mut m = BytesMut::new();
-    bproto::encode_multicast(&mut m, 9, 0, &[s1, s2], b"mc");
+    bproto::encode_multicast(&mut m, 9, 0, &[s1.id, s2.id], b"mc");
     h.backend_send(B, m);
     assert!(h.client_out(s1).is_empty());
     assert_eq!(h.client_out(s2), vec![(9, b"mc".to_vec())]);
@@ -208,14 +208,14 @@ fn a_backend_reaches_only_sessions_bound_to_it() {
 #[test]
 fn multicast_and_broadcast_fan_out_to_bound_sessions() {
     let mut h = Harness::new(config("", "", &route(10, A, "")));
-    let ids: Vec<SessionId> = (1..=3).map(|p| h.accept(p)).collect();
+    let ids: Vec<SessionKey> = (1..=3).map(|p| h.accept(p)).collect();
     let other = h.accept(9); // never bound
     for &s in &ids {
         h.send(s, 10, b"x").unwrap();
     }
     h.backend_out(A);
     let mut m = BytesMut::new();
-    bproto::encode_multicast(&mut m, 9, 0, &[ids[0], ids[2]], b"some");
+    bproto::encode_multicast(&mut m, 9, 0, &[ids[0].id, ids[2].id], b"some");
     h.backend_send(A, m);
     assert_eq!(h.client_out(ids[0]), vec![(9, b"some".to_vec())]);
     assert!(h.client_out(ids[1]).is_empty());
@@ -236,7 +236,7 @@ fn kick_delivers_its_payload_then_closes_with_reason_5() {
     h.send(s, 10, b"x").unwrap();
     h.backend_out(A);
     let mut k = BytesMut::new();
-    bproto::encode_kick(&mut k, 9, 0, s, b"bye");
+    bproto::encode_kick(&mut k, 9, 0, s.id, b"bye");
     h.backend_send(A, k);
     assert_eq!(h.client_out(s), vec![(9, b"bye".to_vec())]);
     assert_eq!(h.shutdowns(), vec![(s, Shut::Read)]);
@@ -245,7 +245,7 @@ fn kick_delivers_its_payload_then_closes_with_reason_5() {
     h.close(s);
     assert_eq!(
         h.backend_out(A),
-        vec![Sent::Trans(s, b"last".to_vec()), Sent::Disconnect(s, DisconnectReason::Kicked as u8)]
+        vec![Sent::Trans(s.id, b"last".to_vec()), Sent::Disconnect(s.id, DisconnectReason::Kicked as u8)]
     );
 }
 
@@ -289,9 +289,9 @@ fn backend_loss_with_rebind_keeps_the_session_and_rebinds_on_its_next_frame() {
     h.send(s, 10, b"after").unwrap();
     let (c2, g2) = h.stream(A);
     assert_eq!((c2, g2 > g), (c, true), "same slot, new generation");
-    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"after".to_vec())]);
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"after".to_vec())]);
     // A reply on the old generation cannot reach anyone.
-    assert_eq!(h.sh.backend_data(c, g, &mut trans(s, b"old"), 0, h.now), BackendRead::Stop);
+    assert_eq!(h.sh.backend_data(c, g, &mut trans(s.id, b"old"), 0, h.now), BackendRead::Stop);
 }
 
 #[test]
@@ -305,13 +305,13 @@ fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
     let moved = config("", "", &route(10, B, ""));
     h.sh.apply_routes(table(&moved, 2), h.now);
     h.pump();
-    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::RouteChanged as u8)]);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
     // Its queue written, the connection nobody routes to is closed.
     h.sh.tick(h.now, false, false);
     h.pump();
     assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, generation } if *conn == ca && *generation == ga)));
     h.send(s, 10, b"y").unwrap();
-    assert_eq!(h.backend_out(B), vec![Sent::Connect(s), Sent::Trans(s, b"y".to_vec())]);
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
     assert_eq!(h.sh.stats(h.now).route_version, 2);
 }
 
@@ -347,14 +347,14 @@ fn drain_refuses_new_sessions_closes_the_rest_and_disconnects_after_their_frames
     assert_eq!(h.sh.close_all(DisconnectReason::Shutdown), 2);
     h.pump();
     let mut shut = h.shutdowns();
-    shut.sort_by_key(|(id, _)| *id);
+    shut.sort_by_key(|(k, _)| k.id);
     assert_eq!(shut, vec![(s1, Shut::Read), (s2, Shut::Read)]);
     // A frame the client wrote before the close still goes out, before DISCONNECT.
     h.send(s1, 10, b"late").unwrap();
     h.close(s1);
     assert_eq!(
         h.backend_out(A),
-        vec![Sent::Trans(s1, b"late".to_vec()), Sent::Disconnect(s1, DisconnectReason::Shutdown as u8)]
+        vec![Sent::Trans(s1.id, b"late".to_vec()), Sent::Disconnect(s1.id, DisconnectReason::Shutdown as u8)]
     );
     assert!(!h.take_log().iter().any(|a| matches!(a, Action::SessionsGone)));
     h.close(s2);
@@ -407,7 +407,7 @@ fn a_client_that_does_not_read_is_closed_on_both_sides() {
     h.backend_out(A);
     h.take_log();
     for _ in 0..5 {
-        h.backend_send(A, trans(s, &[0u8; 16 * 1024]));
+        h.backend_send(A, trans(s.id, &[0u8; 16 * 1024]));
     }
     assert_eq!(h.shutdowns(), vec![(s, Shut::Both)]);
     assert_eq!(WorkerStats::get(&h.sh.stats(h.now).protocol_errors, "slow_reader"), 1);
@@ -469,7 +469,7 @@ fn backend_ping_is_answered_and_gateway_only_opcodes_are_dropped() {
     h.backend_send(A, p);
     assert_eq!(h.backend_out(A), vec![Sent::Pong]);
     let mut c = BytesMut::new();
-    bproto::encode_disconnect(&mut c, s, DisconnectReason::Kicked);
+    bproto::encode_disconnect(&mut c, s.id, DisconnectReason::Kicked);
     h.backend_send(A, c);
     assert_eq!(h.dropped("unexpected_opcode"), 1);
     assert!(h.shutdowns().is_empty());
@@ -494,7 +494,7 @@ fn websocket_upgrade_then_frames_in_binary_messages() {
     let n = buf.len();
     h.sh.client_data(s, &mut buf, n, h.now).unwrap();
     h.pump();
-    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"ws".to_vec())]);
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"ws".to_vec())]);
 }
 
 #[test]
@@ -550,9 +550,9 @@ fn route_change_unbinds_by_the_rule_of_the_binding_even_when_another_rule_lists_
     let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
     h.sh.apply_routes(table(&moved, 2), h.now);
     h.pump();
-    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::RouteChanged as u8)]);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
     h.send(s, 10, b"y").unwrap();
-    assert_eq!(h.backend_out(B), vec![Sent::Connect(s), Sent::Trans(s, b"y".to_vec())]);
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
 }
 
 #[test]
@@ -561,14 +561,14 @@ fn two_server_types_on_one_stream_share_the_binding() {
     let s = h.accept(1);
     h.send(s, 10, b"x").unwrap();
     h.send(s, 11, b"y").unwrap();
-    assert_eq!(h.backend_out(A), vec![Sent::Connect(s), Sent::Trans(s, b"x".to_vec()), Sent::Trans(s, b"y".to_vec())]);
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"x".to_vec()), Sent::Trans(s.id, b"y".to_vec())]);
     // Type 10 moves away; the session stays bound on A for type 11.
     let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
     h.sh.apply_routes(table(&moved, 2), h.now);
     h.pump();
     assert_eq!(h.backend_out(A), vec![]);
-    h.backend_send(A, trans(s, b"still"));
+    h.backend_send(A, trans(s.id, b"still"));
     assert_eq!(h.client_out(s), vec![(9, b"still".to_vec())]);
     h.close(s);
-    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s, DisconnectReason::ClientClosed as u8)]);
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::ClientClosed as u8)]);
 }

@@ -15,7 +15,7 @@
 use super::sys::{HalfGuard, SocketShutdown};
 use super::Worker;
 use crate::notify::Notify;
-use crate::shard::{ClientOut, SessionId};
+use crate::shard::{ClientOut, SessionKey};
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
@@ -36,6 +36,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The driver's handles on one session's socket.
 pub(crate) struct ClientIo {
+    /// Which session holds the slot (slots are reused).
+    pub(super) key: SessionKey,
     /// Wakes the writer: bytes queued, or the session closed.
     pub(super) wake: Notify,
     pub(super) sock: Rc<SocketShutdown>,
@@ -67,19 +69,20 @@ pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
 }
 
 fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
-    let Ok(id) = w.with_shard(|sh| sh.accept(peer, Instant::now())) else {
+    let Ok(key) = w.with_shard(|sh| sh.accept(peer, Instant::now())) else {
         // Refused (counted and logged by the shard): dropping closes it.
         return;
     };
     let _ = stream.set_nodelay(true);
-    let io = Rc::new(ClientIo { wake: Notify::new(), sock: SocketShutdown::new(&stream), tail: RefCell::new(None) });
-    w.clients.borrow_mut().insert(id, io.clone());
+    let io = Rc::new(ClientIo { key, wake: Notify::new(), sock: SocketShutdown::new(&stream), tail: RefCell::new(None) });
+    w.insert_client(io.clone());
     let (rd, wr) = stream.into_split();
-    monoio::spawn(write_loop(w.clone(), id, io.clone(), wr));
-    monoio::spawn(read_loop(w.clone(), id, io, rd));
+    monoio::spawn(write_loop(w.clone(), io.clone(), wr));
+    monoio::spawn(read_loop(w.clone(), io, rd));
 }
 
-async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, id: SessionId, io: Rc<ClientIo>, rd: R) {
+async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, io: Rc<ClientIo>, rd: R) {
+    let key = io.key;
     let _half = HalfGuard(io.sock.clone());
     let mut rd = rd;
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
@@ -96,37 +99,38 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, id: SessionId, io: Rc<Client
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => {
-                tracing::debug!(session_id = id, error = %e, "client read failed");
+                tracing::debug!(session_id = key.id, error = %e, "client read failed");
                 break;
             }
         };
-        if w.with_shard(|sh| sh.client_data(id, &mut buf, n, Instant::now())).is_err() {
+        if w.with_shard(|sh| sh.client_data(key, &mut buf, n, Instant::now())).is_err() {
             break;
         }
         if buf.is_empty() && buf.capacity() > READ_BUF_KEEP_MAX {
             buf = BytesMut::with_capacity(READ_BUF_INITIAL);
         }
     }
-    w.with_shard(|sh| sh.client_closed(id, Instant::now()));
+    w.with_shard(|sh| sh.client_closed(key, Instant::now()));
 }
 
-async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, id: SessionId, io: Rc<ClientIo>, wr: W) {
+async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
+    let key = io.key;
     let _half = HalfGuard(io.sock.clone());
     let mut wr = wr;
     let mut buf = BytesMut::new();
     let mut done = None;
     loop {
-        let out = w.with_shard(|sh| sh.take_client_out(id, &mut buf, done.take(), Instant::now()));
+        let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, done.take(), Instant::now()));
         match out {
             ClientOut::Write(write) => {
                 let (res, b) = wr.write_all(std::mem::take(&mut buf)).await;
                 if let Err(e) = res {
-                    w.with_shard(|sh| sh.client_write_failed(id, &e));
+                    w.with_shard(|sh| sh.client_write_failed(key, &e));
                     // Wait for the reader to run the close, then exit.
                     while io.tail.borrow().is_none() {
                         io.wake.notified().await;
                     }
-                    w.clients.borrow_mut().remove(&id);
+                    w.remove_client(key);
                     return;
                 }
                 done = Some(write);
@@ -151,6 +155,6 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, id: SessionId, io: Rc<Clie
             }
         }
     }
-    w.clients.borrow_mut().remove(&id);
+    w.remove_client(key);
     let _ = wr.shutdown().await;
 }

@@ -39,9 +39,8 @@ use crate::limits::IP_EVICT_EVERY;
 use crate::notify::Notify;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::RouteTable;
-use crate::shard::{Action, ConnId, SessionId, Shard, ShardSetup};
+use crate::shard::{Action, SessionKey, Shard, ShardSetup};
 use crate::stats::WorkerStats;
-use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -87,11 +86,12 @@ pub(crate) struct Worker {
     shard: RefCell<Shard>,
     /// Actions taken from the shard, reused between events.
     actions: RefCell<Vec<Action>>,
-    /// I/O handles of live sessions: the writer's wake-up, the socket's
-    /// shutdown handle and, once closed, the tail to write.
-    clients: RefCell<AHashMap<SessionId, Rc<client::ClientIo>>>,
-    /// I/O handles of backend streams, by slot (the current generation's).
-    backends: RefCell<AHashMap<ConnId, Rc<backend::ConnIo>>>,
+    /// I/O handles of live sessions, by the shard's slot: the writer's
+    /// wake-up, the socket's shutdown handle and, once closed, the tail.
+    clients: RefCell<Vec<Option<Rc<client::ClientIo>>>>,
+    /// I/O handles of backend streams, by the shard's slot (the current
+    /// generation's).
+    backends: RefCell<Vec<Option<Rc<backend::ConnIo>>>>,
     /// Set when the stop sequence starts (a second Stop is a hard stop).
     stopping: Cell<bool>,
     /// Tells the accept loop to drop the listener.
@@ -125,39 +125,68 @@ impl Worker {
         r
     }
 
+    fn client(&self, key: SessionKey) -> Option<Rc<client::ClientIo>> {
+        self.clients.borrow().get(key.slot as usize)?.as_ref().filter(|io| io.key == key).cloned()
+    }
+
+    fn insert_client(&self, io: Rc<client::ClientIo>) {
+        let mut clients = self.clients.borrow_mut();
+        let slot = io.key.slot as usize;
+        if clients.len() <= slot {
+            clients.resize(slot + 1, None);
+        }
+        clients[slot] = Some(io);
+    }
+
+    fn remove_client(&self, key: SessionKey) {
+        if let Some(slot) = self.clients.borrow_mut().get_mut(key.slot as usize) {
+            if slot.as_ref().is_some_and(|io| io.key == key) {
+                *slot = None;
+            }
+        }
+    }
+
     fn run_action(self: &Rc<Self>, a: Action) {
         match a {
-            Action::WakeClient(id) => {
-                if let Some(io) = self.clients.borrow().get(&id) {
+            Action::WakeClient(key) => {
+                if let Some(io) = self.client(key) {
                     io.wake.notify();
                 }
             }
-            Action::ShutdownClient(id, how) => {
-                if let Some(io) = self.clients.borrow().get(&id) {
+            Action::ShutdownClient(key, how) => {
+                if let Some(io) = self.client(key) {
                     io.sock.shutdown(how);
                 }
             }
-            Action::Closed { id, tail } => {
-                if let Some(io) = self.clients.borrow().get(&id) {
+            Action::Closed { key, tail } => {
+                if let Some(io) = self.client(key) {
                     *io.tail.borrow_mut() = Some(tail);
                     io.wake.notify();
                 }
             }
             Action::Dial { conn, generation, addr, timeout } => {
                 let io = backend::ConnIo::new(generation);
-                self.backends.borrow_mut().insert(conn, io.clone());
+                let mut backends = self.backends.borrow_mut();
+                let slot = conn.0 as usize;
+                if backends.len() <= slot {
+                    backends.resize(slot + 1, None);
+                }
+                backends[slot] = Some(io.clone());
+                drop(backends);
                 monoio::spawn(backend::run(self.clone(), io, conn, addr, timeout));
             }
             Action::WakeBackend(conn) => {
-                if let Some(io) = self.backends.borrow().get(&conn) {
+                if let Some(Some(io)) = self.backends.borrow().get(conn.0 as usize) {
                     io.wake.notify();
                 }
             }
             Action::CloseBackend { conn, generation } => {
                 let mut backends = self.backends.borrow_mut();
-                if backends.get(&conn).is_some_and(|io| io.generation == generation) {
-                    if let Some(io) = backends.remove(&conn) {
-                        io.close();
+                if let Some(slot) = backends.get_mut(conn.0 as usize) {
+                    if slot.as_ref().is_some_and(|io| io.generation == generation) {
+                        if let Some(io) = slot.take() {
+                            io.close();
+                        }
                     }
                 }
             }
@@ -331,8 +360,8 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         index,
         shard: RefCell::new(Shard::new(ShardSetup { index, cfg, routes, ip_steered, seed })),
         actions: RefCell::new(Vec::new()),
-        clients: RefCell::new(AHashMap::new()),
-        backends: RefCell::new(AHashMap::new()),
+        clients: RefCell::new(Vec::new()),
+        backends: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         stop_accept: Notify::new(),
         sessions_gone: Notify::new(),
