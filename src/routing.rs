@@ -33,6 +33,13 @@ pub struct RawRule {
     pub trace_propagation: Option<bool>,
     #[serde(default)]
     pub on_backend_loss: Option<String>,
+    /// `gate` (default), `seed_tcp` or `grpc`: what the rule's backends speak.
+    #[serde(default)]
+    pub backend_protocol: Option<String>,
+    /// `frame` (default) or `connection`: whether each frame is routed by its
+    /// own server id, or the whole client connection follows its first frame.
+    #[serde(default)]
+    pub binding: Option<String>,
 }
 
 impl RawRule {
@@ -49,6 +56,8 @@ impl RawRule {
             notify_sessions: None,
             trace_propagation: None,
             on_backend_loss: None,
+            backend_protocol: None,
+            binding: None,
         }
     }
 }
@@ -125,6 +134,63 @@ impl fmt::Display for OnBackendLoss {
     }
 }
 
+/// What a rule's backends speak (see docs/BACKENDS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendProtocol {
+    /// Ours: multiplexed streams, CONNECT / DISCONNECT / KICK / MULTICAST /
+    /// BROADCAST / PING (docs/PROTOCOL.md).
+    Gate,
+    /// The Go gateway's TCP mode: one backend connection per client session,
+    /// opcode 1 only, pooled for reuse after the session.
+    SeedTcp,
+    /// The Go gateway's gRPC mode: `gateway.GameGatewayService/StreamPackets`,
+    /// one bidirectional stream per endpoint per worker.
+    Grpc,
+}
+
+impl BackendProtocol {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendProtocol::Gate => "gate",
+            BackendProtocol::SeedTcp => "seed_tcp",
+            BackendProtocol::Grpc => "grpc",
+        }
+    }
+}
+
+impl fmt::Display for BackendProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a client connection's frames follow a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BindingMode {
+    /// Every frame is routed by its own server id (one binding per server type).
+    Frame,
+    /// The first frame's rule picks a backend, and every later frame of the
+    /// connection goes there whatever its server id (the Go gateway's way).
+    Connection,
+}
+
+impl BindingMode {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingMode::Frame => "frame",
+            BindingMode::Connection => "connection",
+        }
+    }
+}
+
+impl fmt::Display for BindingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One backend address; `name` is how it was written (used for hashing, so
 /// every node agrees on placement whatever the name resolves to).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -178,6 +244,8 @@ pub struct RouteRule {
     pub notify_sessions: bool,
     pub trace_propagation: bool,
     pub on_backend_loss: OnBackendLoss,
+    pub backend_protocol: BackendProtocol,
+    pub binding: BindingMode,
 }
 
 impl RouteRule {
@@ -204,8 +272,13 @@ impl fmt::Display for RouteRule {
         }
         write!(
             f,
-            "] hash_key={} notify={} trace={} on_backend_loss={}",
-            self.hash_key, self.notify_sessions, self.trace_propagation, self.on_backend_loss
+            "] hash_key={} notify={} trace={} on_backend_loss={} backend_protocol={} binding={}",
+            self.hash_key,
+            self.notify_sessions,
+            self.trace_propagation,
+            self.on_backend_loss,
+            self.backend_protocol,
+            self.binding
         )
     }
 }
@@ -257,6 +330,29 @@ impl RawRule {
                 OnBackendLoss::Close
             }
         };
+        let backend_protocol = match self.backend_protocol.as_deref().unwrap_or("gate") {
+            "gate" => BackendProtocol::Gate,
+            "seed_tcp" => BackendProtocol::SeedTcp,
+            "grpc" => BackendProtocol::Grpc,
+            other => {
+                errs.push(("backend_protocol", format!("{other:?} is not one of gate, seed_tcp, grpc")));
+                BackendProtocol::Gate
+            }
+        };
+        let binding = match self.binding.as_deref().unwrap_or("frame") {
+            "frame" => BindingMode::Frame,
+            "connection" => BindingMode::Connection,
+            other => {
+                errs.push(("binding", format!("{other:?} is not one of frame, connection")));
+                BindingMode::Frame
+            }
+        };
+        if backend_protocol == BackendProtocol::SeedTcp && self.on_backend_loss.as_deref() == Some("rebind") {
+            errs.push((
+                "on_backend_loss",
+                "seed_tcp sessions end with their backend connection; rebind is not possible".to_string(),
+            ));
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -272,6 +368,8 @@ impl RawRule {
             notify_sessions: self.notify_sessions.unwrap_or(true),
             trace_propagation: self.trace_propagation.unwrap_or(false),
             on_backend_loss,
+            backend_protocol,
+            binding,
         })
     }
 }

@@ -31,6 +31,11 @@ pub(crate) const DEFAULT_CIRCUIT_OPEN_DURATION: &str = "5s";
 pub(crate) const DEFAULT_KEEPALIVE_INTERVAL: &str = "10s";
 /// An unanswered PING older than this marks the connection dead.
 pub(crate) const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
+/// Per-session (seed_tcp) backend connections per endpoint per worker, as the
+/// Go gateway's pool limit per service.
+pub(crate) const DEFAULT_SEED_POOL_MAX: u32 = 100;
+/// How long an unused seed_tcp connection waits in the idle pool.
+pub(crate) const DEFAULT_SEED_IDLE_TIMEOUT: &str = "5m";
 /// One largest client frame (8-byte header + 65,535 payload bytes) plus room
 /// for a few small ones in the same message.
 pub(crate) const DEFAULT_WS_MAX_MESSAGE_SIZE: usize = 128 * 1024;
@@ -145,6 +150,8 @@ pub(crate) struct RawBackend {
     pub(crate) circuit_open_duration: String,
     pub(crate) keepalive_interval: String,
     pub(crate) keepalive_timeout: String,
+    pub(crate) seed_pool_max: i64,
+    pub(crate) seed_idle_timeout: String,
 }
 
 impl Default for RawBackend {
@@ -160,6 +167,8 @@ impl Default for RawBackend {
             circuit_open_duration: DEFAULT_CIRCUIT_OPEN_DURATION.into(),
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL.into(),
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
+            seed_pool_max: DEFAULT_SEED_POOL_MAX as i64,
+            seed_idle_timeout: DEFAULT_SEED_IDLE_TIMEOUT.into(),
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub proxy_protocol: bool,
     /// ... only from these source networks.
     pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// This gateway's name towards backends (gRPC `gateway-name`, with the
+    /// worker index): `POD_NAME`, else the host name.
+    pub node_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +136,10 @@ pub struct BackendConfig {
     /// Zero disables keep-alive pings.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// seed_tcp: per-session connections per endpoint per worker, busy and idle.
+    pub seed_pool_max: usize,
+    /// seed_tcp: how long an unused connection waits in the idle pool.
+    pub seed_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -181,6 +181,19 @@ impl RawConfig {
     }
 }
 
+/// The kernel's host name (`gethostname`), or "game-gateway" when unknown.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is a valid, writable buffer of the length passed;
+    // gethostname writes at most that many bytes and does not keep the pointer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "game-gateway".to_string(),
+    }
+}
+
 fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfig {
     let listen = p.addr("server", "listen", &s.listen);
     let admin_listen = p.addr("server", "admin_listen", &s.admin_listen);
@@ -229,6 +242,7 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         cpus,
         io_driver,
         drain_timeout,
+        node_name: env.pod_name.clone().filter(|p| !p.is_empty()).unwrap_or_else(host_name),
         proxy_protocol: s.proxy_protocol,
         proxy_trusted,
     }
@@ -298,6 +312,8 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
         circuit_open_duration: p.duration("backend", "circuit_open_duration", &b.circuit_open_duration),
         keepalive_interval: p.duration("backend", "keepalive_interval", &b.keepalive_interval),
         keepalive_timeout: p.duration("backend", "keepalive_timeout", &b.keepalive_timeout),
+        seed_pool_max: p.int("backend", "seed_pool_max", b.seed_pool_max, 1, 100_000),
+        seed_idle_timeout: p.duration("backend", "seed_idle_timeout", &b.seed_idle_timeout),
     };
     if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {
         p.push("backend", None, "keepalive_timeout", "must be above zero when keep-alive is on");

@@ -7,7 +7,9 @@
 //! - [`frontdoor`]: sniffing the first bytes, HTTP upgrade (and the refusals,
 //!   built once), PROXY headers.
 //! - [`ws`]: WebSocket framing state of an upgraded session.
+//! - [`grpc`]: `GamePacket` messages of the Go gateway's gRPC backend mode.
 
 pub use gate_protocol::{backend, client, ServerId};
 pub mod frontdoor;
+pub mod grpc;
 pub mod ws;

@@ -26,7 +26,8 @@ use super::{Action, Ctx, DropReason, SessionId, SessionTable, Shard, Shut};
 use crate::config::BackendConfig;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
 use crate::resilience::{CircuitBreaker, CircuitState};
-use crate::routing::{Endpoint, OnBackendLoss};
+use crate::protocol::grpc::{self, ServerPacket};
+use crate::routing::{BackendProtocol, Endpoint, OnBackendLoss};
 use crate::stats::{bump, WorkerStats};
 use ahash::{AHashMap, AHashSet};
 use bytes::{Buf, BytesMut};
@@ -112,6 +113,11 @@ impl ConnCounters {
 struct BackendConn {
     /// The endpoint (its name labels metrics and logs).
     endpoint: Endpoint,
+    /// What the stream speaks: how frames are encoded and decoded, and
+    /// whether it is shared (gate, grpc) or one session's (seed_tcp).
+    protocol: BackendProtocol,
+    /// seed_tcp: since when the connection has served no session (idle pool).
+    idle_since: Option<Instant>,
     /// Index in the pool, for logs and to spread sessions.
     slot: usize,
     state: ConnState,
@@ -147,6 +153,11 @@ impl BackendConn {
         }
     }
 
+    /// A seed_tcp connection in the idle pool: up, serving no session.
+    fn idle_seed(&self) -> bool {
+        self.protocol == BackendProtocol::SeedTcp && self.state == ConnState::Up && self.sessions.is_empty()
+    }
+
     fn live(&self) -> bool {
         matches!(self.state, ConnState::Up | ConnState::Connecting | ConnState::Retiring { .. })
     }
@@ -167,7 +178,8 @@ struct Pool {
 /// Pools by endpoint address, and the connection slots.
 #[derive(Default)]
 pub(super) struct Backends {
-    pools: AHashMap<SocketAddr, Pool>,
+    /// By endpoint address and protocol (one address could serve two).
+    pools: AHashMap<(SocketAddr, BackendProtocol), Pool>,
     conns: Vec<Option<BackendConn>>,
     /// Slots of connections that are gone, for reuse.
     free: Vec<u32>,
@@ -224,46 +236,79 @@ impl Backends {
         self.conn(id).map(|c| c.generation)
     }
 
-    /// Is any connection of `ep` usable now (breaker closed or due for a
-    /// probe, and some connection not backing off)?
-    pub(super) fn available(&mut self, ep: &Endpoint, now: Instant) -> bool {
-        let Some(p) = self.pools.get_mut(&ep.addr) else { return true };
+    /// Is `ep` usable now: its breaker closed or due for a probe, and a
+    /// connection not backing off (seed_tcp: an idle one, or room for one)?
+    pub(super) fn available(&mut self, ep: &Endpoint, protocol: BackendProtocol, seed_max: usize, now: Instant) -> bool {
+        let Some(p) = self.pools.get_mut(&(ep.addr, protocol)) else { return true };
         if !p.breaker.allows(now) {
             return false;
         }
         let conns = &self.conns;
+        if protocol == BackendProtocol::SeedTcp {
+            return p.conns.len() < seed_max
+                || p.conns.iter().any(|c| conns[c.0 as usize].as_ref().is_some_and(BackendConn::idle_seed));
+        }
         p.conns.iter().any(|c| conns[c.0 as usize].as_ref().is_some_and(|c| c.available(now)))
     }
 
-    /// The connection a session binds to on `ep`: from its id's slot, the
-    /// first not backing off; dialed if it is not live. `None`: all backing off.
+    /// The connection a session binds to on `ep`. Shared protocols: from the
+    /// session id's slot, the first not backing off, dialed if it is not
+    /// live. seed_tcp: an idle connection of the pool, or a new one while the
+    /// pool has room. `None`: nothing usable.
     pub(super) fn conn_for(
         &mut self,
         ctx: &mut Ctx,
         ep: &Endpoint,
+        protocol: BackendProtocol,
         session: SessionId,
         now: Instant,
     ) -> Option<(ConnId, u64)> {
-        if !self.pools.contains_key(&ep.addr) {
+        let key = (ep.addr, protocol);
+        if !self.pools.contains_key(&key) {
             let b = &ctx.cfg.backend;
-            let n = b.connections_per_endpoint.max(1);
+            let n = match protocol {
+                BackendProtocol::Gate => b.connections_per_endpoint.max(1),
+                // One stream per endpoint per worker carries every session.
+                BackendProtocol::Grpc => 1,
+                // Created per session, below.
+                BackendProtocol::SeedTcp => 0,
+            };
             let breaker = CircuitBreaker::new(b.circuit_failure_threshold, b.circuit_open_duration);
-            let conns = (0..n).map(|slot| self.insert(ep.clone(), slot, now)).collect();
-            self.pools.insert(ep.addr, Pool { endpoint: ep.clone(), conns, breaker });
+            let conns = (0..n).map(|slot| self.insert(ep.clone(), protocol, slot, now)).collect();
+            self.pools.insert(key, Pool { endpoint: ep.clone(), conns, breaker });
         }
-        let pool = &self.pools[&ep.addr];
-        let n = pool.conns.len();
-        let start = (session as u64 % n as u64) as usize;
-        let id = (0..n)
-            .map(|i| pool.conns[(start + i) % n])
-            .find(|c| self.conns[c.0 as usize].as_ref().is_some_and(|c| c.available(now)))?;
+        let id = if protocol == BackendProtocol::SeedTcp {
+            let pool = &self.pools[&key];
+            let idle = pool.conns.iter().copied().find(|c| self.conns[c.0 as usize].as_ref().is_some_and(BackendConn::idle_seed));
+            match idle {
+                Some(id) => id,
+                None if pool.conns.len() < ctx.cfg.backend.seed_pool_max => {
+                    let slot = pool.conns.len();
+                    let id = self.insert(ep.clone(), protocol, slot, now);
+                    self.pools.get_mut(&key)?.conns.push(id);
+                    id
+                }
+                None => return None,
+            }
+        } else {
+            let pool = &self.pools[&key];
+            let n = pool.conns.len();
+            let start = (session as u64 % n as u64) as usize;
+            (0..n)
+                .map(|i| pool.conns[(start + i) % n])
+                .find(|c| self.conns[c.0 as usize].as_ref().is_some_and(|c| c.available(now)))?
+        };
         self.ensure_dialing(ctx, id, now);
-        Some((id, self.conns[id.0 as usize].as_ref()?.generation))
+        let c = self.conns[id.0 as usize].as_mut()?;
+        c.idle_since = None;
+        Some((id, c.generation))
     }
 
-    fn insert(&mut self, endpoint: Endpoint, slot: usize, now: Instant) -> ConnId {
+    fn insert(&mut self, endpoint: Endpoint, protocol: BackendProtocol, slot: usize, now: Instant) -> ConnId {
         let c = BackendConn {
             endpoint,
+            protocol,
+            idle_since: None,
             slot,
             state: ConnState::Idle,
             generation: 0,
@@ -298,7 +343,7 @@ impl Backends {
         }
         self.last_generation += 1;
         let generation = self.last_generation;
-        if let Some(p) = self.pools.get_mut(&c.endpoint.addr) {
+        if let Some(p) = self.pools.get_mut(&(c.endpoint.addr, c.protocol)) {
             p.breaker.on_attempt();
         }
         c.generation = generation;
@@ -312,6 +357,7 @@ impl Backends {
             conn: id,
             generation,
             addr: c.endpoint.addr,
+            protocol: c.protocol,
             timeout: ctx.cfg.backend.dial_timeout,
         });
     }
@@ -363,8 +409,9 @@ impl Backends {
         }
     }
 
-    /// Removes a session from the reverse index; `notify` queues a
-    /// `DISCONNECT` with that reason, when the binding is on the live stream.
+    /// Removes a session from the reverse index; `notify` tells the backend
+    /// (gate: `DISCONNECT`; grpc: a `disconnect` packet) when the binding is on
+    /// the live stream. A seed_tcp connection goes back to the idle pool.
     pub(super) fn unbind(
         &mut self,
         ctx: &mut Ctx,
@@ -376,8 +423,19 @@ impl Backends {
     ) {
         let Some(c) = self.current(id, generation) else { return };
         c.sessions.remove(&session);
-        if let Some(reason) = notify {
-            self.enqueue(ctx, id, generation, now, |out| bproto::encode_disconnect(out, session, reason));
+        let protocol = c.protocol;
+        if protocol == BackendProtocol::SeedTcp && c.sessions.is_empty() {
+            c.idle_since = Some(now);
+        }
+        let Some(reason) = notify else { return };
+        match protocol {
+            BackendProtocol::Gate => {
+                self.enqueue(ctx, id, generation, now, |out| bproto::encode_disconnect(out, session, reason));
+            }
+            BackendProtocol::Grpc => {
+                self.enqueue(ctx, id, generation, now, |out| grpc::encode_disconnect(out, session, reason.as_str()));
+            }
+            BackendProtocol::SeedTcp => {}
         }
     }
 
@@ -392,9 +450,10 @@ impl Backends {
 
     /// Starts retiring connections whose endpoint no route lists any more.
     pub(super) fn retire_unlisted(&mut self, ctx: &mut Ctx, now: Instant) {
-        let gone: Vec<SocketAddr> = self.pools.keys().filter(|a| !ctx.routes.lists(a)).copied().collect();
-        for addr in gone {
-            let Some(pool) = self.pools.remove(&addr) else { continue };
+        let gone: Vec<(SocketAddr, BackendProtocol)> =
+            self.pools.keys().filter(|(a, _)| !ctx.routes.lists(a)).copied().collect();
+        for key in gone {
+            let Some(pool) = self.pools.remove(&key) else { continue };
             for id in pool.conns {
                 let Some(c) = self.conn_mut(id) else { continue };
                 if c.live() {
@@ -418,7 +477,7 @@ impl Backends {
             let left = c.queued_frames;
             ctx.drop_frames(DropReason::BackendLost, left);
             tracing::info!(worker = ctx.index, backend = %c.endpoint, slot = c.slot, "backend connection retired: no route lists it");
-            ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation });
+            ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation, graceful: true });
             self.free_slot(&mut ctx.stats, ConnId(i as u32));
         }
     }
@@ -427,6 +486,37 @@ impl Backends {
         if let Some(c) = self.conns.get_mut(id.0 as usize).and_then(Option::take) {
             c.counters.add_to(stats.backend(&c.endpoint.name));
             self.free.push(id.0);
+        }
+    }
+
+    /// Drops a seed_tcp connection from its pool and frees its slot (a lost
+    /// per-session connection is never redialed: its session ended with it).
+    fn forget_seed(&mut self, stats: &mut WorkerStats, id: ConnId) {
+        let Some(c) = self.conn(id) else { return };
+        if c.protocol != BackendProtocol::SeedTcp {
+            return;
+        }
+        let key = (c.endpoint.addr, c.protocol);
+        if let Some(p) = self.pools.get_mut(&key) {
+            p.conns.retain(|c| *c != id);
+        }
+        self.free_slot(stats, id);
+    }
+
+    /// Closes seed_tcp connections idle for longer than `seed_idle_timeout`.
+    pub(super) fn close_idle_seed(&mut self, ctx: &mut Ctx, now: Instant) {
+        let timeout = ctx.cfg.backend.seed_idle_timeout;
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_ref() else { continue };
+            let expired = c.protocol == BackendProtocol::SeedTcp
+                && c.sessions.is_empty()
+                && !c.pending()
+                && c.idle_since.is_some_and(|t| now.saturating_duration_since(t) >= timeout);
+            if expired {
+                tracing::debug!(worker = ctx.index, backend = %c.endpoint, "idle seed_tcp connection closed");
+                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation, graceful: true });
+                self.forget_seed(&mut ctx.stats, ConnId(i as u32));
+            }
         }
     }
 
@@ -444,7 +534,7 @@ impl Backends {
     pub(super) fn close_all(&mut self, ctx: &mut Ctx) {
         for (i, c) in self.conns.iter().enumerate() {
             if let Some(c) = c.as_ref().filter(|c| c.live()) {
-                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation });
+                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation, graceful: true });
             }
         }
         self.pools.clear();
@@ -493,7 +583,7 @@ impl Backends {
             return Vec::new();
         }
         let was_up = c.state == ConnState::Up;
-        if let Some(p) = self.pools.get_mut(&c.endpoint.addr) {
+        if let Some(p) = self.pools.get_mut(&(c.endpoint.addr, c.protocol)) {
             if p.breaker.on_failure(now) {
                 bump(&mut ctx.stats.backend(&c.endpoint.name).errors, "circuit_opened", 1);
                 tracing::warn!(worker = ctx.index, backend = %c.endpoint, "circuit opened: routing skips this backend until a probe succeeds");
@@ -532,7 +622,7 @@ impl Backends {
             retry_in_ms = backoff.as_millis() as u64,
             "backend connection lost"
         );
-        ctx.actions.push(Action::CloseBackend { conn: id, generation });
+        ctx.actions.push(Action::CloseBackend { conn: id, generation, graceful: false });
         sessions
     }
 
@@ -547,7 +637,12 @@ impl Backends {
         }
         for i in 0..self.conns.len() {
             let id = ConnId(i as u32);
-            let Some(c) = self.conns[i].as_ref().filter(|c| c.state == ConnState::Up) else { continue };
+            // Gate only: grpc streams have HTTP/2 pings (in the driver), and
+            // seed_tcp backends know no keep-alive frame.
+            let Some(c) = self.conns[i].as_ref().filter(|c| c.state == ConnState::Up && c.protocol == BackendProtocol::Gate)
+            else {
+                continue;
+            };
             let generation = c.generation;
             match c.ping_sent {
                 Some(sent) if now.saturating_duration_since(sent) >= timeout => {
@@ -631,6 +726,17 @@ fn bound_session<'a>(
 }
 
 impl Shard {
+    /// (interval, timeout) of backend keep-alive, for drivers that ping at
+    /// their own layer (HTTP/2).
+    pub(crate) fn config_backend_keepalive(&self) -> (Duration, Duration) {
+        (self.ctx.cfg.backend.keepalive_interval, self.ctx.cfg.backend.keepalive_timeout)
+    }
+
+    /// Whether stream `generation` of `id` is still the live one.
+    pub(crate) fn backend_live(&self, id: ConnId, generation: u64) -> bool {
+        self.backends.conn(id).is_some_and(|c| c.generation == generation && c.live())
+    }
+
     /// The dial of `generation` succeeded. `false`: that generation is over
     /// (retired or replaced while dialing); the driver drops the stream.
     pub(crate) fn backend_connected(&mut self, id: ConnId, generation: u64, dial_time: Duration, now: Instant) -> bool {
@@ -648,7 +754,8 @@ impl Shard {
         c.ping_sent = None;
         let endpoint = c.endpoint.clone();
         let slot = c.slot;
-        if let Some(p) = self.backends.pools.get_mut(&endpoint.addr) {
+        let protocol = c.protocol;
+        if let Some(p) = self.backends.pools.get_mut(&(endpoint.addr, protocol)) {
             if p.breaker.on_success() {
                 tracing::info!(worker = ctx.index, backend = %endpoint, "circuit closed: backend answered");
             }
@@ -668,6 +775,9 @@ impl Shard {
     ) {
         let bound = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
         on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound);
+        if self.backends.conn(id).is_some_and(|c| c.generation == generation && matches!(c.state, ConnState::Backoff(_))) {
+            self.backends.forget_seed(&mut self.ctx.stats, id);
+        }
     }
 
     /// The writer reports its last completed write (`done`), then takes the
@@ -755,31 +865,124 @@ impl Shard {
             c.counters.bytes_received += read as u64;
         }
         let max = self.ctx.cfg.backend.max_frame_size;
+        let protocol = c.protocol;
         for _ in 0..MAX_FRAMES_PER_READ {
-            let h = match bproto::check(buf, max) {
-                Ok(Some(h)) => h,
-                Ok(None) => return BackendRead::Continue,
-                Err(e) => {
-                    bump(&mut self.ctx.stats.protocol_errors, "backend_frame", 1);
-                    self.backend_lost(id, generation, LossKind::ProtocolError, &e, now);
-                    return BackendRead::Stop;
-                }
+            let r = match protocol {
+                BackendProtocol::Gate => self.gate_frame(id, buf, max, now),
+                BackendProtocol::SeedTcp => self.seed_frame(id, buf, max, now),
+                BackendProtocol::Grpc => self.grpc_message(id, buf, max, now),
             };
-            let len = h.frame_len();
-            match bproto::parse(&h, &buf[..len], false) {
-                Ok(body) => self.on_backend_frame(id, &h, body, now),
-                Err(e) => {
+            match r {
+                Ok(true) => {}
+                Ok(false) => return BackendRead::Continue,
+                Err((kind, err)) => {
                     bump(&mut self.ctx.stats.protocol_errors, "backend_frame", 1);
-                    self.backend_lost(id, generation, LossKind::ProtocolError, &e, now);
+                    self.backend_lost(id, generation, kind, &err, now);
                     return BackendRead::Stop;
                 }
             }
-            buf.advance(len);
             if self.backends.current(id, generation).is_none() {
                 return BackendRead::Stop;
             }
         }
         BackendRead::Yield
+    }
+
+    /// One gate frame from the front of `buf`: `Ok(false)` when incomplete.
+    fn gate_frame(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+        let h = match bproto::check(buf, max) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
+        };
+        let len = h.frame_len();
+        match bproto::parse(&h, &buf[..len], false) {
+            Ok(body) => self.on_backend_frame(id, &h, body, now),
+            Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
+        }
+        buf.advance(len);
+        Ok(true)
+    }
+
+    /// One seed_tcp frame: whatever arrives on the connection is for the one
+    /// session it serves; the opcode and ids are ignored, the client frame
+    /// gets `msg_id` = the frame's type and `server_id` 0.
+    fn seed_frame(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+        let (msg_type, len) = match bproto::check_seed(buf, max) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
+        };
+        let payload = &buf[bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN..len];
+        let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+        let session = self.backends.conn_mut(id).and_then(|c| {
+            c.counters.frames_received += 1;
+            c.sessions.iter().next().copied()
+        });
+        match session.and_then(|sid| self.sessions.by_id_mut(sid)) {
+            Some(s) => {
+                let st = s.info.first_server_type.unwrap_or(0) as usize;
+                if s.deliver(&mut self.ctx, msg_type as u16, 0, payload, max_queued, now) {
+                    self.ctx.stats.messages_out[st] += 1;
+                }
+            }
+            None => {
+                // A reply after its session ended, on an idle connection.
+                self.ctx.drop_frames(DropReason::UnboundSession, 1);
+            }
+        }
+        buf.advance(len);
+        Ok(true)
+    }
+
+    /// One gRPC message (a `GamePacket`) from the stream's DATA bytes.
+    fn grpc_message(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+        let len = match grpc::check(buf, max) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
+        };
+        let packet = grpc::decode(&buf[..len]);
+        buf.advance(len);
+        let p = match packet {
+            Ok(p) => p,
+            Err(e) => {
+                // The stream stays in sync (the length was good): drop this
+                // message only.
+                self.ctx.drop_frames(DropReason::Malformed, 1);
+                if let Some(n) = self.ctx.logs.allow("grpc_decode", now) {
+                    tracing::warn!(error = %e, suppressed = n, "GamePacket from backend does not decode, dropped");
+                }
+                return Ok(true);
+            }
+        };
+        if let Some(c) = self.backends.conn_mut(id) {
+            c.counters.frames_received += 1;
+        }
+        let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+        match p.kind() {
+            ServerPacket::ServerConnect | ServerPacket::Pong => {}
+            ServerPacket::ServerDisconnect => {
+                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now) {
+                    let reason = p.metadata.get("reason").map(String::as_str).unwrap_or("");
+                    tracing::info!(session_id = p.session_id, trace_id = %s.trace_id(), reason, "session closed by the gRPC backend");
+                    s.begin_close(&mut self.ctx, DisconnectReason::Kicked, Shut::Read);
+                }
+            }
+            ServerPacket::Data => {
+                let targets: &[i64] =
+                    if p.target_session_ids.is_empty() { std::slice::from_ref(&p.session_id) } else { &p.target_session_ids };
+                for &sid in targets {
+                    if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now) {
+                        let st = s.info.first_server_type.unwrap_or(0) as usize;
+                        if s.deliver(&mut self.ctx, p.msg_id as u16, 0, &p.payload, max_queued, now) {
+                            self.ctx.stats.messages_out[st] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn on_backend_frame(&mut self, id: ConnId, h: &bproto::Header, body: Body<'_>, now: Instant) {

@@ -151,13 +151,15 @@ pub(crate) enum Action {
     /// The session left the table. Its writer writes `tail` (the replies still
     /// queued, and a WebSocket close frame), then half-closes and exits.
     Closed { key: SessionKey, tail: BytesMut },
-    /// Dial `addr` for connection `conn` as its `generation`.
-    Dial { conn: ConnId, generation: u64, addr: SocketAddr, timeout: Duration },
+    /// Dial `addr` for connection `conn` as its `generation`, speaking `protocol`.
+    Dial { conn: ConnId, generation: u64, addr: SocketAddr, protocol: crate::routing::BackendProtocol, timeout: Duration },
     /// The connection's queue has bytes: wake its writer.
     WakeBackend(ConnId),
-    /// The connection's `generation` is over (lost, retired or stopped): shut
-    /// its socket so both of its tasks end.
-    CloseBackend { conn: ConnId, generation: u64 },
+    /// The connection's `generation` is over: shut its socket so its tasks
+    /// end. `graceful` (retired, idle or stopping; its queue is written): let
+    /// a transport that buffers (HTTP/2) finish sending first; otherwise
+    /// (lost) at once.
+    CloseBackend { conn: ConnId, generation: u64, graceful: bool },
     /// Hand these access-log records to the writer thread (never blocking),
     /// then report with [`Shard::access_log_handed`].
     AccessLog { buf: Vec<u8>, records: u64 },
@@ -215,11 +217,14 @@ pub(crate) enum DropReason {
     UnboundSession,
     /// A backend sent an opcode only the gateway may send.
     UnexpectedOpcode,
+    /// A backend message whose length was good but whose body does not decode.
+    Malformed,
 }
 
 impl DropReason {
     /// Every reason, for exporting each label at zero from the start.
-    pub(crate) const ALL: [DropReason; 8] = [
+    pub(crate) const ALL: [DropReason; 9] = [
+        DropReason::Malformed,
         DropReason::ReplyTooLarge,
         DropReason::RateLimited,
         DropReason::RoutingError,
@@ -240,6 +245,7 @@ impl DropReason {
             DropReason::BackendUnavailable => "backend_unavailable",
             DropReason::UnboundSession => "unbound_session",
             DropReason::UnexpectedOpcode => "unexpected_opcode",
+            DropReason::Malformed => "malformed",
         }
     }
 }
@@ -447,6 +453,9 @@ impl Shard {
             self.flush_access_log();
         }
         self.backends.finish_retirements(&mut self.ctx, now);
+        if sweep {
+            self.backends.close_idle_seed(&mut self.ctx, now);
+        }
         if evict {
             let rate = self.ctx.per_ip_limits().1;
             self.ip_table.evict_idle(rate, now);

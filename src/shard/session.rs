@@ -24,7 +24,8 @@ use crate::protocol::client as cproto;
 use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
 use crate::protocol::ws::{self, WsEnd, WsState};
 use crate::protocol::ServerId;
-use crate::routing::{OnBackendLoss, PickInput, RouteError};
+use crate::protocol::grpc;
+use crate::routing::{BackendProtocol, BindingMode, OnBackendLoss, PickInput, RouteError};
 use crate::session::{SessionInfo, TraceId};
 use crate::stats::bump;
 use bytes::{Buf, BytesMut};
@@ -58,6 +59,8 @@ pub(super) struct Binding {
     /// The rule propagates trace context in every frame.
     pub(super) trace: bool,
     pub(super) on_loss: OnBackendLoss,
+    /// What the stream speaks (how frames for it are encoded).
+    pub(super) protocol: BackendProtocol,
 }
 
 /// Why a binding could not be made.
@@ -103,6 +106,9 @@ pub(super) struct Session {
     proxy_done: bool,
     /// WebSocket framing state, once upgraded.
     ws: Option<Box<WsState>>,
+    /// `binding = "connection"`: the (server type, world) of the first frame,
+    /// which every later frame follows.
+    sticky: Option<(u8, u16)>,
 }
 
 /// What the driver's writer gets from [`Shard::take_client_out`].
@@ -244,6 +250,7 @@ impl Shard {
             mode: Mode::Sniffing,
             proxy_done: false,
             ws: None,
+            sticky: None,
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -469,8 +476,9 @@ impl Shard {
     /// Routes one client frame to its backend stream (binding on first use).
     fn forward(&mut self, key: SessionKey, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
         let id = key.id;
-        let st = h.server_id.server_type();
         let Some(s) = self.sessions.get_mut(key) else { return };
+        // With `binding = "connection"` every frame follows the first one.
+        let (st, world) = s.sticky.unwrap_or((h.server_id.server_type(), h.server_id.world_id()));
         let current = match s.bindings.iter().position(|b| b.server_type == st) {
             Some(i) if self.backends.generation(s.bindings[i].conn) == Some(s.bindings[i].generation) => Some(i),
             Some(i) => {
@@ -487,15 +495,21 @@ impl Shard {
         };
         let b = match current {
             Some(i) => s.bindings[i],
-            None => match self.bind(key, h, now) {
+            None => match self.bind(key, st, world, h.server_id.inst_id(), now) {
                 Ok(b) => b,
                 Err(e) => {
                     let ctx = &mut self.ctx;
                     bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
                     ctx.drop_frames(DropReason::RoutingError, 1);
+                    let Some(s) = self.sessions.get_mut(key) else { return };
                     if let Some(n) = ctx.logs.allow("routing_error", now) {
-                        let trace = self.sessions.get(key).map(|s| s.trace_id().to_string()).unwrap_or_default();
-                        tracing::warn!(session_id = id, trace_id = %trace, server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
+                        tracing::warn!(session_id = id, trace_id = %s.trace_id(), server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
+                    }
+                    // A connection that follows one backend cannot go on
+                    // without it (the Go gateway closes the client too).
+                    let sticky_rule = ctx.routes.lookup(st, world).is_some_and(|r| r.binding == BindingMode::Connection);
+                    if s.sticky.is_some() || sticky_rule {
+                        s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
                     }
                     return;
                 }
@@ -508,56 +522,78 @@ impl Shard {
         } else {
             None
         };
-        if self.backends.enqueue(&mut self.ctx, b.conn, b.generation, now, |out| {
-            bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)
-        }) {
+        let queued = self.backends.enqueue(&mut self.ctx, b.conn, b.generation, now, |out| match b.protocol {
+            BackendProtocol::Gate => {
+                bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, id, trace.as_ref(), payload)
+            }
+            // The Go gateway's TCP mode sends server_id 0.
+            BackendProtocol::SeedTcp => bproto::encode_trans(out, h.msg_id as i32, 0, id, trace.as_ref(), payload),
+            BackendProtocol::Grpc => grpc::encode_data(
+                out,
+                id,
+                h.msg_id,
+                payload,
+                trace.as_ref().map(|t| (&t.trace_id[..], &t.span_id[..])),
+            ),
+        });
+        if queued {
             self.ctx.stats.messages_in[st as usize] += 1;
         }
     }
 
     /// First frame for a server type: pick an endpoint with the rule's
     /// strategy, pick one of its connections, announce the session.
-    fn bind(&mut self, key: SessionKey, h: cproto::ClientHeader, now: Instant) -> Result<Binding, BindError> {
+    fn bind(&mut self, key: SessionKey, st: u8, world: u16, inst: u8, now: Instant) -> Result<Binding, BindError> {
         let id = key.id;
         let ctx = &mut self.ctx;
         let routes = ctx.routes.clone();
-        let st = h.server_id.server_type();
-        let world = h.server_id.world_id();
         let rule = routes.lookup(st, world).ok_or(BindError::Route(RouteError::NoRule))?;
         let Some(s) = self.sessions.get_mut(key) else { return Err(BindError::BackendUnavailable) };
         let peer = s.info.peer;
-        let input = PickInput { session_id: id, world_id: world, inst_id: h.server_id.inst_id(), client_ip: peer.ip() };
+        let input = PickInput { session_id: id, world_id: world, inst_id: inst, client_ip: peer.ip() };
         let backends = &mut self.backends;
+        let protocol = rule.backend_protocol;
+        let seed_max = ctx.cfg.backend.seed_pool_max;
         let cursor = ctx.rr.entry(rule.key()).or_insert(ctx.index);
         let ep = {
             // `pick` takes a shared closure, and the breaker check may move a
             // breaker from open to half-open: borrow the pools mutably inside.
             let pools = std::cell::RefCell::new(&mut *backends);
-            let available = |e: &crate::routing::Endpoint| pools.borrow_mut().available(e, now);
+            let available = |e: &crate::routing::Endpoint| pools.borrow_mut().available(e, protocol, seed_max, now);
             routes.pick(rule, &input, cursor, &available).map_err(BindError::Route)?.clone()
         };
-        let (conn, generation) = backends.conn_for(ctx, &ep, id, now).ok_or(BindError::BackendUnavailable)?;
+        let (conn, generation) =
+            backends.conn_for(ctx, &ep, protocol, id, now).ok_or(BindError::BackendUnavailable)?;
         // A second server type routed to a stream the session is already
         // bound on shares that binding: one CONNECT, one DISCONNECT.
         let shared = s.bindings.iter().any(|b| b.conn == conn && b.generation == generation);
         if !shared {
             backends.bind(conn, generation, id);
         }
-        if rule.notify_sessions && !shared {
+        // seed_tcp backends know no lifecycle frames.
+        let notify = rule.notify_sessions && protocol != BackendProtocol::SeedTcp;
+        if notify && !shared {
             let transport = s.info.transport;
-            backends.enqueue(ctx, conn, generation, now, |out| bproto::encode_connect(out, id, transport, peer));
+            backends.enqueue(ctx, conn, generation, now, |out| match protocol {
+                BackendProtocol::Grpc => grpc::encode_connect(out, id, peer.ip(), transport == Transport::WebSocket),
+                _ => bproto::encode_connect(out, id, transport, peer),
+            });
         }
         let b = Binding {
             server_type: st,
             world,
             conn,
             generation,
-            notify: rule.notify_sessions,
+            notify,
             trace: rule.trace_propagation,
-            on_loss: rule.on_backend_loss,
+            on_loss: if protocol == BackendProtocol::SeedTcp { OnBackendLoss::Close } else { rule.on_backend_loss },
+            protocol,
         };
         s.bindings.push(b);
-        tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, "session bound");
+        if rule.binding == BindingMode::Connection && s.sticky.is_none() {
+            s.sticky = Some((st, world));
+        }
+        tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, protocol = %protocol, "session bound");
         Ok(b)
     }
 

@@ -260,7 +260,7 @@ fn backend_loss_closes_sessions_by_default_and_counts_queued_frames() {
     h.sh.backend_lost(c, g, LossKind::ReadFailed, &"test", h.now);
     h.pump();
     let log = h.take_log();
-    assert!(log.iter().any(|a| matches!(a, Action::CloseBackend { conn, generation } if *conn == c && *generation == g)));
+    assert!(log.iter().any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == c && *generation == g)));
     assert!(log.iter().any(|a| matches!(a, Action::ShutdownClient(id, Shut::Read) if *id == s)));
     assert_eq!(h.dropped("backend_lost"), 3, "CONNECT and two frames were queued");
     h.close(s);
@@ -309,7 +309,7 @@ fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
     // Its queue written, the connection nobody routes to is closed.
     h.sh.tick(h.now, false, false);
     h.pump();
-    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, generation } if *conn == ca && *generation == ga)));
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == ca && *generation == ga)));
     h.send(s, 10, b"y").unwrap();
     assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
     assert_eq!(h.sh.stats(h.now).route_version, 2);

@@ -30,12 +30,31 @@ pub(crate) struct ConnIo {
     /// Wakes the writer: frames queued, or the stream is over.
     pub(super) wake: Notify,
     /// Set once the dial succeeded and the stream was split.
-    sock: RefCell<Option<Rc<SocketShutdown>>>,
+    pub(super) sock: RefCell<Option<Rc<SocketShutdown>>>,
+    /// The writer ends the stream itself on a graceful close (HTTP/2: it
+    /// sends END_STREAM and waits, bounded, for the server to finish).
+    pub(super) self_finishing: std::cell::Cell<bool>,
+    /// The stream's reader has ended.
+    pub(super) reader_done: std::cell::Cell<bool>,
+    /// The driver left this stream's graceful close to its writer.
+    pub(super) closing_gracefully: std::cell::Cell<bool>,
 }
 
 impl ConnIo {
     pub(super) fn new(generation: u64) -> Rc<ConnIo> {
-        Rc::new(ConnIo { generation, wake: Notify::new(), sock: RefCell::new(None) })
+        Rc::new(ConnIo {
+            generation,
+            wake: Notify::new(),
+            sock: RefCell::new(None),
+            self_finishing: std::cell::Cell::new(false),
+            reader_done: std::cell::Cell::new(false),
+            closing_gracefully: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Whether a graceful close is left to the writer (see `self_finishing`).
+    pub(super) fn finishes_itself(&self) -> bool {
+        self.self_finishing.get()
     }
 
     /// The shard ended this generation: shut the socket so the reader's read

@@ -32,13 +32,14 @@
 
 mod backend;
 mod client;
+mod grpc;
 mod sys;
 
 use crate::config::{Config, IoDriver};
 use crate::limits::IP_EVICT_EVERY;
 use crate::notify::Notify;
 use crate::protocol::backend::DisconnectReason;
-use crate::routing::RouteTable;
+use crate::routing::{BackendProtocol, RouteTable};
 use crate::shard::{Action, SessionKey, Shard, ShardSetup};
 use crate::stats::WorkerStats;
 use crossbeam_channel::{Receiver, Sender};
@@ -105,6 +106,11 @@ pub(crate) struct Worker {
     stop_deadline: Cell<Instant>,
     /// The access-log writer; taken at the end of the stop so it can finish.
     access_tx: RefCell<Option<Sender<Vec<u8>>>>,
+    /// Streams ending themselves gracefully (HTTP/2) that the stop waits for.
+    finishing: Cell<usize>,
+    /// How this worker names itself to gRPC backends (`gateway-name`):
+    /// the node name and the worker index.
+    grpc_name: Rc<str>,
 }
 
 impl Worker {
@@ -164,7 +170,7 @@ impl Worker {
                     io.wake.notify();
                 }
             }
-            Action::Dial { conn, generation, addr, timeout } => {
+            Action::Dial { conn, generation, addr, protocol, timeout } => {
                 let io = backend::ConnIo::new(generation);
                 let mut backends = self.backends.borrow_mut();
                 let slot = conn.0 as usize;
@@ -173,19 +179,33 @@ impl Worker {
                 }
                 backends[slot] = Some(io.clone());
                 drop(backends);
-                monoio::spawn(backend::run(self.clone(), io, conn, addr, timeout));
+                match protocol {
+                    BackendProtocol::Grpc => {
+                        let name = self.grpc_name.clone();
+                        monoio::spawn(grpc::run(self.clone(), io, conn, addr, timeout, name));
+                    }
+                    _ => {
+                        monoio::spawn(backend::run(self.clone(), io, conn, addr, timeout));
+                    }
+                }
             }
             Action::WakeBackend(conn) => {
                 if let Some(Some(io)) = self.backends.borrow().get(conn.0 as usize) {
                     io.wake.notify();
                 }
             }
-            Action::CloseBackend { conn, generation } => {
+            Action::CloseBackend { conn, generation, graceful } => {
                 let mut backends = self.backends.borrow_mut();
                 if let Some(slot) = backends.get_mut(conn.0 as usize) {
                     if slot.as_ref().is_some_and(|io| io.generation == generation) {
                         if let Some(io) = slot.take() {
-                            io.close();
+                            if graceful && io.finishes_itself() {
+                                self.finishing.set(self.finishing.get() + 1);
+                                io.closing_gracefully.set(true);
+                                io.wake.notify();
+                            } else {
+                                io.close();
+                            }
                         }
                     }
                 }
@@ -259,6 +279,11 @@ impl Worker {
             monoio::time::sleep(Duration::from_millis(2)).await;
         }
         self.with_shard(|sh| sh.close_backends());
+        // HTTP/2 streams flush what they buffered and end their calls.
+        let until = Instant::now() + grpc::GRACEFUL_CLOSE;
+        while self.finishing.get() > 0 && Instant::now() < until {
+            monoio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.access_tx.borrow_mut().take();
         tracing::info!(worker = self.index, "stopped");
         self.stop_done.notify();
@@ -349,6 +374,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         }
     };
     let info = WorkerInfo { index, cpu, io_driver };
+    let node_name = cfg.server.node_name.clone();
     // Seeded from the clock, pid and worker so trace ids and jitter differ
     // across workers, restarts and nodes.
     let clock =
@@ -369,6 +395,8 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         drain_until: Cell::new(Instant::now()),
         stop_deadline: Cell::new(Instant::now()),
         access_tx: RefCell::new(Some(access_tx)),
+        finishing: Cell::new(0),
+        grpc_name: Rc::from(format!("{}-{index}", node_name)),
     });
     match cpu {
         Some(cpu) => tracing::info!(worker = index, cpu, io_driver, "worker started"),

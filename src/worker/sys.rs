@@ -27,6 +27,11 @@ impl SocketShutdown {
         Rc::new(SocketShutdown { fd: sock.as_raw_fd(), halves: Cell::new(2) })
     }
 
+    /// A handle on `sock`, which one task owns whole (an HTTP/2 connection).
+    pub(crate) fn single(sock: &impl AsRawFd) -> Rc<SocketShutdown> {
+        Rc::new(SocketShutdown { fd: sock.as_raw_fd(), halves: Cell::new(1) })
+    }
+
     /// Shuts down one or both directions; wakes the tasks blocked on them.
     pub(crate) fn shutdown(&self, how: Shut) {
         if self.halves.get() == 0 {

@@ -491,3 +491,45 @@ mod tests {
         }
     }
 }
+
+/// A frame of the Go gateway's per-session TCP mode ("seed TCP"), from the
+/// backend: the 20-byte server header, a 9-byte gate header whose opcode and
+/// ids are ignored (the connection itself names the session), then the
+/// payload. Returns `(type, frame length)`; the payload is
+/// `frame[SERVER_HEADER_LEN + GATE_HEADER_LEN..frame_len]`.
+pub fn check_seed(buf: &[u8], max_frame: usize) -> Result<Option<(i32, usize)>, BackendFrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let length = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if length < GATE_HEADER_LEN as i32 {
+        return Err(BackendFrameError::TooShort(length));
+    }
+    if length as usize > max_frame {
+        return Err(BackendFrameError::TooLarge { len: length as usize, max: max_frame });
+    }
+    let frame_len = SERVER_HEADER_LEN + length as usize;
+    if buf.len() < frame_len {
+        return Ok(None);
+    }
+    Ok(Some((i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]), frame_len)))
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::*;
+
+    #[test]
+    fn seed_frames_ignore_opcode_and_ids() {
+        let mut b = BytesMut::new();
+        encode_reply(&mut b, 42, 0, 7, b"hello");
+        b[20] = 99; // an opcode the gate protocol does not know
+        assert_eq!(check_seed(&b, 1024).unwrap(), Some((42, b.len())));
+        assert_eq!(&b[SERVER_HEADER_LEN + GATE_HEADER_LEN..], b"hello");
+        assert_eq!(check_seed(&b[..b.len() - 1], 1024).unwrap(), None);
+        let mut short = b.clone();
+        short[0..4].copy_from_slice(&8i32.to_le_bytes());
+        assert!(check_seed(&short, 1024).is_err());
+        assert!(check_seed(&b, 8).is_err());
+    }
+}
