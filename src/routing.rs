@@ -645,12 +645,28 @@ mod tests {
             notify_sessions: None,
             trace_propagation: None,
             on_backend_loss: Some("pray".into()),
+            backend_protocol: Some("smtp".into()),
+            binding: Some("glue".into()),
         };
         let errs = raw.validate().unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.0).collect();
         assert_eq!(
             fields,
-            vec!["server_type", "world_id", "strategy", "endpoints", "endpoints", "hash_key", "on_backend_loss"]
+            vec![
+                "server_type",
+                "world_id",
+                "strategy",
+                "endpoints",
+                "endpoints",
+                "hash_key",
+                "on_backend_loss",
+                "backend_protocol",
+                "binding"
+            ]
         );
+        let mut seed = RawRule::new(10, 0, "round_robin", &["127.0.0.1:1".into()]);
+        seed.backend_protocol = Some("seed_tcp".into());
+        seed.on_backend_loss = Some("rebind".into());
+        assert_eq!(seed.validate().unwrap_err()[0].0, "on_backend_loss", "seed_tcp sessions cannot rebind");
     }
 }

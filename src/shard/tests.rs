@@ -572,3 +572,173 @@ fn two_server_types_on_one_stream_share_the_binding() {
     h.close(s);
     assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::ClientClosed as u8)]);
 }
+
+fn seed_route(st: u8, ep: &str, extra: &str) -> String {
+    route(st, ep, &format!("backend_protocol = \"seed_tcp\"\n{extra}"))
+}
+
+/// Seed frames as a seed backend sees them: (object_id, server_id, type, payload).
+fn seed_frames(mut buf: BytesMut) -> Vec<(i64, u32, i32, Vec<u8>)> {
+    let mut v = Vec::new();
+    while let Some((t, len)) = bproto::check_seed(&buf, 1 << 20).unwrap() {
+        let object_id = i64::from_le_bytes(buf[12..20].try_into().unwrap());
+        let server_id = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+        assert_eq!(buf[20], 1, "opcode 1 only");
+        v.push((object_id, server_id, t, buf[29..len].to_vec()));
+        bytes::Buf::advance(&mut buf, len);
+    }
+    v
+}
+
+impl Harness {
+    /// Streams dialed to `addr` since the harness started, in order.
+    fn dials(&self, addr: &str) -> Vec<(ConnId, u64)> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dial { conn, generation, addr: a, .. } if *a == addr => Some((*conn, *generation)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn raw_out(&mut self, c: ConnId, g: u64) -> BytesMut {
+        let mut buf = BytesMut::new();
+        self.sh.take_backend_out(c, g, &mut buf, None, self.now);
+        buf
+    }
+}
+
+#[test]
+fn seed_tcp_gives_each_session_its_own_connection_and_reuses_it_after() {
+    let mut h = Harness::new(config("", "", &seed_route(11, A, "")));
+    let s1 = h.accept(1);
+    let s2 = h.accept(2);
+    h.send(s1, 11, b"one").unwrap();
+    h.send(s2, 11, b"two").unwrap();
+    let dials = h.dials(A);
+    assert_eq!(dials.len(), 2, "one connection per session");
+    let (c1, g1) = dials[0];
+    let (c2, g2) = dials[1];
+    assert_eq!(seed_frames(h.raw_out(c1, g1)), vec![(s1.id, 0, 7, b"one".to_vec())], "no CONNECT, server_id 0");
+    assert_eq!(seed_frames(h.raw_out(c2, g2)), vec![(s2.id, 0, 7, b"two".to_vec())]);
+    // Whatever arrives on a connection is for its session, ids ignored.
+    let mut reply = BytesMut::new();
+    bproto::encode_reply(&mut reply, 33, 0x0a0b, 999, b"r1");
+    let n = reply.len();
+    h.sh.backend_data(c1, g1, &mut reply, n, h.now);
+    assert_eq!(h.client_out(s1), vec![(33, b"r1".to_vec())]);
+    // s1 leaves: no DISCONNECT; the next session gets its connection.
+    h.close(s1);
+    assert!(h.raw_out(c1, g1).is_empty());
+    let s3 = h.accept(3);
+    h.send(s3, 11, b"three").unwrap();
+    assert_eq!(h.dials(A).len(), 2, "reused, not dialed");
+    assert_eq!(seed_frames(h.raw_out(c1, g1)), vec![(s3.id, 0, 7, b"three".to_vec())]);
+}
+
+#[test]
+fn seed_tcp_loss_ends_its_session_and_the_connection_is_not_redialed() {
+    let mut h = Harness::new(config("", "", &seed_route(11, A, "")));
+    let s = h.accept(1);
+    h.send(s, 11, b"x").unwrap();
+    let (c, g) = h.dials(A)[0];
+    h.take_log();
+    h.sh.backend_lost(c, g, LossKind::ClosedByBackend, &"eof", h.now);
+    h.pump();
+    assert_eq!(h.shutdowns(), vec![(s, Shut::Read)]);
+    h.close(s);
+    let s2 = h.accept(2);
+    h.send(s2, 11, b"y").unwrap();
+    assert_eq!(h.dials(A).len(), 1, "a new connection for the new session");
+}
+
+#[test]
+fn seed_tcp_pool_is_bounded_per_endpoint() {
+    let mut h = Harness::new(config("", "seed_pool_max = 2", &seed_route(11, A, "")));
+    let ids: Vec<SessionKey> = (1..=3).map(|p| h.accept(p)).collect();
+    for &s in &ids {
+        h.send(s, 11, b"x").unwrap();
+    }
+    assert_eq!(h.dials(A).len(), 2);
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).routing_errors, "backend_unavailable"), 1);
+}
+
+#[test]
+fn connection_binding_sends_every_frame_where_the_first_went() {
+    let mut h = Harness::new(config("", "", &(seed_route(11, A, "binding = \"connection\"") + &route(12, B, ""))));
+    let s = h.accept(1);
+    h.send(s, 11, b"first").unwrap();
+    h.send(s, 12, b"second").unwrap();
+    h.send(s, 99, b"third").unwrap();
+    let (c, g) = h.dials(A)[0];
+    let got: Vec<Vec<u8>> = seed_frames(h.raw_out(c, g)).into_iter().map(|f| f.3).collect();
+    assert_eq!(got, vec![b"first".to_vec(), b"second".to_vec(), b"third".to_vec()]);
+    assert!(h.dials(B).is_empty());
+}
+
+#[test]
+fn grpc_sends_connect_data_and_disconnect_and_fans_out_only_to_its_sessions() {
+    use crate::protocol::grpc;
+    let routes = route(12, A, "backend_protocol = \"grpc\"") + &route(13, B, "backend_protocol = \"grpc\"");
+    let mut h = Harness::new(config("", "", &routes));
+    let s1 = h.accept(1);
+    let s2 = h.accept(2);
+    let other = h.accept(3);
+    h.send(s1, 12, b"a").unwrap();
+    h.send(s2, 12, b"b").unwrap();
+    h.send(other, 13, b"c").unwrap();
+    assert_eq!(h.dials(A).len(), 1, "one stream per endpoint per worker");
+    let (c, g) = h.dials(A)[0];
+    let mut out = h.raw_out(c, g);
+    let mut packets = Vec::new();
+    while let Some(n) = grpc::check(&out, 1 << 20).unwrap() {
+        packets.push(grpc::decode(&out[..n]).unwrap());
+        bytes::Buf::advance(&mut out, n);
+    }
+    let kinds: Vec<(i64, String)> = packets
+        .iter()
+        .map(|p| (p.session_id, p.metadata.get("packet_type").cloned().unwrap_or_else(|| "data".into())))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(s1.id, "connect".into()), (s1.id, "data".into()), (s2.id, "connect".into()), (s2.id, "data".into())]
+    );
+    // A fan-out that lists a session of another stream reaches only its own.
+    let mut fan = BytesMut::new();
+    let p = grpc::GamePacket {
+        msg_id: 5,
+        payload: bytes::Bytes::from_static(b"all"),
+        target_session_ids: vec![s1.id, s2.id, other.id],
+        ..Default::default()
+    };
+    grpc::encode(&mut fan, &p);
+    let n = fan.len();
+    h.sh.backend_data(c, g, &mut fan, n, h.now);
+    assert_eq!(h.client_out(s1), vec![(5, b"all".to_vec())]);
+    assert_eq!(h.client_out(s2), vec![(5, b"all".to_vec())]);
+    assert!(h.client_out(other).is_empty());
+    assert_eq!(h.dropped("unbound_session"), 1);
+    // server_disconnect closes that session only.
+    let mut kick = BytesMut::new();
+    let mut p = grpc::GamePacket { session_id: s2.id, ..Default::default() };
+    p.metadata.insert("packet_type".into(), "server_disconnect".into());
+    grpc::encode(&mut kick, &p);
+    let n = kick.len();
+    h.take_log();
+    h.sh.backend_data(c, g, &mut kick, n, h.now);
+    h.pump();
+    assert_eq!(h.shutdowns(), vec![(s2, Shut::Read)]);
+    h.close(s2);
+    let mut out = h.raw_out(c, g);
+    let n = grpc::check(&out, 1 << 20).unwrap().unwrap();
+    let p = grpc::decode(&out[..n]).unwrap();
+    assert_eq!((p.session_id, p.metadata["packet_type"].as_str(), p.metadata["reason"].as_str()), (s2.id, "disconnect", "kicked"));
+    bytes::Buf::advance(&mut out, n);
+    // A message that does not decode is dropped alone; the stream goes on.
+    let mut bad = BytesMut::from(&[0u8, 0, 0, 0, 2, 0xff, 0xff][..]);
+    let n = bad.len();
+    assert_eq!(h.sh.backend_data(c, g, &mut bad, n, h.now), BackendRead::Continue);
+    assert_eq!(h.dropped("malformed"), 1);
+}
