@@ -153,6 +153,8 @@ pub enum HttpRefusal {
     BadVersion,
     /// No `Sec-WebSocket-Key`: 400.
     MissingKey,
+    /// A `Sec-WebSocket-Key` that is not 16 bytes in base64 (RFC 6455 4.1): 400.
+    BadKey,
     /// A head that does not parse: 400.
     Malformed,
     /// `Origin` not in the allow-list: 403.
@@ -210,6 +212,9 @@ impl HttpRefusal {
             HttpRefusal::MissingConnectionUpgrade => response!("400 Bad Request", "", "28", "missing Connection: upgrade\n"),
             HttpRefusal::BadVersion => response!("400 Bad Request", "", "33", "Sec-WebSocket-Version must be 13\n"),
             HttpRefusal::MissingKey => response!("400 Bad Request", "", "26", "missing Sec-WebSocket-Key\n"),
+            HttpRefusal::BadKey => {
+                response!("400 Bad Request", "", "50", "Sec-WebSocket-Key must be 16 bytes base64-encoded\n")
+            }
             HttpRefusal::Malformed => response!("400 Bad Request", "", "23", "malformed HTTP request\n"),
             HttpRefusal::OriginRefused => response!("403 Forbidden", "", "19", "origin not allowed\n"),
             HttpRefusal::HeadTooLarge => response!("431 Request Header Fields Too Large", "", "23", "request head too large\n"),
@@ -221,6 +226,17 @@ impl HttpRefusal {
 /// Largest request head read before answering 431.
 pub const MAX_REQUEST_HEAD: usize = 8192;
 const MAX_HEADERS: usize = 32;
+
+/// RFC 6455 4.1: the key is 16 random bytes, base64-encoded: 22 characters
+/// of the base64 alphabet then `==`.
+fn valid_websocket_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        // The last character before the padding carries 2 bits: A, Q, g or w.
+        && matches!(b[21], b'A' | b'Q' | b'g' | b'w')
+}
 
 /// Parses the request head at the front of `buf` (with `httparse`).
 /// `Ok(None)`: incomplete. On a decision, also returns the head's length.
@@ -259,6 +275,9 @@ pub fn parse_http(buf: &[u8], policy: &UpgradePolicy) -> Option<(HttpDecision, u
     let Some(key) = header("Sec-WebSocket-Key").filter(|k| !k.trim().is_empty()) else {
         return Some((HttpDecision::Refuse(HttpRefusal::MissingKey), len));
     };
+    if !valid_websocket_key(key.trim()) {
+        return Some((HttpDecision::Refuse(HttpRefusal::BadKey), len));
+    }
     if !policy.allowed_origins.is_empty() {
         let origin = header("Origin").unwrap_or("");
         if !policy.allowed_origins.iter().any(|o| o == origin) {
@@ -353,6 +372,8 @@ mod tests {
         assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n", &p), 426);
         assert_eq!(status(&UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), &p), 400);
         assert_eq!(status(&UPGRADE.replace("Version: 13", "Version: 8"), &p), 400);
+        assert_eq!(status(&UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "not-a-key"), &p), 400);
+        assert_eq!(status(&UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ"), &p), 400);
         let strict = UpgradePolicy { allowed_origins: vec!["https://other".into()], subprotocols: vec![] };
         assert_eq!(status(UPGRADE, &strict), 403);
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_HEAD));

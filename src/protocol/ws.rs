@@ -93,6 +93,7 @@ impl WsState {
                 Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(None),
                 Err(Error::Capacity(_)) => break Err((CloseCode::Size, "message too large")),
                 Err(Error::Protocol(_)) => break Err((CloseCode::Protocol, "protocol error")),
+                Err(Error::Utf8(_)) => break Err((CloseCode::Invalid, "invalid UTF-8")),
                 Err(Error::ConnectionClosed) | Err(Error::AlreadyClosed) => break Ok(Some(WsEnd::ClientClosed)),
                 Err(_) => break Err((CloseCode::Error, "internal error")),
             }
@@ -191,6 +192,8 @@ mod tests {
             (client_frame(0x1, b"text", true), 1003u16),
             (client_frame(0x2, b"unmasked", false), 1002),
             (client_frame(0x2, &[0u8; 300], true), 1009),
+            // A close frame whose reason is not UTF-8.
+            (client_frame(0x8, &[0x03, 0xe8, 0xff, 0xfe], true), 1007),
         ] {
             let mut ws = WsState::new(256);
             let mut out = BytesMut::new();

@@ -893,15 +893,34 @@ impl Shard {
         let h = match bproto::check(buf, max) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(false),
+            Err(bproto::BackendFrameError::UnknownOpcode(op)) => {
+                // The length is good, so the stream stays in sync: drop this
+                // frame only (a newer backend, or a bug on its side).
+                let Some((_, len)) = bproto::check_seed(buf, max).ok().flatten() else { return Ok(false) };
+                self.drop_malformed(&format_args!("unknown backend opcode {op}"), now);
+                buf.advance(len);
+                return Ok(true);
+            }
+            // A bad length: the stream cannot be re-synchronised.
             Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
         };
         let len = h.frame_len();
         match bproto::parse(&h, &buf[..len], false) {
             Ok(body) => self.on_backend_frame(id, &h, body, now),
-            Err(e) => return Err((LossKind::ProtocolError, e.to_string())),
+            Err(e) => self.drop_malformed(&e, now),
         }
         buf.advance(len);
         Ok(true)
+    }
+
+    /// A backend frame (or message) with a good length and a bad body:
+    /// dropped alone, counted, logged (rate-limited).
+    fn drop_malformed(&mut self, err: &dyn std::fmt::Display, now: Instant) {
+        self.ctx.drop_frames(DropReason::Malformed, 1);
+        bump(&mut self.ctx.stats.protocol_errors, "backend_frame", 1);
+        if let Some(n) = self.ctx.logs.allow("backend_malformed", now) {
+            tracing::warn!(error = %err, suppressed = n, "backend frame malformed, dropped");
+        }
     }
 
     /// One seed_tcp frame: whatever arrives on the connection is for the one
@@ -949,10 +968,7 @@ impl Shard {
             Err(e) => {
                 // The stream stays in sync (the length was good): drop this
                 // message only.
-                self.ctx.drop_frames(DropReason::Malformed, 1);
-                if let Some(n) = self.ctx.logs.allow("grpc_decode", now) {
-                    tracing::warn!(error = %e, suppressed = n, "GamePacket from backend does not decode, dropped");
-                }
+                self.drop_malformed(&e, now);
                 return Ok(true);
             }
         };
@@ -1011,7 +1027,12 @@ impl Shard {
             }
             Body::Multicast { sessions, payload } => {
                 let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
-                for sid in sessions.iter() {
+                // Each listed session gets the payload once, however often
+                // it is listed.
+                let mut ids: Vec<i64> = sessions.iter().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for sid in ids {
                     if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now) {
                         if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
                             self.ctx.stats.messages_out[st] += 1;

@@ -742,3 +742,35 @@ fn grpc_sends_connect_data_and_disconnect_and_fans_out_only_to_its_sessions() {
     assert_eq!(h.sh.backend_data(c, g, &mut bad, n, h.now), BackendRead::Continue);
     assert_eq!(h.dropped("malformed"), 1);
 }
+
+#[test]
+fn an_unknown_opcode_or_a_malformed_body_drops_that_frame_only() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let mut unknown = trans(s.id, b"future");
+    unknown[20] = 42;
+    assert_eq!(h.backend_send(A, unknown), BackendRead::Continue);
+    // A MULTICAST whose count says more ids than the body holds.
+    let mut bad = BytesMut::new();
+    bproto::encode_multicast(&mut bad, 9, 0, &[s.id], b"");
+    bad[29] = 200;
+    assert_eq!(h.backend_send(A, bad), BackendRead::Continue);
+    assert_eq!(h.dropped("malformed"), 2);
+    // The stream is still up and serving.
+    h.backend_send(A, trans(s.id, b"still"));
+    assert_eq!(h.client_out(s), vec![(9, b"still".to_vec())]);
+}
+
+#[test]
+fn a_session_listed_twice_in_a_multicast_gets_it_once() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let mut m = BytesMut::new();
+    bproto::encode_multicast(&mut m, 9, 0, &[s.id, s.id, s.id], b"once");
+    h.backend_send(A, m);
+    assert_eq!(h.client_out(s), vec![(9, b"once".to_vec())]);
+}
