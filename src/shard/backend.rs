@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 
 /// Longest a retired connection may take to write its last queue.
 pub(crate) const RETIRE_DRAIN_MAX: Duration = Duration::from_secs(5);
+/// The least share of a backend queue a session may fill before its reading
+/// pauses: two of the largest client frames, so any frame fits.
+pub(crate) const MIN_QUEUE_SHARE: usize = 128 * 1024;
 /// Frames handled per backend read before yielding to other tasks, so one
 /// busy backend cannot starve the core's other connections.
 pub(crate) const MAX_FRAMES_PER_READ: usize = 4096;
@@ -142,6 +145,12 @@ struct BackendConn {
     ping_sent: Option<Instant>,
     /// Bytes and frames each way since the slot was created.
     counters: ConnCounters,
+    /// Bumped each time the writer takes the queue: a session's share of the
+    /// queue counts the bytes it added since (see `Binding::queued`).
+    epoch: u64,
+    /// Sessions whose reading stopped because their share of this queue is
+    /// full; resumed when the writer takes the queue (or the stream ends).
+    paused: Vec<super::SessionKey>,
 }
 
 impl BackendConn {
@@ -321,6 +330,8 @@ impl Backends {
             last_rx: now,
             ping_sent: None,
             counters: ConnCounters::default(),
+            epoch: 0,
+            paused: Vec::new(),
         };
         match self.free.pop() {
             Some(i) => {
@@ -400,6 +411,28 @@ impl Backends {
             tracing::warn!(backend = %c.endpoint, reason = reason.as_str(), suppressed = n, "frame to backend dropped");
         }
         false
+    }
+
+    /// A session's fair share of stream `id`'s queue: the queue limit split
+    /// between the sessions bound to it, never below [`MIN_QUEUE_SHARE`].
+    /// Returns (share, the queue's epoch).
+    pub(super) fn share(&self, ctx: &Ctx, id: ConnId) -> (usize, u64) {
+        match self.conn(id) {
+            Some(c) => {
+                let n = c.sessions.len().max(1);
+                ((ctx.cfg.backend.max_queued_bytes / n).max(MIN_QUEUE_SHARE), c.epoch)
+            }
+            None => (usize::MAX, 0),
+        }
+    }
+
+    /// Stops a session's reading until stream `id`'s queue is taken.
+    pub(super) fn pause(&mut self, id: ConnId, key: super::SessionKey) {
+        if let Some(c) = self.conn_mut(id) {
+            if !c.paused.contains(&key) {
+                c.paused.push(key);
+            }
+        }
     }
 
     /// Adds a session to the reverse index of stream `generation`.
@@ -603,6 +636,9 @@ impl Backends {
         c.oldest = None;
         c.writing = false;
         let sessions: Vec<SessionId> = c.sessions.drain().collect();
+        for key in c.paused.drain(..) {
+            ctx.actions.push(Action::ResumeClient(key));
+        }
         {
             let b = ctx.stats.backend(&c.endpoint.name);
             bump(&mut b.errors, kind.as_str(), 1);
@@ -802,6 +838,10 @@ impl Shard {
         }
         c.writing = true;
         std::mem::swap(&mut c.out, buf);
+        c.epoch += 1;
+        for key in c.paused.drain(..) {
+            self.ctx.actions.push(Action::ResumeClient(key));
+        }
         BackendOut::Write(WriteDone { bytes: buf.len() as u64, frames: std::mem::take(&mut c.queued_frames), oldest: c.oldest.take() })
     }
 

@@ -38,7 +38,7 @@ mod session;
 mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, ConnId, LossKind};
-pub(crate) use session::ClientOut;
+pub(crate) use session::{ClientOut, Flow, HalfClose};
 
 use crate::config::Config;
 use crate::limits::PerIpTable;
@@ -139,6 +139,9 @@ pub(crate) enum Shut {
     /// Both directions: for a client that does not read (its writer may be
     /// blocked on a full socket buffer) or whose socket already failed.
     Both,
+    /// Graceful (drain): write what is queued, then send FIN; keep reading
+    /// and forwarding until the client's end of stream.
+    Write,
 }
 
 /// What the driver must do after an event, in the order queued.
@@ -148,6 +151,8 @@ pub(crate) enum Action {
     WakeClient(SessionKey),
     /// End the session: shut its socket down so the reader stops.
     ShutdownClient(SessionKey, Shut),
+    /// The session's share of a backend queue has room again: read on.
+    ResumeClient(SessionKey),
     /// The session left the table. Its writer writes `tail` (the replies still
     /// queued, and a WebSocket close frame), then half-closes and exits.
     Closed { key: SessionKey, tail: BytesMut },
@@ -502,12 +507,31 @@ impl Shard {
         self.phase = Phase::Draining;
     }
 
-    /// Drain, deadline: ends every live session with `reason` (their
-    /// `DISCONNECT`s are queued behind every frame they sent).
+    /// Drain, deadline: ends every live session with `reason`, gracefully:
+    /// its queued replies (and a WebSocket close frame) go out, then FIN, and
+    /// whatever the client still sends until its own end of stream is
+    /// forwarded; `DISCONNECT`s are queued behind every frame it sent.
     pub(crate) fn close_all(&mut self, reason: DisconnectReason) -> usize {
         let keys = self.sessions.keys();
         for &key in &keys {
-            self.begin_close(key, reason, Shut::Read);
+            let Some(s) = self.sessions.get_mut(key) else { continue };
+            if let Some(ws) = s.ws.as_mut() {
+                let was_empty = s.out.is_empty();
+                ws.close_for(&mut s.out, reason);
+                if was_empty && !s.out.is_empty() {
+                    self.ctx.actions.push(Action::WakeClient(key));
+                }
+            }
+            s.begin_close(&mut self.ctx, reason, Shut::Write);
+        }
+        keys.len()
+    }
+
+    /// Drain, read grace over: stop reading every session still open.
+    pub(crate) fn force_close_all(&mut self) -> usize {
+        let keys = self.sessions.keys();
+        for &key in &keys {
+            self.ctx.actions.push(Action::ShutdownClient(key, Shut::Read));
         }
         keys.len()
     }

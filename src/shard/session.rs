@@ -61,6 +61,11 @@ pub(super) struct Binding {
     pub(super) on_loss: OnBackendLoss,
     /// What the stream speaks (how frames for it are encoded).
     pub(super) protocol: BackendProtocol,
+    /// Bytes this session queued on the stream since the writer last took
+    /// the queue (its epoch): checked against the session's fair share.
+    pub(super) queued: usize,
+    /// The stream's queue epoch `queued` counts in.
+    pub(super) epoch: u64,
 }
 
 /// Why a binding could not be made.
@@ -91,7 +96,7 @@ pub(super) struct Session {
     /// At most one per server type the client has talked to.
     pub(super) bindings: Vec<Binding>,
     /// Bytes waiting for the client (frames, HTTP answers, WebSocket frames).
-    out: BytesMut,
+    pub(super) out: BytesMut,
     /// When the oldest frame waiting in `out` was queued (forward latency).
     oldest: Option<Instant>,
     /// `info.frames_out` when the writer last took `out` (frames per write).
@@ -105,11 +110,44 @@ pub(super) struct Session {
     /// A PROXY header was already taken (a second one is refused).
     proxy_done: bool,
     /// WebSocket framing state, once upgraded.
-    ws: Option<Box<WsState>>,
+    pub(super) ws: Option<Box<WsState>>,
     /// `binding = "connection"`: the (server type, world) of the first frame,
     /// which every later frame follows.
     sticky: Option<(u8, u16)>,
+    /// Reading stopped: the frame at the front of the buffer waits for room
+    /// in its backend queue (backpressure, not a drop).
+    paused: bool,
+    /// The last client frame forwarded and the last reply delivered: a client
+    /// that half-closes with a request outstanding still gets its reply.
+    last_forward: Option<Instant>,
+    last_deliver: Option<Instant>,
+    /// When the client's end of stream arrived (half-close).
+    eof_at: Option<Instant>,
 }
+
+/// What the driver's reader does after [`Shard::client_data`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Read more.
+    Read,
+    /// Stop reading until `Action::ResumeClient`, then call again (with 0
+    /// new bytes) to forward what is buffered.
+    Paused,
+}
+
+/// What the driver does after the client half-closed ([`Shard::client_eof`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HalfClose {
+    /// End the session now.
+    Close,
+    /// A reply is still expected: ask again after this long.
+    Linger(std::time::Duration),
+}
+
+/// Longest a half-closed client waits for an outstanding reply.
+pub(crate) const HALF_CLOSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// After a reply reached a half-closed client, how long more replies may follow.
+pub(crate) const HALF_CLOSE_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the driver's writer gets from [`Shard::take_client_out`].
 pub(crate) enum ClientOut {
@@ -183,6 +221,7 @@ impl Session {
         }
         self.info.frames_out += 1;
         self.info.bytes_out += (cproto::HEADER_LEN + payload.len()) as u64;
+        self.last_deliver = Some(now);
         if self.oldest.is_none() {
             self.oldest = Some(now);
         }
@@ -251,6 +290,10 @@ impl Shard {
             proxy_done: false,
             ws: None,
             sticky: None,
+            paused: false,
+            last_forward: None,
+            last_deliver: None,
+            eof_at: None,
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -271,20 +314,59 @@ impl Shard {
         buf: &mut BytesMut,
         read: usize,
         now: Instant,
-    ) -> Result<(), DisconnectReason> {
+    ) -> Result<Flow, DisconnectReason> {
         let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         s.info.bytes_in += read as u64;
+        s.paused = false;
         let r = match s.mode {
             Mode::Sniffing => self.front_door(key, buf, now),
             Mode::Game => self.client_frames(key, buf, now),
             Mode::WebSocket => self.ws_bytes(key, buf, now),
         };
+        let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         if let Err(reason) = r {
-            if let Some(s) = self.sessions.get_mut(key) {
-                s.info.set_close_reason(reason);
+            s.info.set_close_reason(reason);
+            return Err(reason);
+        }
+        // A client that keeps sending without reading its replies: its
+        // queue (WebSocket pongs and close replies included) is bounded.
+        let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+        if s.out.len() > max_queued && s.begin_close(&mut self.ctx, DisconnectReason::RateLimited, Shut::Both) {
+            bump(&mut self.ctx.stats.protocol_errors, "slow_reader", 1);
+            if let Some(n) = self.ctx.logs.allow("slow_reader", now) {
+                tracing::warn!(session_id = key.id, trace_id = %s.trace_id(), queued = s.out.len(), suppressed = n, "client does not read what it is sent, closing");
             }
         }
-        r
+        Ok(if s.paused { Flow::Paused } else { Flow::Read })
+    }
+
+    /// The client half-closed (end of stream). A session that forwarded a
+    /// frame after the last reply it got lingers, bounded, so the reply still
+    /// reaches it; otherwise it ends now.
+    pub(crate) fn client_eof(&mut self, key: SessionKey, now: Instant) -> HalfClose {
+        let Some(s) = self.sessions.get_mut(key) else { return HalfClose::Close };
+        let eof_at = *s.eof_at.get_or_insert(now);
+        let outstanding = match (s.last_forward, s.last_deliver) {
+            (Some(f), Some(d)) => f > d || d >= eof_at,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if s.info.close_reason.is_some() || !outstanding || now.saturating_duration_since(eof_at) >= HALF_CLOSE_MAX {
+            return HalfClose::Close;
+        }
+        // After a reply arrived following the end of stream, a short quiet
+        // period ends it; before any, the maximum wait.
+        match s.last_deliver {
+            Some(d) if d >= eof_at => {
+                let quiet = now.saturating_duration_since(d);
+                if quiet >= HALF_CLOSE_QUIET {
+                    HalfClose::Close
+                } else {
+                    HalfClose::Linger(HALF_CLOSE_QUIET - quiet)
+                }
+            }
+            _ => HalfClose::Linger(std::time::Duration::from_millis(50)),
+        }
     }
 
     /// The first bytes: an optional PROXY header (trusted sources only), then
@@ -465,7 +547,15 @@ impl Shard {
                 continue;
             }
             let started = s.info.started;
-            self.forward(key, h, &buf[cproto::HEADER_LEN..h.frame_len()], now);
+            if !self.forward(key, h, &buf[cproto::HEADER_LEN..h.frame_len()], now) {
+                // Paused: the frame stays at the front of the buffer. Undo its
+                // count; it is counted when it goes.
+                if let Some(s) = self.sessions.get_mut(key) {
+                    s.info.frames_in -= 1;
+                    s.paused = true;
+                }
+                return Ok(());
+            }
             buf.advance(h.frame_len());
             if first {
                 self.ctx.stats.setup_latency.record(now.saturating_duration_since(started));
@@ -474,9 +564,13 @@ impl Shard {
     }
 
     /// Routes one client frame to its backend stream (binding on first use).
-    fn forward(&mut self, key: SessionKey, h: cproto::ClientHeader, payload: &[u8], now: Instant) {
+    /// Routes one client frame to its backend stream (binding on first use).
+    /// `false`: the session's share of that stream's queue is full; the frame
+    /// is not taken and the session pauses (everything else: `true`, the
+    /// frame is gone, forwarded or counted as dropped).
+    fn forward(&mut self, key: SessionKey, h: cproto::ClientHeader, payload: &[u8], now: Instant) -> bool {
         let id = key.id;
-        let Some(s) = self.sessions.get_mut(key) else { return };
+        let Some(s) = self.sessions.get_mut(key) else { return true };
         // With `binding = "connection"` every frame follows the first one.
         let (st, world) = s.sticky.unwrap_or((h.server_id.server_type(), h.server_id.world_id()));
         let current = match s.bindings.iter().position(|b| b.server_type == st) {
@@ -487,21 +581,21 @@ impl Shard {
                 if b.on_loss == OnBackendLoss::Close {
                     self.ctx.drop_frames(DropReason::BackendLost, 1);
                     s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
-                    return;
+                    return true;
                 }
                 None
             }
             None => None,
         };
-        let b = match current {
-            Some(i) => s.bindings[i],
+        let (b, index) = match current {
+            Some(i) => (s.bindings[i], i),
             None => match self.bind(key, st, world, h.server_id.inst_id(), now) {
-                Ok(b) => b,
+                Ok(b) => (b, self.sessions.get(key).map_or(0, |s| s.bindings.len() - 1)),
                 Err(e) => {
                     let ctx = &mut self.ctx;
                     bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
                     ctx.drop_frames(DropReason::RoutingError, 1);
-                    let Some(s) = self.sessions.get_mut(key) else { return };
+                    let Some(s) = self.sessions.get_mut(key) else { return true };
                     if let Some(n) = ctx.logs.allow("routing_error", now) {
                         tracing::warn!(session_id = id, trace_id = %s.trace_id(), server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
                     }
@@ -511,10 +605,26 @@ impl Shard {
                     if s.sticky.is_some() || sticky_rule {
                         s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
                     }
-                    return;
+                    return true;
                 }
             },
         };
+        // Fairness: a session may fill only its share of the stream's queue
+        // between two writes; past it, its reading pauses (TCP backpressure
+        // on that client) instead of crowding out the other sessions.
+        let size = cproto::HEADER_LEN + payload.len() + bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN;
+        let (share, epoch) = self.backends.share(&self.ctx, b.conn);
+        if let Some(bm) = self.sessions.get_mut(key).and_then(|s| s.bindings.get_mut(index)) {
+            if bm.epoch != epoch {
+                bm.epoch = epoch;
+                bm.queued = 0;
+            }
+            if bm.queued > 0 && bm.queued + size > share {
+                self.backends.pause(b.conn, key);
+                return false;
+            }
+            bm.queued += size;
+        }
         // A fresh span per forwarded frame, under the session's trace.
         let trace = if b.trace {
             let trace_id = self.sessions.get(key).map(|s| s.info.trace_id).unwrap_or_default();
@@ -538,7 +648,11 @@ impl Shard {
         });
         if queued {
             self.ctx.stats.messages_in[st as usize] += 1;
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.last_forward = Some(now);
+            }
         }
+        true
     }
 
     /// First frame for a server type: pick an endpoint with the rule's
@@ -588,6 +702,8 @@ impl Shard {
             trace: rule.trace_propagation,
             on_loss: if protocol == BackendProtocol::SeedTcp { OnBackendLoss::Close } else { rule.on_backend_loss },
             protocol,
+            queued: 0,
+            epoch: 0,
         };
         s.bindings.push(b);
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
@@ -595,14 +711,6 @@ impl Shard {
         }
         tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, protocol = %protocol, "session bound");
         Ok(b)
-    }
-
-    /// Asks session `id` to end (see [`Session::begin_close`]).
-    pub(crate) fn begin_close(&mut self, key: SessionKey, reason: DisconnectReason, how: Shut) -> bool {
-        match self.sessions.get_mut(key) {
-            Some(s) => s.begin_close(&mut self.ctx, reason, how),
-            None => false,
-        }
     }
 
     /// Writing to the client failed: it is gone.

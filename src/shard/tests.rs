@@ -84,7 +84,7 @@ impl Harness {
         let n = buf.len();
         let r = self.sh.client_data(id, &mut buf, n, self.now);
         self.pump();
-        r
+        r.map(|_| ())
     }
 
     fn stream(&self, addr: &str) -> (ConnId, u64) {
@@ -348,7 +348,7 @@ fn drain_refuses_new_sessions_closes_the_rest_and_disconnects_after_their_frames
     h.pump();
     let mut shut = h.shutdowns();
     shut.sort_by_key(|(k, _)| k.id);
-    assert_eq!(shut, vec![(s1, Shut::Read), (s2, Shut::Read)]);
+    assert_eq!(shut, vec![(s1, Shut::Write), (s2, Shut::Write)], "graceful: FIN after the queue, reading on");
     // A frame the client wrote before the close still goes out, before DISCONNECT.
     h.send(s1, 10, b"late").unwrap();
     h.close(s1);
@@ -503,7 +503,7 @@ fn plain_http_is_answered_and_closed() {
     let s = h.accept(1);
     let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]);
     let n = buf.len();
-    assert_eq!(h.sh.client_data(s, &mut buf, n, h.now), Err(DisconnectReason::ProtocolError));
+    assert_eq!(h.sh.client_data(s, &mut buf, n, h.now).map(|_| ()), Err(DisconnectReason::ProtocolError));
     let mut out = BytesMut::new();
     assert!(matches!(h.sh.take_client_out(s, &mut out, None, h.now), ClientOut::Write(_)));
     assert!(out.starts_with(b"HTTP/1.1 426 "));
@@ -773,4 +773,75 @@ fn a_session_listed_twice_in_a_multicast_gets_it_once() {
     bproto::encode_multicast(&mut m, 9, 0, &[s.id, s.id, s.id], b"once");
     h.backend_send(A, m);
     assert_eq!(h.client_out(s), vec![(9, b"once".to_vec())]);
+}
+
+#[test]
+fn a_flooding_session_pauses_at_its_share_and_its_neighbours_get_through() {
+    let mut h = Harness::new(config("max_message_size = 65535", "max_queued_bytes = 262144", &route(10, A, "")));
+    let flood = h.accept(1);
+    let quiet = h.accept(2);
+    h.send(quiet, 10, b"hi").unwrap();
+    // Nothing is written meanwhile: the flooder fills its share, then pauses.
+    let mut paused = false;
+    for _ in 0..40 {
+        let mut buf = BytesMut::new();
+        cproto::encode(&mut buf, 7, ServerId::new(false, 1, 10, 0), &[1u8; 16 * 1024]);
+        let n = buf.len();
+        let flow = h.sh.client_data(flood, &mut buf, n, h.now).unwrap();
+        h.pump();
+        if flow == Flow::Paused {
+            assert!(!buf.is_empty(), "the frame that does not fit stays buffered");
+            paused = true;
+            break;
+        }
+    }
+    assert!(paused, "the flooder pauses");
+    assert_eq!(h.dropped("backend_queue_full"), 0, "nothing dropped");
+    // The quiet session still gets its frame queued.
+    h.send(quiet, 10, b"again").unwrap();
+    let out = h.backend_out(A);
+    assert!(out.contains(&Sent::Trans(quiet.id, b"again".to_vec())));
+    assert!(h.take_log().iter().any(|a| matches!(a, Action::ResumeClient(k) if *k == flood)), "resumed after the write");
+}
+
+#[test]
+fn a_half_closed_client_still_gets_the_reply_it_is_waiting_for() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"question").unwrap();
+    h.backend_out(A);
+    h.now += Duration::from_millis(1);
+    assert!(matches!(h.sh.client_eof(s, h.now), HalfClose::Linger(_)), "a reply is outstanding");
+    h.now += Duration::from_millis(5);
+    h.backend_send(A, trans(s.id, b"answer"));
+    assert_eq!(h.client_out(s), vec![(9, b"answer".to_vec())]);
+    h.now += Duration::from_millis(300);
+    assert_eq!(h.sh.client_eof(s, h.now), HalfClose::Close);
+    // Nothing outstanding: closes at once.
+    let t = h.accept(2);
+    assert_eq!(h.sh.client_eof(t, h.now), HalfClose::Close);
+}
+
+#[test]
+fn websocket_pings_from_a_client_that_never_reads_are_bounded() {
+    let mut h = Harness::new(config("max_queued_bytes_per_session = 65544", "", ""));
+    let s = h.accept(1);
+    let req = "GET / HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut buf = BytesMut::from(req.as_bytes());
+    let n = buf.len();
+    h.sh.client_data(s, &mut buf, n, h.now).unwrap();
+    h.pump();
+    h.take_log();
+    let mut ping = vec![0x89, 0x80 | 100, 1, 2, 3, 4];
+    ping.extend(std::iter::repeat_n(0u8, 100));
+    for _ in 0..2000 {
+        let mut buf = BytesMut::from(&ping[..]);
+        let n = buf.len();
+        if h.sh.client_data(s, &mut buf, n, h.now).is_err() {
+            break;
+        }
+        h.pump();
+    }
+    assert!(h.shutdowns().contains(&(s, Shut::Both)), "closed as a slow reader");
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).protocol_errors, "slow_reader"), 1);
 }

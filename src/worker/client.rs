@@ -15,7 +15,7 @@
 use super::sys::{HalfGuard, SocketShutdown};
 use super::Worker;
 use crate::notify::Notify;
-use crate::shard::{ClientOut, SessionKey};
+use crate::shard::{ClientOut, Flow, HalfClose, SessionKey};
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
@@ -43,6 +43,10 @@ pub(crate) struct ClientIo {
     pub(super) sock: Rc<SocketShutdown>,
     /// Set by `Action::Closed`: what is left to write before the FIN.
     pub(super) tail: RefCell<Option<BytesMut>>,
+    /// Wakes a reader paused by backpressure.
+    pub(super) resume: Notify,
+    /// Drain: half-close (FIN) once the queue is written.
+    pub(super) fin: std::cell::Cell<bool>,
 }
 
 pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
@@ -74,7 +78,14 @@ fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let io = Rc::new(ClientIo { key, wake: Notify::new(), sock: SocketShutdown::new(&stream), tail: RefCell::new(None) });
+    let io = Rc::new(ClientIo {
+        key,
+        wake: Notify::new(),
+        sock: SocketShutdown::new(&stream),
+        tail: RefCell::new(None),
+        resume: Notify::new(),
+        fin: std::cell::Cell::new(false),
+    });
     w.insert_client(io.clone());
     let (rd, wr) = stream.into_split();
     monoio::spawn(write_loop(w.clone(), io.clone(), wr));
@@ -96,15 +107,34 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, io: Rc<ClientIo>, rd: R) {
         let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
         buf = slice.into_inner();
         let n = match res {
-            Ok(0) => break,
+            Ok(0) => {
+                // Half-close: a reply still on its way is delivered first.
+                while let HalfClose::Linger(wait) = w.with_shard(|sh| sh.client_eof(key, Instant::now())) {
+                    monoio::time::sleep(wait).await;
+                }
+                break;
+            }
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(session_id = key.id, error = %e, "client read failed");
                 break;
             }
         };
-        if w.with_shard(|sh| sh.client_data(key, &mut buf, n, Instant::now())).is_err() {
-            break;
+        let mut read = n;
+        loop {
+            match w.with_shard(|sh| sh.client_data(key, &mut buf, read, Instant::now())) {
+                Ok(Flow::Read) => break,
+                // Backpressure: read nothing more until the backend queue
+                // this session waits on has room.
+                Ok(Flow::Paused) => {
+                    io.resume.notified().await;
+                    read = 0;
+                }
+                Err(_) => {
+                    w.with_shard(|sh| sh.client_closed(key, Instant::now()));
+                    return;
+                }
+            }
         }
         if buf.is_empty() && buf.capacity() > READ_BUF_KEEP_MAX {
             buf = BytesMut::with_capacity(READ_BUF_INITIAL);
@@ -119,6 +149,7 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
     let mut wr = wr;
     let mut buf = BytesMut::new();
     let mut done = None;
+    let mut fin_sent = false;
     loop {
         let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, done.take(), Instant::now()));
         match out {
@@ -140,12 +171,20 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
                     buf = BytesMut::new();
                 }
             }
-            ClientOut::Empty => io.wake.notified().await,
+            ClientOut::Empty => {
+                if io.fin.get() && !fin_sent {
+                    // Drain: everything queued is written; half-close.
+                    fin_sent = true;
+                    let _ = wr.shutdown().await;
+                    continue;
+                }
+                io.wake.notified().await
+            }
             ClientOut::Gone => {
                 let tail = io.tail.borrow_mut().take();
                 match tail {
                     Some(tail) => {
-                        if !tail.is_empty() {
+                        if !tail.is_empty() && !fin_sent {
                             let _ = wr.write_all(tail).await;
                         }
                         break;

@@ -40,7 +40,7 @@ use crate::limits::IP_EVICT_EVERY;
 use crate::notify::Notify;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::{BackendProtocol, RouteTable};
-use crate::shard::{Action, SessionKey, Shard, ShardSetup};
+use crate::shard::{Action, SessionKey, Shard, ShardSetup, Shut};
 use crate::stats::WorkerStats;
 use crossbeam_channel::{Receiver, Sender};
 use std::cell::{Cell, RefCell};
@@ -161,7 +161,18 @@ impl Worker {
             }
             Action::ShutdownClient(key, how) => {
                 if let Some(io) = self.client(key) {
+                    if how == Shut::Write {
+                        io.fin.set(true);
+                        io.wake.notify();
+                    }
                     io.sock.shutdown(how);
+                    // A paused reader must see the close too.
+                    io.resume.notify();
+                }
+            }
+            Action::ResumeClient(key) => {
+                if let Some(io) = self.client(key) {
+                    io.resume.notify();
                 }
             }
             Action::Closed { key, tail } => {
@@ -268,7 +279,19 @@ impl Worker {
         );
         self.wait_sessions_gone(|| self.drain_until.get()).await;
         let left = self.with_shard(|sh| sh.close_all(DisconnectReason::Shutdown));
-        tracing::info!(worker = self.index, sessions = left, "drain deadline: closing remaining sessions (reason 6)");
+        tracing::info!(
+            worker = self.index,
+            sessions = left,
+            "drain deadline: closing remaining sessions (reason 6): replies flushed, FIN sent, reading until their end"
+        );
+        // Clients get half of what is left to answer the FIN with their own
+        // end of stream (their last frames are forwarded); then reading stops.
+        let read_grace = Instant::now() + self.stop_deadline.get().saturating_duration_since(Instant::now()) / 2;
+        self.wait_sessions_gone(|| read_grace.min(self.stop_deadline.get())).await;
+        let left = self.with_shard(|sh| sh.force_close_all());
+        if left > 0 {
+            tracing::info!(worker = self.index, sessions = left, "drain: closing sessions that did not end their stream");
+        }
         self.wait_sessions_gone(|| self.stop_deadline.get()).await;
         tracing::info!(
             worker = self.index,

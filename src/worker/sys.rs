@@ -40,6 +40,8 @@ impl SocketShutdown {
         let how = match how {
             Shut::Read => libc::SHUT_RD,
             Shut::Both => libc::SHUT_RDWR,
+            // The writer half-closes itself once its queue is written.
+            Shut::Write => return,
         };
         // SAFETY: `halves > 0`, so at least one owned half of the socket is
         // alive and `fd` is open and refers to this socket (see the type's
