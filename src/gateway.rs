@@ -70,53 +70,6 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::
     Ok(sock.into())
 }
 
-/// Steers each client IPv4 address to one worker: a classic BPF program on
-/// the SO_REUSEPORT group returns `source address % workers`, the index of
-/// the listener (listeners join the group in worker order). This makes
-/// per-IP limits exact without sharing state between cores. Returns false
-/// (and per-IP limits fall back to each worker's share) where it cannot be
-/// attached: IPv6 listeners, or kernels that refuse it.
-pub(crate) fn attach_ip_steering(first: &std::net::TcpListener, workers: usize, addr: SocketAddr) -> bool {
-    use std::os::fd::AsRawFd;
-    if !addr.is_ipv4() {
-        tracing::info!("per-IP steering needs an IPv4 listener; per-IP limits apply per worker share");
-        return false;
-    }
-    // SKF_NET_OFF: loads relative to the network header; +12 is the IPv4 source.
-    const SKF_NET_OFF: i32 = -0x100000;
-    let prog = [
-        libc::sock_filter {
-            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-            jt: 0,
-            jf: 0,
-            k: (SKF_NET_OFF + 12) as u32,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: workers as u32,
-        },
-        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
-    ];
-    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
-    let rc = unsafe {
-        libc::setsockopt(
-            first.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            &fprog as *const libc::sock_fprog as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        tracing::warn!(error = %e, "cannot attach per-IP steering; per-IP limits apply per worker share");
-        return false;
-    }
-    true
-}
-
 impl Gateway {
     pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
         let cfg = Arc::new(cfg);
@@ -131,7 +84,9 @@ impl Gateway {
                 reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?,
             );
         }
-        let ip_steered = n == 1 || attach_ip_steering(&listeners[0], n, local_addr);
+        // Connections spread by the kernel's 4-tuple hash; per-IP limits and
+        // the connection cap are exact through the shared admission table.
+        let admission = Arc::new(crate::limits::SharedAdmission::default());
         let (access_tx, access_writer) =
             crate::access_log::spawn_writer(cfg.log.access_log_path.clone()).map_err(|e| {
                 let path = cfg.log.access_log_path.as_ref().map(|p| p.display().to_string());
@@ -150,7 +105,7 @@ impl Gateway {
                 listener,
                 commands: rx,
                 ready: ready_tx.clone(),
-                ip_steered,
+                admission: admission.clone(),
                 access_tx: access_tx.clone(),
             };
             let join = std::thread::Builder::new()

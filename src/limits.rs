@@ -160,6 +160,91 @@ impl MessageLimiter {
     }
 }
 
+/// Admission state every worker shares: per-IP connection counts and
+/// connect-rate buckets, and the node's open-connection count.
+///
+/// Connections land on workers by the kernel's SO_REUSEPORT hash of the
+/// whole 4-tuple, so load stays balanced whatever the mix of source
+/// addresses (one balancer, a NAT, carrier-grade NAT); the limits stay exact
+/// for the real client address (a PROXY header's included) because every
+/// worker admits against this one table. It is touched once when a
+/// connection is admitted and once when it ends, never per frame: the
+/// per-IP table is split into [`ADMISSION_SHARDS`] independently locked
+/// shards by address, so two cores rarely meet on one lock, and the
+/// connection count is one atomic.
+pub struct SharedAdmission {
+    shards: Box<[std::sync::Mutex<PerIpTable>]>,
+    open: std::sync::atomic::AtomicU64,
+}
+
+/// Independently locked parts of the shared per-IP table.
+pub const ADMISSION_SHARDS: usize = 64;
+/// IPs tracked at once, over all shards (a spoofed-source flood cannot grow
+/// the table past this; further new addresses are refused as `ip_table_full`).
+pub const MAX_SHARED_IP_ENTRIES: usize = 262_144;
+
+impl Default for SharedAdmission {
+    fn default() -> Self {
+        SharedAdmission {
+            shards: (0..ADMISSION_SHARDS)
+                .map(|_| std::sync::Mutex::new(PerIpTable::new(MAX_SHARED_IP_ENTRIES / ADMISSION_SHARDS)))
+                .collect(),
+            open: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl SharedAdmission {
+    fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, PerIpTable> {
+        let h = match ip {
+            IpAddr::V4(v4) => u32::from(v4) as u64,
+            IpAddr::V6(v6) => xxhash_rust::xxh3::xxh3_64(&v6.octets()),
+        };
+        let i = (xxhash_rust::xxh3::xxh3_64(&h.to_le_bytes()) % ADMISSION_SHARDS as u64) as usize;
+        // A poisoned shard (a panic while holding it) still holds valid counts.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Per-IP admission (see [`PerIpTable::admit`]).
+    pub fn admit_ip(&self, ip: IpAddr, max_open: u32, rate: u32, now: Instant) -> Result<(), Refusal> {
+        if max_open == 0 && rate == 0 {
+            return Ok(());
+        }
+        self.shard(ip).admit(ip, max_open, rate, now)
+    }
+
+    /// A connection admitted by [`SharedAdmission::admit_ip`] ended.
+    pub fn release_ip(&self, ip: IpAddr) {
+        self.shard(ip).release(ip);
+    }
+
+    /// Takes one of `max` open-connection slots for the node.
+    pub fn try_open(&self, max: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// Gives back a slot taken by [`SharedAdmission::try_open`].
+    pub fn close_one(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+    }
+
+    /// Open connections on the node.
+    pub fn open(&self) -> u64 {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Drops idle per-IP entries, skipping shards another core holds now.
+    pub fn evict_idle(&self, rate: u32, now: Instant) {
+        for s in self.shards.iter() {
+            if let Ok(mut t) = s.try_lock() {
+                t.evict_idle(rate, now);
+            }
+        }
+    }
+}
+
 /// How often idle per-IP entries are evicted.
 pub const IP_EVICT_EVERY: Duration = Duration::from_secs(5);
 

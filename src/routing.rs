@@ -469,6 +469,16 @@ impl RouteTable {
             || (rule.strategy == Strategy::RealmBased && self.realms.get(&world_id).is_some_and(|e| e.addr == *addr))
     }
 
+    /// Whether some rule speaking `protocol` can still pick `addr` (one of its
+    /// endpoints, or a realm mapping for a `realm_based` rule).
+    pub fn lists_with(&self, addr: &SocketAddr, protocol: BackendProtocol) -> bool {
+        self.rules.values().any(|r| {
+            r.backend_protocol == protocol
+                && (r.endpoints.iter().any(|e| e.addr == *addr)
+                    || (r.strategy == Strategy::RealmBased && self.realms.values().any(|e| e.addr == *addr)))
+        })
+    }
+
     /// Whether `addr` is an endpoint some rule or realm can still pick.
     pub fn lists(&self, addr: &SocketAddr) -> bool {
         self.rules.values().any(|r| r.endpoints.iter().any(|e| e.addr == *addr))

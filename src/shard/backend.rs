@@ -484,7 +484,7 @@ impl Backends {
     /// Starts retiring connections whose endpoint no route lists any more.
     pub(super) fn retire_unlisted(&mut self, ctx: &mut Ctx, now: Instant) {
         let gone: Vec<(SocketAddr, BackendProtocol)> =
-            self.pools.keys().filter(|(a, _)| !ctx.routes.lists(a)).copied().collect();
+            self.pools.keys().filter(|(a, p)| !ctx.routes.lists_with(a, *p)).copied().collect();
         for key in gone {
             let Some(pool) = self.pools.remove(&key) else { continue };
             for id in pool.conns {
@@ -616,7 +616,11 @@ impl Backends {
             return Vec::new();
         }
         let was_up = c.state == ConnState::Up;
-        if let Some(p) = self.pools.get_mut(&(c.endpoint.addr, c.protocol)) {
+        // A seed_tcp connection that was up ends with its session (the server
+        // closing it is normal play, a kick); only failed dials say the
+        // backend is unwell.
+        let counts = !(was_up && c.protocol == BackendProtocol::SeedTcp);
+        if let Some(p) = self.pools.get_mut(&(c.endpoint.addr, c.protocol)).filter(|_| counts) {
             if p.breaker.on_failure(now) {
                 bump(&mut ctx.stats.backend(&c.endpoint.name).errors, "circuit_opened", 1);
                 tracing::warn!(worker = ctx.index, backend = %c.endpoint, "circuit opened: routing skips this backend until a probe succeeds");

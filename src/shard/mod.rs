@@ -41,7 +41,6 @@ pub(crate) use backend::{BackendOut, BackendRead, ConnId, LossKind};
 pub(crate) use session::{ClientOut, Flow, HalfClose};
 
 use crate::config::Config;
-use crate::limits::PerIpTable;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::RouteTable;
 use crate::session::SessionIdGen;
@@ -297,8 +296,6 @@ impl LogLimiter {
 pub(crate) struct Ctx {
     /// The worker index: the round-robin cursor's start and log lines.
     index: usize,
-    /// Workers in the process: this worker's share of global limits.
-    workers: usize,
     /// The running config; replaced whole on reload ([`Shard::apply_config`]).
     cfg: Arc<Config>,
     /// The routing snapshot frames are routed with; replaced between events.
@@ -313,10 +310,10 @@ pub(crate) struct Ctx {
     rng: u64,
     /// Actions for the driver, drained after every event.
     actions: Vec<Action>,
-    /// Client IPv4 addresses are steered to one worker by the SO_REUSEPORT
-    /// group's program, so per-IP limits apply whole here; otherwise this
-    /// worker enforces its share of them.
-    ip_steered: bool,
+    /// Admission shared by every worker: exact per-IP limits for the real
+    /// client address and the node's connection cap (touched at accept and
+    /// close only).
+    admission: Arc<crate::limits::SharedAdmission>,
 }
 
 impl Ctx {
@@ -333,16 +330,11 @@ impl Ctx {
         bump(&mut self.stats.frames_dropped, reason.as_str(), n);
     }
 
-    /// (max connections per IP, connects per second per IP) on this worker.
+    /// (max connections per IP, connects per second per IP): node-wide,
+    /// enforced against the shared admission table.
     fn per_ip_limits(&self) -> (u32, u32) {
         let l = &self.cfg.limits;
-        let (max, rate) = (l.max_connections_per_ip, l.connection_rate_per_ip);
-        if self.ip_steered {
-            (max, rate)
-        } else {
-            let n = self.workers.max(1) as u32;
-            (max.div_ceil(n), rate.div_ceil(n))
-        }
+        (l.max_connections_per_ip, l.connection_rate_per_ip)
     }
 }
 
@@ -356,8 +348,6 @@ pub(crate) struct Shard {
     backends: Backends,
     /// Session ids: node, worker and a clock sequence.
     ids: SessionIdGen,
-    /// Per-IP connection counts and connect-rate buckets.
-    ip_table: PerIpTable,
     /// Access-log records (JSON lines) not yet handed to the writer.
     access_buf: Vec<u8>,
     /// How many records `access_buf` holds.
@@ -370,20 +360,19 @@ pub(crate) struct ShardSetup {
     pub(crate) index: usize,
     pub(crate) cfg: Arc<Config>,
     pub(crate) routes: Arc<RouteTable>,
-    pub(crate) ip_steered: bool,
+    pub(crate) admission: Arc<crate::limits::SharedAdmission>,
     /// Non-zero seed for trace ids and jitter.
     pub(crate) seed: u64,
 }
 
 impl Shard {
     pub(crate) fn new(setup: ShardSetup) -> Shard {
-        let ShardSetup { index, cfg, routes, ip_steered, seed } = setup;
+        let ShardSetup { index, cfg, routes, admission, seed } = setup;
         let stats = WorkerStats { worker: index, workers: 1, route_version: routes.version, ..Default::default() };
         Shard {
             ids: SessionIdGen::new(cfg.server.node_id, index),
             ctx: Ctx {
                 index,
-                workers: cfg.server.workers.max(1),
                 cfg,
                 routes,
                 rr: AHashMap::new(),
@@ -391,11 +380,10 @@ impl Shard {
                 logs: LogLimiter::default(),
                 rng: seed | 1,
                 actions: Vec::new(),
-                ip_steered,
+                admission,
             },
             sessions: SessionTable::default(),
             backends: Backends::default(),
-            ip_table: PerIpTable::new(crate::limits::MAX_IP_ENTRIES),
             access_buf: Vec::new(),
             access_pending: 0,
             phase: Phase::Running,
@@ -461,9 +449,10 @@ impl Shard {
         if sweep {
             self.backends.close_idle_seed(&mut self.ctx, now);
         }
-        if evict {
+        // One worker sweeps the shared table for everyone.
+        if evict && self.ctx.index == 0 {
             let rate = self.ctx.per_ip_limits().1;
-            self.ip_table.evict_idle(rate, now);
+            self.ctx.admission.evict_idle(rate, now);
         }
     }
 

@@ -251,17 +251,25 @@ impl Shard {
     /// logged (rate-limited); the driver drops the socket.
     pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant) -> Result<SessionKey, AcceptRefusal> {
         let ctx = &mut self.ctx;
+        let (max_per_ip, rate_per_ip) = ctx.per_ip_limits();
+        // A trusted PROXY-protocol source (a balancer) is not a client: its
+        // header's address is admitted instead, once it is read.
+        let server = &ctx.cfg.server;
+        let from_proxy = server.proxy_protocol && server.proxy_trusted.iter().any(|n| n.contains(&peer.ip().to_canonical()));
+        let ip_counted = !from_proxy && (max_per_ip > 0 || rate_per_ip > 0);
         let refusal = if self.phase == Phase::Draining {
             Some(AcceptRefusal::Draining)
-        } else if self.sessions.len() as u64 >= ctx.cfg.limits.max_connections.div_ceil(ctx.workers as u64) {
+        } else if !ctx.admission.try_open(ctx.cfg.limits.max_connections) {
             Some(AcceptRefusal::MaxConnections)
+        } else if ip_counted {
+            let r = ctx.admission.admit_ip(peer.ip(), max_per_ip, rate_per_ip, now).err().map(AcceptRefusal::PerIp);
+            if r.is_some() {
+                ctx.admission.close_one();
+            }
+            r
         } else {
             None
         };
-        let (max_per_ip, rate_per_ip) = ctx.per_ip_limits();
-        let refusal = refusal.or_else(|| {
-            self.ip_table.admit(peer.ip(), max_per_ip, rate_per_ip, now).err().map(AcceptRefusal::PerIp)
-        });
         if let Some(r) = refusal {
             bump(&mut ctx.stats.connection_rejected, r.as_str(), 1);
             if let AcceptRefusal::PerIp(p) = r {
@@ -285,7 +293,7 @@ impl Shard {
             oldest: None,
             taken_frames: 0,
             limiter,
-            ip_counted: max_per_ip > 0 || rate_per_ip > 0,
+            ip_counted,
             mode: Mode::Sniffing,
             proxy_done: false,
             ws: None,
@@ -450,13 +458,13 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         let old = s.info.peer;
         if s.ip_counted {
-            self.ip_table.release(old.ip());
+            self.ctx.admission.release_ip(old.ip());
             s.ip_counted = false;
         }
         s.info.peer = client;
         let (max, rate) = self.ctx.per_ip_limits();
         if max > 0 || rate > 0 {
-            if let Err(refusal) = self.ip_table.admit(client.ip(), max, rate, now) {
+            if let Err(refusal) = self.ctx.admission.admit_ip(client.ip(), max, rate, now) {
                 let stats = &mut self.ctx.stats;
                 bump(&mut stats.connection_rejected, refusal.as_str(), 1);
                 bump(&mut stats.rate_limit_rejected, refusal.as_str(), 1);
@@ -754,8 +762,9 @@ impl Shard {
         let Some(mut s) = self.sessions.remove(key) else { return };
         let ctx = &mut self.ctx;
         let reason = s.info.close_reason.unwrap_or(DisconnectReason::ClientClosed);
+        ctx.admission.close_one();
         if s.ip_counted {
-            self.ip_table.release(s.info.peer.ip());
+            ctx.admission.release_ip(s.info.peer.ip());
         }
         if ctx.cfg.log.access_log {
             let server = s.bindings.first().and_then(|b| self.backends.endpoint_name(b.conn)).unwrap_or("");

@@ -48,7 +48,7 @@ struct Harness {
 impl Harness {
     fn new(cfg: Arc<Config>) -> Harness {
         let routes = table(&cfg, 1);
-        let sh = Shard::new(ShardSetup { index: 0, cfg, routes, ip_steered: true, seed: 42 });
+        let sh = Shard::new(ShardSetup { index: 0, cfg, routes, admission: Default::default(), seed: 42 });
         Harness { sh, now: Instant::now(), log: Vec::new(), streams: AHashMap::new() }
     }
 

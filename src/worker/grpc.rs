@@ -226,7 +226,11 @@ async fn keepalive(w: Rc<Worker>, conn: ConnId, generation: u64, mut ping: h2::P
             (cfg.0, cfg.1)
         };
         if interval.is_zero() {
+            // Off for now (a reload may turn it on): keep watching the stream.
             monoio::time::sleep(super::SWEEP_EVERY).await;
+            if !w.shard.borrow().backend_live(conn, generation) {
+                return;
+            }
             continue;
         }
         monoio::time::sleep(interval).await;

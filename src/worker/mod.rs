@@ -322,8 +322,8 @@ pub struct WorkerSetup {
     pub listener: std::net::TcpListener,
     pub commands: Receiver<WorkerCommand>,
     pub ready: Sender<Result<WorkerInfo, String>>,
-    /// Client IPs are steered to workers by the SO_REUSEPORT group's program.
-    pub ip_steered: bool,
+    /// Admission shared by every worker (per-IP limits, connection cap).
+    pub admission: Arc<crate::limits::SharedAdmission>,
     /// The access-log writer.
     pub access_tx: Sender<Vec<u8>>,
 }
@@ -388,7 +388,7 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, ip_steered, access_tx } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx } = setup;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -407,7 +407,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
     );
     let w = Rc::new(Worker {
         index,
-        shard: RefCell::new(Shard::new(ShardSetup { index, cfg, routes, ip_steered, seed })),
+        shard: RefCell::new(Shard::new(ShardSetup { index, cfg, routes, admission, seed })),
         actions: RefCell::new(Vec::new()),
         clients: RefCell::new(Vec::new()),
         backends: RefCell::new(Vec::new()),
