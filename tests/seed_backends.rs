@@ -1,5 +1,5 @@
 //! The Go gateway's two backend modes (`backend_protocol = "seed_tcp"` and
-//! `"grpc"`, see shared design SEED-BACKENDS.md) against game servers written
+//! `"grpc"`, see docs/BACKENDS.md) against game servers written
 //! for the Go gateway: `tests/backends/seed_tcp_backend.py` (one TCP
 //! connection per session, opcode 1 only) and `tests/backends/grpc_backend.py`
 //! (`gateway.GameGatewayService/StreamPackets`). Both run as child processes

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A gRPC game server, as written for the Go gateway's gRPC streaming mode.
 
-Written from the wire contract in SEED-BACKENDS.md ("Mode 2: gRPC
-streaming") and proto/gateway.proto alone, the way an existing game server
+Written from the wire contract in docs/BACKENDS.md (section 4, "grpc")
+and proto/gateway.proto alone, the way an existing game server
 behaves, so the gateway's `grpc` backend protocol can be tested against it.
 
 It serves `/gateway.GameGatewayService/StreamPackets`. The Python code for

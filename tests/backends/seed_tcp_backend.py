@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A per-session TCP game server, as written for the Go gateway's TCP mode.
 
-Written from the wire contract in SEED-BACKENDS.md ("Mode 1: per-session TCP")
+Written from the wire contract in docs/BACKENDS.md (section 3, "seed_tcp")
 alone, the way an existing game server behaves, so the gateway's `seed_tcp`
 backend protocol can be tested against it.
 

@@ -2,7 +2,7 @@
 """Smoke test of the two test backends, without any gateway.
 
 Starts seed_tcp_backend.py and grpc_backend.py as child processes and talks
-to them directly, as the Go gateway would per SEED-BACKENDS.md: the 20-byte
+to them directly, as the Go gateway would per docs/BACKENDS.md: the 20-byte
 header + gate header framing for the TCP one, a StreamPackets stream for the
 gRPC one. Exits 0 and prints `N passed, 0 failed` when every check holds.
 
