@@ -15,6 +15,29 @@ pub const LATENCY_BOUNDS: [f64; 19] = [
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// [`LATENCY_BOUNDS`] in nanoseconds, for recording without floating point.
+const LATENCY_BOUNDS_NS: [u64; 19] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
 /// A fixed-bucket latency histogram a worker owns; merged at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct LatencyHistogram {
@@ -28,10 +51,11 @@ impl LatencyHistogram {
     /// Records `n` observations of `d`.
     #[inline]
     pub fn record_n(&mut self, d: Duration, n: u64) {
-        let s = d.as_secs_f64();
-        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        let ns = d.as_nanos();
+        let ns64 = ns.min(u64::MAX as u128) as u64;
+        let i = LATENCY_BOUNDS_NS.iter().position(|b| ns64 <= *b).unwrap_or(LATENCY_BOUNDS_NS.len());
         self.counts[i] += n;
-        self.sum_ns += d.as_nanos() * n as u128;
+        self.sum_ns += ns * n as u128;
         self.count += n;
     }
 
@@ -225,6 +249,18 @@ impl WorkerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_bounds_match_the_exported_ones() {
+        for (ns, s) in LATENCY_BOUNDS_NS.iter().zip(LATENCY_BOUNDS) {
+            assert_eq!(*ns, (s * 1e9).round() as u64);
+        }
+        let mut h = LatencyHistogram::default();
+        h.record(Duration::from_micros(10));
+        h.record(Duration::from_nanos(10_001));
+        h.record(Duration::from_secs(11));
+        assert_eq!((h.counts[0], h.counts[1], h.counts[19]), (1, 1, 1));
+    }
 
     fn with_circuit(name: &Arc<str>, gauge: u64) -> WorkerStats {
         let mut s = WorkerStats::default();

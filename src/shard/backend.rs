@@ -415,15 +415,17 @@ impl Backends {
 
     /// A session's fair share of stream `id`'s queue: the queue limit split
     /// between the sessions bound to it, never below [`MIN_QUEUE_SHARE`].
-    /// Returns (share, the queue's epoch).
-    pub(super) fn share(&self, ctx: &Ctx, id: ConnId) -> (usize, u64) {
+    pub(super) fn share(&self, ctx: &Ctx, id: ConnId) -> usize {
         match self.conn(id) {
-            Some(c) => {
-                let n = c.sessions.len().max(1);
-                ((ctx.cfg.backend.max_queued_bytes / n).max(MIN_QUEUE_SHARE), c.epoch)
-            }
-            None => (usize::MAX, 0),
+            Some(c) => (ctx.cfg.backend.max_queued_bytes / c.sessions.len().max(1)).max(MIN_QUEUE_SHARE),
+            None => usize::MAX,
         }
+    }
+
+    /// The queue epoch of stream `id` (see [`Shard::take_backend_out`]).
+    #[inline]
+    pub(super) fn epoch(&self, id: ConnId) -> u64 {
+        self.conn(id).map_or(0, |c| c.epoch)
     }
 
     /// Stops a session's reading until stream `id`'s queue is taken.
@@ -827,10 +829,9 @@ impl Shard {
         id: ConnId,
         generation: u64,
         buf: &mut BytesMut,
-        done: Option<WriteDone>,
-        now: Instant,
+        done: Option<(WriteDone, Instant)>,
     ) -> BackendOut {
-        if let Some(d) = done {
+        if let Some((d, now)) = done {
             self.backend_written(id, generation, d, now);
         }
         let Some(c) = self.backends.current(id, generation) else { return BackendOut::Stale };

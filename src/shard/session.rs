@@ -15,7 +15,7 @@
 //! Whoever wants a session to end calls `begin_close` (the first reason
 //! wins); only [`Shard::client_closed`] removes it, so the close runs once.
 
-use super::backend::ConnId;
+use super::backend::{ConnId, MIN_QUEUE_SHARE};
 use super::{AcceptRefusal, Action, Ctx, DropReason, Phase, SessionKey, Shard, Shut};
 use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
@@ -581,9 +581,9 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(key) else { return true };
         // With `binding = "connection"` every frame follows the first one.
         let (st, world) = s.sticky.unwrap_or((h.server_id.server_type(), h.server_id.world_id()));
-        let current = match s.bindings.iter().position(|b| b.server_type == st) {
-            Some(i) if self.backends.generation(s.bindings[i].conn) == Some(s.bindings[i].generation) => Some(i),
-            Some(i) => {
+        let mut index = s.bindings.iter().position(|b| b.server_type == st);
+        if let Some(i) = index {
+            if self.backends.generation(s.bindings[i].conn) != Some(s.bindings[i].generation) {
                 // The connection was lost and redialed since this binding was made.
                 let b = s.bindings.swap_remove(i);
                 if b.on_loss == OnBackendLoss::Close {
@@ -591,52 +591,43 @@ impl Shard {
                     s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
                     return true;
                 }
-                None
+                index = None;
             }
-            None => None,
-        };
-        let (b, index) = match current {
-            Some(i) => (s.bindings[i], i),
+        }
+        let index = match index {
+            Some(i) => i,
             None => match self.bind(key, st, world, h.server_id.inst_id(), now) {
-                Ok(b) => (b, self.sessions.get(key).map_or(0, |s| s.bindings.len() - 1)),
+                Ok(()) => self.sessions.get(key).map_or(0, |s| s.bindings.len() - 1),
                 Err(e) => {
-                    let ctx = &mut self.ctx;
-                    bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
-                    ctx.drop_frames(DropReason::RoutingError, 1);
-                    let Some(s) = self.sessions.get_mut(key) else { return true };
-                    if let Some(n) = ctx.logs.allow("routing_error", now) {
-                        tracing::warn!(session_id = id, trace_id = %s.trace_id(), server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
-                    }
-                    // A connection that follows one backend cannot go on
-                    // without it (the Go gateway closes the client too).
-                    let sticky_rule = ctx.routes.lookup(st, world).is_some_and(|r| r.binding == BindingMode::Connection);
-                    if s.sticky.is_some() || sticky_rule {
-                        s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
-                    }
+                    self.routing_failed(key, st, world, h, e, now);
                     return true;
                 }
             },
         };
+        let Some(s) = self.sessions.get_mut(key) else { return true };
+        let b = &mut s.bindings[index];
         // Fairness: a session may fill only its share of the stream's queue
         // between two writes; past it, its reading pauses (TCP backpressure
         // on that client) instead of crowding out the other sessions.
         let size = cproto::HEADER_LEN + payload.len() + bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN;
-        let (share, epoch) = self.backends.share(&self.ctx, b.conn);
-        if let Some(bm) = self.sessions.get_mut(key).and_then(|s| s.bindings.get_mut(index)) {
-            if bm.epoch != epoch {
-                bm.epoch = epoch;
-                bm.queued = 0;
-            }
-            if bm.queued > 0 && bm.queued + size > share {
-                self.backends.pause(b.conn, key);
-                return false;
-            }
-            bm.queued += size;
+        let epoch = self.backends.epoch(b.conn);
+        if b.epoch != epoch {
+            b.epoch = epoch;
+            b.queued = 0;
         }
+        if b.queued > 0
+            && b.queued + size > MIN_QUEUE_SHARE
+            && b.queued + size > self.backends.share(&self.ctx, b.conn)
+        {
+            let conn = b.conn;
+            self.backends.pause(conn, key);
+            return false;
+        }
+        b.queued += size;
+        let b = *b;
         // A fresh span per forwarded frame, under the session's trace.
         let trace = if b.trace {
-            let trace_id = self.sessions.get(key).map(|s| s.info.trace_id).unwrap_or_default();
-            Some(bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() })
+            Some(bproto::TraceContext { trace_id: s.info.trace_id, span_id: self.ctx.random().to_le_bytes() })
         } else {
             None
         };
@@ -656,16 +647,31 @@ impl Shard {
         });
         if queued {
             self.ctx.stats.messages_in[st as usize] += 1;
-            if let Some(s) = self.sessions.get_mut(key) {
-                s.last_forward = Some(now);
-            }
+            s.last_forward = Some(now);
         }
         true
     }
 
+    /// A frame that could not be routed: counted, logged; a connection that
+    /// follows one backend cannot go on without it (the Go gateway closes
+    /// the client too).
+    fn routing_failed(&mut self, key: SessionKey, st: u8, world: u16, h: cproto::ClientHeader, e: BindError, now: Instant) {
+        let ctx = &mut self.ctx;
+        bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
+        ctx.drop_frames(DropReason::RoutingError, 1);
+        let Some(s) = self.sessions.get_mut(key) else { return };
+        if let Some(n) = ctx.logs.allow("routing_error", now) {
+            tracing::warn!(session_id = key.id, trace_id = %s.trace_id(), server_id = %h.server_id, msg_id = h.msg_id, error = e.as_str(), suppressed = n, "frame not routed, dropped");
+        }
+        let sticky_rule = ctx.routes.lookup(st, world).is_some_and(|r| r.binding == BindingMode::Connection);
+        if s.sticky.is_some() || sticky_rule {
+            s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
+        }
+    }
+
     /// First frame for a server type: pick an endpoint with the rule's
     /// strategy, pick one of its connections, announce the session.
-    fn bind(&mut self, key: SessionKey, st: u8, world: u16, inst: u8, now: Instant) -> Result<Binding, BindError> {
+    fn bind(&mut self, key: SessionKey, st: u8, world: u16, inst: u8, now: Instant) -> Result<(), BindError> {
         let id = key.id;
         let ctx = &mut self.ctx;
         let routes = ctx.routes.clone();
@@ -718,7 +724,7 @@ impl Shard {
             s.sticky = Some((st, world));
         }
         tracing::debug!(session_id = id, trace_id = %s.trace_id(), server_type = st, backend = %ep, protocol = %protocol, "session bound");
-        Ok(b)
+        Ok(())
     }
 
     /// Writing to the client failed: it is gone.
@@ -738,10 +744,9 @@ impl Shard {
         &mut self,
         key: SessionKey,
         buf: &mut BytesMut,
-        done: Option<ClientWrite>,
-        now: Instant,
+        done: Option<(ClientWrite, Instant)>,
     ) -> ClientOut {
-        if let Some(ClientWrite { frames, oldest: Some(t) }) = done {
+        if let Some((ClientWrite { frames, oldest: Some(t) }, now)) = done {
             self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
         }
         let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };

@@ -96,9 +96,9 @@ impl Harness {
         let (c, g) = self.stream(addr);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
-        if let BackendOut::Write(done) = self.sh.take_backend_out(c, g, &mut buf, None, self.now) {
+        if let BackendOut::Write(done) = self.sh.take_backend_out(c, g, &mut buf, None) {
             let mut empty = BytesMut::new();
-            self.sh.take_backend_out(c, g, &mut empty, Some(done), self.now);
+            self.sh.take_backend_out(c, g, &mut empty, Some((done, self.now)));
         }
         self.pump();
         while let Some(h) = bproto::check(&buf, 1 << 20).unwrap() {
@@ -130,7 +130,7 @@ impl Harness {
     fn client_out(&mut self, id: SessionKey) -> Vec<(u16, Vec<u8>)> {
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
-        if let ClientOut::Write(_) = self.sh.take_client_out(id, &mut buf, None, self.now) {
+        if let ClientOut::Write(_) = self.sh.take_client_out(id, &mut buf, None) {
             while let Some(h) = cproto::check(&buf, cproto::MAX_PAYLOAD).unwrap() {
                 out.push((h.msg_id, buf[cproto::HEADER_LEN..h.frame_len()].to_vec()));
                 bytes::Buf::advance(&mut buf, h.frame_len());
@@ -505,7 +505,7 @@ fn plain_http_is_answered_and_closed() {
     let n = buf.len();
     assert_eq!(h.sh.client_data(s, &mut buf, n, h.now).map(|_| ()), Err(DisconnectReason::ProtocolError));
     let mut out = BytesMut::new();
-    assert!(matches!(h.sh.take_client_out(s, &mut out, None, h.now), ClientOut::Write(_)));
+    assert!(matches!(h.sh.take_client_out(s, &mut out, None), ClientOut::Write(_)));
     assert!(out.starts_with(b"HTTP/1.1 426 "));
 }
 
@@ -605,7 +605,7 @@ impl Harness {
 
     fn raw_out(&mut self, c: ConnId, g: u64) -> BytesMut {
         let mut buf = BytesMut::new();
-        self.sh.take_backend_out(c, g, &mut buf, None, self.now);
+        self.sh.take_backend_out(c, g, &mut buf, None);
         buf
     }
 }

@@ -93,7 +93,7 @@ pub(super) async fn run(w: Rc<Worker>, io: Rc<ConnIo>, conn: ConnId, addr: Socke
     let mut buf = BytesMut::new();
     let mut done = None;
     loop {
-        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf, done.take(), Instant::now())) {
+        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf, done.take())) {
             BackendOut::Stale => return,
             BackendOut::Empty => io.wake.notified().await,
             BackendOut::Write(write) => {
@@ -102,7 +102,7 @@ pub(super) async fn run(w: Rc<Worker>, io: Rc<ConnIo>, conn: ConnId, addr: Socke
                     let frames = write.frames;
                     return w.with_shard(|sh| sh.backend_write_failed(conn, generation, frames, &e, Instant::now()));
                 }
-                done = Some(write);
+                done = Some((write, Instant::now()));
                 buf = b;
                 buf.clear();
                 if buf.capacity() > 4 * BACKEND_READ_BUF {

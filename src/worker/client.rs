@@ -151,7 +151,7 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
     let mut done = None;
     let mut fin_sent = false;
     loop {
-        let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, done.take(), Instant::now()));
+        let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, done.take()));
         match out {
             ClientOut::Write(write) => {
                 let (res, b) = wr.write_all(std::mem::take(&mut buf)).await;
@@ -164,7 +164,7 @@ async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
                     w.remove_client(key);
                     return;
                 }
-                done = Some(write);
+                done = Some((write, Instant::now()));
                 buf = b;
                 buf.clear();
                 if buf.capacity() > READ_BUF_KEEP_MAX {

@@ -104,7 +104,7 @@ pub(super) async fn run(
     let mut buf = BytesMut::new();
     let mut done = None;
     loop {
-        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf, done.take(), Instant::now())) {
+        match w.with_shard(|sh| sh.take_backend_out(conn, generation, &mut buf, done.take())) {
             BackendOut::Stale => {
                 // Lost: the socket is already shut. Retired or stopping: end
                 // the call so HTTP/2 flushes what it buffered, give the server
@@ -148,7 +148,7 @@ pub(super) async fn run(
                         }
                     }
                 }
-                done = Some(write);
+                done = Some((write, Instant::now()));
             }
         }
     }
