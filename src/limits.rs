@@ -1,10 +1,11 @@
-//! Limits: token buckets and the per-IP admission table. Pure state machines
-//! driven by `now`; a worker owns its own (no sharing between cores).
+//! Limits: token buckets and the per-IP admission table, state machines
+//! driven by `now`.
 //!
-//! Per-IP limits are exact when the SO_REUSEPORT group steers every client IP
-//! to one worker (classic BPF on the IPv4 source address, see
-//! `gateway::attach_ip_steering`); where that cannot be attached (IPv6, old
-//! kernels) each worker enforces its share, `ceil(limit / workers)`.
+//! Per-session frame rates ([`MessageLimiter`]) belong to one core. Per-IP
+//! limits and the connection cap are node-wide and exact: every worker admits
+//! against one [`SharedAdmission`], touched at accept and close only, so the
+//! kernel can spread connections over the workers by their whole 4-tuple
+//! whatever the mix of source addresses.
 
 use ahash::AHashMap;
 use std::net::IpAddr;
@@ -85,9 +86,6 @@ pub struct PerIpTable {
     entries: AHashMap<IpAddr, IpEntry>,
     max_entries: usize,
 }
-
-/// Per-worker bound on tracked IPs.
-pub const MAX_IP_ENTRIES: usize = 65_536;
 
 impl PerIpTable {
     pub fn new(max_entries: usize) -> PerIpTable {

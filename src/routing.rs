@@ -461,11 +461,12 @@ impl RouteTable {
         self.rules.get(&(server_type, world_id)).or_else(|| self.rules.get(&(server_type, 0)))
     }
 
-    /// Whether the rule for (type, world) can still pick `addr`: one of its
-    /// endpoints, or for `realm_based` the realm mapping of that world.
-    pub fn routes_to(&self, server_type: u8, world_id: u16, addr: &SocketAddr) -> bool {
+    /// Whether the rule for (type, world) can still pick `addr` speaking
+    /// `protocol`: one of its endpoints, or for `realm_based` the realm
+    /// mapping of that world.
+    pub fn routes_to(&self, server_type: u8, world_id: u16, addr: &SocketAddr, protocol: BackendProtocol) -> bool {
         let Some(rule) = self.lookup(server_type, world_id) else { return false };
-        rule.endpoints.iter().any(|e| e.addr == *addr)
+        rule.backend_protocol == protocol && rule.endpoints.iter().any(|e| e.addr == *addr)
             || (rule.strategy == Strategy::RealmBased && self.realms.get(&world_id).is_some_and(|e| e.addr == *addr))
     }
 

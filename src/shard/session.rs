@@ -396,7 +396,7 @@ impl Shard {
                     let ip = s.info.peer.ip();
                     let header = if !server.proxy_protocol {
                         Err(ProxyError::NotEnabled)
-                    } else if s.proxy_done || !server.proxy_trusted.iter().any(|n| n.contains(&ip)) {
+                    } else if s.proxy_done || !server.proxy_trusted.iter().any(|n| n.contains(&ip.to_canonical())) {
                         Err(ProxyError::Untrusted(ip))
                     } else {
                         parse_proxy(buf)
@@ -816,7 +816,7 @@ impl Shard {
         let routes = self.ctx.routes.clone();
         let backends = &mut self.backends;
         let (kept, gone): (Vec<Binding>, Vec<Binding>) = s.bindings.iter().partition(|b| {
-            backends.endpoint(b.conn).is_some_and(|e| routes.routes_to(b.server_type, b.world, &e.addr))
+            backends.endpoint(b.conn).is_some_and(|e| routes.routes_to(b.server_type, b.world, &e.addr, b.protocol))
         });
         if gone.is_empty() {
             return;

@@ -845,3 +845,16 @@ fn websocket_pings_from_a_client_that_never_reads_are_bounded() {
     assert!(h.shutdowns().contains(&(s, Shut::Both)), "closed as a slow reader");
     assert_eq!(WorkerStats::get(&h.sh.stats(h.now).protocol_errors, "slow_reader"), 1);
 }
+
+#[test]
+fn changing_a_rules_protocol_at_the_same_address_unbinds_with_reason_8() {
+    let mut h = Harness::new(config("", "", &route(10, A, "")));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let moved = config("", "", &route(10, A, "backend_protocol = \"grpc\""));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
+    assert!(h.shutdowns().is_empty(), "the session stays and rebinds");
+}

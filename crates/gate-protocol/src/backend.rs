@@ -129,8 +129,9 @@ pub struct TraceContext {
     pub span_id: [u8; 8],
 }
 
-/// Why a backend byte stream cannot be framed. Any of these closes the backend
-/// connection (the stream cannot be resynchronised).
+/// Why a backend frame cannot be used. A bad length (`TooShort`,
+/// `TooLarge`) means the stream cannot be resynchronised; with a good length
+/// (`UnknownOpcode`, `BadBody`) a receiver can skip just that frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendFrameError {
     TooShort(i32),
