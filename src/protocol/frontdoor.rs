@@ -207,9 +207,18 @@ impl HttpRefusal {
     /// The whole response, `Connection: close` included.
     pub fn response(self) -> &'static str {
         match self {
-            HttpRefusal::UpgradeRequired => response!("426 Upgrade Required", "Upgrade: websocket\r\n", "65", "this port speaks game frames and WebSocket; upgrade to websocket\n"),
-            HttpRefusal::BadMethod => response!("400 Bad Request", "", "46", "a WebSocket upgrade must be GET over HTTP/1.1\n"),
-            HttpRefusal::MissingConnectionUpgrade => response!("400 Bad Request", "", "28", "missing Connection: upgrade\n"),
+            HttpRefusal::UpgradeRequired => response!(
+                "426 Upgrade Required",
+                "Upgrade: websocket\r\n",
+                "65",
+                "this port speaks game frames and WebSocket; upgrade to websocket\n"
+            ),
+            HttpRefusal::BadMethod => {
+                response!("400 Bad Request", "", "46", "a WebSocket upgrade must be GET over HTTP/1.1\n")
+            }
+            HttpRefusal::MissingConnectionUpgrade => {
+                response!("400 Bad Request", "", "28", "missing Connection: upgrade\n")
+            }
             HttpRefusal::BadVersion => response!("400 Bad Request", "", "33", "Sec-WebSocket-Version must be 13\n"),
             HttpRefusal::MissingKey => response!("400 Bad Request", "", "26", "missing Sec-WebSocket-Key\n"),
             HttpRefusal::BadKey => {
@@ -217,8 +226,12 @@ impl HttpRefusal {
             }
             HttpRefusal::Malformed => response!("400 Bad Request", "", "23", "malformed HTTP request\n"),
             HttpRefusal::OriginRefused => response!("403 Forbidden", "", "19", "origin not allowed\n"),
-            HttpRefusal::HeadTooLarge => response!("431 Request Header Fields Too Large", "", "23", "request head too large\n"),
-            HttpRefusal::WebSocketDisabled => response!("404 Not Found", "", "38", "websocket is disabled on this gateway\n"),
+            HttpRefusal::HeadTooLarge => {
+                response!("431 Request Header Fields Too Large", "", "23", "request head too large\n")
+            }
+            HttpRefusal::WebSocketDisabled => {
+                response!("404 Not Found", "", "38", "websocket is disabled on this gateway\n")
+            }
         }
     }
 }
@@ -363,7 +376,8 @@ mod tests {
             HttpDecision::Refuse(r) => {
                 let response = r.response();
                 assert!(response.contains("Connection: close"));
-                let len: usize = response.split("Content-Length: ").nth(1).unwrap().split('\r').next().unwrap().parse().unwrap();
+                let len: usize =
+                    response.split("Content-Length: ").nth(1).unwrap().split('\r').next().unwrap().parse().unwrap();
                 assert_eq!(len, response.split("\r\n\r\n").nth(1).unwrap().len(), "{response}");
                 r.status()
             }

@@ -100,11 +100,7 @@ impl GamePacket {
 }
 
 fn unix_ms() -> String {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-        .to_string()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0).to_string()
 }
 
 /// `packet_type = "connect"`, sent before a session's first data packet.

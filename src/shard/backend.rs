@@ -25,8 +25,8 @@ use super::session::Session;
 use super::{Action, Ctx, DropReason, SessionId, SessionTable, Shard, Shut};
 use crate::config::BackendConfig;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
-use crate::resilience::{CircuitBreaker, CircuitState};
 use crate::protocol::grpc::{self, ServerPacket};
+use crate::resilience::{CircuitBreaker, CircuitState};
 use crate::routing::{BackendProtocol, Endpoint, OnBackendLoss};
 use crate::stats::{bump, WorkerStats};
 use ahash::{AHashMap, AHashSet};
@@ -89,7 +89,9 @@ enum ConnState {
     /// Lost; may be redialed once `until` passes.
     Backoff(Instant),
     /// No route lists the endpoint: write the queue, then close by `deadline`.
-    Retiring { deadline: Instant },
+    Retiring {
+        deadline: Instant,
+    },
 }
 
 /// Data-path counters of one connection, kept here so the hot path never
@@ -247,7 +249,13 @@ impl Backends {
 
     /// Is `ep` usable now: its breaker closed or due for a probe, and a
     /// connection not backing off (seed_tcp: an idle one, or room for one)?
-    pub(super) fn available(&mut self, ep: &Endpoint, protocol: BackendProtocol, seed_max: usize, now: Instant) -> bool {
+    pub(super) fn available(
+        &mut self,
+        ep: &Endpoint,
+        protocol: BackendProtocol,
+        seed_max: usize,
+        now: Instant,
+    ) -> bool {
         let Some(p) = self.pools.get_mut(&(ep.addr, protocol)) else { return true };
         if !p.breaker.allows(now) {
             return false;
@@ -288,7 +296,11 @@ impl Backends {
         }
         let id = if protocol == BackendProtocol::SeedTcp {
             let pool = &self.pools[&key];
-            let idle = pool.conns.iter().copied().find(|c| self.conns[c.0 as usize].as_ref().is_some_and(BackendConn::idle_seed));
+            let idle = pool
+                .conns
+                .iter()
+                .copied()
+                .find(|c| self.conns[c.0 as usize].as_ref().is_some_and(BackendConn::idle_seed));
             match idle {
                 Some(id) => id,
                 None if pool.conns.len() < ctx.cfg.backend.seed_pool_max => {
@@ -549,7 +561,11 @@ impl Backends {
                 && c.idle_since.is_some_and(|t| now.saturating_duration_since(t) >= timeout);
             if expired {
                 tracing::debug!(worker = ctx.index, backend = %c.endpoint, "idle seed_tcp connection closed");
-                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation, graceful: true });
+                ctx.actions.push(Action::CloseBackend {
+                    conn: ConnId(i as u32),
+                    generation: c.generation,
+                    graceful: true,
+                });
                 self.forget_seed(&mut ctx.stats, ConnId(i as u32));
             }
         }
@@ -569,7 +585,11 @@ impl Backends {
     pub(super) fn close_all(&mut self, ctx: &mut Ctx) {
         for (i, c) in self.conns.iter().enumerate() {
             if let Some(c) = c.as_ref().filter(|c| c.live()) {
-                ctx.actions.push(Action::CloseBackend { conn: ConnId(i as u32), generation: c.generation, graceful: true });
+                ctx.actions.push(Action::CloseBackend {
+                    conn: ConnId(i as u32),
+                    generation: c.generation,
+                    graceful: true,
+                });
             }
         }
         self.pools.clear();
@@ -681,7 +701,8 @@ impl Backends {
             let id = ConnId(i as u32);
             // Gate only: grpc streams have HTTP/2 pings (in the driver), and
             // seed_tcp backends know no keep-alive frame.
-            let Some(c) = self.conns[i].as_ref().filter(|c| c.state == ConnState::Up && c.protocol == BackendProtocol::Gate)
+            let Some(c) =
+                self.conns[i].as_ref().filter(|c| c.state == ConnState::Up && c.protocol == BackendProtocol::Gate)
             else {
                 continue;
             };
@@ -709,13 +730,7 @@ impl Backends {
 }
 
 /// Applies each bound session's loss policy after its connection was lost.
-fn on_bound_lost(
-    ctx: &mut Ctx,
-    backends: &Backends,
-    sessions: &mut SessionTable,
-    conn: ConnId,
-    bound: Vec<SessionId>,
-) {
+fn on_bound_lost(ctx: &mut Ctx, backends: &Backends, sessions: &mut SessionTable, conn: ConnId, bound: Vec<SessionId>) {
     let endpoint = backends.endpoint(conn).map(|e| e.to_string()).unwrap_or_default();
     for id in bound {
         let Some(s) = sessions.by_id_mut(id) else { continue };
@@ -817,7 +832,11 @@ impl Shard {
     ) {
         let bound = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
         on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound);
-        if self.backends.conn(id).is_some_and(|c| c.generation == generation && matches!(c.state, ConnState::Backoff(_))) {
+        if self
+            .backends
+            .conn(id)
+            .is_some_and(|c| c.generation == generation && matches!(c.state, ConnState::Backoff(_)))
+        {
             self.backends.forget_seed(&mut self.ctx.stats, id);
         }
     }
@@ -847,7 +866,11 @@ impl Shard {
         for key in c.paused.drain(..) {
             self.ctx.actions.push(Action::ResumeClient(key));
         }
-        BackendOut::Write(WriteDone { bytes: buf.len() as u64, frames: std::mem::take(&mut c.queued_frames), oldest: c.oldest.take() })
+        BackendOut::Write(WriteDone {
+            bytes: buf.len() as u64,
+            frames: std::mem::take(&mut c.queued_frames),
+            oldest: c.oldest.take(),
+        })
     }
 
     /// A write completed.
@@ -900,7 +923,14 @@ impl Shard {
 
     /// Bytes read from stream `generation`: every complete frame in `buf` is
     /// handled (at most [`MAX_FRAMES_PER_READ`] per call) and consumed.
-    pub(crate) fn backend_data(&mut self, id: ConnId, generation: u64, buf: &mut BytesMut, read: usize, now: Instant) -> BackendRead {
+    pub(crate) fn backend_data(
+        &mut self,
+        id: ConnId,
+        generation: u64,
+        buf: &mut BytesMut,
+        read: usize,
+        now: Instant,
+    ) -> BackendRead {
         let Some(c) = self.backends.current(id, generation) else { return BackendRead::Stop };
         if !c.live() {
             return BackendRead::Stop;
@@ -934,7 +964,13 @@ impl Shard {
     }
 
     /// One gate frame from the front of `buf`: `Ok(false)` when incomplete.
-    fn gate_frame(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+    fn gate_frame(
+        &mut self,
+        id: ConnId,
+        buf: &mut BytesMut,
+        max: usize,
+        now: Instant,
+    ) -> Result<bool, (LossKind, String)> {
         let h = match bproto::check(buf, max) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(false),
@@ -971,7 +1007,13 @@ impl Shard {
     /// One seed_tcp frame: whatever arrives on the connection is for the one
     /// session it serves; the opcode and ids are ignored, the client frame
     /// gets `msg_id` = the frame's type and `server_id` 0.
-    fn seed_frame(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+    fn seed_frame(
+        &mut self,
+        id: ConnId,
+        buf: &mut BytesMut,
+        max: usize,
+        now: Instant,
+    ) -> Result<bool, (LossKind, String)> {
         let (msg_type, len) = match bproto::check_seed(buf, max) {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(false),
@@ -1000,7 +1042,13 @@ impl Shard {
     }
 
     /// One gRPC message (a `GamePacket`) from the stream's DATA bytes.
-    fn grpc_message(&mut self, id: ConnId, buf: &mut BytesMut, max: usize, now: Instant) -> Result<bool, (LossKind, String)> {
+    fn grpc_message(
+        &mut self,
+        id: ConnId,
+        buf: &mut BytesMut,
+        max: usize,
+        now: Instant,
+    ) -> Result<bool, (LossKind, String)> {
         let len = match grpc::check(buf, max) {
             Ok(Some(n)) => n,
             Ok(None) => return Ok(false),
@@ -1024,15 +1072,19 @@ impl Shard {
         match p.kind() {
             ServerPacket::ServerConnect | ServerPacket::Pong => {}
             ServerPacket::ServerDisconnect => {
-                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now) {
+                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now)
+                {
                     let reason = p.metadata.get("reason").map(String::as_str).unwrap_or("");
                     tracing::info!(session_id = p.session_id, trace_id = %s.trace_id(), reason, "session closed by the gRPC backend");
                     s.begin_close(&mut self.ctx, DisconnectReason::Kicked, Shut::Read);
                 }
             }
             ServerPacket::Data => {
-                let targets: &[i64] =
-                    if p.target_session_ids.is_empty() { std::slice::from_ref(&p.session_id) } else { &p.target_session_ids };
+                let targets: &[i64] = if p.target_session_ids.is_empty() {
+                    std::slice::from_ref(&p.session_id)
+                } else {
+                    &p.target_session_ids
+                };
                 for &sid in targets {
                     if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now) {
                         let st = s.info.first_server_type.unwrap_or(0) as usize;
@@ -1055,7 +1107,10 @@ impl Shard {
         match body {
             Body::Trans { payload, .. } => {
                 let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
-                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now) else { return };
+                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
+                else {
+                    return;
+                };
                 if s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now) {
                     self.ctx.stats.messages_out[st] += 1;
                 }
@@ -1063,7 +1118,10 @@ impl Shard {
             Body::Kick { payload } => {
                 let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
                 let backend = self.backends.endpoint(id).map(|e| e.to_string()).unwrap_or_default();
-                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now) else { return };
+                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
+                else {
+                    return;
+                };
                 if !payload.is_empty() {
                     s.deliver(&mut self.ctx, msg_id, h.server_id, payload, max_queued, now);
                 }
@@ -1099,9 +1157,8 @@ impl Shard {
             Body::Ping => {
                 let Some(generation) = self.backends.generation(id) else { return };
                 let sid = h.session_id;
-                self.backends.enqueue(&mut self.ctx, id, generation, now, |out| {
-                    bproto::encode_ping(out, Opcode::Pong, sid)
-                });
+                self.backends
+                    .enqueue(&mut self.ctx, id, generation, now, |out| bproto::encode_ping(out, Opcode::Pong, sid));
             }
             Body::Pong => {
                 if let Some(c) = self.backends.conn_mut(id) {

@@ -156,7 +156,13 @@ pub(crate) enum Action {
     /// queued, and a WebSocket close frame), then half-closes and exits.
     Closed { key: SessionKey, tail: BytesMut },
     /// Dial `addr` for connection `conn` as its `generation`, speaking `protocol`.
-    Dial { conn: ConnId, generation: u64, addr: SocketAddr, protocol: crate::routing::BackendProtocol, timeout: Duration },
+    Dial {
+        conn: ConnId,
+        generation: u64,
+        addr: SocketAddr,
+        protocol: crate::routing::BackendProtocol,
+        timeout: Duration,
+    },
     /// The connection's queue has bytes: wake its writer.
     WakeBackend(ConnId),
     /// The connection's `generation` is over: shut its socket so its tasks

@@ -22,9 +22,9 @@ use crate::limits::MessageLimiter;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
 use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
+use crate::protocol::grpc;
 use crate::protocol::ws::{self, WsEnd, WsState};
 use crate::protocol::ServerId;
-use crate::protocol::grpc;
 use crate::routing::{BackendProtocol, BindingMode, OnBackendLoss, PickInput, RouteError};
 use crate::session::{SessionInfo, TraceId};
 use crate::stats::bump;
@@ -255,7 +255,8 @@ impl Shard {
         // A trusted PROXY-protocol source (a balancer) is not a client: its
         // header's address is admitted instead, once it is read.
         let server = &ctx.cfg.server;
-        let from_proxy = server.proxy_protocol && server.proxy_trusted.iter().any(|n| n.contains(&peer.ip().to_canonical()));
+        let from_proxy =
+            server.proxy_protocol && server.proxy_trusted.iter().any(|n| n.contains(&peer.ip().to_canonical()));
         let ip_counted = !from_proxy && (max_per_ip > 0 || rate_per_ip > 0);
         let refusal = if self.phase == Phase::Draining {
             Some(AcceptRefusal::Draining)
@@ -505,7 +506,13 @@ impl Shard {
                 };
                 bump(&mut self.ctx.stats.protocol_errors, kind, 1);
                 if let Some(n) = self.ctx.logs.allow(kind, now) {
-                    tracing::warn!(session_id = id, code, reason = why, suppressed = n, "websocket protocol violation, closing");
+                    tracing::warn!(
+                        session_id = id,
+                        code,
+                        reason = why,
+                        suppressed = n,
+                        "websocket protocol violation, closing"
+                    );
                 }
                 Err(DisconnectReason::ProtocolError)
             }
@@ -615,9 +622,7 @@ impl Shard {
             b.epoch = epoch;
             b.queued = 0;
         }
-        if b.queued > 0
-            && b.queued + size > MIN_QUEUE_SHARE
-            && b.queued + size > self.backends.share(&self.ctx, b.conn)
+        if b.queued > 0 && b.queued + size > MIN_QUEUE_SHARE && b.queued + size > self.backends.share(&self.ctx, b.conn)
         {
             let conn = b.conn;
             self.backends.pause(conn, key);
@@ -637,13 +642,9 @@ impl Shard {
             }
             // The Go gateway's TCP mode sends server_id 0.
             BackendProtocol::SeedTcp => bproto::encode_trans(out, h.msg_id as i32, 0, id, trace.as_ref(), payload),
-            BackendProtocol::Grpc => grpc::encode_data(
-                out,
-                id,
-                h.msg_id,
-                payload,
-                trace.as_ref().map(|t| (&t.trace_id[..], &t.span_id[..])),
-            ),
+            BackendProtocol::Grpc => {
+                grpc::encode_data(out, id, h.msg_id, payload, trace.as_ref().map(|t| (&t.trace_id[..], &t.span_id[..])))
+            }
         });
         if queued {
             self.ctx.stats.messages_in[st as usize] += 1;
@@ -655,7 +656,15 @@ impl Shard {
     /// A frame that could not be routed: counted, logged; a connection that
     /// follows one backend cannot go on without it (the Go gateway closes
     /// the client too).
-    fn routing_failed(&mut self, key: SessionKey, st: u8, world: u16, h: cproto::ClientHeader, e: BindError, now: Instant) {
+    fn routing_failed(
+        &mut self,
+        key: SessionKey,
+        st: u8,
+        world: u16,
+        h: cproto::ClientHeader,
+        e: BindError,
+        now: Instant,
+    ) {
         let ctx = &mut self.ctx;
         bump(&mut ctx.stats.routing_errors, e.as_str(), 1);
         ctx.drop_frames(DropReason::RoutingError, 1);
@@ -690,8 +699,7 @@ impl Shard {
             let available = |e: &crate::routing::Endpoint| pools.borrow_mut().available(e, protocol, seed_max, now);
             routes.pick(rule, &input, cursor, &available).map_err(BindError::Route)?.clone()
         };
-        let (conn, generation) =
-            backends.conn_for(ctx, &ep, protocol, id, now).ok_or(BindError::BackendUnavailable)?;
+        let (conn, generation) = backends.conn_for(ctx, &ep, protocol, id, now).ok_or(BindError::BackendUnavailable)?;
         // A second server type routed to a stream the session is already
         // bound on shares that binding: one CONNECT, one DISCONNECT.
         let shared = s.bindings.iter().any(|b| b.conn == conn && b.generation == generation);

@@ -260,7 +260,9 @@ fn backend_loss_closes_sessions_by_default_and_counts_queued_frames() {
     h.sh.backend_lost(c, g, LossKind::ReadFailed, &"test", h.now);
     h.pump();
     let log = h.take_log();
-    assert!(log.iter().any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == c && *generation == g)));
+    assert!(log
+        .iter()
+        .any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == c && *generation == g)));
     assert!(log.iter().any(|a| matches!(a, Action::ShutdownClient(id, Shut::Read) if *id == s)));
     assert_eq!(h.dropped("backend_lost"), 3, "CONNECT and two frames were queued");
     h.close(s);
@@ -309,7 +311,10 @@ fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
     // Its queue written, the connection nobody routes to is closed.
     h.sh.tick(h.now, false, false);
     h.pump();
-    assert!(h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == ca && *generation == ga)));
+    assert!(h
+        .take_log()
+        .iter()
+        .any(|a| matches!(a, Action::CloseBackend { conn, generation, .. } if *conn == ca && *generation == ga)));
     h.send(s, 10, b"y").unwrap();
     assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
     assert_eq!(h.sh.stats(h.now).route_version, 2);
@@ -561,7 +566,10 @@ fn two_server_types_on_one_stream_share_the_binding() {
     let s = h.accept(1);
     h.send(s, 10, b"x").unwrap();
     h.send(s, 11, b"y").unwrap();
-    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"x".to_vec()), Sent::Trans(s.id, b"y".to_vec())]);
+    assert_eq!(
+        h.backend_out(A),
+        vec![Sent::Connect(s.id), Sent::Trans(s.id, b"x".to_vec()), Sent::Trans(s.id, b"y".to_vec())]
+    );
     // Type 10 moves away; the session stays bound on A for type 11.
     let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
     h.sh.apply_routes(table(&moved, 2), h.now);
@@ -734,7 +742,10 @@ fn grpc_sends_connect_data_and_disconnect_and_fans_out_only_to_its_sessions() {
     let mut out = h.raw_out(c, g);
     let n = grpc::check(&out, 1 << 20).unwrap().unwrap();
     let p = grpc::decode(&out[..n]).unwrap();
-    assert_eq!((p.session_id, p.metadata["packet_type"].as_str(), p.metadata["reason"].as_str()), (s2.id, "disconnect", "kicked"));
+    assert_eq!(
+        (p.session_id, p.metadata["packet_type"].as_str(), p.metadata["reason"].as_str()),
+        (s2.id, "disconnect", "kicked")
+    );
     bytes::Buf::advance(&mut out, n);
     // A message that does not decode is dropped alone; the stream goes on.
     let mut bad = BytesMut::from(&[0u8, 0, 0, 0, 2, 0xff, 0xff][..]);
@@ -801,7 +812,10 @@ fn a_flooding_session_pauses_at_its_share_and_its_neighbours_get_through() {
     h.send(quiet, 10, b"again").unwrap();
     let out = h.backend_out(A);
     assert!(out.contains(&Sent::Trans(quiet.id, b"again".to_vec())));
-    assert!(h.take_log().iter().any(|a| matches!(a, Action::ResumeClient(k) if *k == flood)), "resumed after the write");
+    assert!(
+        h.take_log().iter().any(|a| matches!(a, Action::ResumeClient(k) if *k == flood)),
+        "resumed after the write"
+    );
 }
 
 #[test]

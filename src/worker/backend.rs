@@ -129,10 +129,14 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, conn: ConnId, generation: u6
         let mut read = match res {
             Ok(0) => {
                 let now = Instant::now();
-                return w.with_shard(|sh| sh.backend_lost(conn, generation, LossKind::ClosedByBackend, &"end of stream", now));
+                return w.with_shard(|sh| {
+                    sh.backend_lost(conn, generation, LossKind::ClosedByBackend, &"end of stream", now)
+                });
             }
             Ok(n) => n,
-            Err(e) => return w.with_shard(|sh| sh.backend_lost(conn, generation, LossKind::ReadFailed, &e, Instant::now())),
+            Err(e) => {
+                return w.with_shard(|sh| sh.backend_lost(conn, generation, LossKind::ReadFailed, &e, Instant::now()))
+            }
         };
         loop {
             match w.with_shard(|sh| sh.backend_data(conn, generation, &mut buf, read, Instant::now())) {

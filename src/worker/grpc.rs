@@ -139,12 +139,16 @@ pub(super) async fn run(
                         }
                         Some(Err(e)) => {
                             let frames = write.frames;
-                            return w.with_shard(|sh| sh.backend_write_failed(conn, generation, frames, &e, Instant::now()));
+                            return w.with_shard(|sh| {
+                                sh.backend_write_failed(conn, generation, frames, &e, Instant::now())
+                            });
                         }
                         None => {
                             let frames = write.frames;
                             let e = "the server ended the stream";
-                            return w.with_shard(|sh| sh.backend_write_failed(conn, generation, frames, &e, Instant::now()));
+                            return w.with_shard(|sh| {
+                                sh.backend_write_failed(conn, generation, frames, &e, Instant::now())
+                            });
                         }
                     }
                 }
@@ -244,7 +248,9 @@ async fn keepalive(w: Rc<Worker>, conn: ConnId, generation: u64, mut ping: h2::P
             }
             Err(_) => {
                 let e = format!("no HTTP/2 PING ack within {timeout:?}");
-                return w.with_shard(|sh| sh.backend_lost(conn, generation, LossKind::KeepaliveTimeout, &e, Instant::now()));
+                return w.with_shard(|sh| {
+                    sh.backend_lost(conn, generation, LossKind::KeepaliveTimeout, &e, Instant::now())
+                });
             }
         }
     }

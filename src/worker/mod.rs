@@ -290,7 +290,11 @@ impl Worker {
         self.wait_sessions_gone(|| read_grace.min(self.stop_deadline.get())).await;
         let left = self.with_shard(|sh| sh.force_close_all());
         if left > 0 {
-            tracing::info!(worker = self.index, sessions = left, "drain: closing sessions that did not end their stream");
+            tracing::info!(
+                worker = self.index,
+                sessions = left,
+                "drain: closing sessions that did not end their stream"
+            );
         }
         self.wait_sessions_gone(|| self.stop_deadline.get()).await;
         tracing::info!(
