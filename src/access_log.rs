@@ -13,7 +13,7 @@
 //! `status`, `error.message`) plus `frames.in`, `frames.out`, `close.reason`.
 
 use crate::protocol::backend::DisconnectReason;
-use crate::session::SessionInfo;
+use crate::session::{Hex, SessionInfo};
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use serde::Serialize;
 use std::io::Write;
@@ -24,18 +24,6 @@ use std::time::SystemTime;
 pub(crate) const FLUSH_BYTES: usize = 64 * 1024;
 /// Buffers in flight to the writer before records are dropped.
 pub(crate) const CHANNEL_DEPTH: usize = 64;
-
-/// Hex text of an id, without allocating.
-pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
-
-impl std::fmt::Display for Hex<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Serialize)]
 struct Record<'a> {

@@ -73,13 +73,25 @@ impl SessionIdGen {
     }
 }
 
+/// Hex text of an id, without allocating.
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A W3C-style trace id, displayed as 32 hex digits.
 #[derive(Clone, Copy)]
 pub struct TraceId(pub [u8; 16]);
 
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        crate::access_log::Hex(&self.0).fmt(f)
+        Hex(&self.0).fmt(f)
     }
 }
 

@@ -22,7 +22,7 @@
 //! connections are all backing off.
 
 use super::session::Session;
-use super::{Action, Ctx, DropReason, SessionId, SessionTable, Shard, Shut};
+use super::{Action, ConnId, Ctx, DropReason, SessionId, SessionTable, Shard, Shut, MIN_QUEUE_SHARE};
 use crate::config::BackendConfig;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
 use crate::protocol::grpc::{self, ServerPacket};
@@ -36,17 +36,9 @@ use std::time::{Duration, Instant};
 
 /// Longest a retired connection may take to write its last queue.
 pub(crate) const RETIRE_DRAIN_MAX: Duration = Duration::from_secs(5);
-/// The least share of a backend queue a session may fill before its reading
-/// pauses: two of the largest client frames, so any frame fits.
-pub(crate) const MIN_QUEUE_SHARE: usize = 128 * 1024;
 /// Frames handled per backend read before yielding to other tasks, so one
 /// busy backend cannot starve the core's other connections.
 pub(crate) const MAX_FRAMES_PER_READ: usize = 4096;
-
-/// A backend connection's slot in the shard. Slots are reused; the pair
-/// (slot, generation) is what names one stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ConnId(pub(crate) u32);
 
 /// Why a backend stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

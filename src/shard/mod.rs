@@ -37,7 +37,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use backend::{BackendOut, BackendRead, ConnId, LossKind};
+pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 pub(crate) use session::{ClientOut, Flow, HalfClose};
 
 use crate::config::Config;
@@ -52,6 +52,15 @@ use session::Session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A backend connection's slot in the shard. Slots are reused; the pair
+/// (slot, generation) is what names one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConnId(pub(crate) u32);
+
+/// The least share of a backend queue a session may fill before its reading
+/// pauses: two of the largest client frames, so any frame fits.
+pub(crate) const MIN_QUEUE_SHARE: usize = 128 * 1024;
 
 /// A session id (see `crate::session` for its layout).
 pub(crate) type SessionId = i64;

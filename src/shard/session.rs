@@ -15,8 +15,7 @@
 //! Whoever wants a session to end calls `begin_close` (the first reason
 //! wins); only [`Shard::client_closed`] removes it, so the close runs once.
 
-use super::backend::{ConnId, MIN_QUEUE_SHARE};
-use super::{AcceptRefusal, Action, Ctx, DropReason, Phase, SessionKey, Shard, Shut};
+use super::{AcceptRefusal, Action, ConnId, Ctx, DropReason, Phase, SessionKey, Shard, Shut, MIN_QUEUE_SHARE};
 use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
