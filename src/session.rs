@@ -20,6 +20,7 @@
 //! up (at 20,000 new sessions/s sustained for a minute, ~19 minutes).
 
 use crate::protocol::backend::{DisconnectReason, Transport};
+pub(crate) use crate::protocol::Hex;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,18 +71,6 @@ impl SessionIdGen {
     /// ... or from the wall clock.
     pub fn next_id(&mut self) -> i64 {
         self.next_at(Self::now_ms())
-    }
-}
-
-/// Hex text of an id, without allocating.
-pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
-
-impl std::fmt::Display for Hex<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
     }
 }
 

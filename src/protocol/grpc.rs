@@ -127,8 +127,8 @@ pub fn encode_disconnect(dst: &mut BytesMut, session_id: i64, reason: &str) {
 pub fn encode_data(dst: &mut BytesMut, session_id: i64, msg_id: u16, payload: &[u8], trace: Option<(&[u8], &[u8])>) {
     let mut metadata = HashMap::new();
     if let Some((trace_id, span_id)) = trace {
-        metadata.insert("trace_id".to_string(), crate::session::Hex(trace_id).to_string());
-        metadata.insert("span_id".to_string(), crate::session::Hex(span_id).to_string());
+        metadata.insert("trace_id".to_string(), super::Hex(trace_id).to_string());
+        metadata.insert("span_id".to_string(), super::Hex(span_id).to_string());
     }
     let p = GamePacket {
         session_id,

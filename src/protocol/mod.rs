@@ -13,3 +13,15 @@ pub use gate_protocol::{backend, client, ServerId};
 pub mod frontdoor;
 pub mod grpc;
 pub mod ws;
+
+/// Hex text of an id, without allocating.
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
