@@ -116,6 +116,9 @@ impl fmt::Display for HashKey {
 pub enum OnBackendLoss {
     Close,
     Rebind,
+    /// Keep the session, buffer its frames (bounded) and replay them, after
+    /// a `CONNECT` marked as a resume, when the backend is back.
+    Hold,
 }
 
 impl OnBackendLoss {
@@ -124,6 +127,7 @@ impl OnBackendLoss {
         match self {
             OnBackendLoss::Close => "close",
             OnBackendLoss::Rebind => "rebind",
+            OnBackendLoss::Hold => "hold",
         }
     }
 }
@@ -325,8 +329,9 @@ impl RawRule {
         let on_backend_loss = match self.on_backend_loss.as_deref().unwrap_or("close") {
             "close" => OnBackendLoss::Close,
             "rebind" => OnBackendLoss::Rebind,
+            "hold" => OnBackendLoss::Hold,
             other => {
-                errs.push(("on_backend_loss", format!("{other:?} is not one of close, rebind")));
+                errs.push(("on_backend_loss", format!("{other:?} is not one of close, rebind, hold")));
                 OnBackendLoss::Close
             }
         };
@@ -347,10 +352,10 @@ impl RawRule {
                 BindingMode::Frame
             }
         };
-        if backend_protocol == BackendProtocol::SeedTcp && self.on_backend_loss.as_deref() == Some("rebind") {
+        if backend_protocol == BackendProtocol::SeedTcp && matches!(self.on_backend_loss.as_deref(), Some("rebind" | "hold")) {
             errs.push((
                 "on_backend_loss",
-                "seed_tcp sessions end with their backend connection; rebind is not possible".to_string(),
+                "seed_tcp sessions end with their backend connection; rebind and hold are not possible".to_string(),
             ));
         }
         if !errs.is_empty() {

@@ -36,6 +36,12 @@ pub(crate) const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
 pub(crate) const DEFAULT_SEED_POOL_MAX: u32 = 100;
 /// How long an unused seed_tcp connection waits in the idle pool.
 pub(crate) const DEFAULT_SEED_IDLE_TIMEOUT: &str = "5m";
+/// `on_backend_loss = "hold"`: how long a session waits for its backend.
+pub(crate) const DEFAULT_HOLD_TIMEOUT: &str = "10s";
+/// ... and how many bytes of its frames it may buffer meanwhile,
+pub(crate) const DEFAULT_HOLD_MAX_BYTES_PER_SESSION: u32 = 64 * 1024;
+/// ... within this many for the whole worker.
+pub(crate) const DEFAULT_HOLD_MAX_BYTES_PER_WORKER: u32 = 64 << 20;
 /// One largest client frame (8-byte header + 65,535 payload bytes) plus room
 /// for a few small ones in the same message.
 pub(crate) const DEFAULT_WS_MAX_MESSAGE_SIZE: usize = 128 * 1024;
@@ -152,6 +158,9 @@ pub(crate) struct RawBackend {
     pub(crate) keepalive_timeout: String,
     pub(crate) seed_pool_max: i64,
     pub(crate) seed_idle_timeout: String,
+    pub(crate) hold_timeout: String,
+    pub(crate) hold_max_bytes_per_session: i64,
+    pub(crate) hold_max_bytes_per_worker: i64,
 }
 
 impl Default for RawBackend {
@@ -169,6 +178,9 @@ impl Default for RawBackend {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT.into(),
             seed_pool_max: DEFAULT_SEED_POOL_MAX as i64,
             seed_idle_timeout: DEFAULT_SEED_IDLE_TIMEOUT.into(),
+            hold_timeout: DEFAULT_HOLD_TIMEOUT.into(),
+            hold_max_bytes_per_session: DEFAULT_HOLD_MAX_BYTES_PER_SESSION as i64,
+            hold_max_bytes_per_worker: DEFAULT_HOLD_MAX_BYTES_PER_WORKER as i64,
         }
     }
 }

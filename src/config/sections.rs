@@ -140,6 +140,12 @@ pub struct BackendConfig {
     pub seed_pool_max: usize,
     /// seed_tcp: how long an unused connection waits in the idle pool.
     pub seed_idle_timeout: Duration,
+    /// `on_backend_loss = "hold"`: how long a session waits for its backend,
+    pub hold_timeout: Duration,
+    /// the bytes of client frames it may buffer meanwhile,
+    pub hold_max_bytes_per_session: usize,
+    /// and the bytes all held sessions of a worker may buffer.
+    pub hold_max_bytes_per_worker: usize,
 }
 
 #[derive(Debug, Clone)]

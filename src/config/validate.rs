@@ -314,6 +314,9 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
         keepalive_timeout: p.duration("backend", "keepalive_timeout", &b.keepalive_timeout),
         seed_pool_max: p.int("backend", "seed_pool_max", b.seed_pool_max, 1, 100_000),
         seed_idle_timeout: p.duration("backend", "seed_idle_timeout", &b.seed_idle_timeout),
+        hold_timeout: p.duration("backend", "hold_timeout", &b.hold_timeout),
+        hold_max_bytes_per_session: p.int("backend", "hold_max_bytes_per_session", b.hold_max_bytes_per_session, 0, 1 << 30),
+        hold_max_bytes_per_worker: p.int("backend", "hold_max_bytes_per_worker", b.hold_max_bytes_per_worker, 0, 1 << 34),
     };
     if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {
         p.push("backend", None, "keepalive_timeout", "must be above zero when keep-alive is on");

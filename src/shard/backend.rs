@@ -145,6 +145,9 @@ struct BackendConn {
     /// Sessions whose reading stopped because their share of this queue is
     /// full; resumed when the writer takes the queue (or the stream ends).
     paused: Vec<super::SessionKey>,
+    /// `on_backend_loss = "hold"`: sessions waiting for this connection to be
+    /// redialed, to resume on it.
+    held: Vec<SessionId>,
 }
 
 impl BackendConn {
@@ -336,6 +339,7 @@ impl Backends {
             counters: ConnCounters::default(),
             epoch: 0,
             paused: Vec::new(),
+            held: Vec::new(),
         };
         match self.free.pop() {
             Some(i) => {
@@ -349,7 +353,7 @@ impl Backends {
         }
     }
 
-    fn ensure_dialing(&mut self, ctx: &mut Ctx, id: ConnId, now: Instant) {
+    pub(super) fn ensure_dialing(&mut self, ctx: &mut Ctx, id: ConnId, now: Instant) {
         let Some(c) = self.conns[id.0 as usize].as_mut() else { return };
         match c.state {
             ConnState::Idle => {}
@@ -615,7 +619,8 @@ impl Backends {
 
     /// The stream of `generation` failed: back off, count what was queued as
     /// lost, and close or unbind every session bound to it. Runs once per
-    /// generation; returns the sessions bound to it.
+    /// generation; returns the sessions bound to it, the queue that was not
+    /// written, and how many frames it holds.
     fn lost(
         &mut self,
         ctx: &mut Ctx,
@@ -624,10 +629,12 @@ impl Backends {
         kind: LossKind,
         err: &dyn std::fmt::Display,
         now: Instant,
-    ) -> Vec<SessionId> {
-        let Some(c) = self.conns.get_mut(id.0 as usize).and_then(Option::as_mut) else { return Vec::new() };
+    ) -> (Vec<SessionId>, BytesMut, u64) {
+        let Some(c) = self.conns.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return (Vec::new(), BytesMut::new(), 0);
+        };
         if c.generation != generation || !matches!(c.state, ConnState::Up | ConnState::Connecting) {
-            return Vec::new();
+            return (Vec::new(), BytesMut::new(), 0);
         }
         let was_up = c.state == ConnState::Up;
         // A seed_tcp connection that was up ends with its session (the server
@@ -650,7 +657,7 @@ impl Backends {
         };
         c.state = ConnState::Backoff(now + backoff);
         let lost_frames = std::mem::take(&mut c.queued_frames);
-        c.out.clear();
+        let queue = std::mem::take(&mut c.out);
         c.oldest = None;
         c.writing = false;
         let sessions: Vec<SessionId> = c.sessions.drain().collect();
@@ -664,7 +671,6 @@ impl Backends {
                 b.timeouts += 1;
             }
         }
-        ctx.drop_frames(DropReason::BackendLost, lost_frames);
         tracing::warn!(
             worker = ctx.index,
             backend = %c.endpoint,
@@ -677,7 +683,7 @@ impl Backends {
             "backend connection lost"
         );
         ctx.actions.push(Action::CloseBackend { conn: id, generation, graceful: false });
-        sessions
+        (sessions, queue, lost_frames)
     }
 
     /// Keep-alive, run once a second: a connection silent for
@@ -702,8 +708,8 @@ impl Backends {
             match c.ping_sent {
                 Some(sent) if now.saturating_duration_since(sent) >= timeout => {
                     let err = format!("no PONG within {timeout:?}");
-                    let bound = self.lost(ctx, id, generation, LossKind::KeepaliveTimeout, &err, now);
-                    on_bound_lost(ctx, self, sessions, id, bound);
+                    let (bound, queue, frames) = self.lost(ctx, id, generation, LossKind::KeepaliveTimeout, &err, now);
+                    after_loss(ctx, self, sessions, id, bound, queue, frames, now);
                 }
                 Some(_) => {}
                 None if now.saturating_duration_since(c.last_rx) >= interval => {
@@ -721,31 +727,85 @@ impl Backends {
     }
 }
 
-/// Applies each bound session's loss policy after its connection was lost.
-fn on_bound_lost(ctx: &mut Ctx, backends: &Backends, sessions: &mut SessionTable, conn: ConnId, bound: Vec<SessionId>) {
+/// Applies each bound session's loss policy after its connection was lost:
+/// `close` closes it (reason 7), `rebind` lets its next frame bind again,
+/// `hold` keeps its binding waiting for this connection to be redialed. The
+/// queue that was not written is replayed for held sessions (their frames
+/// go into their hold buffers, in order) and counted as lost for the rest.
+#[allow(clippy::too_many_arguments)]
+fn after_loss(
+    ctx: &mut Ctx,
+    backends: &mut Backends,
+    sessions: &mut SessionTable,
+    conn: ConnId,
+    bound: Vec<SessionId>,
+    queue: BytesMut,
+    queued_frames: u64,
+    now: Instant,
+) {
     let endpoint = backends.endpoint(conn).map(|e| e.to_string()).unwrap_or_default();
+    let mut held = Vec::new();
     for id in bound {
         let Some(s) = sessions.by_id_mut(id) else { continue };
-        // Every server type bound on the lost stream goes; one that says
-        // `close` closes the session.
+        // Every server type bound on the lost stream goes (or is held); one
+        // that says `close` closes the session.
         let before = s.bindings.len();
         let mut close = false;
-        s.bindings.retain(|b| {
-            let lost = b.conn == conn;
-            close |= lost && b.on_loss == OnBackendLoss::Close;
-            !lost
+        let mut hold = false;
+        s.bindings.retain_mut(|b| {
+            if b.conn != conn {
+                return true;
+            }
+            close |= b.on_loss == OnBackendLoss::Close;
+            if b.on_loss == OnBackendLoss::Hold {
+                b.held = true;
+                hold = true;
+                return true;
+            }
+            false
         });
-        if s.bindings.len() == before {
-            continue;
-        }
         if close {
+            s.bindings.retain(|b| b.conn != conn);
             tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, closing session");
             s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
-        } else {
+        } else if hold {
+            s.hold_since.get_or_insert(now);
+            held.push(id);
+            tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session held until it is back");
+        } else if s.bindings.len() != before {
             if let Some(name) = backends.endpoint(conn).map(|e| e.name.clone()) {
                 bump(&mut ctx.stats.backend(&name).errors, "session_rebind", 1);
             }
             tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session will rebind on its next frame");
+        }
+    }
+    // The frames that never left: held sessions keep theirs, in order.
+    let mut replayed = 0u64;
+    if !held.is_empty() {
+        let mut rest = queue;
+        while let Ok(Some(h)) = bproto::check(&rest, usize::MAX) {
+            let len = h.frame_len();
+            if h.opcode == Opcode::Trans && held.contains(&h.session_id) {
+                if let Some(s) = sessions.by_id_mut(h.session_id) {
+                    // Frames of a route with trace propagation carry the
+                    // trace extension before the payload.
+                    let trace = s.bindings.iter().any(|b| b.conn == conn && b.trace);
+                    if let Ok(Body::Trans { payload, .. }) = bproto::parse(&h, &rest[..len], trace) {
+                        if s.hold_frame(ctx, h.msg_type as u16, h.server_id, payload) {
+                            replayed += 1;
+                        }
+                    }
+                }
+            }
+            rest.advance(len);
+        }
+    }
+    ctx.drop_frames(DropReason::BackendLost, queued_frames.saturating_sub(replayed));
+    if let Some(c) = backends.conn_mut(conn) {
+        for id in held {
+            if !c.held.contains(&id) {
+                c.held.push(id);
+            }
         }
     }
 }
@@ -775,6 +835,81 @@ fn bound_session<'a>(
 }
 
 impl Shard {
+    /// Held sessions: those past `hold_timeout` are closed (reason 7, their
+    /// buffered frames counted as lost); connections that held sessions wait
+    /// for are redialed as soon as their backoff and breaker allow.
+    pub(super) fn hold_tick(&mut self, now: Instant) {
+        if self.ctx.held_bytes == 0 && self.backends.conns.iter().flatten().all(|c| c.held.is_empty()) {
+            return;
+        }
+        let timeout = self.ctx.cfg.backend.hold_timeout;
+        for s in self.sessions.iter_mut() {
+            if s.hold_since.is_some_and(|t| now.saturating_duration_since(t) >= timeout) && s.info.close_reason.is_none() {
+                tracing::info!(session_id = s.info.id, trace_id = %s.trace_id(), "backend not back within hold_timeout, closing session");
+                s.drop_hold(&mut self.ctx);
+                s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
+            }
+        }
+        for i in 0..self.backends.conns.len() {
+            let Some(c) = self.backends.conns[i].as_ref() else { continue };
+            if c.held.is_empty() || !matches!(c.state, ConnState::Backoff(until) if now >= until) {
+                continue;
+            }
+            let key = (c.endpoint.addr, c.protocol);
+            let allowed = self.backends.pools.get_mut(&key).is_some_and(|p| p.breaker.allows(now));
+            if allowed {
+                self.backends.ensure_dialing(&mut self.ctx, ConnId(i as u32), now);
+            }
+        }
+    }
+
+    /// The connection came back: every session held on it resumes. Its
+    /// binding moves to the new stream, a `CONNECT` marked as a resume goes
+    /// first, then the frames it buffered, in order.
+    fn resume_held(&mut self, id: ConnId, generation: u64, now: Instant) {
+        let Some(c) = self.backends.conn_mut(id) else { return };
+        let held = std::mem::take(&mut c.held);
+        let protocol = c.protocol;
+        for sid in held {
+            let Some(s) = self.sessions.by_id_mut(sid) else { continue };
+            let mut resumed = None;
+            for b in s.bindings.iter_mut().filter(|b| b.conn == id && b.held) {
+                b.held = false;
+                b.generation = generation;
+                b.queued = 0;
+                resumed = Some(*b);
+            }
+            let Some(b) = resumed else { continue };
+            let (peer, transport) = (s.info.peer, s.info.transport);
+            let frames = s.take_hold(&mut self.ctx);
+            let trace_id = s.info.trace_id;
+            tracing::info!(session_id = sid, trace_id = %s.trace_id(), "backend back, session resumed");
+            self.backends.bind(id, generation, sid);
+            if b.notify {
+                self.backends.enqueue(&mut self.ctx, id, generation, now, |out| match protocol {
+                    BackendProtocol::Grpc => grpc::encode_connect(out, sid, peer.ip(), transport == bproto::Transport::WebSocket),
+                    _ => bproto::encode_connect_as(out, sid, transport, peer, true),
+                });
+            }
+            let mut rest = &frames[..];
+            while let Ok(Some(h)) = crate::protocol::client::check(rest, usize::MAX) {
+                let payload = &rest[crate::protocol::client::HEADER_LEN..h.frame_len()];
+                let trace = b.trace.then(|| bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() });
+                self.backends.enqueue(&mut self.ctx, id, generation, now, |out| match protocol {
+                    BackendProtocol::Grpc => grpc::encode_data(
+                        out,
+                        sid,
+                        h.msg_id,
+                        payload,
+                        trace.as_ref().map(|t| (&t.trace_id[..], &t.span_id[..])),
+                    ),
+                    _ => bproto::encode_trans(out, h.msg_id as i32, h.server_id.0, sid, trace.as_ref(), payload),
+                });
+                rest = &rest[h.frame_len()..];
+            }
+        }
+    }
+
     /// (interval, timeout) of backend keep-alive, for drivers that ping at
     /// their own layer (HTTP/2).
     pub(crate) fn config_backend_keepalive(&self) -> (Duration, Duration) {
@@ -810,6 +945,7 @@ impl Shard {
             }
         }
         tracing::info!(worker = ctx.index, backend = %endpoint, slot, "backend connected");
+        self.resume_held(id, generation, now);
         true
     }
 
@@ -822,8 +958,8 @@ impl Shard {
         err: &dyn std::fmt::Display,
         now: Instant,
     ) {
-        let bound = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
-        on_bound_lost(&mut self.ctx, &self.backends, &mut self.sessions, id, bound);
+        let (bound, queue, frames) = self.backends.lost(&mut self.ctx, id, generation, kind, err, now);
+        after_loss(&mut self.ctx, &mut self.backends, &mut self.sessions, id, bound, queue, frames, now);
         if self
             .backends
             .conn(id)

@@ -325,6 +325,8 @@ pub(crate) struct Ctx {
     rng: u64,
     /// Actions for the driver, drained after every event.
     actions: Vec<Action>,
+    /// Bytes in the hold buffers of this worker's held sessions.
+    held_bytes: usize,
     /// Admission shared by every worker: exact per-IP limits for the real
     /// client address and the node's connection cap (touched at accept and
     /// close only).
@@ -395,6 +397,7 @@ impl Shard {
                 logs: LogLimiter::default(),
                 rng: seed | 1,
                 actions: Vec::new(),
+                held_bytes: 0,
                 admission,
             },
             sessions: SessionTable::default(),
@@ -461,6 +464,7 @@ impl Shard {
             self.flush_access_log();
         }
         self.backends.finish_retirements(&mut self.ctx, now);
+        self.hold_tick(now);
         if sweep {
             self.backends.close_idle_seed(&mut self.ctx, now);
         }

@@ -65,6 +65,9 @@ pub(super) struct Binding {
     pub(super) queued: usize,
     /// The stream's queue epoch `queued` counts in.
     pub(super) epoch: u64,
+    /// `on_backend_loss = "hold"`: the stream was lost; frames wait in the
+    /// session's hold buffer until it is redialed and the session resumed.
+    pub(super) held: bool,
 }
 
 /// Why a binding could not be made.
@@ -122,6 +125,12 @@ pub(super) struct Session {
     last_deliver: Option<Instant>,
     /// When the client's end of stream arrived (half-close).
     eof_at: Option<Instant>,
+    /// Since when a binding of this session is held (its backend was lost).
+    pub(super) hold_since: Option<Instant>,
+    /// Client frames waiting for a held backend, in order, as client frames.
+    hold: BytesMut,
+    /// How many frames `hold` holds.
+    hold_frames: u64,
 }
 
 /// What the driver's reader does after [`Shard::client_data`].
@@ -168,6 +177,36 @@ pub(crate) struct ClientWrite {
 }
 
 impl Session {
+    /// Buffers one client frame for a held backend; `false` when the
+    /// session's or the worker's hold bound would be exceeded.
+    pub(super) fn hold_frame(&mut self, ctx: &mut Ctx, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
+        let size = cproto::HEADER_LEN + payload.len();
+        let b = &ctx.cfg.backend;
+        if self.hold.len() + size > b.hold_max_bytes_per_session || ctx.held_bytes + size > b.hold_max_bytes_per_worker {
+            return false;
+        }
+        cproto::encode(&mut self.hold, msg_id, ServerId(server_id), payload);
+        self.hold_frames += 1;
+        ctx.held_bytes += size;
+        true
+    }
+
+    /// Drops the hold buffer, counting its frames as lost.
+    pub(super) fn drop_hold(&mut self, ctx: &mut Ctx) {
+        ctx.held_bytes -= self.hold.len();
+        ctx.drop_frames(DropReason::BackendLost, std::mem::take(&mut self.hold_frames));
+        self.hold = BytesMut::new();
+        self.hold_since = None;
+    }
+
+    /// Takes the hold buffer for replay.
+    pub(super) fn take_hold(&mut self, ctx: &mut Ctx) -> BytesMut {
+        ctx.held_bytes -= self.hold.len();
+        self.hold_frames = 0;
+        self.hold_since = None;
+        std::mem::take(&mut self.hold)
+    }
+
     pub(super) fn trace_id(&self) -> TraceId {
         TraceId(self.info.trace_id)
     }
@@ -302,6 +341,9 @@ impl Shard {
             last_forward: None,
             last_deliver: None,
             eof_at: None,
+            hold_since: None,
+            hold: BytesMut::new(),
+            hold_frames: 0,
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -588,6 +630,17 @@ impl Shard {
         // With `binding = "connection"` every frame follows the first one.
         let (st, world) = s.sticky.unwrap_or((h.server_id.server_type(), h.server_id.world_id()));
         let mut index = s.bindings.iter().position(|b| b.server_type == st);
+        if let Some(i) = index.filter(|i| s.bindings[*i].held) {
+            let _ = i;
+            // The backend is away and this session is held: buffer, in order.
+            if !s.hold_frame(&mut self.ctx, h.msg_id, h.server_id.0, payload) {
+                self.ctx.drop_frames(DropReason::BackendLost, 1);
+                s.drop_hold(&mut self.ctx);
+                tracing::info!(session_id = id, trace_id = %s.trace_id(), "hold buffer full, closing session");
+                s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
+            }
+            return true;
+        }
         if let Some(i) = index {
             if self.backends.generation(s.bindings[i].conn) != Some(s.bindings[i].generation) {
                 // The connection was lost and redialed since this binding was made.
@@ -725,6 +778,7 @@ impl Shard {
             protocol,
             queued: 0,
             epoch: 0,
+            held: false,
         };
         s.bindings.push(b);
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
@@ -783,6 +837,9 @@ impl Shard {
             crate::access_log::append(&mut self.access_buf, &s.info, reason, server);
             self.access_pending += 1;
         }
+        if s.hold_frames > 0 || !s.hold.is_empty() {
+            s.drop_hold(ctx);
+        }
         let bindings = std::mem::take(&mut s.bindings);
         for (i, b) in bindings.iter().enumerate() {
             if bindings[..i].iter().any(|o| o.conn == b.conn && o.generation == b.generation) {
@@ -827,6 +884,11 @@ impl Shard {
         });
         if gone.is_empty() {
             return;
+        }
+        if gone.iter().any(|b| b.held) {
+            // A held binding whose backend left the routes: its buffered
+            // frames cannot go there any more.
+            s.drop_hold(&mut self.ctx);
         }
         s.bindings = kept;
         for (i, b) in gone.iter().enumerate() {

@@ -872,3 +872,77 @@ fn changing_a_rules_protocol_at_the_same_address_unbinds_with_reason_8() {
     assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
     assert!(h.shutdowns().is_empty(), "the session stays and rebinds");
 }
+
+#[test]
+fn hold_keeps_the_session_and_replays_every_frame_in_order_after_a_resume_connect() {
+    let backend = "reconnect_backoff_min = \"100ms\"\nreconnect_backoff_max = \"100ms\"\nhold_timeout = \"5s\"";
+    let mut h = Harness::new(config("", backend, &route(10, A, "on_backend_loss = \"hold\"")));
+    let s = h.accept(1);
+    h.send(s, 10, b"0").unwrap();
+    h.backend_out(A);
+    // Two frames queued but never written when the stream is lost.
+    h.send(s, 10, b"1").unwrap();
+    h.send(s, 10, b"2").unwrap();
+    let (c, g) = h.stream(A);
+    h.take_log();
+    h.sh.backend_lost(c, g, LossKind::ClosedByBackend, &"restart", h.now);
+    h.pump();
+    assert!(h.shutdowns().is_empty(), "the session is held, not closed");
+    // Frames sent while the backend is away are buffered.
+    h.send(s, 10, b"3").unwrap();
+    h.send(s, 10, b"4").unwrap();
+    assert_eq!(h.dropped("backend_lost"), 0);
+    // After the backoff the tick redials; on connect the session resumes.
+    h.now += Duration::from_millis(200);
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    let (c2, g2) = h.stream(A);
+    assert_eq!(c2, c);
+    assert!(g2 > g);
+    let mut out = h.raw_out(c2, g2);
+    let first = bproto::check(&out, 1 << 20).unwrap().unwrap();
+    assert_eq!(first.opcode, bproto::Opcode::Connect);
+    assert_eq!(out[20 + 9] & bproto::CONNECT_RESUME, bproto::CONNECT_RESUME, "marked as a resume");
+    bytes::Buf::advance(&mut out, first.frame_len());
+    let mut payloads = Vec::new();
+    while let Some(f) = bproto::check(&out, 1 << 20).unwrap() {
+        if let Body::Trans { payload, .. } = bproto::parse(&f, &out[..f.frame_len()], false).unwrap() {
+            payloads.push(payload.to_vec());
+        }
+        bytes::Buf::advance(&mut out, f.frame_len());
+    }
+    assert_eq!(payloads, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec(), b"4".to_vec()], "exactly once, in order");
+    // Replies reach the session on the new stream.
+    let mut r = trans(s.id, b"welcome back");
+    let n = r.len();
+    h.sh.backend_data(c2, g2, &mut r, n, h.now);
+    assert_eq!(h.client_out(s), vec![(9, b"welcome back".to_vec())]);
+}
+
+#[test]
+fn hold_is_bounded_in_time_and_bytes() {
+    let backend = "reconnect_backoff_min = \"60s\"\nreconnect_backoff_max = \"60s\"\nhold_timeout = \"1s\"\nhold_max_bytes_per_session = 100";
+    let mut h = Harness::new(config("", backend, &(route(10, A, "on_backend_loss = \"hold\"") + &route(11, B, "on_backend_loss = \"hold\""))));
+    let timed = h.accept(1);
+    let big = h.accept(2);
+    h.send(timed, 10, b"x").unwrap();
+    h.send(big, 11, b"x").unwrap();
+    for addr in [A, B] {
+        let (c, g) = h.stream(addr);
+        h.sh.backend_lost(c, g, LossKind::ReadFailed, &"gone", h.now);
+    }
+    h.pump();
+    h.take_log();
+    // Over the byte bound: closed at once, the frames counted.
+    h.send(big, 11, &[0u8; 60]).unwrap();
+    h.send(big, 11, &[0u8; 60]).unwrap();
+    assert_eq!(h.shutdowns(), vec![(big, Shut::Read)]);
+    // Past the time bound: closed by the tick.
+    h.now += Duration::from_secs(2);
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    assert_eq!(h.shutdowns(), vec![(timed, Shut::Read)]);
+    // Counted: the two CONNECTs that were never written, the big session's
+    // held frames and the one over the bound (3), the timed-out one (1).
+    assert_eq!(h.dropped("backend_lost"), 6);
+}

@@ -308,8 +308,18 @@ pub fn encode_trans(
 
 /// `CONNECT`: the session is bound; tells the backend who the client is.
 pub fn encode_connect(dst: &mut BytesMut, session_id: i64, transport: Transport, client: SocketAddr) {
+    encode_connect_as(dst, session_id, transport, client, false);
+}
+
+/// Bit 7 of a `CONNECT`'s transport byte: a resume. The session was bound to
+/// this backend before, the backend connection was lost, and the gateway
+/// held the session; the frames it buffered follow this `CONNECT`.
+pub const CONNECT_RESUME: u8 = 0x80;
+
+/// `CONNECT`, marked as a resume when `resume` is set ([`CONNECT_RESUME`]).
+pub fn encode_connect_as(dst: &mut BytesMut, session_id: i64, transport: Transport, client: SocketAddr, resume: bool) {
     put_header(dst, 0, 0, session_id, Opcode::Connect, CONNECT_BODY_LEN);
-    dst.put_u8(transport as u8);
+    dst.put_u8(transport as u8 | if resume { CONNECT_RESUME } else { 0 });
     let ip6 = match client.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
