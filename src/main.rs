@@ -2,7 +2,8 @@ use clap::{Parser, Subcommand};
 use game_gateway::config::{self, Config, Environment, IoDriver};
 use game_gateway::control::routes::{self as route_source, RouteSet};
 use game_gateway::control::{self, redis as redis_source, Control};
-use game_gateway::state::ControlStats;
+use game_gateway::cpu::CpuBudget;
+use game_gateway::state::{ControlStats, RouteLabels};
 use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -155,7 +156,8 @@ fn routes(action: RoutesCmd) -> ExitCode {
 /// The process environment, read here once and passed in.
 fn environment() -> Environment {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME") }
+    // The affinity mask, read before any worker thread exists.
+    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME"), cpus: Some(CpuBudget::of_process()) }
 }
 
 fn main() -> ExitCode {
@@ -182,7 +184,7 @@ fn main() -> ExitCode {
     }
     control::logging::init_logging(&cfg.log);
     let routes = control::static_routes(&cfg, 1);
-    let gw = match Gateway::start(cfg, routes) {
+    let gw = match Gateway::start(cfg, routes.clone()) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed to start");
@@ -193,6 +195,8 @@ fn main() -> ExitCode {
     let events = Control::channel();
     // Not ready until the control loop has loaded its routes.
     let stats = Arc::new(ControlStats::default());
+    *stats.admin_token.lock().unwrap() = gw.cfg.admin.token.clone();
+    *stats.route_labels.lock().unwrap() = RouteLabels::of(&routes);
     let state =
         Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.0.clone())));
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
