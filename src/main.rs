@@ -19,7 +19,7 @@ struct Cli {
     /// Validate the config, print the resolved summary, exit 0 (valid) or 1.
     #[arg(long)]
     check_config: bool,
-    /// Worker threads (overrides server.workers; 0 = one per core).
+    /// Worker threads (overrides server.workers; 0 = one per CPU of the affinity mask).
     #[arg(long)]
     workers: Option<usize>,
     /// I/O driver (overrides server.io_driver): auto | io_uring | epoll.
