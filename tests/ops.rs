@@ -299,3 +299,21 @@ fn a_fresh_gateway_exports_every_dashboard_family_with_its_configured_backends_a
     let series = format!("game_gateway_backend_connections_active{{backend=\"{}\"}}", mb.addr());
     assert_eq!(m.lines().filter(|l| l.starts_with(&series)).count(), 1, "{m}");
 }
+
+#[test]
+fn a_reload_cannot_drop_the_token_the_running_admin_port_needs() {
+    let dir = TempDir::new("admin-keep");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, "kept-token").unwrap();
+    let gw = GatewayProcess::spawn(&with_token("0.0.0.0:0", &token_file, ""), &[]);
+    // The edited file is valid on its own (loopback, no token), but
+    // admin_listen needs a restart: the running port stays on 0.0.0.0.
+    let cfg_path = gw.stderr_path.with_file_name("gateway.toml");
+    std::fs::write(&cfg_path, config_text(1, "", "")).unwrap();
+    gw.signal(libc::SIGHUP);
+    eventually("the reload is rejected", || gw.stderr().contains("not set, but the running admin port"));
+    assert_eq!(http(gw.admin, "POST", "/drain", None).0, 401);
+    assert_eq!(http(gw.admin, "POST", "/nope", Some("Bearer kept-token")).0, 404);
+    let m = http(gw.admin, "GET", "/metrics", None).2;
+    assert!(metric(&m, "game_gateway_config_reload_errors_total").unwrap() >= 1.0, "{m}");
+}
