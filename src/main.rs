@@ -183,6 +183,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     control::logging::init_logging(&cfg.log);
+    // Signals are caught from here on: one that arrives while the workers
+    // start is handled by the control loop, not by the default action.
+    let events = match Control::channel() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("game-gateway: control: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let routes = control::static_routes(&cfg, 1);
     let gw = match Gateway::start(cfg, routes.clone()) {
         Ok(g) => g,
@@ -192,13 +201,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let events = Control::channel();
     // Not ready until the control loop has loaded its routes.
     let stats = Arc::new(ControlStats::default());
     *stats.admin_token.lock().unwrap() = gw.cfg.admin.token.clone();
     *stats.route_labels.lock().unwrap() = RouteLabels::of(&routes);
     let state =
-        Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.0.clone())));
+        Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.tx.clone())));
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
         Err(e) => {

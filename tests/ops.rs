@@ -317,3 +317,13 @@ fn a_reload_cannot_drop_the_token_the_running_admin_port_needs() {
     let m = http(gw.admin, "GET", "/metrics", None).2;
     assert!(metric(&m, "game_gateway_config_reload_errors_total").unwrap() >= 1.0, "{m}");
 }
+
+#[test]
+fn a_sighup_right_after_start_reloads_instead_of_killing() {
+    for _ in 0..5 {
+        let mut gw = GatewayProcess::spawn(&config_text(1, "", ""), &[]);
+        gw.signal(libc::SIGHUP);
+        eventually("the reload is logged", || gw.stderr().contains("SIGHUP: reloading config"));
+        assert_eq!(gw.child.try_wait().unwrap(), None, "{}", gw.stderr());
+    }
+}

@@ -99,11 +99,25 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+/// What reaches the control loop: its event channel and the stop and reload
+/// signals, caught from the moment this exists (a SIGHUP or SIGTERM that
+/// arrives while the gateway starts waits here instead of killing it).
+pub struct ControlChannel {
+    /// Hand a clone to the admin server (drain calls).
+    pub tx: ControlSender,
+    rx: Receiver<ControlEvent>,
+    signals: signal_hook::iterator::Signals,
+}
+
 impl Control {
-    /// The channel the control loop reads; hand its sender to the admin
-    /// server (drain calls) before calling [`Control::run`].
-    pub fn channel() -> (ControlSender, Receiver<ControlEvent>) {
-        unbounded()
+    /// The control loop's channel, with SIGINT, SIGTERM and SIGHUP caught
+    /// from now on; create it before starting the gateway, hand its sender
+    /// to the admin server, then call [`Control::run`].
+    pub fn channel() -> Result<ControlChannel, ControlError> {
+        let (tx, rx) = unbounded();
+        let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(ControlError::Signals)?;
+        Ok(ControlChannel { tx, rx, signals })
     }
 
     /// Takes over the calling thread until the gateway stopped.
@@ -112,12 +126,11 @@ impl Control {
         path: &Path,
         env: Environment,
         stats: Arc<ControlStats>,
-        (tx, rx): (ControlSender, Receiver<ControlEvent>),
+        channel: ControlChannel,
     ) -> Result<(), ControlError> {
+        let ControlChannel { tx, rx, mut signals } = channel;
         let running = gw.cfg.clone();
         let sig_tx = tx.clone();
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(ControlError::Signals)?;
         let hard = gw.handle();
         std::thread::Builder::new()
             .name("gw-signals".into())
