@@ -88,9 +88,23 @@ command -v python3 >/dev/null 2>&1 || apt_need+=(python3 python3-pip)
 if [ ${#apt_need[@]} -gt 0 ]; then
   mapfile -t apt_need < <(printf '%s\n' "${apt_need[@]}" | sort -u)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing (apt): ${apt_need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null && apt-get install -y -qq "${apt_need[@]}" >/dev/null
+    apt-get update -qq >/dev/null
+    # Only what the configured repositories have (Debian itself has no
+    # kubectl: it needs the Kubernetes apt repository), so that one missing
+    # package does not stop the others from being installed.
+    apt_have=()
+    for p in "${apt_need[@]}"; do
+      if [ -n "$(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '(none)')" ]; then
+        apt_have+=("$p")
+      else
+        echo "not in the configured apt repositories: $p" >&2
+      fi
+    done
+    if [ ${#apt_have[@]} -gt 0 ]; then
+      echo "installing (apt): ${apt_have[*]}"
+      apt-get install -y -qq "${apt_have[@]}" >/dev/null
+    fi
   else
     echo "missing tools (install the Debian packages): ${apt_need[*]}" >&2
   fi

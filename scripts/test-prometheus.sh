@@ -41,13 +41,17 @@ MUST_NOT_FIRE=(GameGatewayDown GameGatewayAbsent GameGatewayWorkerUnresponsive G
   GameGatewayAccessLogDropped GameGatewayConfigReloadRejected GameGatewayRouteSnapshotRejected
   GameGatewayDrainNotFinishing)
 
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+apt_need=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || apt_need+=(prometheus)
+command -v curl >/dev/null 2>&1 || apt_need+=(curl)
+command -v python3 >/dev/null 2>&1 || apt_need+=(python3)
+if [ ${#apt_need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing prometheus (apt)"
+    echo "installing (apt): ${apt_need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_need[@]}" >/dev/null
   else
-    echo "test-prometheus.sh: needs the prometheus package" >&2
+    echo "test-prometheus.sh: needs the Debian packages ${apt_need[*]}" >&2
     exit 1
   fi
 fi
