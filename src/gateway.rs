@@ -112,7 +112,11 @@ impl Gateway {
                 .name(format!("gw-worker-{index}"))
                 .spawn(move || worker::run(setup))
                 .map_err(StartError::Spawn)?;
-            workers.push(WorkerHandle { tx, join: Some(join), info: WorkerInfo { index, cpu, io_driver: "starting" } });
+            workers.push(WorkerHandle {
+                tx,
+                join: Some(join),
+                info: WorkerInfo { index, cpu, numa_node: None, io_driver: "starting" },
+            });
         }
         let deadline = Instant::now() + WORKER_START_TIMEOUT;
         for _ in 0..n {

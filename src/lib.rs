@@ -9,7 +9,8 @@
 //! - `shard`: the per-core session and backend state machine (no I/O).
 //! - [`worker`]: the per-core I/O driver (monoio; io_uring or epoll) that
 //!   moves bytes and timers for its shard; [`stats`]: its counters.
-//! - [`gateway`]: starts the workers and is the control side's handle on them.
+//! - [`gateway`]: starts the workers and is the control side's handle on them;
+//!   [`cpu`]: the process's CPU set and NUMA nodes their placement uses.
 //!
 //! On the side, wired by `main`: [`control`] (signals, config reload, Redis
 //! routes, stop) and [`admin`] (health, readiness, metrics and status over
@@ -19,6 +20,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod cpu;
 pub mod gateway;
 pub mod limits;
 pub mod notify;

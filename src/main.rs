@@ -2,7 +2,8 @@ use clap::{Parser, Subcommand};
 use game_gateway::config::{self, Config, Environment, IoDriver};
 use game_gateway::control::routes::{self as route_source, RouteSet};
 use game_gateway::control::{self, redis as redis_source, Control};
-use game_gateway::state::ControlStats;
+use game_gateway::cpu::CpuBudget;
+use game_gateway::state::{ControlStats, RouteLabels};
 use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ struct Cli {
     /// Validate the config, print the resolved summary, exit 0 (valid) or 1.
     #[arg(long)]
     check_config: bool,
-    /// Worker threads (overrides server.workers; 0 = one per core).
+    /// Worker threads (overrides server.workers; 0 = one per CPU of the affinity mask).
     #[arg(long)]
     workers: Option<usize>,
     /// I/O driver (overrides server.io_driver): auto | io_uring | epoll.
@@ -155,7 +156,8 @@ fn routes(action: RoutesCmd) -> ExitCode {
 /// The process environment, read here once and passed in.
 fn environment() -> Environment {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME") }
+    // The affinity mask, read before any worker thread exists.
+    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME"), cpus: Some(CpuBudget::of_process()) }
 }
 
 fn main() -> ExitCode {
@@ -181,8 +183,17 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     control::logging::init_logging(&cfg.log);
+    // Signals are caught from here on: one that arrives while the workers
+    // start is handled by the control loop, not by the default action.
+    let events = match Control::channel() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("game-gateway: control: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let routes = control::static_routes(&cfg, 1);
-    let gw = match Gateway::start(cfg, routes) {
+    let gw = match Gateway::start(cfg, routes.clone()) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed to start");
@@ -190,11 +201,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let events = Control::channel();
     // Not ready until the control loop has loaded its routes.
     let stats = Arc::new(ControlStats::default());
+    *stats.admin_token.lock().unwrap() = gw.cfg.admin.token.clone();
+    *stats.route_labels.lock().unwrap() = RouteLabels::of(&routes);
     let state =
-        Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.0.clone())));
+        Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.tx.clone())));
     let admin_addr = match admin::serve(gw.cfg.server.admin_listen, state.clone()) {
         Ok(a) => a,
         Err(e) => {

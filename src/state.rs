@@ -7,9 +7,11 @@
 //! admin's `POST /drain`. Arrows one way: `control` and `admin` import this
 //! module, it imports neither.
 
+use crate::config::AdminToken;
+use crate::routing::RouteTable;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Whether the routes' Redis source answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +112,39 @@ pub struct ControlStats {
     pub route_source: Mutex<RouteSource>,
     /// The last config or Redis problem, for `/status`.
     pub last_error: Mutex<String>,
+    /// From the start of a drain until the process exits.
+    pub draining: AtomicBool,
+    /// The bearer token state-changing admin calls need (`[admin]
+    /// token_file`, re-read on every config reload); `None` = no check.
+    pub admin_token: Mutex<Option<AdminToken>>,
+    /// Label values of the published routes, exported at zero by `/metrics`.
+    pub route_labels: Mutex<RouteLabels>,
+}
+
+/// Label values a route snapshot makes known in advance: its endpoints (the
+/// `backend` label, spelled as in the rules) and its server types.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteLabels {
+    /// Every endpoint of every rule and of the realm mapping, sorted, once each.
+    pub endpoints: Vec<Arc<str>>,
+    /// Every rule's server type, sorted, once each.
+    pub server_types: Vec<u8>,
+}
+
+impl RouteLabels {
+    pub fn of(table: &RouteTable) -> RouteLabels {
+        let mut endpoints: Vec<Arc<str>> = table
+            .rules()
+            .flat_map(|r| r.endpoints.iter().map(|e| e.name.clone()))
+            .chain(table.realms().map(|(_, e)| e.name.clone()))
+            .collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let mut server_types: Vec<u8> = table.rules().map(|r| r.server_type).collect();
+        server_types.sort_unstable();
+        server_types.dedup();
+        RouteLabels { endpoints, server_types }
+    }
 }
 
 /// What reaches the control loop.

@@ -10,7 +10,8 @@
   deploycheck.py metric-names FILE...          metric names used in rule files / dashboard JSON
   deploycheck.py check-alert-tests RULES TESTS  every alert has a firing and a quiet test case
   deploycheck.py rules-hosts RULES.json        host names used by endpoints of a rules file
-  deploycheck.py strip-section TOML SECTION    print TOML without [SECTION]
+  deploycheck.py toml-get TOML KEY             print the value of a dotted key (nothing when absent)
+  deploycheck.py set-token-file TOML PATH      print TOML with [admin] token_file = PATH (same lines)
   deploycheck.py check-crds FILE...            ServiceMonitor / PrometheusRule against a strict schema
                                                (the fields of monitoring.coreos.com/v1 this repo may use)
 """
@@ -495,15 +496,31 @@ def rules_hosts(path):
     print("\n".join(sorted(hosts)))
 
 
-def strip_section(path, section):
-    out, skip = [], False
+def toml_get(path, key):
+    """Print the value of a dotted KEY (nothing when absent)."""
+    with open(path, "rb") as f:
+        v = tomllib.load(f)
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    if v is not None:
+        print(v)
+
+
+def set_token_file(path, token_file):
+    """Print the TOML with [admin] token_file set to TOKEN_FILE, every other
+    line (and so every line number in the gateway's errors) unchanged."""
+    out, section, done = [], None, False
     with open(path) as f:
         for line in f:
             m = re.match(r"^\s*\[\[?([^\]]+)\]\]?\s*(#.*)?$", line)
             if m:
-                skip = m.group(1).strip() == section
-            if not skip:
-                out.append(line)
+                section = m.group(1).strip()
+            elif section == "admin" and re.match(r"^\s*token_file\s*=", line):
+                line = f"token_file = {json.dumps(token_file)}\n"
+                done = True
+            out.append(line)
+    if not done:
+        sys.exit(f"{path}: no [admin] token_file line")
     sys.stdout.write("".join(out))
 
 
@@ -546,6 +563,15 @@ def check_unit(unit, config):
         ok("ExecReload sends SIGHUP to $MAINPID")
     else:
         fail("ExecReload does not send SIGHUP ($MAINPID)")
+    srv, token_file = cfg.get("server", {}), cfg.get("admin", {}).get("token_file")
+    admin_host = srv.get("admin_listen", "127.0.0.1:9090").rsplit(":", 1)[0].strip("[]")
+    if token_file:
+        if os.path.isabs(token_file):
+            ok(f"[admin] token_file {token_file}")
+        else:
+            fail(f"[admin] token_file {token_file} is relative: the unit runs in /, use an absolute path")
+    elif not (admin_host == "localhost" or admin_host.startswith("127.") or admin_host == "::1"):
+        fail(f"server.admin_listen {srv.get('admin_listen')} is off loopback without [admin] token_file: the gateway refuses to start")
     cfgs = [a for v in kv.get("ExecStart", []) for a in [v.split("--config", 1)[-1].split()[0]] if "--config" in v]
     if cfgs and os.path.basename(cfgs[0]) == os.path.basename(config):
         ok(f"ExecStart reads {cfgs[0]}")
@@ -612,8 +638,10 @@ def main():
         check_alert_tests(*args)
     elif cmd == "rules-hosts":
         rules_hosts(*args)
-    elif cmd == "strip-section":
-        strip_section(*args)
+    elif cmd == "toml-get":
+        toml_get(*args)
+    elif cmd == "set-token-file":
+        set_token_file(*args)
     elif cmd == "check-crds":
         check_crds(args)
     elif cmd == "metric-names":

@@ -1,7 +1,12 @@
 //! Metrics: every name is a constant here (and label values known in advance
 //! are listed here, exported at zero from the start); the [`GatewayCollector`] turns the
 //! workers' counters (merged at scrape time) and the control side's into
-//! Prometheus metric families, encoded by the `prometheus` crate.
+//! Prometheus metric families, encoded by the `prometheus` crate. Label
+//! values the published routes make known (every endpoint for the
+//! per-backend families, every rule's server type for
+//! `messages_processed_total`) are exported at zero too, from the control
+//! side's [`crate::state::RouteLabels`], so that every family the alerts and
+//! dashboard use exists on a fresh gateway.
 //!
 //! Names keep the original gateway's so dashboards and alerts keep working.
 //! The data path never sees any of this: workers keep plain integers and
@@ -11,7 +16,7 @@ use crate::gateway::GatewayHandle;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::RouteError;
 use crate::state::{ControlStats, RedisState};
-use crate::stats::{LatencyHistogram, WorkerStats, LATENCY_BOUNDS};
+use crate::stats::{BackendStats, LatencyHistogram, WorkerStats, LATENCY_BOUNDS};
 use crate::worker::WorkerInfo;
 use ahash::AHashMap;
 use prometheus::core::{Collector, Desc};
@@ -52,6 +57,7 @@ pub(crate) const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_recor
 pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropped_total";
 pub(crate) const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
 pub(crate) const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
+pub(crate) const DRAINING: &str = "game_gateway_draining";
 
 // Label values known in advance, exported at zero from the start so that
 // `rate()` panels and alerts see every series of a fresh gateway. They come
@@ -70,6 +76,43 @@ fn rate_limits() -> impl Iterator<Item = &'static str> {
 fn frames_dropped_reasons() -> impl Iterator<Item = &'static str> {
     crate::shard::DropReason::ALL.iter().map(|r| r.as_str())
 }
+
+/// `protocol_errors_total{kind}`. The shard names these where they happen
+/// (front door refusals, WebSocket close codes, timeouts, slow readers,
+/// backend frames) rather than in one enum, so they are listed here.
+const PROTOCOL_ERROR_KINDS: [&str; 16] = [
+    "frame_too_large",
+    "slow_reader",
+    "handshake_timeout",
+    "idle_timeout",
+    "proxy_not_enabled",
+    "proxy_untrusted",
+    "proxy_malformed",
+    "http_426",
+    "http_400",
+    "http_403",
+    "http_404",
+    "http_431",
+    "websocket_text",
+    "websocket_too_large",
+    "websocket_protocol",
+    "backend_frame",
+];
+/// `backend_errors_total{type}`: connection losses (the shard's loss kinds),
+/// circuit openings, rebinds, and frames a backend connection refused.
+const BACKEND_ERROR_TYPES: [&str; 11] = [
+    "dial_failed",
+    "dial_timeout",
+    "closed_by_backend",
+    "read_failed",
+    "write_failed",
+    "protocol_error",
+    "keepalive_timeout",
+    "circuit_opened",
+    "session_rebind",
+    "backend_queue_full",
+    "backend_unavailable",
+];
 
 /// `(label value, count)` for every value in `map` and every `known` one (0
 /// when not counted yet).
@@ -175,12 +218,20 @@ impl Family {
 /// Everything `/metrics` reports, as metric families.
 fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &ControlStats) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
-    let map = |m: &AHashMap<&'static str, u64>| m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>();
     let routing_errors = RouteError::ALL.map(RouteError::as_str);
     let close_reasons: Vec<&str> = (0..=u8::MAX).filter_map(DisconnectReason::from_u8).map(|r| r.as_str()).collect();
-    let mut backends: Vec<_> = s.backends.iter().collect();
+    // Label values the published routes make known: every endpoint and
+    // server type is exported at zero before its first frame.
+    let known = c.route_labels.lock().unwrap().clone();
+    let unused = BackendStats::default();
+    let mut backends: Vec<(&str, &BackendStats)> = s.backends.iter().map(|(k, v)| (&**k, v)).collect();
+    for e in &known.endpoints {
+        if !s.backends.contains_key(e) {
+            backends.push((e, &unused));
+        }
+    }
     backends.sort_by(|a, b| a.0.cmp(b.0));
-    let per_backend = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&crate::stats::BackendStats) -> f64| {
+    let per_backend = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&BackendStats) -> f64| {
         let mut fam = Family::new(name, help, kind);
         for (b, st) in &backends {
             fam = fam.value(&[("backend", b)], f(st));
@@ -190,8 +241,10 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
     let mut messages =
         Family::new(MESSAGES_PROCESSED_TOTAL, "Frames forwarded, by direction and server type.", COUNTER);
     for (dir, arr) in [("client_to_backend", &s.messages_in), ("backend_to_client", &s.messages_out)] {
-        for (t, v) in arr.iter().enumerate().filter(|(_, v)| **v > 0) {
-            messages = messages.value(&[("direction", dir), ("server_type", &t.to_string())], *v as f64);
+        for (t, v) in arr.iter().enumerate() {
+            if *v > 0 || known.server_types.binary_search(&(t as u8)).is_ok() {
+                messages = messages.value(&[("direction", dir), ("server_type", &t.to_string())], *v as f64);
+            }
         }
     }
     let mut bytes = Family::new(BACKEND_BYTES_TRANSMITTED_TOTAL, "Bytes to and from backends.", COUNTER);
@@ -200,10 +253,10 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
     for (b, st) in &backends {
         bytes = bytes.value(&[("backend", b), ("direction", "sent")], st.bytes_sent as f64);
         bytes = bytes.value(&[("backend", b), ("direction", "received")], st.bytes_received as f64);
-        let mut errs: Vec<_> = st.errors.iter().collect();
+        let mut errs = with_known(&st.errors, BACKEND_ERROR_TYPES);
         errs.sort();
         for (k, v) in errs {
-            errors = errors.value(&[("backend", b), ("type", k)], *v as f64);
+            errors = errors.value(&[("backend", b), ("type", k)], v as f64);
         }
         rtt = rtt.histogram(&[("backend", b)], &st.rtt);
     }
@@ -236,7 +289,7 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             .by("reason", with_known(&s.sessions_closed, close_reasons))
             .0,
         Family::new(PROTOCOL_ERRORS_TOTAL, "Protocol errors and timeouts, by kind.", COUNTER)
-            .by("kind", map(&s.protocol_errors))
+            .by("kind", with_known(&s.protocol_errors, PROTOCOL_ERROR_KINDS))
             .0,
         per_backend(
             CIRCUIT_BREAKER_STATE,
@@ -296,6 +349,9 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             .0,
         Family::new(REDIS_UP, "1 when Redis answered the last read; 0 when not or not configured.", GAUGE)
             .value(&[], (c.redis_state.load() == RedisState::Up) as u8 as f64)
+            .0,
+        Family::new(DRAINING, "1 from the start of a drain until the process exits, else 0.", GAUGE)
+            .value(&[], c.draining.load(Ordering::Relaxed) as u8 as f64)
             .0,
     ]
 }

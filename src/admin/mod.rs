@@ -4,19 +4,26 @@
 //! channels and reads the control side's facts from the shared
 //! [`ControlStats`]. [`metrics`] turns both into Prometheus families.
 //!
+//! Access: reads (`GET`, `HEAD`) are open. Any other method changes state
+//! (today `POST /drain`); when `[admin] token_file` gives a token (required
+//! off loopback) such a call needs `Authorization: Bearer <token>`: 401
+//! without one, 403 with a wrong one, on every bind address. The token lives
+//! in [`ControlStats`] so that a config reload replaces it.
+//!
 //! Arrows: this module reads `state` (shared with `control`) and the gateway
 //! handle; it never imports `control`. A drain call is a [`ControlEvent`] on
 //! the control loop's channel.
 
 pub(crate) mod metrics;
 
+use crate::config::AdminToken;
 use crate::gateway::GatewayHandle;
 use crate::state::{ControlEvent, ControlSender, ControlStats};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Largest admin request head we read.
 const MAX_REQUEST_BYTES: usize = 8192;
@@ -32,6 +39,8 @@ pub struct AdminState {
     registry: prometheus::Registry,
     /// Where `POST /drain` goes; `None` without a control loop.
     control_tx: Option<ControlSender>,
+    /// Refused admin calls: when one was last logged, and how many since.
+    refusals_logged: Mutex<(Option<Instant>, u64)>,
 }
 
 impl AdminState {
@@ -46,7 +55,22 @@ impl AdminState {
         if let Err(e) = registry.register(Box::new(collector)) {
             tracing::error!(error = %e, "metrics collector not registered");
         }
-        AdminState { handle, config_source, control, registry, control_tx }
+        AdminState { handle, config_source, control, registry, control_tx, refusals_logged: Mutex::new((None, 0)) }
+    }
+
+    /// Logs a refused state-changing call, at most once a second (the rest
+    /// are counted in the next line's `suppressed`).
+    fn log_refusal(&self, refusal: AuthRefusal, method: &str, path: &str, peer: Option<SocketAddr>) {
+        let mut last = self.refusals_logged.lock().unwrap();
+        let now = Instant::now();
+        if last.0.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            last.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut last.1);
+        last.0 = Some(now);
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::warn!(method, path, peer, reason = refusal.as_str(), suppressed, "admin call refused");
     }
 }
 
@@ -77,7 +101,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; MAX_REQUEST_BYTES];
     let mut n = 0;
-    let (method, path) = loop {
+    let (method, path, authorization) = loop {
         let r = c.read(&mut buf[n..])?;
         if r == 0 {
             return Ok(());
@@ -87,13 +111,39 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
             Ok(httparse::Status::Complete(_)) => {
-                break (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string())
+                let auth = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization")).map(|h| h.value);
+                break (
+                    req.method.unwrap_or("GET").to_string(),
+                    req.path.unwrap_or("/").to_string(),
+                    auth.map(<[u8]>::to_vec),
+                );
             }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
             _ => return respond(&mut c, 400, "text/plain", "bad request\n"),
         }
     };
     let path = path.split('?').next().unwrap_or("/");
+    if changes_state(&method) {
+        let token = state.control.admin_token.lock().unwrap().clone();
+        if let Some(token) = token {
+            match authorize(&token, authorization.as_deref()) {
+                Ok(()) => {}
+                Err(refusal) => {
+                    state.log_refusal(refusal, &method, path, c.peer_addr().ok());
+                    return match refusal {
+                        AuthRefusal::Missing => respond_with(
+                            &mut c,
+                            401,
+                            "text/plain",
+                            "WWW-Authenticate: Bearer realm=\"game-gateway admin\"\r\n",
+                            "bearer token required\n",
+                        ),
+                        AuthRefusal::Wrong => respond(&mut c, 403, "text/plain", "wrong token\n"),
+                    };
+                }
+            }
+        }
+    }
     match path {
         "/drain" if method == "POST" => match &state.control_tx {
             Some(tx) if tx.send(ControlEvent::Drain).is_ok() => respond(&mut c, 202, "text/plain", "draining\n"),
@@ -130,6 +180,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                     serde_json::json!({
                         "worker": i.index,
                         "cpu": i.cpu,
+                        "numa_node": i.numa_node,
                         "io_driver": i.io_driver,
                         "responsive": s.is_some(),
                         "sessions": s.as_ref().map(|s| s.sessions_active),
@@ -153,6 +204,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             let ctl = &state.control;
             let body = serde_json::json!({
                 "ready": ctl.ready.load(Ordering::Relaxed),
+                "draining": ctl.draining.load(Ordering::Relaxed),
                 "config": { "file": state.config_source, "loaded_at_unix": ctl.config_loaded_at.load(Ordering::Relaxed),
                             "reloads": ctl.config_reloads.load(Ordering::Relaxed), "reload_errors": ctl.config_reload_errors.load(Ordering::Relaxed) },
                 "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().to_string(),
@@ -166,10 +218,63 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     }
 }
 
+/// Requests that change the gateway's state (anything but reads): with a
+/// token configured they need `Authorization: Bearer <token>`.
+fn changes_state(method: &str) -> bool {
+    !matches!(method, "GET" | "HEAD")
+}
+
+/// Why a state-changing request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthRefusal {
+    /// No `Authorization: Bearer` header: 401.
+    Missing,
+    /// A bearer token that is not the configured one: 403.
+    Wrong,
+}
+
+impl AuthRefusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthRefusal::Missing => "no bearer token",
+            AuthRefusal::Wrong => "wrong bearer token",
+        }
+    }
+}
+
+/// Checks an `Authorization` header value against the token (the scheme is
+/// case-insensitive; the token is compared in constant time).
+fn authorize(token: &AdminToken, header: Option<&[u8]>) -> Result<(), AuthRefusal> {
+    let value = header.map(<[u8]>::trim_ascii).ok_or(AuthRefusal::Missing)?;
+    let (scheme, rest) = match value.iter().position(|b| *b == b' ') {
+        Some(i) => (&value[..i], &value[i + 1..]),
+        None => (value, &b""[..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(AuthRefusal::Missing);
+    }
+    let presented = rest.trim_ascii();
+    if presented.is_empty() {
+        return Err(AuthRefusal::Missing);
+    }
+    if token.matches(presented) {
+        Ok(())
+    } else {
+        Err(AuthRefusal::Wrong)
+    }
+}
+
 fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+    respond_with(c, code, ctype, "", body)
+}
+
+/// An answer with `extra` header lines (each ending in CRLF).
+fn respond_with(c: &mut TcpStream, code: u16, ctype: &str, extra: &str, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         202 => "Accepted",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         400 => "Bad Request",
         404 => "Not Found",
@@ -177,8 +282,37 @@ fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Re
     };
     write!(
         c,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )?;
     c.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let t = AdminToken::new("s3cret-token");
+        assert_eq!(authorize(&t, None), Err(AuthRefusal::Missing));
+        assert_eq!(authorize(&t, Some(b"")), Err(AuthRefusal::Missing));
+        assert_eq!(authorize(&t, Some(b"Basic czNjcmV0")), Err(AuthRefusal::Missing));
+        assert_eq!(authorize(&t, Some(b"Bearer")), Err(AuthRefusal::Missing));
+        assert_eq!(authorize(&t, Some(b"Bearer  ")), Err(AuthRefusal::Missing));
+        assert_eq!(authorize(&t, Some(b"Bearer s3cret-tokeN")), Err(AuthRefusal::Wrong));
+        assert_eq!(authorize(&t, Some(b"Bearer s3cret-token-and-more")), Err(AuthRefusal::Wrong));
+        assert_eq!(authorize(&t, Some(b"Bearer s3cret")), Err(AuthRefusal::Wrong));
+        assert_eq!(authorize(&t, Some(b"Bearer s3cret-token")), Ok(()));
+        assert_eq!(authorize(&t, Some(b"bearer s3cret-token ")), Ok(()), "scheme is case-insensitive");
+        assert!(changes_state("POST") && changes_state("DELETE") && changes_state("PUT"));
+        assert!(!changes_state("GET") && !changes_state("HEAD"));
+    }
+
+    #[test]
+    fn the_token_never_prints() {
+        let t = AdminToken::new("s3cret-token");
+        assert!(!format!("{t:?}").contains("s3cret"));
+        assert!(t.matches(b"s3cret-token") && !t.matches(b"s3cret-token\n") && !t.matches(b""));
+    }
 }

@@ -73,10 +73,10 @@ impl Config {
     /// Applies the command-line overrides (they win over the file).
     pub fn apply_overrides(&mut self, workers: Option<usize>, io_driver: Option<IoDriver>) {
         if let Some(w) = workers {
-            let w = if w == 0 { validate::available_cores() } else { w.min(MAX_WORKERS) };
+            let w = if w == 0 { self.server.cpu_budget.usable } else { w }.min(MAX_WORKERS);
             self.server.workers = w;
             if self.server.cpus.len() != w {
-                self.server.cpus = validate::default_cpus(w);
+                self.server.cpus = self.server.cpu_budget.set.placement(w);
             }
         }
         if let Some(d) = io_driver {
@@ -89,6 +89,7 @@ impl Config {
 mod tests {
     use super::validate::{node_id_from_pod_name, parse_duration};
     use super::*;
+    use crate::cpu::{CpuBudget, CpuSet};
     use std::time::Duration;
 
     #[test]
@@ -138,15 +139,114 @@ mod tests {
 
     #[test]
     fn environment_overrides_and_is_checked() {
-        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()) };
+        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()), cpus: None };
         let c = Config::from_str_env("[log]\nlevel = \"warn\"\n", "e.toml", &env).unwrap();
         assert_eq!((c.log.level.as_str(), c.server.node_id), ("debug", 7));
         let c = Config::from_str_env("[server]\nnode_id = 3\n", "e.toml", &env).unwrap();
         assert_eq!(c.server.node_id, 3, "an explicit node_id wins over POD_NAME");
-        let bad = Environment { log_level: Some("loud".into()), pod_name: None };
+        let bad = Environment { log_level: Some("loud".into()), pod_name: None, cpus: None };
         let errs = Config::from_str_env("", "e.toml", &bad).unwrap_err();
         assert!(errs.to_string().contains("log.level: \"loud\""), "{errs}");
         assert_eq!(Config::from_str("", "e.toml").unwrap().log.level, "info", "no environment, the file's default");
+    }
+
+    fn on_cpus(set: &[usize]) -> Environment {
+        Environment { cpus: Some(CpuBudget::of_set(CpuSet::new(set.iter().copied()))), ..Default::default() }
+    }
+
+    #[test]
+    fn workers_are_placed_on_the_cpus_of_the_process_mask() {
+        let env = on_cpus(&[4, 5, 6, 7]);
+        let c = Config::from_str_env("", "p.toml", &env).unwrap();
+        assert_eq!((c.server.workers, c.server.cpus.clone()), (4, vec![4, 5, 6, 7]), "worker i on the i-th CPU");
+        assert!(c.summary().contains("cpus=[4, 5, 6, 7] cpu_set=4-7 "), "{}", c.summary());
+        let c = Config::from_str_env("[server]\nworkers = 2\n", "p.toml", &env).unwrap();
+        assert_eq!(c.server.cpus, vec![4, 5]);
+        let c = Config::from_str_env("[server]\nworkers = 6\n", "p.toml", &env).unwrap();
+        assert_eq!(c.server.cpus, vec![4, 5, 6, 7, 4, 5], "more workers than CPUs wrap around");
+        let c = Config::from_str_env("[server]\nworkers = 2\ncpus = [7, 6]\n", "p.toml", &env).unwrap();
+        assert_eq!(c.server.cpus, vec![7, 6], "explicit CPU ids are kept as written");
+        let c = Config::from_str_env("[server]\ncpus = [1]\n", "p.toml", &on_cpus(&[1])).unwrap();
+        assert_eq!((c.server.workers, c.server.cpus), (1, vec![1]), "taskset -c 1 with cpus = [1]");
+        // A CPU quota below the mask (a CPU limit on a shared pool) caps auto workers.
+        let quota = Environment { cpus: Some(CpuBudget { set: CpuSet::new(0..8), usable: 3 }), ..Default::default() };
+        let c = Config::from_str_env("", "p.toml", &quota).unwrap();
+        assert_eq!((c.server.workers, c.server.cpus), (3, vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn cpus_outside_the_mask_are_refused_naming_the_mask() {
+        let env = on_cpus(&[4, 5, 6, 7]);
+        let errs = Config::from_str_env("[server]\nworkers = 2\ncpus = [3, 5, -1]\n", "m.toml", &env).unwrap_err();
+        let text = errs.to_string();
+        assert!(text.contains("m.toml:3: server.cpus: CPU 3 is not in this process's CPU set 4-7"), "{text}");
+        assert!(text.contains("m.toml:3: server.cpus: -1 is not a CPU id"), "{text}");
+        assert_eq!(errs.0.len(), 2, "{text}");
+        let errs = Config::from_str_env("[server]\ncpus = [6, 7]\n", "m.toml", &env).unwrap_err();
+        assert!(
+            errs.to_string().contains(
+                "server.cpus: lists 2 CPUs for 4 workers (workers = 0: one per CPU of this process's CPU set 4-7)"
+            ),
+            "{errs}"
+        );
+        let errs = Config::from_str_env("[server]\ncpus = [0]\n", "m.toml", &on_cpus(&[1])).unwrap_err();
+        assert!(errs.to_string().contains("CPU 0 is not in this process's CPU set 1"), "{errs}");
+    }
+
+    #[test]
+    fn the_workers_override_places_on_the_mask_too() {
+        let env = on_cpus(&[2, 3, 8, 9]);
+        let mut c = Config::from_str_env("", "o.toml", &env).unwrap();
+        c.apply_overrides(Some(2), None);
+        assert_eq!((c.server.workers, c.server.cpus.clone()), (2, vec![2, 3]));
+        c.apply_overrides(Some(0), None);
+        assert_eq!((c.server.workers, c.server.cpus), (4, vec![2, 3, 8, 9]));
+    }
+
+    #[test]
+    fn admin_token_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("gw-admin-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "s3cret-token\n\n").unwrap();
+        let src = |listen: &str, file: &std::path::Path| {
+            format!("[server]\nadmin_listen = \"{listen}\"\n\n[admin]\ntoken_file = \"{}\"\n", file.display())
+        };
+        let c = Config::from_str(&src("0.0.0.0:9090", &token), "a.toml").unwrap();
+        let t = c.admin.token.clone().expect("a token");
+        assert!(t.matches(b"s3cret-token"), "trailing newlines trimmed");
+        assert!(!format!("{c:?}").contains("s3cret"), "the token never prints");
+        assert!(!c.summary().contains("s3cret") && c.summary().contains("12-byte token"), "{}", c.summary());
+        // Unreadable, empty, or more than one word: config errors naming file, key and reason.
+        let missing = dir.join("missing");
+        let errs = Config::from_str(&src("127.0.0.1:9090", &missing), "a.toml").unwrap_err().to_string();
+        assert!(errs.contains(&format!("a.toml:5: admin.token_file: {}: cannot read: ", missing.display())), "{errs}");
+        std::fs::write(&token, " \n").unwrap();
+        let errs = Config::from_str(&src("127.0.0.1:9090", &token), "a.toml").unwrap_err().to_string();
+        assert!(errs.contains(&format!("a.toml:5: admin.token_file: {}: is empty", token.display())), "{errs}");
+        std::fs::write(&token, "two words\n").unwrap();
+        let errs = Config::from_str(&src("127.0.0.1:9090", &token), "a.toml").unwrap_err().to_string();
+        assert!(errs.contains("admin.token_file:") && errs.contains("one line without spaces"), "{errs}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token() {
+        for listen in ["0.0.0.0:9090", "10.0.0.5:9090", "[::]:9090"] {
+            let errs = Config::from_str(&format!("[server]\nadmin_listen = \"{listen}\"\n"), "l.toml").unwrap_err();
+            let text = errs.to_string();
+            assert!(
+                text.contains(&format!("l.toml:2: server.admin_listen: {listen} is not a loopback address and [admin] token_file is not set")),
+                "{text}"
+            );
+        }
+        for listen in ["127.0.0.1:9090", "127.0.0.2:0", "[::1]:9090"] {
+            let c = Config::from_str(&format!("[server]\nadmin_listen = \"{listen}\"\n"), "l.toml").unwrap();
+            assert!(c.admin.token.is_none());
+        }
+        // A bad address is reported once, not also as "not loopback".
+        let errs = Config::from_str("[server]\nadmin_listen = \"nope\"\n", "l.toml").unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
     }
 
     #[test]

@@ -59,6 +59,14 @@ pub(crate) struct RawConfig {
     pub(crate) routes: Vec<RawRule>,
     pub(crate) log: RawLog,
     pub(crate) websocket: RawWebSocket,
+    pub(crate) admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawAdmin {
+    /// Path of the file holding the admin bearer token; empty = no token.
+    pub(crate) token_file: String,
 }
 
 #[derive(Debug, Deserialize)]

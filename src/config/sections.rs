@@ -59,10 +59,13 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub node_id: u16,
-    /// Resolved worker count (0 in the file means one per available core).
+    /// Resolved worker count (0 in the file means one per CPU the process
+    /// may use).
     pub workers: usize,
-    /// Core for each worker, `cpus[i]` for worker `i`; empty = no pinning.
+    /// CPU id for each worker, `cpus[i]` for worker `i`; empty = no pinning.
     pub cpus: Vec<usize>,
+    /// The CPUs the placement was chosen from (the process's affinity mask).
+    pub cpu_budget: crate::cpu::CpuBudget,
     pub io_driver: IoDriver,
     pub drain_timeout: Duration,
     /// Accept PROXY protocol v1/v2 headers ...
@@ -194,6 +197,58 @@ pub struct LogConfig {
     pub access_log_path: Option<std::path::PathBuf>,
 }
 
+/// The admin port's bearer token (`[admin] token_file`, trailing whitespace
+/// trimmed). Never printed: its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl AdminToken {
+    /// A token from its text (not empty; the config checks that).
+    pub fn new(token: &str) -> AdminToken {
+        AdminToken(token.into())
+    }
+
+    /// Whether `presented` is this token, compared in constant time: the
+    /// time depends on the length of `presented` only, never on where the
+    /// bytes differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let secret = self.0.as_bytes();
+        if secret.is_empty() {
+            return false;
+        }
+        let mut diff = u8::from(presented.len() != secret.len());
+        for (i, b) in presented.iter().enumerate() {
+            diff |= b ^ secret[i % secret.len()];
+        }
+        std::hint::black_box(diff) == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminToken(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+/// `[admin]`: access to the admin port's state-changing endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// Where the token was read from.
+    pub token_file: Option<std::path::PathBuf>,
+    /// The token `POST /drain` (and any other state-changing admin call)
+    /// must present as `Authorization: Bearer <token>`; `None` = no check
+    /// (only allowed on a loopback `admin_listen`).
+    pub token: Option<AdminToken>,
+}
+
 /// Checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -206,4 +261,5 @@ pub struct Config {
     pub routes: Vec<RouteRule>,
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
+    pub admin: AdminConfig,
 }

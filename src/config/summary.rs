@@ -34,12 +34,13 @@ impl Config {
         let v = &self.server;
         writeln!(
             s,
-            "server: listen={} admin_listen={} node_id={} workers={} cpus={:?} io_driver={} drain_timeout={}",
+            "server: listen={} admin_listen={} node_id={} workers={} cpus={:?} cpu_set={} io_driver={} drain_timeout={}",
             v.listen,
             v.admin_listen,
             v.node_id,
             v.workers,
             v.cpus,
+            v.cpu_budget.set,
             v.io_driver,
             Spelled(v.drain_timeout)
         )?;
@@ -81,7 +82,16 @@ impl Config {
         for r in &self.routes {
             writeln!(s, "  {r}")?;
         }
-        writeln!(s, "log: level={} format={} access_log={}", self.log.level, self.log.format, self.log.access_log)
+        writeln!(s, "log: level={} format={} access_log={}", self.log.level, self.log.format, self.log.access_log)?;
+        match (&self.admin.token_file, &self.admin.token) {
+            (Some(f), Some(t)) => writeln!(
+                s,
+                "admin: token_file={} (a {}-byte token: POST /drain needs Authorization: Bearer)",
+                f.display(),
+                t.len()
+            ),
+            _ => writeln!(s, "admin: no token (admin_listen is loopback; POST /drain is open to local callers)"),
+        }
     }
 }
 

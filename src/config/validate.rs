@@ -7,11 +7,12 @@
 //! so placeholders never reach a running gateway.
 
 use super::error::{ConfigError, ConfigErrors};
-use super::raw::{RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    BackendConfig, Config, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction, RedisConfig, ServerConfig,
-    WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
+    AdminConfig, AdminToken, BackendConfig, Config, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
+    RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
 };
+use crate::cpu::CpuBudget;
 use crate::routing::RouteRule;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,6 +25,9 @@ pub struct Environment {
     pub log_level: Option<String>,
     /// `POD_NAME`: gives the node id when `server.node_id` is 0.
     pub pod_name: Option<String>,
+    /// The CPUs the process may use (its affinity mask); `None` reads the
+    /// calling thread's mask when the config is validated.
+    pub cpus: Option<CpuBudget>,
 }
 
 /// Why a duration string was refused.
@@ -140,15 +144,6 @@ impl<'a> Problems<'a> {
     }
 }
 
-pub(super) fn available_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_WORKERS)
-}
-
-pub(super) fn default_cpus(workers: usize) -> Vec<usize> {
-    let n = available_cores();
-    (0..workers).map(|i| i % n).collect()
-}
-
 /// Node id from a pod name: a StatefulSet ordinal suffix (`gw-3` -> 3) when
 /// there is one, else a stable hash of the name, so pods never need a per-pod
 /// config.
@@ -173,11 +168,13 @@ impl RawConfig {
         let redis = self.redis.as_ref().map(|r| redis(&mut p, r));
         let routes = routes(&mut p, &self.routes);
         let log = log(&mut p, &self.log, env);
+        let admin_listen = self.server.admin_listen.parse::<SocketAddr>().ok();
+        let admin = admin(&mut p, &self.admin, admin_listen);
         if !p.errors.is_empty() {
             p.errors.sort_by_key(|e| e.line);
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket })
+        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin })
     }
 }
 
@@ -203,22 +200,29 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
             node_id = node_id_from_pod_name(pod);
         }
     }
+    let budget = env.cpus.clone().unwrap_or_else(CpuBudget::of_process);
     let workers_raw: usize = p.int("server", "workers", s.workers, 0, MAX_WORKERS as i64);
-    let workers = if workers_raw == 0 { available_cores() } else { workers_raw };
+    let workers = if workers_raw == 0 { budget.usable.min(MAX_WORKERS) } else { workers_raw };
     let cpus = if s.cpus.is_empty() {
-        default_cpus(workers)
+        budget.set.placement(workers)
     } else {
-        let ncpu = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(usize::MAX);
         let mut v = Vec::new();
         for c in &s.cpus {
-            if *c < 0 || *c as usize >= ncpu.max(1) {
-                p.push("server", None, "cpus", format!("core {c} does not exist (this machine has {ncpu})"));
-            } else {
-                v.push(*c as usize);
+            match usize::try_from(*c) {
+                Ok(cpu) if budget.set.contains(cpu) => v.push(cpu),
+                Ok(cpu) => {
+                    p.push("server", None, "cpus", format!("CPU {cpu} is not in this process's CPU set {}", budget.set))
+                }
+                Err(_) => p.push("server", None, "cpus", format!("{c} is not a CPU id")),
             }
         }
         if s.cpus.len() < workers {
-            p.push("server", None, "cpus", format!("lists {} cores for {} workers", s.cpus.len(), workers));
+            let why = if workers_raw == 0 {
+                format!(" (workers = 0: one per CPU of this process's CPU set {})", budget.set)
+            } else {
+                String::new()
+            };
+            p.push("server", None, "cpus", format!("lists {} CPUs for {} workers{why}", s.cpus.len(), workers));
         }
         v
     };
@@ -240,6 +244,7 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         node_id,
         workers,
         cpus,
+        cpu_budget: budget,
         io_driver,
         drain_timeout,
         node_name: env.pod_name.clone().filter(|p| !p.is_empty()).unwrap_or_else(host_name),
@@ -386,4 +391,48 @@ fn log(p: &mut Problems<'_>, l: &RawLog, env: &Environment) -> LogConfig {
         access_log: l.access_log,
         access_log_path: (!l.access_log_path.is_empty()).then(|| l.access_log_path.clone().into()),
     }
+}
+
+/// `[admin]`: reads the token file. Without one, the admin port must be on a
+/// loopback address (`admin_listen`, when it parsed).
+fn admin(p: &mut Problems<'_>, a: &RawAdmin, admin_listen: Option<SocketAddr>) -> AdminConfig {
+    if a.token_file.is_empty() {
+        if let Some(addr) = admin_listen.filter(|a| !a.ip().is_loopback()) {
+            p.push(
+                "server",
+                None,
+                "admin_listen",
+                format!(
+                    "{addr} is not a loopback address and [admin] token_file is not set: \
+                     anyone reaching it could drain the gateway (set token_file, or bind 127.0.0.1)"
+                ),
+            );
+        }
+        return AdminConfig::default();
+    }
+    let path = std::path::PathBuf::from(&a.token_file);
+    let token = match std::fs::read_to_string(&path) {
+        Err(e) => {
+            p.push("admin", None, "token_file", format!("{}: cannot read: {e}", path.display()));
+            None
+        }
+        Ok(text) => {
+            let token = text.trim_end();
+            if token.is_empty() {
+                p.push("admin", None, "token_file", format!("{}: is empty", path.display()));
+                None
+            } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                p.push(
+                    "admin",
+                    None,
+                    "token_file",
+                    format!("{}: the token must be one line without spaces or control characters", path.display()),
+                );
+                None
+            } else {
+                Some(AdminToken::new(token))
+            }
+        }
+    };
+    AdminConfig { token_file: Some(path), token }
 }

@@ -36,7 +36,7 @@ use self::routes::{fingerprint, merge, RouteSet};
 use crate::config::{Config, Environment};
 use crate::gateway::Gateway;
 use crate::routing::RouteTable;
-use crate::state::{ControlEvent, ControlSender, ControlStats, RedisState, RouteSource};
+use crate::state::{ControlEvent, ControlSender, ControlStats, RedisState, RouteLabels, RouteSource};
 use crate::worker::WorkerCommand;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use std::path::{Path, PathBuf};
@@ -90,6 +90,8 @@ pub struct Control {
     /// Fingerprint of the last published route set.
     published: u64,
     mtime: Option<SystemTime>,
+    /// Modification time of `[admin] token_file`: a new token reloads too.
+    token_mtime: Option<SystemTime>,
     stop_sub: Arc<AtomicBool>,
 }
 
@@ -97,11 +99,25 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+/// What reaches the control loop: its event channel and the stop and reload
+/// signals, caught from the moment this exists (a SIGHUP or SIGTERM that
+/// arrives while the gateway starts waits here instead of killing it).
+pub struct ControlChannel {
+    /// Hand a clone to the admin server (drain calls).
+    pub tx: ControlSender,
+    rx: Receiver<ControlEvent>,
+    signals: signal_hook::iterator::Signals,
+}
+
 impl Control {
-    /// The channel the control loop reads; hand its sender to the admin
-    /// server (drain calls) before calling [`Control::run`].
-    pub fn channel() -> (ControlSender, Receiver<ControlEvent>) {
-        unbounded()
+    /// The control loop's channel, with SIGINT, SIGTERM and SIGHUP caught
+    /// from now on; create it before starting the gateway, hand its sender
+    /// to the admin server, then call [`Control::run`].
+    pub fn channel() -> Result<ControlChannel, ControlError> {
+        let (tx, rx) = unbounded();
+        let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(ControlError::Signals)?;
+        Ok(ControlChannel { tx, rx, signals })
     }
 
     /// Takes over the calling thread until the gateway stopped.
@@ -110,12 +126,11 @@ impl Control {
         path: &Path,
         env: Environment,
         stats: Arc<ControlStats>,
-        (tx, rx): (ControlSender, Receiver<ControlEvent>),
+        channel: ControlChannel,
     ) -> Result<(), ControlError> {
+        let ControlChannel { tx, rx, mut signals } = channel;
         let running = gw.cfg.clone();
         let sig_tx = tx.clone();
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(ControlError::Signals)?;
         let hard = gw.handle();
         std::thread::Builder::new()
             .name("gw-signals".into())
@@ -154,6 +169,7 @@ impl Control {
             path: path.to_path_buf(),
             env,
             mtime: mtime(path),
+            token_mtime: running.admin.token_file.as_deref().and_then(mtime),
             running,
             gw,
             stats,
@@ -208,6 +224,13 @@ impl Control {
                     c.mtime = m;
                     tracing::info!(path = %c.path.display(), "config file changed: reloading");
                     c.reload();
+                } else if let Some(token_file) = c.running.admin.token_file.clone() {
+                    let m = mtime(&token_file);
+                    if m.is_some() && m != c.token_mtime {
+                        c.token_mtime = m;
+                        tracing::info!(path = %token_file.display(), "admin token file changed: reloading");
+                        c.reload();
+                    }
                 }
             }
             if c.redis.is_some() && now >= c.next_fetch {
@@ -221,6 +244,7 @@ impl Control {
     /// reason 6, queues flushed, exit.
     fn stop(self, why: &str) {
         self.stats.ready.store(false, Ordering::Relaxed);
+        self.stats.draining.store(true, Ordering::Relaxed);
         let drain = self.running.server.drain_timeout;
         tracing::info!(
             cause = why,
@@ -296,6 +320,7 @@ impl Control {
             "publishing route snapshot"
         );
         self.stats.route_version.store(self.version, Ordering::Relaxed);
+        *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
         *self.stats.route_source.lock().unwrap() =
             if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));

@@ -44,6 +44,17 @@ impl Control {
                 }
                 *stats.last_error.lock().unwrap() = errs.to_string();
             }
+            Ok(new) if new.admin.token.is_none() && !self.running.server.admin_listen.ip().is_loopback() => {
+                // admin_listen needs a restart, so the running port stays off
+                // loopback: the file may not drop the token it needs.
+                stats.config_reload_errors.fetch_add(1, Ordering::Relaxed);
+                let e = format!(
+                    "{}: admin.token_file: not set, but the running admin port {} is not loopback (admin_listen needs a restart)",
+                    new.source, self.running.server.admin_listen
+                );
+                tracing::error!(error = %e, "config reload rejected; the running config stays");
+                *stats.last_error.lock().unwrap() = e;
+            }
             Ok(mut new) => {
                 for k in needs_restart(&self.running, &new) {
                     tracing::warn!(key = %k, "config change needs a restart; keeping the running value");
@@ -54,6 +65,8 @@ impl Control {
                 if new.log.level != self.running.log.level {
                     set_log_level(&new.log.level);
                 }
+                *stats.admin_token.lock().unwrap() = new.admin.token.clone();
+                self.token_mtime = new.admin.token_file.as_deref().and_then(super::mtime);
                 let new = Arc::new(new);
                 let c = new.clone();
                 self.gw.broadcast(move || WorkerCommand::Config(c.clone()));

@@ -77,6 +77,8 @@ pub enum WorkerCommand {
 pub struct WorkerInfo {
     pub index: usize,
     pub cpu: Option<usize>,
+    /// NUMA node of `cpu`, when the kernel says.
+    pub numa_node: Option<u32>,
     pub io_driver: &'static str,
 }
 
@@ -400,7 +402,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
             return;
         }
     };
-    let info = WorkerInfo { index, cpu, io_driver };
+    let info = WorkerInfo { index, cpu, numa_node: cpu.and_then(crate::cpu::numa_node), io_driver };
     let node_name = cfg.server.node_name.clone();
     // Seeded from the clock, pid and worker so trace ids and jitter differ
     // across workers, restarts and nodes.

@@ -224,11 +224,25 @@ impl GatewayProcess {
     }
 
     pub fn spawn_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
+        Self::spawn_under(&[], config, args, env)
+    }
+
+    /// The binary started through `wrapper` (e.g. `["taskset", "-c", "1"]`).
+    pub fn spawn_under(wrapper: &[&str], config: &str, args: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         let dir = TempDir::new("proc");
         let cfg = dir.0.join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
         let stderr_path = dir.0.join("stderr.log");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
+        let bin = env!("CARGO_BIN_EXE_game-gateway");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&cfg)
             .args(args)
