@@ -60,6 +60,20 @@ pub(crate) struct RawConfig {
     pub(crate) log: RawLog,
     pub(crate) websocket: RawWebSocket,
     pub(crate) admin: RawAdmin,
+    pub(crate) drain: RawDrain,
+}
+
+/// `[drain]`: what clients see when the gateway drains.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawDrain {
+    /// msg_id of the notice frame every client gets when the drain begins; 0 = none.
+    pub(crate) notice_msg_id: i64,
+    /// Its payload (UTF-8 text), e.g. a "reconnect elsewhere" message.
+    pub(crate) notice_payload: String,
+    /// Close sessions in paced, jittered batches spread over `drain_timeout`
+    /// instead of all at its end.
+    pub(crate) paced: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]

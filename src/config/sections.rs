@@ -262,4 +262,16 @@ pub struct Config {
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
     pub admin: AdminConfig,
+    pub drain: DrainConfig,
+}
+
+/// `[drain]`: what clients see when the gateway drains.
+#[derive(Debug, Clone, Default)]
+pub struct DrainConfig {
+    /// The notice frame every client gets when the drain begins:
+    /// (msg_id, payload); `None` = no notice.
+    pub notice: Option<(u16, bytes::Bytes)>,
+    /// Close sessions spread over `drain_timeout` (each at a random moment
+    /// of it) instead of all at its end.
+    pub paced: bool,
 }

@@ -9,7 +9,7 @@
 use super::error::{ConfigError, ConfigErrors};
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    AdminConfig, AdminToken, BackendConfig, Config, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
+    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
     RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
 };
 use crate::cpu::CpuBudget;
@@ -170,11 +170,17 @@ impl RawConfig {
         let log = log(&mut p, &self.log, env);
         let admin_listen = self.server.admin_listen.parse::<SocketAddr>().ok();
         let admin = admin(&mut p, &self.admin, admin_listen);
+        let notice_msg_id: u16 = p.int("drain", "notice_msg_id", self.drain.notice_msg_id, 0, 65535);
+        let drain = DrainConfig {
+            notice: (notice_msg_id != 0)
+                .then(|| (notice_msg_id, bytes::Bytes::from(self.drain.notice_payload.clone().into_bytes()))),
+            paced: self.drain.paced,
+        };
         if !p.errors.is_empty() {
             p.errors.sort_by_key(|e| e.line);
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin })
+        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain })
     }
 }
 

@@ -465,6 +465,7 @@ impl Shard {
         }
         self.backends.finish_retirements(&mut self.ctx, now);
         self.hold_tick(now);
+        self.paced_closes(now);
         if sweep {
             self.backends.close_idle_seed(&mut self.ctx, now);
         }
@@ -510,9 +511,60 @@ impl Shard {
         }
     }
 
-    /// Drain, step 1: refuse new sessions from now on.
-    pub(crate) fn begin_drain(&mut self) {
+    /// Drain, step 1: refuse new sessions from now on. With `[drain]
+    /// notice_msg_id`, every client gets the notice frame; with `paced`, each
+    /// session is given a random moment before `until` to be closed at, so
+    /// the realm does not see every client reconnect at once.
+    pub(crate) fn begin_drain(&mut self, now: Instant, until: Instant) {
+        if self.phase == Phase::Draining {
+            return;
+        }
         self.phase = Phase::Draining;
+        let drain = self.ctx.cfg.drain.clone();
+        let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+        let window = until.saturating_duration_since(now);
+        for s in self.sessions.iter_mut() {
+            if let Some((msg_id, payload)) = &drain.notice {
+                s.deliver(&mut self.ctx, *msg_id, 0, payload, max_queued, now);
+            }
+            if drain.paced {
+                let x = self.ctx.random();
+                // Uniform over the window (53 bits of the draw).
+                let frac = (x >> 11) as f64 / (1u64 << 53) as f64;
+                s.close_at = Some(now + window.mul_f64(frac));
+            }
+        }
+    }
+
+    /// Paced drain: closes the sessions whose moment came.
+    fn paced_closes(&mut self, now: Instant) {
+        if self.phase != Phase::Draining || !self.ctx.cfg.drain.paced {
+            return;
+        }
+        let due: Vec<SessionKey> = self
+            .sessions
+            .iter_mut()
+            .filter(|s| s.close_at.is_some_and(|t| t <= now) && s.info.close_reason.is_none())
+            .map(|s| s.key)
+            .collect();
+        for key in due {
+            self.close_gracefully(key, DisconnectReason::Shutdown);
+        }
+    }
+
+    /// Ends a session gracefully: its queued replies (and a WebSocket close
+    /// frame) go out, then FIN; what the client still sends until its own end
+    /// of stream is forwarded.
+    fn close_gracefully(&mut self, key: SessionKey, reason: DisconnectReason) {
+        let Some(s) = self.sessions.get_mut(key) else { return };
+        if let Some(ws) = s.ws.as_mut() {
+            let was_empty = s.out.is_empty();
+            ws.close_for(&mut s.out, reason);
+            if was_empty && !s.out.is_empty() {
+                self.ctx.actions.push(Action::WakeClient(key));
+            }
+        }
+        s.begin_close(&mut self.ctx, reason, Shut::Write);
     }
 
     /// Drain, deadline: ends every live session with `reason`, gracefully:
@@ -522,15 +574,7 @@ impl Shard {
     pub(crate) fn close_all(&mut self, reason: DisconnectReason) -> usize {
         let keys = self.sessions.keys();
         for &key in &keys {
-            let Some(s) = self.sessions.get_mut(key) else { continue };
-            if let Some(ws) = s.ws.as_mut() {
-                let was_empty = s.out.is_empty();
-                ws.close_for(&mut s.out, reason);
-                if was_empty && !s.out.is_empty() {
-                    self.ctx.actions.push(Action::WakeClient(key));
-                }
-            }
-            s.begin_close(&mut self.ctx, reason, Shut::Write);
+            self.close_gracefully(key, reason);
         }
         keys.len()
     }

@@ -129,6 +129,8 @@ pub(super) struct Session {
     pub(super) hold_since: Option<Instant>,
     /// Client frames waiting for a held backend, in order, as client frames.
     hold: BytesMut,
+    /// Paced drain: when this session is to be closed.
+    pub(super) close_at: Option<Instant>,
     /// How many frames `hold` holds.
     hold_frames: u64,
 }
@@ -344,6 +346,7 @@ impl Shard {
             hold_since: None,
             hold: BytesMut::new(),
             hold_frames: 0,
+            close_at: None,
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;

@@ -347,7 +347,7 @@ fn drain_refuses_new_sessions_closes_the_rest_and_disconnects_after_their_frames
     let s2 = h.accept(2);
     h.send(s1, 10, b"a").unwrap();
     h.backend_out(A);
-    h.sh.begin_drain();
+    h.sh.begin_drain(h.now, h.now + Duration::from_secs(1));
     assert_eq!(h.sh.accept(SocketAddr::from(([10, 0, 0, 2], 1)), h.now), Err(AcceptRefusal::Draining));
     assert_eq!(h.sh.close_all(DisconnectReason::Shutdown), 2);
     h.pump();
@@ -945,4 +945,48 @@ fn hold_is_bounded_in_time_and_bytes() {
     // Counted: the two CONNECTs that were never written, the big session's
     // held frames and the one over the bound (3), the timed-out one (1).
     assert_eq!(h.dropped("backend_lost"), 6);
+}
+
+fn drain_config(extra: &str) -> Arc<Config> {
+    let text = format!(
+        "[server]\nworkers = 1\n[limits]\n[log]\naccess_log = false\n[drain]\n{extra}\n{}",
+        route(10, A, "")
+    );
+    Arc::new(Config::from_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[test]
+fn drain_sends_the_notice_and_paces_the_closes_over_the_window() {
+    let mut h = Harness::new(drain_config("notice_msg_id = 77\nnotice_payload = \"reconnect elsewhere\"\npaced = true"));
+    let keys: Vec<SessionKey> = (0..1000).map(|i| h.accept(i as u16)).collect();
+    let t0 = h.now;
+    h.sh.begin_drain(t0, t0 + Duration::from_secs(10));
+    h.pump();
+    for &k in &keys[..3] {
+        assert_eq!(h.client_out(k), vec![(77, b"reconnect elsewhere".to_vec())]);
+    }
+    h.take_log();
+    let mut per_second = [0usize; 10];
+    for step in 1..=100 {
+        h.now = t0 + Duration::from_millis(100 * step);
+        h.sh.tick(h.now, false, false);
+        h.pump();
+        let closed = h.shutdowns().iter().filter(|(_, how)| *how == Shut::Write).count();
+        per_second[((step - 1) / 10) as usize] += closed;
+    }
+    assert_eq!(per_second.iter().sum::<usize>(), 1000, "every session closed within the window");
+    assert!(per_second.iter().all(|n| *n <= 200), "no second holds more than twice its share: {per_second:?}");
+}
+
+#[test]
+fn without_pacing_the_drain_closes_nobody_before_its_deadline() {
+    let mut h = Harness::new(drain_config(""));
+    for i in 0..10 {
+        h.accept(i);
+    }
+    h.sh.begin_drain(h.now, h.now + Duration::from_secs(10));
+    h.now += Duration::from_secs(5);
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    assert!(h.shutdowns().is_empty());
 }

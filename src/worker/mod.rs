@@ -272,7 +272,8 @@ impl Worker {
     /// every frame they sent); (4) flush backend queues; (5) exit. Each phase
     /// is logged.
     async fn stop(self: Rc<Self>) {
-        self.with_shard(|sh| sh.begin_drain());
+        let until = self.drain_until.get();
+        self.with_shard(|sh| sh.begin_drain(Instant::now(), until));
         self.stop_accept.notify();
         tracing::info!(
             worker = self.index,
