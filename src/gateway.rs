@@ -70,6 +70,9 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::
     Ok(sock.into())
 }
 
+/// Announcements waiting for the relay to hand them to the workers.
+const ANNOUNCE_DEPTH: usize = 256;
+
 impl Gateway {
     pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
         let cfg = Arc::new(cfg);
@@ -93,6 +96,9 @@ impl Gateway {
                 StartError::Worker(format!("access log {}: {e}", path.as_deref().unwrap_or("stdout")))
             })?;
         let (ready_tx, ready_rx) = bounded(n);
+        // Announcements a backend sends to one worker reach every worker
+        // through this relay, one shared buffer each.
+        let (announce_tx, announce_rx) = bounded::<Arc<crate::shard::Announcement>>(ANNOUNCE_DEPTH);
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
             let (tx, rx) = bounded(worker::COMMAND_CHANNEL_DEPTH);
@@ -107,6 +113,7 @@ impl Gateway {
                 ready: ready_tx.clone(),
                 admission: admission.clone(),
                 access_tx: access_tx.clone(),
+                announce_tx: announce_tx.clone(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("gw-worker-{index}"))
@@ -135,6 +142,21 @@ impl Gateway {
                 Err(_) => return Err(StartError::Worker("a worker did not start in time".into())),
             }
         }
+        drop(announce_tx);
+        let txs: Vec<Sender<WorkerCommand>> = workers.iter().map(|w| w.tx.clone()).collect();
+        // Ends when every worker (holding the senders) is gone.
+        std::thread::Builder::new()
+            .name("gw-announce".into())
+            .spawn(move || {
+                for a in announce_rx {
+                    for tx in &txs {
+                        if tx.try_send(WorkerCommand::Announce(a.clone())).is_err() {
+                            tracing::warn!("worker command channel full: announcement not delivered on one worker");
+                        }
+                    }
+                }
+            })
+            .map_err(StartError::Spawn)?;
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
         drop(access_tx);
         Ok(Gateway { workers, access_writer: Some(access_writer), local_addr, cfg })

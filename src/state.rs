@@ -119,6 +119,9 @@ pub struct ControlStats {
     pub admin_token: Mutex<Option<AdminToken>>,
     /// Label values of the published routes, exported at zero by `/metrics`.
     pub route_labels: Mutex<RouteLabels>,
+    /// The configured message class names (`[[message_policy]]`): exported
+    /// at zero from the start.
+    pub policy_classes: Mutex<Vec<Arc<str>>>,
 }
 
 /// Label values a route snapshot makes known in advance: its endpoints (the

@@ -162,6 +162,10 @@ pub struct WorkerStats {
     pub access_log_dropped: u64,
     pub backends: AHashMap<Arc<str>, BackendStats>,
     pub route_version: u64,
+    /// Client frames by message class and outcome (`[[message_policy]]`).
+    pub message_policy: AHashMap<(Arc<str>, &'static str), u64>,
+    /// Announcements delivered to sessions (client frames queued).
+    pub announcements_delivered: u64,
 }
 
 impl Default for WorkerStats {
@@ -189,6 +193,8 @@ impl Default for WorkerStats {
             access_log_dropped: 0,
             backends: AHashMap::new(),
             route_version: 0,
+            message_policy: AHashMap::new(),
+            announcements_delivered: 0,
         }
     }
 }
@@ -239,6 +245,8 @@ impl WorkerStats {
             self.backend(k).merge(v);
         }
         self.route_version = self.route_version.min(o.route_version);
+        add_map(&mut self.message_policy, &o.message_policy);
+        self.announcements_delivered += o.announcements_delivered;
     }
 
     pub fn get(map: &AHashMap<&'static str, u64>, key: &str) -> u64 {

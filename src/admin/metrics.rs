@@ -58,6 +58,8 @@ pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropp
 pub(crate) const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
 pub(crate) const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
 pub(crate) const DRAINING: &str = "game_gateway_draining";
+pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
+pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
 
 // Label values known in advance, exported at zero from the start so that
 // `rate()` panels and alerts see every series of a fresh gateway. They come
@@ -223,6 +225,7 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
     // Label values the published routes make known: every endpoint and
     // server type is exported at zero before its first frame.
     let known = c.route_labels.lock().unwrap().clone();
+    let policy_classes = c.policy_classes.lock().unwrap().clone();
     let unused = BackendStats::default();
     let mut backends: Vec<(&str, &BackendStats)> = s.backends.iter().map(|(k, v)| (&**k, v)).collect();
     for e in &known.endpoints {
@@ -325,6 +328,31 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             .0,
         info.0,
         Family::new(WORKERS_RESPONSIVE, "Workers that answered this scrape.", GAUGE).value(&[], responsive as f64).0,
+        {
+            // Label values: the configured class names (a bounded set), each
+            // outcome known in advance at zero.
+            let mut f = Family::new(
+                MESSAGE_POLICY_TOTAL,
+                "Client frames by message class ([[message_policy]] name) and outcome.",
+                COUNTER,
+            );
+            let mut series: std::collections::BTreeMap<(String, &str), u64> = Default::default();
+            for c in &policy_classes {
+                for o in ["forwarded", "unauthenticated", "too_large", "rate_limited"] {
+                    series.insert((c.to_string(), o), 0);
+                }
+            }
+            for ((name, outcome), n) in &s.message_policy {
+                *series.entry((name.to_string(), outcome)).or_default() += n;
+            }
+            for ((name, outcome), n) in &series {
+                f = f.value(&[("policy", name), ("outcome", outcome)], *n as f64);
+            }
+            f.0
+        },
+        Family::new(ANNOUNCEMENTS_DELIVERED_TOTAL, "Announcement frames queued to clients.", COUNTER)
+            .value(&[], s.announcements_delivered as f64)
+            .0,
         Family::new(WEBSOCKET_UPGRADES_TOTAL, "Connections upgraded to WebSocket.", COUNTER)
             .value(&[], s.websocket_upgrades as f64)
             .0,

@@ -61,6 +61,45 @@ pub(crate) struct RawConfig {
     pub(crate) websocket: RawWebSocket,
     pub(crate) admin: RawAdmin,
     pub(crate) drain: RawDrain,
+    pub(crate) message_policy: Vec<RawMessagePolicy>,
+}
+
+/// `[[message_policy]]`: one class of client messages, by msg_id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMessagePolicy {
+    /// The class's name: its metric label.
+    pub(crate) name: String,
+    /// msg_ids: numbers, or "first-last" ranges.
+    pub(crate) msg_ids: Vec<RawMsgIds>,
+    /// Only for frames routed to this server type (overrides the global
+    /// classes for it); absent = every route.
+    #[serde(default)]
+    pub(crate) server_type: Option<i64>,
+    /// Forwarded before the backend has authenticated the session
+    /// (`[limits] require_auth`).
+    #[serde(default)]
+    pub(crate) before_auth: bool,
+    /// Largest payload in bytes; 0 = only `max_message_size`.
+    #[serde(default)]
+    pub(crate) max_payload: i64,
+    /// Messages of this class per second per session; 0 = unlimited.
+    #[serde(default)]
+    pub(crate) rate: i64,
+    /// Burst above the rate; 0 = the rate.
+    #[serde(default)]
+    pub(crate) burst: i64,
+    /// "drop" (count it, keep the session) or "close" (reason 4).
+    #[serde(default)]
+    pub(crate) on_violation: Option<String>,
+}
+
+/// One msg_id or a "first-last" range.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawMsgIds {
+    One(i64),
+    Range(String),
 }
 
 /// `[drain]`: what clients see when the gateway drains.
@@ -146,6 +185,7 @@ pub(crate) struct RawLimits {
     pub(crate) max_queued_bytes_per_session: i64,
     pub(crate) messages_burst: i64,
     pub(crate) on_rate_limit: String,
+    pub(crate) require_auth: bool,
 }
 
 impl Default for RawLimits {
@@ -161,6 +201,7 @@ impl Default for RawLimits {
             max_queued_bytes_per_session: DEFAULT_MAX_QUEUED_BYTES_PER_SESSION as i64,
             messages_burst: 0,
             on_rate_limit: "drop".into(),
+            require_auth: false,
         }
     }
 }

@@ -91,6 +91,9 @@ pub struct LimitsConfig {
     pub messages_burst: u32,
     /// What happens to a frame over `messages_per_second`.
     pub on_rate_limit: RateLimitAction,
+    /// Until its backend authenticates a session, only message classes with
+    /// `before_auth` are forwarded.
+    pub require_auth: bool,
 }
 
 /// What happens to a client frame over the session's rate.
@@ -263,6 +266,67 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub admin: AdminConfig,
     pub drain: DrainConfig,
+    pub policy: std::sync::Arc<MessagePolicy>,
+}
+
+/// One class of client messages (`[[message_policy]]`).
+#[derive(Debug, Clone)]
+pub struct MessageClass {
+    /// Its metric label.
+    pub name: std::sync::Arc<str>,
+    pub before_auth: bool,
+    /// 0 = only `max_message_size`.
+    pub max_payload: usize,
+    /// Per session per second; 0 = unlimited.
+    pub rate: u32,
+    pub burst: u32,
+    /// Close the session (reason 4) on a violation, instead of dropping.
+    pub close: bool,
+}
+
+/// No class for a msg_id.
+pub const NO_CLASS: u8 = u8::MAX;
+
+/// The compiled message policy: msg_id -> class, globally and per server
+/// type, looked up in O(1) per frame.
+#[derive(Debug, Default)]
+pub struct MessagePolicy {
+    pub classes: Vec<MessageClass>,
+    /// msg_id -> class index (or [`NO_CLASS`]) for every route.
+    global: Option<Box<[u8]>>,
+    /// The same for frames routed to one server type (overrides `global`).
+    scoped: ahash::AHashMap<u8, Box<[u8]>>,
+}
+
+impl MessagePolicy {
+    pub(crate) fn new(classes: Vec<MessageClass>, members: Vec<(Option<u8>, Vec<(u16, u16)>)>) -> MessagePolicy {
+        let mut p = MessagePolicy { classes, global: None, scoped: Default::default() };
+        for (i, (scope, ranges)) in members.into_iter().enumerate() {
+            let table = match scope {
+                None => p.global.get_or_insert_with(|| vec![NO_CLASS; 65536].into_boxed_slice()),
+                Some(st) => p.scoped.entry(st).or_insert_with(|| vec![NO_CLASS; 65536].into_boxed_slice()),
+            };
+            for (lo, hi) in ranges {
+                for id in lo..=hi {
+                    table[id as usize] = i as u8;
+                }
+            }
+        }
+        p
+    }
+
+    /// Whether any class exists (the per-frame check is skipped otherwise).
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+
+    /// The class of `msg_id` in a frame routed to `server_type`.
+    #[inline]
+    pub fn class(&self, server_type: u8, msg_id: u16) -> Option<usize> {
+        let scoped = self.scoped.get(&server_type).map(|t| t[msg_id as usize]).filter(|c| *c != NO_CLASS);
+        let c = scoped.or_else(|| self.global.as_ref().map(|t| t[msg_id as usize]))?;
+        (c != NO_CLASS).then_some(c as usize)
+    }
 }
 
 /// `[drain]`: what clients see when the gateway drains.

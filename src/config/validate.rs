@@ -9,7 +9,7 @@
 use super::error::{ConfigError, ConfigErrors};
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
+    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
     RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
 };
 use crate::cpu::CpuBudget;
@@ -176,11 +176,12 @@ impl RawConfig {
                 .then(|| (notice_msg_id, bytes::Bytes::from(self.drain.notice_payload.clone().into_bytes()))),
             paced: self.drain.paced,
         };
+        let policy = std::sync::Arc::new(message_policy(&mut p, &self.message_policy));
         if !p.errors.is_empty() {
             p.errors.sort_by_key(|e| e.line);
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain })
+        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain, policy })
     }
 }
 
@@ -259,6 +260,66 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
     }
 }
 
+fn message_policy(p: &mut Problems<'_>, raw: &[super::raw::RawMessagePolicy]) -> MessagePolicy {
+    use super::raw::RawMsgIds;
+    let mut classes = Vec::new();
+    let mut members = Vec::new();
+    if raw.len() >= NO_CLASS as usize {
+        p.push("message_policy", None, "", format!("at most {} classes", NO_CLASS as usize - 1));
+        return MessagePolicy::default();
+    }
+    for (i, c) in raw.iter().enumerate() {
+        let at = |p: &mut Problems<'_>, key: &str, reason: String| p.push("message_policy", Some(i), key, reason);
+        if c.name.is_empty() || classes.iter().any(|k: &MessageClass| *k.name == *c.name) {
+            at(p, "name", format!("{:?} must be a non-empty name no other class has", c.name));
+        }
+        let mut ranges = Vec::new();
+        for m in &c.msg_ids {
+            let r = match m {
+                RawMsgIds::One(n) => Some((*n, *n)),
+                RawMsgIds::Range(s) => s
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?))),
+            };
+            match r {
+                Some((lo, hi)) if 0 <= lo && lo <= hi && hi <= 65535 => ranges.push((lo as u16, hi as u16)),
+                _ => at(p, "msg_ids", format!("{m:?} is not a msg_id (0..=65535) or a \"first-last\" range")),
+            }
+        }
+        let scope = match c.server_type {
+            None => None,
+            Some(t) if (0..=255).contains(&t) => Some(t as u8),
+            Some(t) => {
+                at(p, "server_type", format!("{t} is out of range 0..=255"));
+                None
+            }
+        };
+        let close = match c.on_violation.as_deref().unwrap_or("drop") {
+            "drop" => false,
+            "close" => true,
+            other => {
+                at(p, "on_violation", format!("{other:?} is not one of drop, close"));
+                false
+            }
+        };
+        let clamp = |v: i64, hi: i64| v.clamp(0, hi);
+        if c.max_payload < 0 || c.rate < 0 || c.burst < 0 {
+            at(p, "", "max_payload, rate and burst must not be negative".to_string());
+        }
+        let rate = clamp(c.rate, u32::MAX as i64) as u32;
+        classes.push(MessageClass {
+            name: std::sync::Arc::from(c.name.as_str()),
+            before_auth: c.before_auth,
+            max_payload: clamp(c.max_payload, 65535) as usize,
+            rate,
+            burst: if c.burst == 0 { rate } else { clamp(c.burst, u32::MAX as i64) as u32 },
+            close,
+        });
+        members.push((scope, ranges));
+    }
+    MessagePolicy::new(classes, members)
+}
+
 fn websocket(p: &mut Problems<'_>, ws: &RawWebSocket) -> WebSocketConfig {
     WebSocketConfig {
         enabled: ws.enabled,
@@ -295,6 +356,7 @@ fn limits(p: &mut Problems<'_>, l: &RawLimits) -> LimitsConfig {
             p.push("limits", None, "on_rate_limit", format!("{:?} is not one of drop, close", l.on_rate_limit));
             RateLimitAction::Drop
         }),
+        require_auth: l.require_auth,
     };
     if limits.handshake_timeout.is_zero() {
         p.push("limits", None, "handshake_timeout", "must be above zero");

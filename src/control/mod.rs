@@ -321,6 +321,8 @@ impl Control {
         );
         self.stats.route_version.store(self.version, Ordering::Relaxed);
         *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
+        *self.stats.policy_classes.lock().unwrap() =
+            self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
         *self.stats.route_source.lock().unwrap() =
             if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));

@@ -1198,7 +1198,19 @@ impl Shard {
         }
         let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
         match p.kind() {
-            ServerPacket::ServerConnect | ServerPacket::Pong => {}
+            ServerPacket::ServerConnect => {
+                // Login accepted: the session is authenticated.
+                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now) {
+                    s.authenticated = true;
+                    if let Some(u) = p.metadata.get("user_id").filter(|u| !u.is_empty()) {
+                        s.user = Some(u.as_bytes().into());
+                    }
+                    if let Some(t) = p.metadata.get("tags") {
+                        s.tags = t.split(',').filter(|t| !t.is_empty()).map(|t| t.as_bytes().into()).collect();
+                    }
+                }
+            }
+            ServerPacket::Pong => {}
             ServerPacket::ServerDisconnect => {
                 if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now)
                 {
@@ -1295,6 +1307,28 @@ impl Shard {
                         self.ctx.stats.backend(&name).rtt.record(now.saturating_duration_since(sent));
                     }
                 }
+            }
+            Body::SessionAttrs { authenticated, user, tags } => {
+                if let Some(s) =
+                    bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
+                {
+                    s.authenticated = authenticated;
+                    s.user = (!user.is_empty()).then(|| user.into());
+                    s.tags = tags.iter().map(Box::from).collect();
+                    tracing::debug!(session_id = h.session_id, trace_id = %s.trace_id(), authenticated, "session attributes from backend");
+                }
+            }
+            Body::Announce { filter, payload } => {
+                // For every session of the gateway, on every core: through
+                // the driver to each worker, once per core.
+                let target = match filter {
+                    bproto::AnnounceFilter::All => super::AnnounceTarget::All,
+                    bproto::AnnounceFilter::World(w) => super::AnnounceTarget::World(w),
+                    bproto::AnnounceFilter::ServerType(t) => super::AnnounceTarget::ServerType(t),
+                    bproto::AnnounceFilter::Tag(t) => super::AnnounceTarget::Tag(t.into()),
+                };
+                let a = super::Announcement { msg_id, payload: bytes::Bytes::copy_from_slice(payload), target };
+                self.ctx.actions.push(Action::Announce(std::sync::Arc::new(a)));
             }
             Body::Connect { .. } | Body::Disconnect { .. } => {
                 self.ctx.drop_frames(DropReason::UnexpectedOpcode, 1);

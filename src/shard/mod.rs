@@ -184,6 +184,30 @@ pub(crate) enum Action {
     AccessLog { buf: Vec<u8>, records: u64 },
     /// The last session left the table (the drain waits for this).
     SessionsGone,
+    /// An announcement for every session of the gateway: hand it to every
+    /// worker (this one included), once each.
+    Announce(Arc<Announcement>),
+}
+
+/// A realm-wide announcement: one client frame for every selected session
+/// of every core. Shared between cores (one buffer), never copied per core.
+#[derive(Debug)]
+pub struct Announcement {
+    pub msg_id: u16,
+    pub payload: bytes::Bytes,
+    pub target: AnnounceTarget,
+}
+
+/// Which sessions an announcement reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnnounceTarget {
+    All,
+    /// Sessions whose first frame was for this world.
+    World(u16),
+    /// Sessions bound to this server type.
+    ServerType(u8),
+    /// Sessions their backend tagged so.
+    Tag(Box<[u8]>),
 }
 
 /// Why a connection was refused at accept.
@@ -238,12 +262,15 @@ pub(crate) enum DropReason {
     UnexpectedOpcode,
     /// A backend message whose length was good but whose body does not decode.
     Malformed,
+    /// Refused by the message policy (class, size, rate or authentication).
+    Policy,
 }
 
 impl DropReason {
     /// Every reason, for exporting each label at zero from the start.
-    pub(crate) const ALL: [DropReason; 9] = [
+    pub(crate) const ALL: [DropReason; 10] = [
         DropReason::Malformed,
+        DropReason::Policy,
         DropReason::ReplyTooLarge,
         DropReason::RateLimited,
         DropReason::RoutingError,
@@ -265,6 +292,7 @@ impl DropReason {
             DropReason::UnboundSession => "unbound_session",
             DropReason::UnexpectedOpcode => "unexpected_opcode",
             DropReason::Malformed => "malformed",
+            DropReason::Policy => "policy",
         }
     }
 }
@@ -509,6 +537,27 @@ impl Shard {
         if let Some(n) = self.ctx.logs.allow("accept_error", now) {
             tracing::warn!(worker = self.ctx.index, error = %err, suppressed = n, "accept failed");
         }
+    }
+
+    /// An announcement reached this core: one client frame to every selected
+    /// session. A client whose queue is over its limit is closed as a slow
+    /// reader (counted), never waited for.
+    pub(crate) fn announce(&mut self, a: &Announcement, now: Instant) -> u64 {
+        let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
+        let mut n = 0;
+        for s in self.sessions.iter_mut() {
+            let selected = match &a.target {
+                AnnounceTarget::All => true,
+                AnnounceTarget::World(w) => s.info.first_server_type.is_some() && s.info.first_world == *w,
+                AnnounceTarget::ServerType(t) => s.bindings.iter().any(|b| b.server_type == *t),
+                AnnounceTarget::Tag(t) => s.tags.iter().any(|x| x == t),
+            };
+            if selected && s.info.close_reason.is_none() && s.deliver(&mut self.ctx, a.msg_id, 0, &a.payload, max_queued, now) {
+                n += 1;
+            }
+        }
+        self.ctx.stats.announcements_delivered += n;
+        n
     }
 
     /// Drain, step 1: refuse new sessions from now on. With `[drain]

@@ -131,8 +131,70 @@ pub(super) struct Session {
     hold: BytesMut,
     /// Paced drain: when this session is to be closed.
     pub(super) close_at: Option<Instant>,
+    /// Its backend said so (`SESSION_ATTRS`, gRPC `server_connect`): with
+    /// `[limits] require_auth`, only `before_auth` classes pass before.
+    pub(super) authenticated: bool,
+    /// An opaque user id from the backend (logs, announcements).
+    pub(super) user: Option<Box<[u8]>>,
+    /// Tags from the backend: announcements can select by tag.
+    pub(super) tags: Vec<Box<[u8]>>,
+    /// Per message class rate budgets, created on first use.
+    class_buckets: Vec<(u8, crate::limits::TokenBucket)>,
     /// How many frames `hold` holds.
     hold_frames: u64,
+}
+
+/// What the message policy says of one client frame.
+enum Verdict {
+    Pass,
+    Drop,
+    Close,
+}
+
+/// Checks one client frame against `[[message_policy]]` and `require_auth`,
+/// counting the outcome per class (`message_policy_total{policy, outcome}`).
+fn check_policy(ctx: &mut Ctx, s: &mut Session, h: cproto::ClientHeader, now: Instant) -> Verdict {
+    let cfg = ctx.cfg.clone();
+    let st = s.sticky.map_or(h.server_id.server_type(), |(st, _)| st);
+    let class = cfg.policy.class(st, h.msg_id).map(|i| (i, &cfg.policy.classes[i]));
+    let name: std::sync::Arc<str> = class.map_or_else(|| std::sync::Arc::from("unclassified"), |(_, c)| c.name.clone());
+    let close = class.is_some_and(|(_, c)| c.close);
+    let violation = if cfg.limits.require_auth && !s.authenticated && !class.is_some_and(|(_, c)| c.before_auth) {
+        Some("unauthenticated")
+    } else if let Some((i, c)) = class {
+        if c.max_payload > 0 && h.len as usize > c.max_payload {
+            Some("too_large")
+        } else if c.rate > 0 {
+            let b = match s.class_buckets.iter_mut().find(|(k, _)| *k as usize == i) {
+                Some((_, b)) => b,
+                None => {
+                    s.class_buckets.push((i as u8, crate::limits::TokenBucket::full(c.burst.max(1), now)));
+                    &mut s.class_buckets.last_mut().expect("just pushed").1
+                }
+            };
+            (!b.try_take(c.rate, c.burst.max(1), now)).then_some("rate_limited")
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    let outcome = violation.unwrap_or("forwarded");
+    *ctx.stats.message_policy.entry((name, outcome)).or_default() += 1;
+    match violation {
+        None => Verdict::Pass,
+        Some(why) => {
+            ctx.drop_frames(DropReason::Policy, 1);
+            if let Some(n) = ctx.logs.allow("message_policy", now) {
+                tracing::info!(session_id = s.info.id, trace_id = %s.trace_id(), msg_id = h.msg_id, why, suppressed = n, "client frame refused by the message policy");
+            }
+            if close {
+                Verdict::Close
+            } else {
+                Verdict::Drop
+            }
+        }
+    }
 }
 
 /// What the driver's reader does after [`Shard::client_data`].
@@ -347,6 +409,10 @@ impl Shard {
             hold: BytesMut::new(),
             hold_frames: 0,
             close_at: None,
+            authenticated: false,
+            user: None,
+            tags: Vec::new(),
+            class_buckets: Vec::new(),
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -604,6 +670,16 @@ impl Shard {
                 }
                 buf.advance(h.frame_len());
                 continue;
+            }
+            if ctx.cfg.limits.require_auth || !ctx.cfg.policy.is_empty() {
+                match check_policy(ctx, s, h, now) {
+                    Verdict::Pass => {}
+                    Verdict::Drop => {
+                        buf.advance(h.frame_len());
+                        continue;
+                    }
+                    Verdict::Close => return Err(DisconnectReason::RateLimited),
+                }
             }
             let started = s.info.started;
             if !self.forward(key, h, &buf[cproto::HEADER_LEN..h.frame_len()], now) {

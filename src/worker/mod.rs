@@ -65,6 +65,8 @@ pub enum WorkerCommand {
     Config(Arc<Config>),
     /// Reply with a copy of the counters.
     Stats(Sender<WorkerStats>),
+    /// An announcement for every (selected) session of this worker.
+    Announce(Arc<crate::shard::Announcement>),
     /// Stop accepting; let sessions end by themselves until `drain_until`;
     /// then close the rest with `DISCONNECT` reason 6, flush backend queues
     /// and exit; whatever is left at `deadline` is dropped. A second `Stop`
@@ -108,6 +110,8 @@ pub(crate) struct Worker {
     stop_deadline: Cell<Instant>,
     /// The access-log writer; taken at the end of the stop so it can finish.
     access_tx: RefCell<Option<Sender<Vec<u8>>>>,
+    /// Announcements from this worker's backends, for every worker.
+    announce_tx: Sender<Arc<crate::shard::Announcement>>,
     /// Streams ending themselves gracefully (HTTP/2) that the stop waits for.
     finishing: Cell<usize>,
     /// How this worker names itself to gRPC backends (`gateway-name`):
@@ -231,6 +235,11 @@ impl Worker {
                 self.shard.borrow_mut().access_log_handed(r, Instant::now());
             }
             Action::SessionsGone => self.sessions_gone.notify(),
+            Action::Announce(a) => {
+                if self.announce_tx.try_send(a).is_err() {
+                    tracing::warn!(worker = self.index, "announcement relay full: announcement dropped");
+                }
+            }
         }
     }
 
@@ -238,6 +247,9 @@ impl Worker {
         match cmd {
             WorkerCommand::Routes(t) => self.with_shard(|sh| sh.apply_routes(t, Instant::now())),
             WorkerCommand::Config(c) => self.with_shard(|sh| sh.apply_config(c)),
+            WorkerCommand::Announce(a) => {
+                self.with_shard(|sh| sh.announce(&a, Instant::now()));
+            }
             WorkerCommand::Stats(tx) => {
                 let s = self.shard.borrow().stats(Instant::now());
                 let _ = tx.send(s);
@@ -333,6 +345,8 @@ pub struct WorkerSetup {
     pub admission: Arc<crate::limits::SharedAdmission>,
     /// The access-log writer.
     pub access_tx: Sender<Vec<u8>>,
+    /// The announcement relay (to every worker).
+    pub announce_tx: Sender<Arc<crate::shard::Announcement>>,
 }
 
 fn io_uring_refused(e: &std::io::Error) -> bool {
@@ -395,7 +409,7 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx, announce_tx } = setup;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -426,6 +440,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         stop_deadline: Cell::new(Instant::now()),
         access_tx: RefCell::new(Some(access_tx)),
         finishing: Cell::new(0),
+        announce_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
     });
     match cpu {

@@ -32,6 +32,12 @@ pub enum Opcode {
     Broadcast = 6,
     Ping = 7,
     Pong = 8,
+    /// Backend -> gateway: the session's attributes (authenticated, user id,
+    /// tags). See [`encode_session_attrs`].
+    SessionAttrs = 9,
+    /// Backend -> gateway: an announcement for every session of the gateway
+    /// (all its cores), optionally filtered. See [`encode_announce`].
+    Announce = 10,
 }
 
 impl Opcode {
@@ -45,6 +51,8 @@ impl Opcode {
             6 => Opcode::Broadcast,
             7 => Opcode::Ping,
             8 => Opcode::Pong,
+            9 => Opcode::SessionAttrs,
+            10 => Opcode::Announce,
             _ => return None,
         })
     }
@@ -203,6 +211,34 @@ pub enum Body<'a> {
     Broadcast { payload: &'a [u8] },
     Ping,
     Pong,
+    SessionAttrs { authenticated: bool, user: &'a [u8], tags: Tags<'a> },
+    Announce { filter: AnnounceFilter<'a>, payload: &'a [u8] },
+}
+
+/// The tags of a `SESSION_ATTRS`, read in place: each a u8 length and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tags<'a>(&'a [u8]);
+
+impl<'a> Tags<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut rest = self.0;
+        std::iter::from_fn(move || {
+            let (&len, tail) = rest.split_first()?;
+            let (tag, tail) = tail.split_at(len as usize);
+            rest = tail;
+            Some(tag)
+        })
+    }
+}
+
+/// Which sessions an `ANNOUNCE` reaches: all, or those in a world, bound to
+/// a server type, or carrying a tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnounceFilter<'a> {
+    All,
+    World(u16),
+    ServerType(u8),
+    Tag(&'a [u8]),
 }
 
 /// The `count` x i64 session id list of a `MULTICAST`, read in place.
@@ -272,7 +308,94 @@ pub fn parse<'a>(h: &Header, frame: &'a [u8], trace_ext: bool) -> Result<Body<'a
         Opcode::Broadcast => Body::Broadcast { payload: body },
         Opcode::Ping => Body::Ping,
         Opcode::Pong => Body::Pong,
+        Opcode::SessionAttrs => {
+            // flags u8 (bit 0: authenticated), user_len u8, user, tag_count u8,
+            // then each tag: len u8, bytes.
+            let (&flags, rest) = body.split_first().ok_or(bad("missing flags"))?;
+            let (&user_len, rest) = rest.split_first().ok_or(bad("missing user length"))?;
+            if rest.len() < user_len as usize {
+                return Err(bad("user id exceeds frame"));
+            }
+            let (user, rest) = rest.split_at(user_len as usize);
+            let (&count, tags) = rest.split_first().ok_or(bad("missing tag count"))?;
+            let mut t = tags;
+            for _ in 0..count {
+                let (&len, tail) = t.split_first().ok_or(bad("tag count exceeds frame"))?;
+                if tail.len() < len as usize {
+                    return Err(bad("tag exceeds frame"));
+                }
+                t = &tail[len as usize..];
+            }
+            if !t.is_empty() {
+                return Err(bad("bytes after the tags"));
+            }
+            Body::SessionAttrs { authenticated: flags & 1 == 1, user, tags: Tags(tags) }
+        }
+        Opcode::Announce => {
+            // kind u8 (0 all, 1 world u16, 2 server type u8, 3 tag: len u8 + bytes), then the payload.
+            let (&kind, rest) = body.split_first().ok_or(bad("missing filter"))?;
+            let (filter, payload) = match kind {
+                0 => (AnnounceFilter::All, rest),
+                1 if rest.len() >= 2 => (AnnounceFilter::World(u16::from_le_bytes([rest[0], rest[1]])), &rest[2..]),
+                2 if !rest.is_empty() => (AnnounceFilter::ServerType(rest[0]), &rest[1..]),
+                3 if !rest.is_empty() && rest.len() > rest[0] as usize => {
+                    let len = rest[0] as usize;
+                    (AnnounceFilter::Tag(&rest[1..1 + len]), &rest[1 + len..])
+                }
+                _ => return Err(bad("bad filter")),
+            };
+            Body::Announce { filter, payload }
+        }
     })
+}
+
+/// `SESSION_ATTRS` (backend -> gateway): the session is authenticated (or
+/// not), with an opaque user id and tags (each at most 255 bytes, at most
+/// 255 of them).
+pub fn encode_session_attrs(dst: &mut BytesMut, session_id: i64, authenticated: bool, user: &[u8], tags: &[&[u8]]) {
+    let user = &user[..user.len().min(255)];
+    let tags = &tags[..tags.len().min(255)];
+    let len = 1 + 1 + user.len() + 1 + tags.iter().map(|t| 1 + t.len().min(255)).sum::<usize>();
+    put_header(dst, 0, 0, session_id, Opcode::SessionAttrs, len);
+    dst.put_u8(authenticated as u8);
+    dst.put_u8(user.len() as u8);
+    dst.put_slice(user);
+    dst.put_u8(tags.len() as u8);
+    for t in tags {
+        let t = &t[..t.len().min(255)];
+        dst.put_u8(t.len() as u8);
+        dst.put_slice(t);
+    }
+}
+
+/// `ANNOUNCE` (backend -> gateway): `payload` to every session of the
+/// gateway that `filter` selects, as a client frame with `msg_type`.
+pub fn encode_announce(dst: &mut BytesMut, msg_type: i32, filter: AnnounceFilter<'_>, payload: &[u8]) {
+    let flen = match filter {
+        AnnounceFilter::All => 1,
+        AnnounceFilter::World(_) => 3,
+        AnnounceFilter::ServerType(_) => 2,
+        AnnounceFilter::Tag(t) => 2 + t.len().min(255),
+    };
+    put_header(dst, msg_type, 0, 0, Opcode::Announce, flen + payload.len());
+    match filter {
+        AnnounceFilter::All => dst.put_u8(0),
+        AnnounceFilter::World(w) => {
+            dst.put_u8(1);
+            dst.put_u16_le(w);
+        }
+        AnnounceFilter::ServerType(t) => {
+            dst.put_u8(2);
+            dst.put_u8(t);
+        }
+        AnnounceFilter::Tag(t) => {
+            let t = &t[..t.len().min(255)];
+            dst.put_u8(3);
+            dst.put_u8(t.len() as u8);
+            dst.put_slice(t);
+        }
+    }
+    dst.put_slice(payload);
 }
 
 /// Writes the server header and gate header for a body of `body_len` bytes.
@@ -529,6 +652,32 @@ pub fn check_seed(buf: &[u8], max_frame: usize) -> Result<Option<(i32, usize)>, 
 #[cfg(test)]
 mod seed_tests {
     use super::*;
+
+    #[test]
+    fn session_attrs_and_announce_roundtrip() {
+        let mut b = BytesMut::new();
+        encode_session_attrs(&mut b, 7, true, b"user-42", &[b"vip", b"guild:3"]);
+        let h = check(&b, 1024).unwrap().unwrap();
+        match parse(&h, &b, false).unwrap() {
+            Body::SessionAttrs { authenticated, user, tags } => {
+                assert!(authenticated);
+                assert_eq!(user, b"user-42");
+                assert_eq!(tags.iter().collect::<Vec<_>>(), vec![&b"vip"[..], &b"guild:3"[..]]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for f in [AnnounceFilter::All, AnnounceFilter::World(3), AnnounceFilter::ServerType(10), AnnounceFilter::Tag(b"vip")] {
+            let mut b = BytesMut::new();
+            encode_announce(&mut b, 5, f, b"hello realm");
+            let h = check(&b, 1024).unwrap().unwrap();
+            assert_eq!(parse(&h, &b, false).unwrap(), Body::Announce { filter: f, payload: b"hello realm" });
+        }
+        let mut bad = BytesMut::new();
+        encode_session_attrs(&mut bad, 7, true, b"u", &[b"t"]);
+        bad[29 + 3] = 9; // tag count larger than the frame
+        let h = check(&bad, 1024).unwrap().unwrap();
+        assert!(parse(&h, &bad, false).is_err());
+    }
 
     #[test]
     fn seed_frames_ignore_opcode_and_ids() {

@@ -326,6 +326,11 @@ fn on_frame(inner: &Inner, conn: u64, h: &bproto::Header, body: Body<'_>, out: &
         }
         Body::Ping if !inner.opts.no_pong => bproto::encode_ping(out, Opcode::Pong, h.object_id),
         Body::Ping => {}
-        Body::Pong | Body::Kick { .. } | Body::Multicast { .. } | Body::Broadcast { .. } => {}
+        Body::Pong
+        | Body::Kick { .. }
+        | Body::Multicast { .. }
+        | Body::Broadcast { .. }
+        | Body::SessionAttrs { .. }
+        | Body::Announce { .. } => {}
     }
 }
