@@ -990,3 +990,85 @@ fn without_pacing_the_drain_closes_nobody_before_its_deadline() {
     h.pump();
     assert!(h.shutdowns().is_empty());
 }
+
+fn policy_config(limits: &str, policy: &str) -> Arc<Config> {
+    let text = format!(
+        "[server]\nworkers = 1\n[limits]\n{limits}\n[log]\naccess_log = false\n{policy}\n{}{}",
+        route(10, A, ""),
+        route(11, B, "")
+    );
+    Arc::new(Config::from_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn send_msg(h: &mut Harness, s: SessionKey, st: u8, msg_id: u16, payload: &[u8]) -> Result<(), DisconnectReason> {
+    let mut buf = BytesMut::new();
+    cproto::encode(&mut buf, msg_id, ServerId::new(false, 1, st, 0), payload);
+    let n = buf.len();
+    let r = h.sh.client_data(s, &mut buf, n, h.now);
+    h.pump();
+    r.map(|_| ())
+}
+
+#[test]
+fn before_authentication_only_allow_listed_messages_reach_the_backend() {
+    let policy = "[[message_policy]]\nname = \"login\"\nmsg_ids = [1, \"2-3\"]\nbefore_auth = true\n\n[[message_policy]]\nname = \"game\"\nmsg_ids = [\"100-199\"]\n";
+    let mut h = Harness::new(policy_config("require_auth = true", policy));
+    let s = h.accept(1);
+    send_msg(&mut h, s, 10, 2, b"login").unwrap();
+    send_msg(&mut h, s, 10, 150, b"move").unwrap();
+    send_msg(&mut h, s, 10, 999, b"other").unwrap();
+    assert_eq!(h.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"login".to_vec())]);
+    assert_eq!(h.dropped("policy"), 2);
+    // The backend authenticates the session: now game messages pass.
+    let mut attrs = BytesMut::new();
+    bproto::encode_session_attrs(&mut attrs, s.id, true, b"user-7", &[b"vip"]);
+    h.backend_send(A, attrs);
+    send_msg(&mut h, s, 10, 150, b"move").unwrap();
+    assert_eq!(h.backend_out(A), vec![Sent::Trans(s.id, b"move".to_vec())]);
+    let st = h.sh.stats(h.now);
+    assert_eq!(st.message_policy.get(&(Arc::from("game"), "unauthenticated")), Some(&1));
+    assert_eq!(st.message_policy.get(&(Arc::from("unclassified"), "unauthenticated")), Some(&1));
+    assert_eq!(st.message_policy.get(&(Arc::from("game"), "forwarded")), Some(&1));
+}
+
+#[test]
+fn class_limits_drop_or_close_and_server_type_scopes_override() {
+    let policy = "[[message_policy]]\nname = \"chat\"\nmsg_ids = [5]\nmax_payload = 4\nrate = 1\nburst = 2\n\n[[message_policy]]\nname = \"chat-strict\"\nmsg_ids = [5]\nserver_type = 11\nrate = 1\nburst = 1\non_violation = \"close\"\n";
+    let mut h = Harness::new(policy_config("", policy));
+    let s = h.accept(1);
+    send_msg(&mut h, s, 10, 5, b"too long").unwrap();
+    send_msg(&mut h, s, 10, 5, b"a").unwrap();
+    send_msg(&mut h, s, 10, 5, b"b").unwrap();
+    send_msg(&mut h, s, 10, 5, b"c").unwrap();
+    assert_eq!(h.dropped("policy"), 2, "one too large, one over the burst");
+    let t = h.accept(2);
+    send_msg(&mut h, t, 11, 5, b"x").unwrap();
+    assert_eq!(send_msg(&mut h, t, 11, 5, b"y"), Err(DisconnectReason::RateLimited), "the scoped class closes");
+}
+
+#[test]
+fn announcements_reach_the_selected_sessions() {
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, B, ""))));
+    let a = h.accept(1);
+    let b = h.accept(2);
+    let c = h.accept(3);
+    h.send(a, 10, b"x").unwrap();
+    h.send(b, 11, b"x").unwrap();
+    let mut attrs = BytesMut::new();
+    bproto::encode_session_attrs(&mut attrs, b.id, true, b"", &[b"vip"]);
+    h.backend_send(B, attrs);
+    let ann = |target| Announcement { msg_id: 42, payload: bytes::Bytes::from_static(b"news"), target };
+    assert_eq!(h.sh.announce(&ann(AnnounceTarget::All), h.now), 3);
+    assert_eq!(h.sh.announce(&ann(AnnounceTarget::ServerType(10)), h.now), 1);
+    assert_eq!(h.sh.announce(&ann(AnnounceTarget::Tag(Box::from(&b"vip"[..]))), h.now), 1);
+    assert_eq!(h.sh.announce(&ann(AnnounceTarget::World(1)), h.now), 2, "sessions that sent a frame for world 1");
+    assert_eq!(h.client_out(a).len(), 3);
+    assert_eq!(h.client_out(b).len(), 3);
+    assert_eq!(h.client_out(c), vec![(42, b"news".to_vec())]);
+    // From a backend: one action for the relay, whatever the session count.
+    let mut f = BytesMut::new();
+    bproto::encode_announce(&mut f, 42, bproto::AnnounceFilter::All, b"from backend");
+    h.take_log();
+    h.backend_send(A, f);
+    assert_eq!(h.take_log().iter().filter(|x| matches!(x, Action::Announce(_))).count(), 1);
+}
