@@ -89,7 +89,7 @@ fn messages_per_second_can_close_the_session() {
 }
 
 #[test]
-fn forty_connections_from_one_address_land_on_one_worker() {
+fn forty_connections_from_one_address_spread_over_the_workers() {
     let mb = mock();
     let gw = start(2, "", &route(10, 0, "round_robin", &[mb.addr()], ""));
     let mut clients: Vec<Client> = (0..40).map(|_| Client::from("127.0.0.5", gw.local_addr())).collect();
@@ -97,9 +97,10 @@ fn forty_connections_from_one_address_land_on_one_worker() {
         c.echo(1, sid(1, 10, 0), b"x");
     }
     let per: Vec<u64> = gw.handle().worker_stats().into_iter().map(|s| s.unwrap().sessions_active).collect();
-    let mut sorted = per.clone();
-    sorted.sort();
-    assert_eq!(sorted, vec![0, 40], "sessions per worker: {per:?}");
+    // The kernel hashes the whole 4-tuple: one source address (a balancer, a
+    // NAT) still uses every core.
+    assert_eq!(per.iter().sum::<u64>(), 40);
+    assert!(per.iter().all(|n| *n >= 5), "sessions per worker: {per:?}");
 }
 
 #[test]
