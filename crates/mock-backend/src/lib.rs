@@ -201,6 +201,24 @@ impl MockBackend {
         }
     }
 
+    /// A clean restart's first half: stops accepting, half-closes every
+    /// connection (the gateway sees end of stream) and keeps reading (and
+    /// recording) until the gateway closes its side, so nothing it wrote is
+    /// lost; returns when every connection is done (bounded by 5 s).
+    pub fn stop_gracefully(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        for s in self.inner.conns.lock().unwrap().values() {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        let t0 = std::time::Instant::now();
+        while !self.inner.conns.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(j) = self.accept.lock().unwrap().take() {
+            let _ = j.join();
+        }
+    }
+
     /// Waits up to `timeout` for an event matching `pred`, skipping others.
     pub fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Event) -> bool) -> Option<Event> {
         let deadline = std::time::Instant::now() + timeout;
