@@ -122,6 +122,8 @@ pub struct ControlStats {
     /// The configured message class names (`[[message_policy]]`): exported
     /// at zero from the start.
     pub policy_classes: Mutex<Vec<Arc<str>>>,
+    /// The loaded TLS certificates: (name, NotAfter in Unix seconds).
+    pub tls_certificates: Mutex<Vec<(String, i64)>>,
 }
 
 /// Label values a route snapshot makes known in advance: its endpoints (the

@@ -58,6 +58,7 @@ pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "game_gateway_access_log_dropp
 pub(crate) const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
 pub(crate) const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
 pub(crate) const DRAINING: &str = "game_gateway_draining";
+pub(crate) const TLS_CERTIFICATE_EXPIRY_SECONDS: &str = "game_gateway_tls_certificate_expiry_seconds";
 pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
 pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
 
@@ -347,6 +348,21 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             }
             for ((name, outcome), n) in &series {
                 f = f.value(&[("policy", name), ("outcome", outcome)], *n as f64);
+            }
+            f.0
+        },
+        {
+            let mut f = Family::new(
+                TLS_CERTIFICATE_EXPIRY_SECONDS,
+                "Seconds until each loaded TLS certificate expires (negative: expired).",
+                GAUGE,
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            for (name, not_after) in c.tls_certificates.lock().unwrap().iter() {
+                f = f.value(&[("name", name)], (not_after - now) as f64);
             }
             f.0
         },

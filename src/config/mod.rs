@@ -12,11 +12,13 @@ mod error;
 mod raw;
 mod sections;
 mod summary;
+mod tls;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use raw::DEFAULT_KEY_PREFIX;
 pub use sections::*;
+pub use tls::{CertInfo, TlsConfig, TlsMode};
 pub use validate::Environment;
 
 use std::path::Path;

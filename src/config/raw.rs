@@ -62,6 +62,32 @@ pub(crate) struct RawConfig {
     pub(crate) admin: RawAdmin,
     pub(crate) drain: RawDrain,
     pub(crate) message_policy: Vec<RawMessagePolicy>,
+    pub(crate) tls: RawTls,
+}
+
+/// `[tls]`: TLS on the game port.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawTls {
+    /// off | optional (TLS and plaintext side by side) | required.
+    pub(crate) mode: String,
+    /// ALPN protocols offered, in order of preference.
+    pub(crate) alpn: Vec<String>,
+    pub(crate) certificates: Vec<RawCertificate>,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls { mode: "off".into(), alpn: vec!["http/1.1".into()], certificates: Vec::new() }
+    }
+}
+
+/// `[[tls.certificates]]`: one chain and its key, in PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 /// `[[message_policy]]`: one class of client messages, by msg_id.

@@ -267,6 +267,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub drain: DrainConfig,
     pub policy: std::sync::Arc<MessagePolicy>,
+    pub tls: super::tls::TlsConfig,
 }
 
 /// One class of client messages (`[[message_policy]]`).

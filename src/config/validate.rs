@@ -177,11 +177,29 @@ impl RawConfig {
             paced: self.drain.paced,
         };
         let policy = std::sync::Arc::new(message_policy(&mut p, &self.message_policy));
+        let tls = match super::tls::TlsMode::parse(&self.tls.mode) {
+            None => {
+                p.push("tls", None, "mode", format!("{:?} is not one of off, optional, required", self.tls.mode));
+                super::tls::TlsConfig::default()
+            }
+            Some(mode) => {
+                let pairs: Vec<_> = self
+                    .tls
+                    .certificates
+                    .iter()
+                    .map(|c| (std::path::PathBuf::from(&c.cert), std::path::PathBuf::from(&c.key)))
+                    .collect();
+                super::tls::build(mode, &pairs, &self.tls.alpn).unwrap_or_else(|e| {
+                    p.push("tls", None, "certificates", e);
+                    super::tls::TlsConfig::default()
+                })
+            }
+        };
         if !p.errors.is_empty() {
             p.errors.sort_by_key(|e| e.line);
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain, policy })
+        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain, policy, tls })
     }
 }
 

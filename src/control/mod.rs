@@ -183,6 +183,9 @@ impl Control {
             stop_sub,
         };
         c.published = fingerprint(&merge(&c.running.routes, None));
+        *c.stats.policy_classes.lock().unwrap() = c.running.policy.classes.iter().map(|k| k.name.clone()).collect();
+        *c.stats.tls_certificates.lock().unwrap() =
+            c.running.tls.certificates.iter().map(|k| (k.name.clone(), k.not_after)).collect();
         c.stats.route_version.store(1, Ordering::Relaxed);
         c.stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
         *c.stats.route_source.lock().unwrap() = RouteSource::Static;
@@ -304,6 +307,11 @@ impl Control {
 
     /// Publishes static + last good Redis routes when they changed.
     fn publish(&mut self, why: &str) {
+        // What the running config makes known to the metrics.
+        *self.stats.policy_classes.lock().unwrap() =
+            self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
+        *self.stats.tls_certificates.lock().unwrap() =
+            self.running.tls.certificates.iter().map(|c| (c.name.clone(), c.not_after)).collect();
         let set = merge(&self.running.routes, self.redis_set.as_ref());
         let fp = fingerprint(&set);
         if fp == self.published {
@@ -321,8 +329,7 @@ impl Control {
         );
         self.stats.route_version.store(self.version, Ordering::Relaxed);
         *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
-        *self.stats.policy_classes.lock().unwrap() =
-            self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
+
         *self.stats.route_source.lock().unwrap() =
             if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));

@@ -21,6 +21,24 @@ pub enum Sniff {
     Game,
 }
 
+/// Whether `buf` starts like a TLS ClientHello record: content type 22
+/// (handshake), version 3.x, then handshake type 1. `None`: not enough bytes
+/// to tell. (A first game frame of exactly 790 payload bytes whose msg_id and
+/// server id happen to continue the pattern would be mistaken for one; with
+/// `[tls] mode = "required"` there is no ambiguity.)
+pub fn looks_like_tls(buf: &[u8]) -> Option<bool> {
+    const PATTERN: [Option<u8>; 6] = [Some(0x16), Some(0x03), None, None, None, Some(0x01)];
+    for (i, p) in PATTERN.iter().enumerate() {
+        match (buf.get(i), p) {
+            (None, _) => return None,
+            (Some(b), Some(want)) if b != want => return Some(false),
+            (Some(b), None) if i == 2 && *b > 0x04 => return Some(false),
+            _ => {}
+        }
+    }
+    Some(true)
+}
+
 /// PROXY protocol v2 signature.
 pub const PROXY_V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const PROXY_V1_SIG: &[u8] = b"PROXY ";

@@ -20,7 +20,8 @@ use crate::config::RateLimitAction;
 use crate::limits::MessageLimiter;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
-use crate::protocol::frontdoor::{parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
+use crate::config::TlsMode;
+use crate::protocol::frontdoor::{looks_like_tls, parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
 use crate::protocol::grpc;
 use crate::protocol::ws::{self, WsEnd, WsState};
 use crate::protocol::ServerId;
@@ -140,6 +141,10 @@ pub(super) struct Session {
     pub(super) tags: Vec<Box<[u8]>>,
     /// Per message class rate budgets, created on first use.
     class_buckets: Vec<(u8, crate::limits::TokenBucket)>,
+    /// TLS on this connection: rustls' state (records in, plaintext out).
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// Decrypted bytes not yet framed.
+    tls_in: BytesMut,
     /// How many frames `hold` holds.
     hold_frames: u64,
 }
@@ -413,6 +418,8 @@ impl Shard {
             user: None,
             tags: Vec::new(),
             class_buckets: Vec::new(),
+            tls: None,
+            tls_in: BytesMut::new(),
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -437,10 +444,14 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         s.info.bytes_in += read as u64;
         s.paused = false;
-        let r = match s.mode {
-            Mode::Sniffing => self.front_door(key, buf, now),
-            Mode::Game => self.client_frames(key, buf, now),
-            Mode::WebSocket => self.ws_bytes(key, buf, now),
+        let r = if s.tls.is_some() {
+            self.tls_data(key, buf, now)
+        } else {
+            match s.mode {
+                Mode::Sniffing => self.front_door(key, buf, now),
+                Mode::Game => self.client_frames(key, buf, now),
+                Mode::WebSocket => self.ws_bytes(key, buf, now),
+            }
         };
         let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
         if let Err(reason) = r {
@@ -496,6 +507,32 @@ impl Shard {
         loop {
             let ctx = &mut self.ctx;
             let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
+            // TLS comes after a PROXY header and before everything else.
+            let tls_mode = ctx.cfg.tls.mode;
+            if tls_mode != TlsMode::Off && s.tls.is_none() && !matches!(sniff(buf), Sniff::Proxy) {
+                match looks_like_tls(buf) {
+                    Some(true) => {
+                        let Some(server) = ctx.cfg.tls.server.clone() else { return Err(DisconnectReason::ProtocolError) };
+                        match rustls::ServerConnection::new(server) {
+                            Ok(c) => s.tls = Some(Box::new(c)),
+                            Err(e) => {
+                                tracing::warn!(session_id = id, error = %e, "TLS session could not start");
+                                return Err(DisconnectReason::ProtocolError);
+                            }
+                        }
+                        return self.tls_data(key, buf, now);
+                    }
+                    None => return Ok(()),
+                    Some(false) if tls_mode == TlsMode::Required => {
+                        bump(&mut ctx.stats.protocol_errors, "tls_required", 1);
+                        if let Some(n) = ctx.logs.allow("tls_required", now) {
+                            tracing::info!(session_id = id, client = %s.info.peer, suppressed = n, "plaintext on a TLS-only port, closing");
+                        }
+                        return Err(DisconnectReason::ProtocolError);
+                    }
+                    Some(false) => {}
+                }
+            }
             match sniff(buf) {
                 Sniff::NeedMore => return Ok(()),
                 Sniff::Game => {
@@ -585,6 +622,76 @@ impl Shard {
         }
         tracing::debug!(session_id = id, trace_id = %s.trace_id(), proxy = %old, client = %client, "client address from PROXY header");
         Ok(())
+    }
+
+    /// TLS records from the client: decrypted by rustls into the session's
+    /// plaintext buffer, which then goes through the front door, framing and
+    /// WebSocket exactly as on a plain connection. Handshake answers and
+    /// alerts wait in rustls until the writer takes them
+    /// ([`Shard::take_client_out`] encrypts on the way out).
+    fn tls_data(&mut self, key: SessionKey, buf: &mut BytesMut, now: Instant) -> Result<(), DisconnectReason> {
+        use std::io::Read;
+        let ctx = &mut self.ctx;
+        let Some(s) = self.sessions.get_mut(key) else { return Err(DisconnectReason::ClientClosed) };
+        let Some(tls) = s.tls.as_mut() else { return Err(DisconnectReason::ProtocolError) };
+        let mut peer_closed = false;
+        loop {
+            if !buf.is_empty() {
+                let mut rd: &[u8] = buf;
+                match tls.read_tls(&mut rd) {
+                    Ok(n) => buf.advance(n),
+                    Err(e) => {
+                        tracing::debug!(session_id = key.id, error = %e, "TLS input refused");
+                        return Err(DisconnectReason::ProtocolError);
+                    }
+                }
+            }
+            if let Err(e) = tls.process_new_packets() {
+                let kind = match e {
+                    rustls::Error::InvalidMessage(_) => "tls_invalid_message",
+                    rustls::Error::PeerIncompatible(_) => "tls_incompatible",
+                    rustls::Error::AlertReceived(_) => "tls_alert",
+                    rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => "tls_certificate",
+                    _ => "tls_error",
+                };
+                bump(&mut ctx.stats.protocol_errors, kind, 1);
+                if let Some(n) = ctx.logs.allow(kind, now) {
+                    tracing::info!(session_id = key.id, client = %s.info.peer, error = %e, suppressed = n, "TLS failed, closing");
+                }
+                // The alert rustls queued goes out with the close.
+                return Err(DisconnectReason::ProtocolError);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match tls.reader().read(&mut chunk) {
+                    Ok(0) => {
+                        peer_closed = true;
+                        break;
+                    }
+                    Ok(n) => s.tls_in.extend_from_slice(&chunk[..n]),
+                    Err(_) => break,
+                }
+            }
+            if buf.is_empty() || peer_closed {
+                break;
+            }
+        }
+        if tls.wants_write() && s.out.is_empty() {
+            ctx.actions.push(Action::WakeClient(key));
+        }
+        let mut plain = std::mem::take(&mut s.tls_in);
+        let r = match s.mode {
+            Mode::Sniffing => self.front_door(key, &mut plain, now),
+            Mode::Game => self.client_frames(key, &mut plain, now),
+            Mode::WebSocket => self.ws_bytes(key, &mut plain, now),
+        };
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.tls_in = plain;
+        }
+        match r {
+            Ok(()) if peer_closed => Err(DisconnectReason::ClientClosed),
+            r => r,
+        }
     }
 
     /// WebSocket bytes: unwrap binary messages into the client frame stream,
@@ -890,6 +997,27 @@ impl Shard {
             self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
         }
         let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };
+        if let Some(tls) = s.tls.as_mut() {
+            // Plaintext goes into rustls once the handshake is done (before
+            // it, rustls would buffer it unbounded); records come out.
+            if !s.out.is_empty() && !tls.is_handshaking() {
+                use std::io::Write;
+                let _ = tls.writer().write_all(&s.out);
+                s.out.clear();
+            }
+            if !tls.wants_write() {
+                return ClientOut::Empty;
+            }
+            use bytes::BufMut;
+            let mut w = buf.writer();
+            while tls.wants_write() {
+                if tls.write_tls(&mut w).is_err() {
+                    break;
+                }
+            }
+            let frames = s.info.frames_out - std::mem::replace(&mut s.taken_frames, s.info.frames_out);
+            return ClientOut::Write(ClientWrite { frames, oldest: s.oldest.take() });
+        }
         if s.out.is_empty() {
             return ClientOut::Empty;
         }
@@ -941,7 +1069,27 @@ impl Shard {
             duration_ms = now.saturating_duration_since(s.info.started).as_millis() as u64,
             "session closed"
         );
-        ctx.actions.push(Action::Closed { key, tail: std::mem::take(&mut s.out) });
+        let tail = match s.tls.as_mut() {
+            // TLS: the last plaintext and a close_notify, as records.
+            Some(tls) => {
+                use bytes::BufMut;
+                use std::io::Write;
+                if !s.out.is_empty() && !tls.is_handshaking() {
+                    let _ = tls.writer().write_all(&s.out);
+                }
+                tls.send_close_notify();
+                let mut tail = BytesMut::new();
+                let mut w = (&mut tail).writer();
+                while tls.wants_write() {
+                    if tls.write_tls(&mut w).is_err() {
+                        break;
+                    }
+                }
+                tail
+            }
+            None => std::mem::take(&mut s.out),
+        };
+        ctx.actions.push(Action::Closed { key, tail });
         if self.access_buf.len() >= crate::access_log::FLUSH_BYTES {
             self.flush_access_log();
         }

@@ -1,0 +1,183 @@
+//! TLS on the game port over real sockets: native rustls clients (game
+//! frames over TLS), plaintext beside TLS, TLS-only refusal, SNI selection,
+//! `openssl s_client`, and certificates reloaded live while a session stays.
+
+mod common;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "game-gateway test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki { dir: TempDir::new("tls"), ca };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// A leaf for `names`, written as `<file>.pem` / `<file>.key`.
+    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.path(&format!("{file}.pem")), self.path(&format!("{file}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+fn tls_section(mode: &str, pairs: &[(PathBuf, PathBuf)]) -> String {
+    let mut s = format!("[tls]\nmode = \"{mode}\"\n");
+    for (c, k) in pairs {
+        s += &format!("[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n", c.display(), k.display());
+    }
+    s
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn tls_connect(pki: &Pki, addr: SocketAddr, sni: &str) -> TlsStream {
+    let conn = rustls::ClientConnection::new(pki.client_config(), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    rustls::StreamOwned::new(conn, s)
+}
+
+fn tls_echo(t: &mut TlsStream, payload: &[u8]) {
+    t.write_all(&Client::frame(3, sid(1, 10, 0), payload)).unwrap();
+    let mut head = [0u8; 8];
+    t.read_exact(&mut head).unwrap();
+    let len = u16::from_le_bytes([head[0], head[1]]) as usize;
+    let mut body = vec![0u8; len];
+    t.read_exact(&mut body).unwrap();
+    assert_eq!(body, payload);
+}
+
+fn peer_leaf(t: &TlsStream) -> CertificateDer<'static> {
+    t.conn.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+fn config_with(tls: &str, mb: &mock_backend::MockBackend) -> String {
+    config_text(2, "", &route(10, 0, "round_robin", &[mb.addr()], "")).replace("[log]", &format!("{tls}\n[log]"))
+}
+
+#[test]
+fn game_frames_over_tls_beside_plaintext_and_sni_selects_the_certificate() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.game.test"]);
+    let b = pki.leaf("b", &["b.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("optional", &[a.clone(), b.clone()]), &mb), &[]);
+    let mut ta = tls_connect(&pki, gw.addr, "a.game.test");
+    tls_echo(&mut ta, b"over tls");
+    let mut tb = tls_connect(&pki, gw.addr, "b.game.test");
+    tls_echo(&mut tb, b"other name");
+    assert_ne!(peer_leaf(&ta), peer_leaf(&tb), "each name gets its own certificate");
+    // Plaintext still works on the same port (optional).
+    let mut plain = Client::connect(gw.addr);
+    plain.echo(1, sid(1, 10, 0), b"plain");
+    // WebSocket upgrade inside TLS.
+    let mut tw = tls_connect(&pki, gw.addr, "a.game.test");
+    tw.write_all(b"GET / HTTP/1.1\r\nHost: a.game.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    tw.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+}
+
+#[test]
+fn a_tls_only_port_refuses_plaintext() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("required", &[a]), &mb), &[]);
+    let mut plain = Client::connect(gw.addr);
+    plain.send(1, sid(1, 10, 0), b"plain");
+    assert!(plain.closed());
+    let mut t = tls_connect(&pki, gw.addr, "a.game.test");
+    tls_echo(&mut t, b"ok");
+    let (_, metrics) = http_get(gw.admin, "/metrics");
+    assert!(metrics.contains("game_gateway_tls_certificate_expiry_seconds{name=\"a.game.test\"}"), "{metrics}");
+}
+
+#[test]
+fn openssl_s_client_completes_a_handshake() {
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
+        panic!("openssl is not installed (Debian package openssl)");
+    }
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("required", &[a]), &mb), &[]);
+    let out = std::process::Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-brief", "-servername", "a.game.test", "-CAfile"])
+        .arg(pki.path("ca.pem"))
+        .arg("-connect")
+        .arg(gw.addr.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verification: OK"), "{text}");
+    assert!(text.contains("TLSv1.3"), "{text}");
+}
+
+#[test]
+fn certificates_reload_live_while_a_session_stays_up() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("live", &["live.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("required", &[(cert.clone(), key.clone())]), &mb), &[]);
+    let mut old = tls_connect(&pki, gw.addr, "live.game.test");
+    tls_echo(&mut old, b"before");
+    let before = peer_leaf(&old);
+    // A new certificate in the same files; a broken one first must be refused.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    gw.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut still = tls_connect(&pki, gw.addr, "live.game.test");
+    tls_echo(&mut still, b"bad file rejected, running certificate kept");
+    assert_eq!(peer_leaf(&still), before);
+    let (c2, k2) = pki.leaf("next", &["live.game.test"]);
+    std::fs::copy(&c2, &cert).unwrap();
+    std::fs::copy(&k2, &key).unwrap();
+    gw.signal(libc::SIGHUP);
+    eventually("new handshakes get the new certificate", || {
+        let t = tls_connect(&pki, gw.addr, "live.game.test");
+        let mut t = t;
+        tls_echo(&mut t, b"probe");
+        peer_leaf(&t) != before
+    });
+    tls_echo(&mut old, b"the old session is still up");
+}
