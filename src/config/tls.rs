@@ -71,11 +71,13 @@ pub struct TlsConfig {
     pub server: Option<Arc<rustls::ServerConfig>>,
     pub certificates: Vec<CertInfo>,
     pub alpn: Vec<String>,
+    /// Every certificate and key file (watched for live reload).
+    pub files: Vec<PathBuf>,
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { mode: TlsMode::Off, server: None, certificates: Vec::new(), alpn: Vec::new() }
+        TlsConfig { mode: TlsMode::Off, server: None, certificates: Vec::new(), alpn: Vec::new(), files: Vec::new() }
     }
 }
 
@@ -168,5 +170,6 @@ pub(crate) fn build(mode: TlsMode, pairs: &[(PathBuf, PathBuf)], alpn: &[String]
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     server.ticketer = ticketer()?;
-    Ok(TlsConfig { mode, server: Some(Arc::new(server)), certificates, alpn: alpn.to_vec() })
+    let files = pairs.iter().flat_map(|(c, k)| [c.clone(), k.clone()]).collect();
+    Ok(TlsConfig { mode, server: Some(Arc::new(server)), certificates, alpn: alpn.to_vec(), files })
 }

@@ -92,6 +92,8 @@ pub struct Control {
     mtime: Option<SystemTime>,
     /// Modification time of `[admin] token_file`: a new token reloads too.
     token_mtime: Option<SystemTime>,
+    /// The TLS certificate and key files' modification times.
+    tls_mtime: Vec<Option<SystemTime>>,
     stop_sub: Arc<AtomicBool>,
 }
 
@@ -170,6 +172,7 @@ impl Control {
             env,
             mtime: mtime(path),
             token_mtime: running.admin.token_file.as_deref().and_then(mtime),
+            tls_mtime: Vec::new(),
             running,
             gw,
             stats,
@@ -183,6 +186,7 @@ impl Control {
             stop_sub,
         };
         c.published = fingerprint(&merge(&c.running.routes, None));
+        c.tls_mtime = c.tls_mtimes();
         *c.stats.policy_classes.lock().unwrap() = c.running.policy.classes.iter().map(|k| k.name.clone()).collect();
         *c.stats.tls_certificates.lock().unwrap() =
             c.running.tls.certificates.iter().map(|k| (k.name.clone(), k.not_after)).collect();
@@ -234,6 +238,13 @@ impl Control {
                         tracing::info!(path = %token_file.display(), "admin token file changed: reloading");
                         c.reload();
                     }
+                }
+                // TLS certificate and key files: a renewal reloads them live.
+                let tls_m = c.tls_mtimes();
+                if tls_m != c.tls_mtime {
+                    c.tls_mtime = tls_m;
+                    tracing::info!("TLS certificate files changed: reloading");
+                    c.reload();
                 }
             }
             if c.redis.is_some() && now >= c.next_fetch {
@@ -303,6 +314,11 @@ impl Control {
                 self.fetch_backoff = (self.fetch_backoff * 2).min(REDIS_RETRY_MAX).min(refresh.max(REDIS_RETRY_MIN));
             }
         }
+    }
+
+    /// Modification times of the configured TLS files (certificates and keys).
+    fn tls_mtimes(&self) -> Vec<Option<SystemTime>> {
+        self.running.tls.files.iter().map(|p| mtime(p)).collect()
     }
 
     /// Publishes static + last good Redis routes when they changed.
