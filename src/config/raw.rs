@@ -39,7 +39,7 @@ pub(crate) const DEFAULT_SEED_IDLE_TIMEOUT: &str = "5m";
 /// `on_backend_loss = "hold"`: how long a session waits for its backend.
 pub(crate) const DEFAULT_HOLD_TIMEOUT: &str = "10s";
 /// ... and how many bytes of its frames it may buffer meanwhile,
-pub(crate) const DEFAULT_HOLD_MAX_BYTES_PER_SESSION: u32 = 64 * 1024;
+pub(crate) const DEFAULT_HOLD_MAX_BYTES_PER_SESSION: u32 = 128 * 1024;
 /// ... within this many for the whole worker.
 pub(crate) const DEFAULT_HOLD_MAX_BYTES_PER_WORKER: u32 = 64 << 20;
 /// One largest client frame (8-byte header + 65,535 payload bytes) plus room

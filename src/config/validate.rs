@@ -301,7 +301,13 @@ fn message_policy(p: &mut Problems<'_>, raw: &[super::raw::RawMessagePolicy]) ->
             };
             match r {
                 Some((lo, hi)) if 0 <= lo && lo <= hi && hi <= 65535 => ranges.push((lo as u16, hi as u16)),
-                _ => at(p, "msg_ids", format!("{m:?} is not a msg_id (0..=65535) or a \"first-last\" range")),
+                _ => {
+                    let shown = match m {
+                        RawMsgIds::One(n) => n.to_string(),
+                        RawMsgIds::Range(r) => format!("{r:?}"),
+                    };
+                    at(p, "msg_ids", format!("{shown} is not a msg_id (0..=65535) or a \"first-last\" range"))
+                }
             }
         }
         let scope = match c.server_type {
@@ -406,7 +412,7 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
         seed_pool_max: p.int("backend", "seed_pool_max", b.seed_pool_max, 1, 100_000),
         seed_idle_timeout: p.duration("backend", "seed_idle_timeout", &b.seed_idle_timeout),
         hold_timeout: p.duration("backend", "hold_timeout", &b.hold_timeout),
-        hold_max_bytes_per_session: p.int("backend", "hold_max_bytes_per_session", b.hold_max_bytes_per_session, 0, 1 << 30),
+        hold_max_bytes_per_session: p.int("backend", "hold_max_bytes_per_session", b.hold_max_bytes_per_session, 65_543, 1 << 30),
         hold_max_bytes_per_worker: p.int("backend", "hold_max_bytes_per_worker", b.hold_max_bytes_per_worker, 0, 1 << 34),
     };
     if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {

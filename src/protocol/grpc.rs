@@ -105,7 +105,17 @@ fn unix_ms() -> String {
 
 /// `packet_type = "connect"`, sent before a session's first data packet.
 pub fn encode_connect(dst: &mut BytesMut, session_id: i64, client_ip: IpAddr, websocket: bool) {
-    let mut metadata = HashMap::with_capacity(4);
+    encode_connect_as(dst, session_id, client_ip, websocket, false);
+}
+
+/// `connect`, with `resume = "true"` in the metadata when the session was
+/// held while the stream was away (`on_backend_loss = "hold"`): the frames it
+/// sent meanwhile follow.
+pub fn encode_connect_as(dst: &mut BytesMut, session_id: i64, client_ip: IpAddr, websocket: bool, resume: bool) {
+    let mut metadata = HashMap::with_capacity(5);
+    if resume {
+        metadata.insert("resume".to_string(), "true".to_string());
+    }
     metadata.insert("packet_type".to_string(), "connect".to_string());
     metadata.insert("client_ip".to_string(), client_ip.to_canonical().to_string());
     metadata.insert("protocol".to_string(), if websocket { "websocket" } else { "tcp" }.to_string());

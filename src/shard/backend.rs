@@ -779,25 +779,55 @@ fn after_loss(
             tracing::info!(session_id = id, trace_id = %s.trace_id(), backend = %endpoint, "backend lost, session will rebind on its next frame");
         }
     }
-    // The frames that never left: held sessions keep theirs, in order.
+    // The frames that never left: held sessions keep theirs, in order. A
+    // session whose frames do not fit its hold bounds is closed.
     let mut replayed = 0u64;
+    let grpc = backends.conn(conn).is_some_and(|c| c.protocol == BackendProtocol::Grpc);
     if !held.is_empty() {
         let mut rest = queue;
-        while let Ok(Some(h)) = bproto::check(&rest, usize::MAX) {
-            let len = h.frame_len();
-            if h.opcode == Opcode::Trans && held.contains(&h.session_id) {
-                if let Some(s) = sessions.by_id_mut(h.session_id) {
-                    // Frames of a route with trace propagation carry the
-                    // trace extension before the payload.
-                    let trace = s.bindings.iter().any(|b| b.conn == conn && b.trace);
-                    if let Ok(Body::Trans { payload, .. }) = bproto::parse(&h, &rest[..len], trace) {
-                        if s.hold_frame(ctx, h.msg_type as u16, h.server_id, payload) {
-                            replayed += 1;
-                        }
+        let mut overflow = Vec::new();
+        let mut keep = |sessions: &mut SessionTable, sid: i64, msg_id: u16, server_id: u32, payload: &[u8]| {
+            let Some(s) = sessions.by_id_mut(sid) else { return false };
+            if overflow.contains(&sid) {
+                return false;
+            }
+            if s.hold_frame(ctx, msg_id, server_id, payload) {
+                return true;
+            }
+            overflow.push(sid);
+            false
+        };
+        if grpc {
+            while let Ok(Some(len)) = grpc::check(&rest, usize::MAX) {
+                if let Ok(p) = grpc::decode(&rest[..len]) {
+                    if p.metadata.get("packet_type").is_none() && held.contains(&p.session_id) {
+                        replayed += keep(sessions, p.session_id, p.msg_id as u16, 0, &p.payload) as u64;
                     }
                 }
+                rest.advance(len);
             }
-            rest.advance(len);
+        } else {
+            while let Ok(Some(h)) = bproto::check(&rest, usize::MAX) {
+                let len = h.frame_len();
+                if h.opcode == Opcode::Trans && held.contains(&h.session_id) {
+                    // Frames of a route with trace propagation carry the
+                    // trace extension before the payload.
+                    let trace =
+                        sessions.by_id_mut(h.session_id).is_some_and(|s| s.bindings.iter().any(|b| b.conn == conn && b.trace));
+                    if let Ok(Body::Trans { payload, .. }) = bproto::parse(&h, &rest[..len], trace) {
+                        replayed += keep(sessions, h.session_id, h.msg_type as u16, h.server_id, payload) as u64;
+                    }
+                }
+                rest.advance(len);
+            }
+        }
+        for sid in overflow {
+            held.retain(|h| *h != sid);
+            if let Some(s) = sessions.by_id_mut(sid) {
+                tracing::info!(session_id = sid, trace_id = %s.trace_id(), "frames at the loss exceed the hold bounds, closing session");
+                s.drop_hold(ctx);
+                s.begin_close(ctx, DisconnectReason::BackendLost, Shut::Read);
+            }
         }
     }
     ctx.drop_frames(DropReason::BackendLost, queued_frames.saturating_sub(replayed));
@@ -887,7 +917,7 @@ impl Shard {
             self.backends.bind(id, generation, sid);
             if b.notify {
                 self.backends.enqueue(&mut self.ctx, id, generation, now, |out| match protocol {
-                    BackendProtocol::Grpc => grpc::encode_connect(out, sid, peer.ip(), transport == bproto::Transport::WebSocket),
+                    BackendProtocol::Grpc => grpc::encode_connect_as(out, sid, peer.ip(), transport == bproto::Transport::WebSocket, true),
                     _ => bproto::encode_connect_as(out, sid, transport, peer, true),
                 });
             }

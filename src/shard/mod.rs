@@ -39,6 +39,7 @@ mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 pub(crate) use session::{ClientOut, Flow, HalfClose};
+use session::Mode;
 
 use crate::config::Config;
 use crate::protocol::backend::DisconnectReason;
@@ -552,7 +553,11 @@ impl Shard {
                 AnnounceTarget::ServerType(t) => s.bindings.iter().any(|b| b.server_type == *t),
                 AnnounceTarget::Tag(t) => s.tags.iter().any(|x| x == t),
             };
-            if selected && s.info.close_reason.is_none() && s.deliver(&mut self.ctx, a.msg_id, 0, &a.payload, max_queued, now) {
+            if selected
+                && s.mode() != Mode::Sniffing
+                && s.info.close_reason.is_none()
+                && s.deliver(&mut self.ctx, a.msg_id, 0, &a.payload, max_queued, now)
+            {
                 n += 1;
             }
         }
@@ -573,7 +578,10 @@ impl Shard {
         let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
         let window = until.saturating_duration_since(now);
         for s in self.sessions.iter_mut() {
-            if let Some((msg_id, payload)) = &drain.notice {
+            // Client frames only for connections that speak them (not one
+            // still sniffing or mid-upgrade), and not closing already.
+            let speaks_frames = s.mode() != Mode::Sniffing && s.info.close_reason.is_none();
+            if let Some((msg_id, payload)) = drain.notice.as_ref().filter(|_| speaks_frames) {
                 s.deliver(&mut self.ctx, *msg_id, 0, payload, max_queued, now);
             }
             if drain.paced {

@@ -120,6 +120,9 @@ pub(super) struct Session {
     /// Reading stopped: the frame at the front of the buffer waits for room
     /// in its backend queue (backpressure, not a drop).
     paused: bool,
+    /// The frame at the front of the buffer already passed the rate limit
+    /// and the message policy (it waited for queue room): not charged twice.
+    admitted_front: bool,
     /// The last client frame forwarded and the last reply delivered: a client
     /// that half-closes with a request outstanding still gets its reply.
     last_forward: Option<Instant>,
@@ -246,6 +249,11 @@ pub(crate) struct ClientWrite {
 }
 
 impl Session {
+    /// What the connection speaks.
+    pub(super) fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Buffers one client frame for a held backend; `false` when the
     /// session's or the worker's hold bound would be exceeded.
     pub(super) fn hold_frame(&mut self, ctx: &mut Ctx, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
@@ -407,6 +415,7 @@ impl Shard {
             ws: None,
             sticky: None,
             paused: false,
+            admitted_front: false,
             last_forward: None,
             last_deliver: None,
             eof_at: None,
@@ -766,7 +775,10 @@ impl Shard {
                 s.info.first_server_type = Some(h.server_id.server_type());
                 s.info.first_world = h.server_id.world_id();
             }
-            if rate > 0 && !s.limiter.allow(rate, burst, now) {
+            // A frame that waited for backend queue room was already
+            // admitted by the rate limit and the message policy.
+            let readmitted = std::mem::take(&mut s.admitted_front);
+            if !readmitted && rate > 0 && !s.limiter.allow(rate, burst, now) {
                 bump(&mut ctx.stats.rate_limit_rejected, "messages_per_second", 1);
                 ctx.drop_frames(DropReason::RateLimited, 1);
                 if let Some(n) = ctx.logs.allow("messages_per_second", now) {
@@ -778,7 +790,7 @@ impl Shard {
                 buf.advance(h.frame_len());
                 continue;
             }
-            if ctx.cfg.limits.require_auth || !ctx.cfg.policy.is_empty() {
+            if !readmitted && (ctx.cfg.limits.require_auth || !ctx.cfg.policy.is_empty()) {
                 match check_policy(ctx, s, h, now) {
                     Verdict::Pass => {}
                     Verdict::Drop => {
@@ -795,6 +807,7 @@ impl Shard {
                 if let Some(s) = self.sessions.get_mut(key) {
                     s.info.frames_in -= 1;
                     s.paused = true;
+                    s.admitted_front = true;
                 }
                 return Ok(());
             }

@@ -921,8 +921,8 @@ fn hold_keeps_the_session_and_replays_every_frame_in_order_after_a_resume_connec
 
 #[test]
 fn hold_is_bounded_in_time_and_bytes() {
-    let backend = "reconnect_backoff_min = \"60s\"\nreconnect_backoff_max = \"60s\"\nhold_timeout = \"1s\"\nhold_max_bytes_per_session = 100";
-    let mut h = Harness::new(config("", backend, &(route(10, A, "on_backend_loss = \"hold\"") + &route(11, B, "on_backend_loss = \"hold\""))));
+    let backend = "reconnect_backoff_min = \"60s\"\nreconnect_backoff_max = \"60s\"\nhold_timeout = \"1s\"\nhold_max_bytes_per_session = 65543";
+    let mut h = Harness::new(config("max_message_size = 65535", backend, &(route(10, A, "on_backend_loss = \"hold\"") + &route(11, B, "on_backend_loss = \"hold\""))));
     let timed = h.accept(1);
     let big = h.accept(2);
     h.send(timed, 10, b"x").unwrap();
@@ -934,8 +934,8 @@ fn hold_is_bounded_in_time_and_bytes() {
     h.pump();
     h.take_log();
     // Over the byte bound: closed at once, the frames counted.
-    h.send(big, 11, &[0u8; 60]).unwrap();
-    h.send(big, 11, &[0u8; 60]).unwrap();
+    h.send(big, 11, &[0u8; 40_000]).unwrap();
+    h.send(big, 11, &[0u8; 40_000]).unwrap();
     assert_eq!(h.shutdowns(), vec![(big, Shut::Read)]);
     // Past the time bound: closed by the tick.
     h.now += Duration::from_secs(2);
@@ -959,6 +959,9 @@ fn drain_config(extra: &str) -> Arc<Config> {
 fn drain_sends_the_notice_and_paces_the_closes_over_the_window() {
     let mut h = Harness::new(drain_config("notice_msg_id = 77\nnotice_payload = \"reconnect elsewhere\"\npaced = true"));
     let keys: Vec<SessionKey> = (0..1000).map(|i| h.accept(i as u16)).collect();
+    for &k in &keys {
+        h.send(k, 10, b"hello").unwrap();
+    }
     let t0 = h.now;
     h.sh.begin_drain(t0, t0 + Duration::from_secs(10));
     h.pump();
@@ -1058,13 +1061,14 @@ fn announcements_reach_the_selected_sessions() {
     bproto::encode_session_attrs(&mut attrs, b.id, true, b"", &[b"vip"]);
     h.backend_send(B, attrs);
     let ann = |target| Announcement { msg_id: 42, payload: bytes::Bytes::from_static(b"news"), target };
-    assert_eq!(h.sh.announce(&ann(AnnounceTarget::All), h.now), 3);
+    assert_eq!(h.sh.announce(&ann(AnnounceTarget::All), h.now), 2, "not to a connection still at the front door");
     assert_eq!(h.sh.announce(&ann(AnnounceTarget::ServerType(10)), h.now), 1);
     assert_eq!(h.sh.announce(&ann(AnnounceTarget::Tag(Box::from(&b"vip"[..]))), h.now), 1);
     assert_eq!(h.sh.announce(&ann(AnnounceTarget::World(1)), h.now), 2, "sessions that sent a frame for world 1");
     assert_eq!(h.client_out(a).len(), 3);
     assert_eq!(h.client_out(b).len(), 3);
-    assert_eq!(h.client_out(c), vec![(42, b"news".to_vec())]);
+    let _ = c;
+    assert!(h.client_out(c).is_empty());
     // From a backend: one action for the relay, whatever the session count.
     let mut f = BytesMut::new();
     bproto::encode_announce(&mut f, 42, bproto::AnnounceFilter::All, b"from backend");
