@@ -86,6 +86,7 @@ fn backend_estimate(cfg: &Config) -> u64 {
 }
 
 /// `(soft, hard)` `RLIMIT_NOFILE`.
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
 fn nofile() -> std::io::Result<(u64, u64)> {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct we pass.
@@ -128,6 +129,7 @@ pub fn fd_budget_for(cfg: &Config, soft: u64, hard: u64) -> FdBudget {
 /// start does, `--check-config` only tells what the start would do), then
 /// lowers the cap to what fits. Logs what it did. `None` when the limit
 /// cannot be read (nothing changes).
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
 pub fn fit_fd_limit(cfg: &Config, raise: bool) -> Option<FdBudget> {
     let (soft, hard) = match nofile() {
         Ok(l) => l,
@@ -436,4 +438,27 @@ pub(crate) fn merge_stats<'a>(per: impl IntoIterator<Item = &'a WorkerStats>) ->
         total.route_version = 0;
     }
     total
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::from_str(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn max_connections_is_lowered_to_fit_the_soft_limit() {
+        let c = cfg("[server]\nworkers = 2\n[limits]\nmax_connections = 1000\n[[routes]]\nserver_type = 10\nstrategy = \"round_robin\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n");
+        let b = fd_budget_for(&c, 256, 256);
+        assert_eq!(b.backend_estimate, 4, "2 endpoints x 1 connection x 2 workers");
+        assert_eq!(b.reserve, FD_RESERVE + 2 * FD_RESERVE_PER_WORKER);
+        assert_eq!(b.effective_max_connections, 256 - 4 - b.reserve);
+        assert!(b.lowered() && b.needed() == 1000 + 4 + b.reserve);
+        let roomy = fd_budget_for(&c, 1 << 20, 1 << 20);
+        assert_eq!(roomy.effective_max_connections, 1000);
+        assert!(!roomy.lowered());
+        assert_eq!(fd_budget_for(&c, 10, 10).effective_max_connections, 1, "never below 1");
+    }
 }

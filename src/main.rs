@@ -1,11 +1,11 @@
 use clap::{Parser, Subcommand};
+use game_gateway::admin;
 use game_gateway::config::{self, Config, Environment, IoDriver};
 use game_gateway::control::routes::{self as route_source, RouteSet};
 use game_gateway::control::{self, redis as redis_source, Control};
 use game_gateway::cpu::CpuBudget;
-use game_gateway::state::{ControlStats, RouteLabels};
 use game_gateway::gateway::{self, Gateway};
-use game_gateway::admin;
+use game_gateway::state::{ControlStats, RouteLabels};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

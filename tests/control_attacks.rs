@@ -43,7 +43,8 @@ impl Slowloris {
         let flag = stop.clone();
         let socks: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(admin).unwrap()).collect();
         let thread = std::thread::spawn(move || {
-            let request = b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            let request =
+                b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
             let mut answers: Vec<Vec<u8>> = vec![Vec::new(); socks.len()];
             for s in &socks {
                 s.set_nonblocking(true).unwrap();
@@ -159,6 +160,23 @@ fn a_burst_of_concurrent_scrapes_all_succeed() {
     assert_eq!(ok, 200, "every scrape succeeds; some failures: {failed:?}");
     assert!(took < Duration::from_secs(20), "200 scrapes took {took:?}");
     assert!(matches!(health, Ok((200, _))), "/health during the burst: {health:?} after {probe:?}");
+}
+
+/// Past the cap of 64 admin connections a client is answered 503 at once
+/// (not queued behind the slow ones), and the slots come back.
+#[test]
+fn admin_connections_over_the_cap_get_503_at_once() {
+    let gw = GatewayProcess::spawn(&config_text(1, "", ""), &[]);
+    let slow = Slowloris::start(gw.admin, 70);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let r = get_within(gw.admin, "/health", Duration::from_secs(1));
+    assert!(matches!(r, Ok((503, ref body)) if body == "admin busy\n"), "{r:?} after {:?}", t0.elapsed());
+    let answers = slow.finish();
+    assert!(answers.iter().filter(|a| a.starts_with(b"HTTP/1.1 503")).count() >= 6);
+    drop(answers);
+    eventually("slots free again", || matches!(get_within(gw.admin, "/health", T), Ok((200, _))));
+    assert!(gw.stderr().contains("admin connections at their cap"), "{}", gw.stderr());
 }
 
 /// Oversized and endless requests are refused with their status, not read on.
@@ -341,7 +359,9 @@ fn max_connections_is_fitted_to_the_open_file_limit() {
         assert!(over.closed(), "a connection over the cap is closed at once");
     }
     eventually("refusals counted", || {
-        http_get(gw.admin, "/metrics").1.contains("game_gateway_connection_rejected_total{reason=\"max_connections\"} 10")
+        http_get(gw.admin, "/metrics")
+            .1
+            .contains("game_gateway_connection_rejected_total{reason=\"max_connections\"} 10")
     });
     assert_eq!(http_get(gw.admin, "/health").0, 200);
     assert_eq!(status(gw.admin)["connections"]["accept_failing"], false);
@@ -358,8 +378,8 @@ fn max_connections_is_fitted_to_the_open_file_limit() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        stdout.contains("open_file_limit=256 hard=256") &&
-        stdout.contains(&format!("max_connections=1000 effective_max_connections={effective}")),
+        stdout.contains("open_file_limit=256 hard=256")
+            && stdout.contains(&format!("max_connections=1000 effective_max_connections={effective}")),
         "{stdout}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit the open-file limit 256"));

@@ -6,7 +6,8 @@
 //!
 //! Serving: an accept thread hands every connection to a thread of its own,
 //! at most [`MAX_CONNECTIONS`] at once (over that, after a short wait for a
-//! free slot, `503` at once and close). A request must arrive whole (head
+//! free slot during a burst, and at once while the cap stays reached: `503`
+//! and close). A request must arrive whole (head
 //! and body) within [`REQUEST_DEADLINE`], not per read, and within
 //! [`MAX_HEAD_BYTES`] / [`MAX_BODY_BYTES`], so a slow or huge client holds
 //! one slot for a bounded time and never delays `/health` or `/ready`.
@@ -48,7 +49,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin connections served at once (one thread each). Counted in
 /// [`crate::gateway::FD_RESERVE`].
 pub(crate) const MAX_CONNECTIONS: usize = 64;
-/// How long a connection over the cap waits for a free slot before its 503.
+/// How long a connection over the cap waits for a free slot before its 503
+/// (not while the cap has been reached for a while: then 503 at once).
 const SLOT_WAIT: Duration = Duration::from_millis(200);
 /// Listen backlog of the admin port (a burst of scrapes waits here).
 const ADMIN_BACKLOG: i32 = 1024;
@@ -165,10 +167,10 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    /// A slot, waiting up to [`SLOT_WAIT`] for one.
-    fn take(self: &Arc<Slots>) -> Option<Slot> {
+    /// A slot, waiting up to `wait` for one.
+    fn take(self: &Arc<Slots>, wait: Duration) -> Option<Slot> {
         let active = self.active.lock().unwrap();
-        let (mut active, _) = self.freed.wait_timeout_while(active, SLOT_WAIT, |a| *a >= MAX_CONNECTIONS).unwrap();
+        let (mut active, _) = self.freed.wait_timeout_while(active, wait, |a| *a >= MAX_CONNECTIONS).unwrap();
         if *active >= MAX_CONNECTIONS {
             return None;
         }
@@ -241,6 +243,7 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
     let slots = Arc::new(Slots { active: Mutex::new(0), freed: Condvar::new() });
     std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
         let mut busy_logged: Option<Instant> = None;
+        let mut last_refusal: Option<Instant> = None;
         for conn in listener.incoming() {
             let c = match conn {
                 Ok(c) => c,
@@ -250,7 +253,11 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
                     continue;
                 }
             };
-            let Some(slot) = slots.take() else {
+            // A burst waits briefly for a slot; while the cap stays reached
+            // (a refusal in the last second) the answer is 503 at once.
+            let saturated = last_refusal.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(1));
+            let Some(slot) = slots.take(if saturated { Duration::ZERO } else { SLOT_WAIT }) else {
+                last_refusal = Some(Instant::now());
                 if busy_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     busy_logged = Some(Instant::now());
                     tracing::warn!(max = MAX_CONNECTIONS, "admin connections at their cap: answering 503");
@@ -259,14 +266,13 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
                 continue;
             };
             let state = state.clone();
-            let spawned = std::thread::Builder::new().name("gw-admin-conn".into()).stack_size(CONN_STACK).spawn(
-                move || {
+            let spawned =
+                std::thread::Builder::new().name("gw-admin-conn".into()).stack_size(CONN_STACK).spawn(move || {
                     let _slot = slot;
                     if let Err(e) = handle(c, &state) {
                         tracing::debug!(error = %e, "admin request failed");
                     }
-                },
-            );
+                });
             if let Err(e) = spawned {
                 // The connection (and its slot) went with the closure.
                 tracing::warn!(error = %e, "cannot start an admin connection thread");
@@ -362,10 +368,9 @@ fn read_request(c: &mut TcpStream, deadline: Instant) -> Result<Request, ReadErr
         }
         let body_len = match header("content-length") {
             None => 0,
-            Some(v) => std::str::from_utf8(v)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or(ReadError::Bad)?,
+            Some(v) => {
+                std::str::from_utf8(v).ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or(ReadError::Bad)?
+            }
         };
         if body_len > MAX_BODY_BYTES {
             return Err(ReadError::BodyTooLarge);
