@@ -253,12 +253,12 @@ fn redis_restarted_empty_keeps_the_last_good_routes_until_an_empty_document() {
     live.echo(1, sid(1, 10, 0), b"before");
 
     redis.restart();
-    // Reconnected and read the empty Redis (at least two refreshes).
-    eventually("the empty redis read is counted", || {
-        metric(gw.admin, "game_gateway_config_refresh_empty_total").is_some_and(|n| n >= 1)
-    });
-    std::thread::sleep(Duration::from_millis(1200));
+    // Reconnected (the subscriber's resubscribe asks for a read at once) and
+    // read the empty Redis a few times (refresh_interval 1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    eventually("redis up again", || status(gw.admin)["routes"]["redis"] == "up");
     assert_eq!(lands_on(gw.addr, 10, &[&a, &b]), Some(1), "new sessions still reach the redis route");
+    assert!(metric(gw.admin, "game_gateway_config_refresh_empty_total").is_some_and(|n| n >= 1));
     live.echo(2, sid(1, 10, 0), b"during");
     let st = status(gw.admin);
     assert_eq!(st["routes"]["version"].as_u64(), Some(version), "the last good snapshot stays: {st:#}");
@@ -300,14 +300,14 @@ fn last_error_clears_on_the_next_successful_refresh() {
     eventually("the rejection shows in /status", || {
         status(gw.admin)["routes"]["last_error"].as_str().unwrap().contains("unknown strategy")
     });
-    let st = status(gw.admin);
-    assert_eq!(st["routes"]["last_error_source"], "redis", "{st:#}");
-    assert!(st["routes"]["last_error_at_unix"].as_u64().unwrap() > 0, "{st:#}");
-    assert!(st["routes"]["last_error_cleared_at_unix"].is_null(), "{st:#}");
+    let failing = status(gw.admin);
 
     redis.set_rules(&rules_json(10, &[a.addr()]));
     redis.publish_rules();
     eventually("a good read clears last_error", || status(gw.admin)["routes"]["last_error"] == "");
+    assert_eq!(failing["routes"]["last_error_source"], "redis", "{failing:#}");
+    assert!(failing["routes"]["last_error_at_unix"].as_u64().unwrap() > 0, "{failing:#}");
+    assert!(failing["routes"]["last_error_cleared_at_unix"].is_null(), "{failing:#}");
     let st = status(gw.admin);
     let at = st["routes"]["last_error_at_unix"].as_u64().unwrap();
     let cleared = st["routes"]["last_error_cleared_at_unix"].as_u64().expect("says when it was cleared");
@@ -383,4 +383,21 @@ fn max_connections_is_fitted_to_the_open_file_limit() {
         "{stdout}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit the open-file limit 256"));
+}
+
+/// A soft limit below what `max_connections` needs, under a hard limit
+/// that fits: the start raises the soft limit and keeps the configured cap.
+#[test]
+fn the_soft_open_file_limit_is_raised_before_the_cap_is_lowered() {
+    let text = config_text(1, "[limits]\nmax_connections = 1000\n", "");
+    let gw = GatewayProcess::spawn_under(&["prlimit", "--nofile=256:4096"], &text, &[], &[]);
+    let st = status(gw.admin);
+    let c = &st["connections"];
+    assert_eq!(c["open_file_limit"], 4096, "{st:#}");
+    assert_eq!(c["open_file_limit_raised_from"], 256, "{st:#}");
+    assert_eq!(c["effective_max_connections"], 1000, "{st:#}");
+    assert_eq!(c["lowered_to_fit_open_file_limit"], false, "{st:#}");
+    let log = gw.stderr();
+    assert!(log.contains("raised the open-file soft limit"), "{log}");
+    assert!(!log.contains("does not fit"), "{log}");
 }
