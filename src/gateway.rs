@@ -26,6 +26,161 @@ pub(crate) const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a stats request waits for each worker.
 pub(crate) const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Descriptors kept free of client connections and backend connections:
+/// 64 for the process's own (admin listener, Redis, log files, stdio, the
+/// runtime) and 64 for the admin server's connections (its cap).
+pub const FD_RESERVE: u64 = 128;
+/// Per worker on top: its listener, its io_uring or epoll instance, eventfds.
+pub const FD_RESERVE_PER_WORKER: u64 = 4;
+
+/// How `max_connections` fits the open-file limit (`RLIMIT_NOFILE`): what
+/// the limit is, whether the start raised it, and the cap the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// The soft limit in force (after raising, when it was raised).
+    pub soft: u64,
+    pub hard: u64,
+    /// The soft limit before the start raised it.
+    pub raised_from: Option<u64>,
+    /// `limits.max_connections` as the config gives it.
+    pub configured_max_connections: u64,
+    /// What the workers enforce: the configured value, or lower so that it fits.
+    pub effective_max_connections: u64,
+    /// Backend connections the static routes may open (every worker, every
+    /// endpoint: `connections_per_endpoint` for gate, 1 for grpc,
+    /// `seed_pool_max` for seed_tcp). Redis routes add to it at run time.
+    pub backend_estimate: u64,
+    /// [`FD_RESERVE`] plus [`FD_RESERVE_PER_WORKER`] per worker.
+    pub reserve: u64,
+}
+
+impl FdBudget {
+    /// Descriptors the configured cap needs.
+    pub fn needed(&self) -> u64 {
+        self.configured_max_connections.saturating_add(self.backend_estimate).saturating_add(self.reserve)
+    }
+
+    /// Whether the cap had to be lowered.
+    pub fn lowered(&self) -> bool {
+        self.effective_max_connections < self.configured_max_connections
+    }
+}
+
+/// Backend connections `cfg`'s static routes may open, over all workers.
+fn backend_estimate(cfg: &Config) -> u64 {
+    use crate::routing::BackendProtocol;
+    let mut seen = std::collections::HashSet::new();
+    let mut per_worker = 0u64;
+    for r in &cfg.routes {
+        for e in &r.endpoints {
+            if seen.insert((e.addr, r.backend_protocol)) {
+                per_worker += match r.backend_protocol {
+                    BackendProtocol::Gate => cfg.backend.connections_per_endpoint.max(1) as u64,
+                    BackendProtocol::Grpc => 1,
+                    BackendProtocol::SeedTcp => cfg.backend.seed_pool_max as u64,
+                };
+            }
+        }
+    }
+    per_worker.saturating_mul(cfg.server.workers.max(1) as u64)
+}
+
+/// `(soft, hard)` `RLIMIT_NOFILE`.
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+fn nofile() -> std::io::Result<(u64, u64)> {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((l.rlim_cur as u64, l.rlim_max as u64))
+}
+
+fn set_nofile_soft(soft: u64, hard: u64) -> std::io::Result<()> {
+    let l = libc::rlimit { rlim_cur: soft as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The budget for `cfg` under the limits `(soft, hard)`: the effective cap
+/// fits the soft limit, never below 1.
+pub fn fd_budget_for(cfg: &Config, soft: u64, hard: u64) -> FdBudget {
+    let reserve = FD_RESERVE + FD_RESERVE_PER_WORKER * cfg.server.workers.max(1) as u64;
+    let backend_estimate = backend_estimate(cfg);
+    let room = soft.saturating_sub(reserve).saturating_sub(backend_estimate);
+    let configured = cfg.limits.max_connections;
+    FdBudget {
+        soft,
+        hard,
+        raised_from: None,
+        configured_max_connections: configured,
+        effective_max_connections: configured.min(room).max(1),
+        backend_estimate,
+        reserve,
+    }
+}
+
+/// Fits `cfg.limits.max_connections` to the open-file limit: when the
+/// configured cap, the backend connections and the reserve need more than
+/// the soft limit, raises the soft limit towards the hard one (`raise`; the
+/// start does, `--check-config` only tells what the start would do), then
+/// lowers the cap to what fits. Logs what it did. `None` when the limit
+/// cannot be read (nothing changes).
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+pub fn fit_fd_limit(cfg: &Config, raise: bool) -> Option<FdBudget> {
+    let (soft, hard) = match nofile() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; max_connections is not checked against it");
+            return None;
+        }
+    };
+    let mut b = fd_budget_for(cfg, soft, hard);
+    let needed = b.needed();
+    if needed > soft && hard > soft {
+        // Up to the hard limit (RLIM_INFINITY is not allowed for descriptors:
+        // then only as far as needed).
+        let target = if hard == libc::RLIM_INFINITY as u64 { needed } else { hard };
+        let result = if raise { set_nofile_soft(target, hard) } else { Ok(()) };
+        match result {
+            Ok(()) => {
+                b = FdBudget { raised_from: Some(soft), ..fd_budget_for(cfg, target, hard) };
+                if raise {
+                    tracing::info!(
+                        from = soft,
+                        to = target,
+                        hard,
+                        max_connections = b.configured_max_connections,
+                        needed,
+                        "raised the open-file soft limit (RLIMIT_NOFILE) for max_connections"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open-file soft limit (RLIMIT_NOFILE)"),
+        }
+    }
+    if b.lowered() {
+        tracing::warn!(
+            max_connections = b.configured_max_connections,
+            open_file_limit = b.soft,
+            hard_limit = b.hard,
+            backend_estimate = b.backend_estimate,
+            reserve = b.reserve,
+            effective_max_connections = b.effective_max_connections,
+            "limits.max_connections {} does not fit the open-file limit {} (RLIMIT_NOFILE; {} backend connections and {} reserved): \
+             lowered to {}; raise the limit (ulimit -n, LimitNOFILE=) to serve more",
+            b.configured_max_connections,
+            b.soft,
+            b.backend_estimate,
+            b.reserve,
+            b.effective_max_connections
+        );
+    }
+    Some(b)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -49,6 +204,9 @@ pub struct Gateway {
     access_writer: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
     pub cfg: Arc<Config>,
+    /// How `max_connections` fits the open-file limit (checked at start;
+    /// `cfg.limits.max_connections` holds the effective cap).
+    pub fd_budget: Option<FdBudget>,
 }
 
 /// A cloneable way to reach the workers (for the admin server and tools).
@@ -74,7 +232,13 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::
 const ANNOUNCE_DEPTH: usize = 256;
 
 impl Gateway {
-    pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
+    pub fn start(mut cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
+        // Startup check: max_connections must fit the open-file limit, or
+        // connections past it would sit unserved (accept fails with EMFILE).
+        let fd_budget = fit_fd_limit(&cfg, true);
+        if let Some(b) = &fd_budget {
+            cfg.limits.max_connections = b.effective_max_connections;
+        }
         let cfg = Arc::new(cfg);
         let n = cfg.server.workers.max(1);
         // The first bind resolves port 0; the rest join its SO_REUSEPORT group.
@@ -135,7 +299,7 @@ impl Gateway {
                 }
                 Ok(Err(e)) => {
                     drop(access_tx);
-                    let gw = Gateway { workers, access_writer: Some(access_writer), local_addr, cfg };
+                    let gw = Gateway { workers, access_writer: Some(access_writer), local_addr, cfg, fd_budget };
                     gw.stop(Duration::from_secs(1));
                     return Err(StartError::Worker(e));
                 }
@@ -159,7 +323,7 @@ impl Gateway {
             .map_err(StartError::Spawn)?;
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
         drop(access_tx);
-        Ok(Gateway { workers, access_writer: Some(access_writer), local_addr, cfg })
+        Ok(Gateway { workers, access_writer: Some(access_writer), local_addr, cfg, fd_budget })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -274,4 +438,27 @@ pub(crate) fn merge_stats<'a>(per: impl IntoIterator<Item = &'a WorkerStats>) ->
         total.route_version = 0;
     }
     total
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::from_str(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn max_connections_is_lowered_to_fit_the_soft_limit() {
+        let c = cfg("[server]\nworkers = 2\n[limits]\nmax_connections = 1000\n[[routes]]\nserver_type = 10\nstrategy = \"round_robin\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n");
+        let b = fd_budget_for(&c, 256, 256);
+        assert_eq!(b.backend_estimate, 4, "2 endpoints x 1 connection x 2 workers");
+        assert_eq!(b.reserve, FD_RESERVE + 2 * FD_RESERVE_PER_WORKER);
+        assert_eq!(b.effective_max_connections, 256 - 4 - b.reserve);
+        assert!(b.lowered() && b.needed() == 1000 + 4 + b.reserve);
+        let roomy = fd_budget_for(&c, 1 << 20, 1 << 20);
+        assert_eq!(roomy.effective_max_connections, 1000);
+        assert!(!roomy.lowered());
+        assert_eq!(fd_budget_for(&c, 10, 10).effective_max_connections, 1, "never below 1");
+    }
 }

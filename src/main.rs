@@ -1,10 +1,11 @@
 use clap::{Parser, Subcommand};
+use game_gateway::admin;
 use game_gateway::config::{self, Config, Environment, IoDriver};
 use game_gateway::control::routes::{self as route_source, RouteSet};
 use game_gateway::control::{self, redis as redis_source, Control};
 use game_gateway::cpu::CpuBudget;
+use game_gateway::gateway::{self, Gateway};
 use game_gateway::state::{ControlStats, RouteLabels};
-use game_gateway::{admin, gateway::Gateway};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -129,7 +130,10 @@ fn routes(action: RoutesCmd) -> ExitCode {
             Ok((rules, realms)) => {
                 let keys = redis_source::Keys::new(&prefix);
                 if rules.is_none() {
-                    println!("{} is not set (the static rules serve)", keys.rules);
+                    println!(
+                        "{} is not set: a running gateway keeps the last good redis routes it read (a fresh one serves the static rules); write [] to clear them",
+                        keys.rules
+                    );
                 }
                 match redis_source::validate_raw(rules.as_deref(), &realms) {
                     Ok(set) => {
@@ -179,6 +183,26 @@ fn main() -> ExitCode {
     cfg.apply_overrides(cli.workers, cli.io_driver);
     if cli.check_config {
         print!("{}", cfg.summary());
+        // What the start would do about the open-file limit (nothing changes here).
+        match gateway::fit_fd_limit(&cfg, false) {
+            Some(b) => {
+                let raise = match b.raised_from {
+                    Some(from) => format!(" (the start raises the soft limit from {from})"),
+                    None => String::new(),
+                };
+                println!(
+                    "file descriptors: open_file_limit={} hard={}{raise} backend_estimate={} reserve={} max_connections={} effective_max_connections={}",
+                    b.soft, b.hard, b.backend_estimate, b.reserve, b.configured_max_connections, b.effective_max_connections
+                );
+                if b.lowered() {
+                    eprintln!(
+                        "warning: limits.max_connections {} does not fit the open-file limit {} ({} backend connections and {} reserved): the start lowers it to {}",
+                        b.configured_max_connections, b.soft, b.backend_estimate, b.reserve, b.effective_max_connections
+                    );
+                }
+            }
+            None => println!("file descriptors: RLIMIT_NOFILE unreadable; max_connections not checked"),
+        }
         println!("config ok");
         return ExitCode::SUCCESS;
     }
@@ -204,6 +228,7 @@ fn main() -> ExitCode {
     // Not ready until the control loop has loaded its routes.
     let stats = Arc::new(ControlStats::default());
     *stats.admin_token.lock().unwrap() = gw.cfg.admin.token.clone();
+    *stats.fd_budget.lock().unwrap() = gw.fd_budget;
     *stats.route_labels.lock().unwrap() = RouteLabels::of(&routes);
     let state =
         Arc::new(admin::AdminState::new(gw.handle(), gw.cfg.source.clone(), stats.clone(), Some(events.tx.clone())));

@@ -8,6 +8,7 @@
 //! module, it imports neither.
 
 use crate::config::AdminToken;
+use crate::gateway::FdBudget;
 use crate::routing::RouteTable;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -98,8 +99,11 @@ pub struct ControlStats {
     pub ready: AtomicBool,
     /// Good reads from Redis.
     pub refresh_success: AtomicU64,
-    /// Failed or rejected reads from Redis.
+    /// Failed or rejected reads from Redis (every kind, the empty ones too).
     pub refresh_errors: AtomicU64,
+    /// Reads that found no rules key in Redis (restarted empty, flushed)
+    /// while the last good Redis routes were kept.
+    pub refresh_empty: AtomicU64,
     /// Route data from Redis rejected by validation.
     pub snapshots_rejected: AtomicU64,
     /// Version of the last published route snapshot.
@@ -110,8 +114,12 @@ pub struct ControlStats {
     /// Unix seconds of the last successful config load.
     pub config_loaded_at: AtomicU64,
     pub route_source: Mutex<RouteSource>,
-    /// The last config or Redis problem, for `/status`.
-    pub last_error: Mutex<String>,
+    /// The last config or Redis problem, for `/status`; cleared by the next
+    /// success of the same source.
+    pub last_error: Mutex<LastError>,
+    /// The descriptor budget and the effective `max_connections` (set at
+    /// start, updated on config reload).
+    pub fd_budget: Mutex<Option<FdBudget>>,
     /// From the start of a drain until the process exits.
     pub draining: AtomicBool,
     /// The bearer token state-changing admin calls need (`[admin]
@@ -124,6 +132,56 @@ pub struct ControlStats {
     pub policy_classes: Mutex<Vec<Arc<str>>>,
     /// The loaded TLS certificates: (name, NotAfter in Unix seconds).
     pub tls_certificates: Mutex<Vec<(String, i64)>>,
+}
+
+/// Where a [`LastError`] came from: a success of the same source clears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorSource {
+    /// A config reload was rejected.
+    #[default]
+    Config,
+    /// A Redis read failed, was rejected, or found no route data.
+    Redis,
+}
+
+impl ErrorSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Config => "config",
+            ErrorSource::Redis => "redis",
+        }
+    }
+}
+
+/// The last config or Redis problem, as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LastError {
+    /// Empty when there was none, or once it was cleared.
+    pub message: String,
+    pub source: ErrorSource,
+    /// Unix seconds of the last error (0: none since the start).
+    pub at_unix: u64,
+    /// Unix seconds when a later success cleared it (0: not cleared).
+    pub cleared_at_unix: u64,
+}
+
+impl ControlStats {
+    /// Records a problem for `/status`.
+    pub fn set_error(&self, source: ErrorSource, message: String, now_unix: u64) {
+        *self.last_error.lock().unwrap() = LastError { message, source, at_unix: now_unix, cleared_at_unix: 0 };
+    }
+
+    /// A success of `source`: clears the last error when it came from there
+    /// (an error of the other source stays). True when it cleared one.
+    pub fn clear_error(&self, source: ErrorSource, now_unix: u64) -> bool {
+        let mut e = self.last_error.lock().unwrap();
+        if e.source == source && !e.message.is_empty() {
+            e.message.clear();
+            e.cleared_at_unix = now_unix;
+            return true;
+        }
+        false
+    }
 }
 
 /// Label values a route snapshot makes known in advance: its endpoints (the
@@ -180,5 +238,19 @@ mod tests {
         }
         assert_eq!(RedisState::Down.to_string(), "down");
         assert_eq!(RouteSource::StaticAndRedis.to_string(), "static+redis");
+    }
+
+    #[test]
+    fn a_success_clears_only_its_own_sources_error() {
+        let s = ControlStats::default();
+        assert!(!s.clear_error(ErrorSource::Redis, 5));
+        s.set_error(ErrorSource::Redis, "redis down".into(), 10);
+        assert!(!s.clear_error(ErrorSource::Config, 11), "a config reload does not clear a redis error");
+        assert_eq!(s.last_error.lock().unwrap().message, "redis down");
+        assert!(s.clear_error(ErrorSource::Redis, 12));
+        let e = s.last_error.lock().unwrap().clone();
+        assert_eq!((e.message.as_str(), e.at_unix, e.cleared_at_unix), ("", 10, 12));
+        assert!(!s.clear_error(ErrorSource::Redis, 13), "already cleared: the time stays");
+        assert_eq!(s.last_error.lock().unwrap().cleared_at_unix, 12);
     }
 }

@@ -12,7 +12,6 @@
 //! The data path never sees any of this: workers keep plain integers and
 //! fixed-bucket histograms and hand copies over when asked.
 
-use crate::gateway::GatewayHandle;
 use crate::protocol::backend::DisconnectReason;
 use crate::routing::RouteError;
 use crate::state::{ControlStats, RedisState};
@@ -42,6 +41,8 @@ pub(crate) const CONNECTION_SETUP_LATENCY_SECONDS: &str = "game_gateway_connecti
 pub(crate) const BACKEND_CONNECTION_LATENCY_SECONDS: &str = "game_gateway_backend_connection_latency_seconds";
 pub(crate) const CONFIG_REFRESH_SUCCESS_TOTAL: &str = "game_gateway_config_refresh_success_total";
 pub(crate) const CONFIG_REFRESH_ERRORS_TOTAL: &str = "game_gateway_config_refresh_errors_total";
+pub(crate) const CONFIG_REFRESH_EMPTY_TOTAL: &str = "game_gateway_config_refresh_empty_total";
+pub(crate) const MAX_CONNECTIONS_EFFECTIVE: &str = "game_gateway_max_connections_effective";
 pub(crate) const FORWARD_LATENCY_SECONDS: &str = "game_gateway_forward_latency_seconds";
 pub(crate) const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
 pub(crate) const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
@@ -270,6 +271,7 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         info = info.value(&[("worker", &w.index.to_string()), ("cpu", &cpu), ("io_driver", w.io_driver)], 1.0);
     }
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let max_connections = c.fd_budget.lock().unwrap().map(|b| b.effective_max_connections).unwrap_or(0);
     vec![
         Family::new(CONNECTIONS_ACTIVE, "Open client connections.", GAUGE).value(&[], s.connections_active as f64).0,
         Family::new(CONNECTIONS_TOTAL, "Client connections accepted.", COUNTER)
@@ -381,9 +383,16 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(CONFIG_REFRESH_SUCCESS_TOTAL, "Successful route reads from Redis.", COUNTER)
             .value(&[], ld(&c.refresh_success))
             .0,
-        Family::new(CONFIG_REFRESH_ERRORS_TOTAL, "Failed or rejected route reads from Redis.", COUNTER)
+        Family::new(CONFIG_REFRESH_ERRORS_TOTAL, "Failed, rejected or empty route reads from Redis.", COUNTER)
             .value(&[], ld(&c.refresh_errors))
             .0,
+        Family::new(
+            CONFIG_REFRESH_EMPTY_TOTAL,
+            "Redis reads that found no rules key (restarted empty, flushed); the last good Redis routes stay.",
+            COUNTER,
+        )
+        .value(&[], ld(&c.refresh_empty))
+        .0,
         Family::new(ROUTE_SNAPSHOTS_REJECTED_TOTAL, "Route snapshots rejected by validation.", COUNTER)
             .value(&[], ld(&c.snapshots_rejected))
             .0,
@@ -394,15 +403,23 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(REDIS_UP, "1 when Redis answered the last read; 0 when not or not configured.", GAUGE)
             .value(&[], (c.redis_state.load() == RedisState::Up) as u8 as f64)
             .0,
+        Family::new(
+            MAX_CONNECTIONS_EFFECTIVE,
+            "The client connection cap in force (limits.max_connections, lowered to fit the open-file limit).",
+            GAUGE,
+        )
+        .value(&[], max_connections as f64)
+        .0,
         Family::new(DRAINING, "1 from the start of a drain until the process exits, else 0.", GAUGE)
             .value(&[], c.draining.load(Ordering::Relaxed) as u8 as f64)
             .0,
     ]
 }
 
-/// The custom collector: asks every worker for its counters at scrape time.
+/// The custom collector: asks every worker for its counters at scrape time
+/// (one request at a time: concurrent scrapes share it).
 pub(crate) struct GatewayCollector {
-    pub(crate) handle: GatewayHandle,
+    pub(crate) workers: Arc<super::WorkerStatsSource>,
     pub(crate) control: Arc<ControlStats>,
 }
 
@@ -413,10 +430,10 @@ impl Collector for GatewayCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let per = self.handle.worker_stats();
+        let per = self.workers.get();
         let responsive = per.iter().filter(|s| s.is_some()).count();
         let merged = crate::gateway::merge_stats(per.iter().flatten());
-        families(&merged, self.handle.workers(), responsive, &self.control)
+        families(&merged, self.workers.handle.workers(), responsive, &self.control)
     }
 }
 

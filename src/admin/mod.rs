@@ -1,8 +1,20 @@
 //! Admin HTTP on `server.admin_listen`: `/health`, `/ready`, `/metrics`,
-//! `/status`, `POST /drain`. Runs on its own thread, never on a worker core;
-//! each request asks the workers for their counters over their command
-//! channels and reads the control side's facts from the shared
-//! [`ControlStats`]. [`metrics`] turns both into Prometheus families.
+//! `/status`, `POST /drain`. Runs on its own threads, never on a worker core;
+//! requests ask the workers for their counters over their command channels
+//! and read the control side's facts from the shared [`ControlStats`].
+//! [`metrics`] turns both into Prometheus families.
+//!
+//! Serving: an accept thread hands every connection to a thread of its own,
+//! at most [`MAX_CONNECTIONS`] at once (over that, after a short wait for a
+//! free slot during a burst, and at once while the cap stays reached: `503`
+//! and close). A request must arrive whole (head
+//! and body) within [`REQUEST_DEADLINE`], not per read, and within
+//! [`MAX_HEAD_BYTES`] / [`MAX_BODY_BYTES`], so a slow or huge client holds
+//! one slot for a bounded time and never delays `/health` or `/ready`.
+//! Worker counters are collected one request at a time ([`Flight`]): requests
+//! arriving while a collection runs share its result, and concurrent
+//! `/metrics` scrapes share one encoded body, so scrapes do not pile up on
+//! the workers.
 //!
 //! Access: reads (`GET`, `HEAD`) are open. Any other method changes state
 //! (today `POST /drain`); when `[admin] token_file` gives a token (required
@@ -19,18 +31,159 @@ pub(crate) mod metrics;
 use crate::config::AdminToken;
 use crate::gateway::GatewayHandle;
 use crate::state::{ControlEvent, ControlSender, ControlStats};
+use crate::stats::WorkerStats;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-/// Largest admin request head we read.
-const MAX_REQUEST_BYTES: usize = 8192;
+/// Largest admin request head (request line and headers).
+pub(crate) const MAX_HEAD_BYTES: usize = 8192;
+/// Largest request body (read and ignored: no endpoint takes one).
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The whole request, head and body, must arrive within this.
+pub(crate) const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Writing the answer may take at most this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once (one thread each). Counted in
+/// [`crate::gateway::FD_RESERVE`].
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// How long a connection over the cap waits for a free slot before its 503
+/// (not while the cap has been reached for a while: then 503 at once).
+const SLOT_WAIT: Duration = Duration::from_millis(200);
+/// Listen backlog of the admin port (a burst of scrapes waits here).
+const ADMIN_BACKLOG: i32 = 1024;
+/// Stack of a connection thread.
+const CONN_STACK: usize = 256 * 1024;
+/// An accept error counted this recently makes `/status` say the accepts fail.
+const ACCEPT_ERROR_RECENT: Duration = Duration::from_secs(60);
+
+/// One computation at a time: a caller arriving while one runs waits for it
+/// and shares its result instead of starting another.
+pub(crate) struct Flight<T> {
+    state: Mutex<FlightState<T>>,
+    done: Condvar,
+}
+
+struct FlightState<T> {
+    running: bool,
+    /// Completed computations.
+    generation: u64,
+    last: Option<Arc<T>>,
+}
+
+impl<T> Default for Flight<T> {
+    fn default() -> Self {
+        Flight { state: Mutex::new(FlightState { running: false, generation: 0, last: None }), done: Condvar::new() }
+    }
+}
+
+impl<T> Flight<T> {
+    /// The result of `f`, or of the run in flight when this was called.
+    pub(crate) fn get(&self, f: impl FnOnce() -> T) -> Arc<T> {
+        let mut s = self.state.lock().unwrap();
+        if s.running {
+            let seen = s.generation;
+            s = self.done.wait_while(s, |s| s.running && s.generation == seen).unwrap();
+            if s.generation != seen {
+                if let Some(v) = &s.last {
+                    return v.clone();
+                }
+            }
+            // The run in flight failed (panicked): run our own.
+        }
+        s.running = true;
+        drop(s);
+        /// Ends the run even when `f` panics, so waiters never hang.
+        struct Running<'a, T>(&'a Flight<T>, Option<Arc<T>>);
+        impl<T> Drop for Running<'_, T> {
+            fn drop(&mut self) {
+                let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.running = false;
+                if let Some(v) = self.1.take() {
+                    s.generation += 1;
+                    s.last = Some(v);
+                }
+                self.0.done.notify_all();
+            }
+        }
+        let mut run = Running(self, None);
+        let v = Arc::new(f());
+        run.1 = Some(v.clone());
+        v
+    }
+}
+
+/// The workers' counters for every admin request, collected one request at
+/// a time; also notes when `accept_error` last went up (descriptors
+/// exhausted), for `/status`.
+pub(crate) struct WorkerStatsSource {
+    pub(crate) handle: GatewayHandle,
+    flight: Flight<Vec<Option<WorkerStats>>>,
+    /// Accept errors over all workers, and when the count last went up.
+    accept_errors: Mutex<(u64, Option<SystemTime>)>,
+}
+
+impl WorkerStatsSource {
+    fn new(handle: GatewayHandle) -> WorkerStatsSource {
+        WorkerStatsSource { handle, flight: Flight::default(), accept_errors: Mutex::new((0, None)) }
+    }
+
+    /// Per-worker counters (in worker order; `None`: did not answer in time).
+    pub(crate) fn get(&self) -> Arc<Vec<Option<WorkerStats>>> {
+        self.flight.get(|| {
+            let per = self.handle.worker_stats();
+            let total: u64 =
+                per.iter().flatten().map(|s| WorkerStats::get(&s.connection_rejected, "accept_error")).sum();
+            let mut seen = self.accept_errors.lock().unwrap();
+            if total > seen.0 {
+                *seen = (total, Some(SystemTime::now()));
+            }
+            per
+        })
+    }
+
+    /// Accept errors so far and when the count last went up.
+    fn accept_errors(&self) -> (u64, Option<SystemTime>) {
+        *self.accept_errors.lock().unwrap()
+    }
+}
+
+/// Free connection slots.
+struct Slots {
+    active: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One slot, given back when the connection's thread ends.
+struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+impl Slots {
+    /// A slot, waiting up to `wait` for one.
+    fn take(self: &Arc<Slots>, wait: Duration) -> Option<Slot> {
+        let active = self.active.lock().unwrap();
+        let (mut active, _) = self.freed.wait_timeout_while(active, wait, |a| *a >= MAX_CONNECTIONS).unwrap();
+        if *active >= MAX_CONNECTIONS {
+            return None;
+        }
+        *active += 1;
+        Some(Slot(self.clone()))
+    }
+}
 
 /// What the admin endpoints report from and where `POST /drain` goes.
 pub struct AdminState {
-    handle: GatewayHandle,
+    workers: Arc<WorkerStatsSource>,
+    /// Concurrent `/metrics` scrapes share one encoded body.
+    metrics_body: Flight<String>,
     /// The config file, for `/status`.
     config_source: String,
     /// Written by the control loop (readiness, routes, Redis, reloads).
@@ -51,11 +204,20 @@ impl AdminState {
         control_tx: Option<ControlSender>,
     ) -> AdminState {
         let registry = prometheus::Registry::new();
-        let collector = metrics::GatewayCollector { handle: handle.clone(), control: control.clone() };
+        let workers = Arc::new(WorkerStatsSource::new(handle));
+        let collector = metrics::GatewayCollector { workers: workers.clone(), control: control.clone() };
         if let Err(e) = registry.register(Box::new(collector)) {
             tracing::error!(error = %e, "metrics collector not registered");
         }
-        AdminState { handle, config_source, control, registry, control_tx, refusals_logged: Mutex::new((None, 0)) }
+        AdminState {
+            workers,
+            metrics_body: Flight::default(),
+            config_source,
+            control,
+            registry,
+            control_tx,
+            refusals_logged: Mutex::new((None, 0)),
+        }
     }
 
     /// Logs a refused state-changing call, at most once a second (the rest
@@ -74,22 +236,46 @@ impl AdminState {
     }
 }
 
-/// Binds and serves on a background thread; returns the bound address.
+/// Binds and serves on background threads; returns the bound address.
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = bind(addr)?;
     let local = listener.local_addr()?;
+    let slots = Arc::new(Slots { active: Mutex::new(0), freed: Condvar::new() });
     std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
+        let mut busy_logged: Option<Instant> = None;
+        let mut last_refusal: Option<Instant> = None;
         for conn in listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    if let Err(e) = handle(c, &state) {
-                        tracing::debug!(error = %e, "admin request failed");
-                    }
-                }
+            let c = match conn {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
                     std::thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
+            };
+            // A burst waits briefly for a slot; while the cap stays reached
+            // (a refusal in the last second) the answer is 503 at once.
+            let saturated = last_refusal.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(1));
+            let Some(slot) = slots.take(if saturated { Duration::ZERO } else { SLOT_WAIT }) else {
+                last_refusal = Some(Instant::now());
+                if busy_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    busy_logged = Some(Instant::now());
+                    tracing::warn!(max = MAX_CONNECTIONS, "admin connections at their cap: answering 503");
+                }
+                refuse_busy(c);
+                continue;
+            };
+            let state = state.clone();
+            let spawned =
+                std::thread::Builder::new().name("gw-admin-conn".into()).stack_size(CONN_STACK).spawn(move || {
+                    let _slot = slot;
+                    if let Err(e) = handle(c, &state) {
+                        tracing::debug!(error = %e, "admin request failed");
+                    }
+                });
+            if let Err(e) = spawned {
+                // The connection (and its slot) went with the closure.
+                tracing::warn!(error = %e, "cannot start an admin connection thread");
             }
         }
     })?;
@@ -97,29 +283,143 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
     Ok(local)
 }
 
-fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+/// The admin listener, with a backlog for bursts of scrapes.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(ADMIN_BACKLOG)?;
+    Ok(sock.into())
+}
+
+/// Over the connection cap: `503` at once, then close.
+fn refuse_busy(mut c: TcpStream) {
+    // Never blocks the accept thread: a full send buffer drops the answer.
+    let _ = c.set_nonblocking(true);
+    let _ = respond_with(&mut c, 503, "text/plain", "Retry-After: 1\r\n", "admin busy\n");
+    let _ = c.shutdown(Shutdown::Write);
+    // Take what the request already sent, so closing does not reset the answer.
+    let _ = c.read(&mut [0u8; 4096]);
+}
+
+/// Why a request was not read whole.
+enum ReadError {
+    /// The peer closed (or reset) first: nothing to answer.
+    Closed,
+    /// Not whole within [`REQUEST_DEADLINE`]: 408.
+    Timeout,
+    /// Head over [`MAX_HEAD_BYTES`]: 431.
+    HeadTooLarge,
+    /// Body over [`MAX_BODY_BYTES`]: 413.
+    BodyTooLarge,
+    /// Not HTTP, or a body we do not take (chunked): 400.
+    Bad,
+}
+
+/// A request read whole.
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<Vec<u8>>,
+}
+
+/// One read before `deadline`; `Ok(0)` at EOF.
+fn read_until(c: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usize, ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ReadError::Timeout);
+    }
+    c.set_read_timeout(Some(left)).map_err(|_| ReadError::Closed)?;
+    match c.read(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(ReadError::Timeout)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(read_until(c, buf, deadline)?),
+        Err(_) => Err(ReadError::Closed),
+    }
+}
+
+/// Reads the head and any body, all before `deadline`.
+fn read_request(c: &mut TcpStream, deadline: Instant) -> Result<Request, ReadError> {
+    let mut buf = vec![0u8; MAX_HEAD_BYTES];
     let mut n = 0;
-    let (method, path, authorization) = loop {
-        let r = c.read(&mut buf[n..])?;
+    loop {
+        if n == buf.len() {
+            return Err(ReadError::HeadTooLarge);
+        }
+        let r = read_until(c, &mut buf[n..], deadline)?;
         if r == 0 {
-            return Ok(());
+            return Err(ReadError::Closed);
         }
         n += r;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => {
-                let auth = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization")).map(|h| h.value);
-                break (
-                    req.method.unwrap_or("GET").to_string(),
-                    req.path.unwrap_or("/").to_string(),
-                    auth.map(<[u8]>::to_vec),
-                );
+        let head_len = match req.parse(&buf[..n]) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => continue,
+            Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
+            Err(_) => return Err(ReadError::Bad),
+        };
+        let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        if header("transfer-encoding").is_some() {
+            return Err(ReadError::Bad);
+        }
+        let body_len = match header("content-length") {
+            None => 0,
+            Some(v) => {
+                std::str::from_utf8(v).ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or(ReadError::Bad)?
             }
-            Ok(httparse::Status::Partial) if n < buf.len() => continue,
-            _ => return respond(&mut c, 400, "text/plain", "bad request\n"),
+        };
+        if body_len > MAX_BODY_BYTES {
+            return Err(ReadError::BodyTooLarge);
+        }
+        let request = Request {
+            method: req.method.unwrap_or("GET").to_string(),
+            path: req.path.unwrap_or("/").to_string(),
+            authorization: header("authorization").map(<[u8]>::to_vec),
+        };
+        // The body is read (so that closing does not reset the answer) and ignored.
+        let mut left = body_len.saturating_sub(n - head_len);
+        while left > 0 {
+            let r = read_until(c, &mut buf[..left.min(MAX_HEAD_BYTES)], deadline)?;
+            if r == 0 {
+                return Err(ReadError::Closed);
+            }
+            left -= r;
+        }
+        return Ok(request);
+    }
+}
+
+fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let Request { method, path, authorization } = match read_request(&mut c, deadline) {
+        Ok(r) => r,
+        Err(ReadError::Closed) => return Ok(()),
+        Err(e) => {
+            let (code, body) = match e {
+                ReadError::Closed => return Ok(()),
+                ReadError::Timeout => (408, "request not complete in time\n"),
+                ReadError::HeadTooLarge => (431, "request head too large\n"),
+                ReadError::BodyTooLarge => (413, "request body too large\n"),
+                ReadError::Bad => (400, "bad request\n"),
+            };
+            respond(&mut c, code, "text/plain", body)?;
+            // What the client still sends is read (briefly, boundedly) and
+            // dropped, so that closing does not reset the answer away.
+            let _ = c.shutdown(Shutdown::Write);
+            let until = Instant::now() + Duration::from_millis(200);
+            let mut sink = [0u8; 8192];
+            let mut budget = MAX_BODY_BYTES;
+            while budget > 0 {
+                match read_until(&mut c, &mut sink, until) {
+                    Ok(n) if n > 0 => budget = budget.saturating_sub(n),
+                    _ => break,
+                }
+            }
+            return Ok(());
         }
     };
     let path = path.split('?').next().unwrap_or("/");
@@ -151,8 +451,8 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         },
         "/drain" => respond(&mut c, 405, "text/plain", "use POST\n"),
         "/health" => {
-            let answered = state.handle.worker_stats().iter().filter(|s| s.is_some()).count();
-            if answered == state.handle.workers().len() {
+            let answered = state.workers.get().iter().filter(|s| s.is_some()).count();
+            if answered == state.workers.handle.workers().len() {
                 respond(&mut c, 200, "text/plain", "ok\n")
             } else {
                 respond(&mut c, 503, "text/plain", "worker unresponsive\n")
@@ -166,12 +466,13 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             }
         }
         "/metrics" => {
-            let body = metrics::encode(&state.registry.gather());
+            let body = state.metrics_body.get(|| metrics::encode(&state.registry.gather()));
             respond(&mut c, 200, prometheus::TEXT_FORMAT, &body)
         }
         "/status" => {
-            let per = state.handle.worker_stats();
+            let per = state.workers.get();
             let workers: Vec<_> = state
+                .workers
                 .handle
                 .workers()
                 .iter()
@@ -186,6 +487,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                         "sessions": s.as_ref().map(|s| s.sessions_active),
                         "connections_total": s.as_ref().map(|s| s.connections_total),
                         "connections_rejected": s.as_ref().map(|s| s.connection_rejected.values().sum::<u64>()),
+                        "accept_errors": s.as_ref().map(|s| WorkerStats::get(&s.connection_rejected, "accept_error")),
                         "messages_in": s.as_ref().map(|s| s.messages_in.iter().sum::<u64>()),
                         "messages_out": s.as_ref().map(|s| s.messages_out.iter().sum::<u64>()),
                         "routing_errors": s.as_ref().map(|s| s.routing_errors.values().sum::<u64>()),
@@ -202,6 +504,30 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 })
                 .collect();
             let ctl = &state.control;
+            let last_error = ctl.last_error.lock().unwrap().clone();
+            let unix = |t: u64| if t == 0 { serde_json::Value::Null } else { t.into() };
+            let (accept_errors, accept_error_at) = state.workers.accept_errors();
+            let accept_error_at = accept_error_at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+            let recent = accept_error_at.is_some_and(|t| {
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .is_ok_and(|now| now.saturating_sub(t) < ACCEPT_ERROR_RECENT)
+            });
+            let fd = *ctl.fd_budget.lock().unwrap();
+            let connections = serde_json::json!({
+                "max_connections": fd.map(|b| b.configured_max_connections),
+                "effective_max_connections": fd.map(|b| b.effective_max_connections),
+                "lowered_to_fit_open_file_limit": fd.map(|b| b.lowered()),
+                "open_file_limit": fd.map(|b| b.soft),
+                "open_file_limit_hard": fd.map(|b| b.hard),
+                "open_file_limit_raised_from": fd.and_then(|b| b.raised_from),
+                "backend_connections_estimate": fd.map(|b| b.backend_estimate),
+                "reserved_descriptors": fd.map(|b| b.reserve),
+                "open_descriptors": open_descriptors(),
+                "accept_errors": accept_errors,
+                "accept_error_last_unix": accept_error_at.map(|t| t.as_secs()),
+                "accept_failing": recent,
+            });
             let body = serde_json::json!({
                 "ready": ctl.ready.load(Ordering::Relaxed),
                 "draining": ctl.draining.load(Ordering::Relaxed),
@@ -209,13 +535,24 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                             "reloads": ctl.config_reloads.load(Ordering::Relaxed), "reload_errors": ctl.config_reload_errors.load(Ordering::Relaxed) },
                 "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().to_string(),
                             "redis": ctl.redis_state.load().as_str(),
-                            "last_error": ctl.last_error.lock().unwrap().clone() },
+                            "redis_empty_reads": ctl.refresh_empty.load(Ordering::Relaxed),
+                            "last_error": last_error.message,
+                            "last_error_source": (last_error.at_unix != 0).then(|| last_error.source.as_str()),
+                            "last_error_at_unix": unix(last_error.at_unix),
+                            "last_error_cleared_at_unix": unix(last_error.cleared_at_unix) },
+                "connections": connections,
                 "workers": workers,
             });
             respond(&mut c, 200, "application/json", &format!("{body:#}\n"))
         }
         _ => respond(&mut c, 404, "text/plain", "not found\n"),
     }
+}
+
+/// Descriptors the process has open now (`/proc/self/fd`), when readable.
+fn open_descriptors() -> Option<u64> {
+    // The directory handle itself is one of the entries.
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count().saturating_sub(1) as u64)
 }
 
 /// Requests that change the gateway's state (anything but reads): with a
@@ -278,13 +615,33 @@ fn respond_with(c: &mut TcpStream, code: u16, ctype: &str, extra: &str, body: &s
         405 => "Method Not Allowed",
         400 => "Bad Request",
         404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
-    write!(
-        c,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
-    )?;
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    // The whole answer within WRITE_TIMEOUT, however slowly the client reads.
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    let mut part = &out[..];
+    while !part.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        c.set_write_timeout(Some(left))?;
+        match c.write(part) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => part = &part[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     c.flush()
 }
 
@@ -307,6 +664,38 @@ mod tests {
         assert_eq!(authorize(&t, Some(b"bearer s3cret-token ")), Ok(()), "scheme is case-insensitive");
         assert!(changes_state("POST") && changes_state("DELETE") && changes_state("PUT"));
         assert!(!changes_state("GET") && !changes_state("HEAD"));
+    }
+
+    #[test]
+    fn a_flight_shares_one_run_between_concurrent_callers() {
+        let f = Arc::new(Flight::<u64>::default());
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (f, runs) = (f.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    *f.get(|| {
+                        std::thread::sleep(Duration::from_millis(200));
+                        runs.fetch_add(1, Ordering::SeqCst) + 1
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Callers that arrive while a run is in flight share it; only one
+        // that comes after it ended starts another.
+        assert!(runs.load(Ordering::SeqCst) <= 2, "{} runs for 16 concurrent callers", runs.load(Ordering::SeqCst));
+        // A panicking run does not wedge the next caller.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.get(|| panic!("boom"))));
+        assert!(r.is_err());
+        assert_eq!(*f.get(|| 7), 7);
+    }
+
+    #[test]
+    fn admin_connections_fit_the_descriptor_reserve() {
+        assert!(MAX_CONNECTIONS as u64 + 64 <= crate::gateway::FD_RESERVE);
     }
 
     #[test]

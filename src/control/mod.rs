@@ -31,12 +31,12 @@ pub mod redis;
 mod reload;
 pub mod routes;
 
-use self::redis::{FetchError, RedisError, RedisSource};
+use self::redis::{FetchError, RedisError, RedisRead, RedisSource};
 use self::routes::{fingerprint, merge, RouteSet};
 use crate::config::{Config, Environment};
 use crate::gateway::Gateway;
 use crate::routing::RouteTable;
-use crate::state::{ControlEvent, ControlSender, ControlStats, RedisState, RouteLabels, RouteSource};
+use crate::state::{ControlEvent, ControlSender, ControlStats, ErrorSource, RedisState, RouteLabels, RouteSource};
 use crate::worker::WorkerCommand;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use std::path::{Path, PathBuf};
@@ -84,6 +84,9 @@ pub struct Control {
     /// Last good Redis data (None until the first good read).
     redis_set: Option<RouteSet>,
     redis_up: Option<bool>,
+    /// The last read found no rules key while last good Redis routes were
+    /// held (logged once per change).
+    redis_empty: bool,
     next_fetch: Instant,
     fetch_backoff: Duration,
     version: u64,
@@ -179,6 +182,7 @@ impl Control {
             redis,
             redis_set: None,
             redis_up: None,
+            redis_empty: false,
             next_fetch: Instant::now(),
             fetch_backoff: REDIS_RETRY_MIN,
             version: 1,
@@ -278,15 +282,43 @@ impl Control {
         let refresh = self.running.redis.as_ref().map(|r| r.refresh_interval).unwrap_or(DEFAULT_REFRESH);
         let stats = self.stats.clone();
         match src.fetch() {
-            Ok(set) => {
+            Ok(read) => {
                 if self.redis_up != Some(true) {
                     tracing::info!("redis reachable: routes from redis");
                 }
                 self.redis_up = Some(true);
                 stats.redis_state.store(RedisState::Up);
-                stats.refresh_success.fetch_add(1, Ordering::Relaxed);
                 self.fetch_backoff = REDIS_RETRY_MIN;
                 self.next_fetch = Instant::now() + refresh;
+                let (set, kept) = resolve_read(self.redis_set.as_ref(), read);
+                if kept {
+                    // No data is not an empty document: Redis restarted
+                    // empty or was flushed. Keep what it last said.
+                    stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.refresh_empty.fetch_add(1, Ordering::Relaxed);
+                    let key = src.rules_key();
+                    let e = format!(
+                        "redis holds no {key} (restarted empty or flushed?): keeping the last good redis routes \
+                         ({} rules, {} realms; route version {}); write [] to {key} to clear them",
+                        set.rules.len(),
+                        set.realms.len(),
+                        self.version
+                    );
+                    if !self.redis_empty {
+                        tracing::warn!(key, version = self.version, "{e}");
+                    }
+                    self.redis_empty = true;
+                    stats.set_error(ErrorSource::Redis, e, unix_now());
+                } else {
+                    if self.redis_empty {
+                        tracing::info!(key = src.rules_key(), "redis holds route rules again");
+                    }
+                    self.redis_empty = false;
+                    stats.refresh_success.fetch_add(1, Ordering::Relaxed);
+                    if stats.clear_error(ErrorSource::Redis, unix_now()) {
+                        tracing::info!("redis routes read: the last redis error is cleared");
+                    }
+                }
                 self.redis_set = Some(set);
                 self.publish("redis");
             }
@@ -299,7 +331,7 @@ impl Control {
                 for r in &reasons {
                     tracing::error!(reason = %r, "route snapshot from redis rejected; keeping the last good one");
                 }
-                *stats.last_error.lock().unwrap() = reasons.join("; ");
+                stats.set_error(ErrorSource::Redis, reasons.join("; "), unix_now());
                 self.next_fetch = Instant::now() + refresh;
             }
             Err(FetchError::Unavailable(e)) => {
@@ -309,7 +341,7 @@ impl Control {
                 self.redis_up = Some(false);
                 stats.redis_state.store(RedisState::Down);
                 stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
-                *stats.last_error.lock().unwrap() = e.to_string();
+                stats.set_error(ErrorSource::Redis, e.to_string(), unix_now());
                 self.next_fetch = Instant::now() + self.fetch_backoff;
                 self.fetch_backoff = (self.fetch_backoff * 2).min(REDIS_RETRY_MAX).min(refresh.max(REDIS_RETRY_MIN));
             }
@@ -345,9 +377,69 @@ impl Control {
         );
         self.stats.route_version.store(self.version, Ordering::Relaxed);
         *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
-
+        let from_redis = self.redis_set.as_ref().is_some_and(|s| !s.rules.is_empty() || !s.realms.is_empty());
         *self.stats.route_source.lock().unwrap() =
-            if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
+            if from_redis { RouteSource::StaticAndRedis } else { RouteSource::Static };
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
+    }
+}
+
+/// What one good Redis read means, given the last good Redis data: the new
+/// Redis route set, and whether last good data was kept because the rules
+/// key does not exist.
+///
+/// - The rules key holds a document (even `[]` or `{}`): it replaces the
+///   rules, and the realm hash as it is replaces the realm mapping.
+/// - The rules key does not exist: no data. The last good rules stay, and
+///   so does the last good realm mapping unless the realm hash has entries.
+///   `kept` is true when that kept anything (the read would have dropped it).
+pub(crate) fn resolve_read(last: Option<&RouteSet>, read: RedisRead) -> (RouteSet, bool) {
+    match read.rules {
+        Some(rules) => (RouteSet { rules, realms: read.realms }, false),
+        None => {
+            let empty = RouteSet::default();
+            let last = last.unwrap_or(&empty);
+            let keep_realms = read.realms.is_empty() && !last.realms.is_empty();
+            let kept = !last.rules.is_empty() || keep_realms;
+            let realms = if read.realms.is_empty() { last.realms.clone() } else { read.realms };
+            (RouteSet { rules: last.rules.clone(), realms }, kept)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::routes::{parse_realm_mapping, parse_rules_json};
+
+    fn rules(json: &str) -> Vec<crate::routing::RouteRule> {
+        parse_rules_json(json).unwrap()
+    }
+
+    #[test]
+    fn a_missing_rules_key_keeps_the_last_good_data_and_an_empty_document_clears_it() {
+        let r = rules(r#"[{"server_type": 10, "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#);
+        let realms = parse_realm_mapping([("7", "127.0.0.1:7")]).unwrap();
+        let last = RouteSet { rules: r.clone(), realms: realms.clone() };
+        // Flushed: nothing under either key.
+        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: None, realms: vec![] });
+        assert!(kept);
+        assert_eq!(set, last);
+        // An explicit empty document clears rules and realms.
+        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: Some(vec![]), realms: vec![] });
+        assert!(!kept);
+        assert_eq!(set, RouteSet::default());
+        // Only the realm hash: the rules stay, the realms are the hash's.
+        let other = parse_realm_mapping([("8", "127.0.0.1:8")]).unwrap();
+        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: None, realms: other.clone() });
+        assert!(kept);
+        assert_eq!(set, RouteSet { rules: r, realms: other.clone() });
+        // Nothing held yet: nothing kept, nothing counted.
+        let (set, kept) = resolve_read(None, RedisRead { rules: None, realms: vec![] });
+        assert!(!kept);
+        assert_eq!(set, RouteSet::default());
+        let (set, kept) = resolve_read(None, RedisRead { rules: None, realms: other.clone() });
+        assert!(!kept);
+        assert_eq!(set.realms, other);
     }
 }

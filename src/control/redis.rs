@@ -123,9 +123,11 @@ impl RedisSource {
         Ok(RedisSource { client, keys: Keys::new(&cfg.key_prefix), conn: None })
     }
 
-    /// Reads and validates both keys. A missing rules key is an empty rule
-    /// list (the static rules serve).
-    pub(crate) fn fetch(&mut self) -> Result<RouteSet, FetchError> {
+    /// Reads and validates both keys. A missing rules key is "no data":
+    /// [`RedisRead::rules`] is `None` and the control loop keeps its last
+    /// good Redis routes (an explicit empty document, `[]` or `{}`, clears
+    /// them).
+    pub(crate) fn fetch(&mut self) -> Result<RedisRead, FetchError> {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.client).map_err(FetchError::Unavailable)?);
         }
@@ -137,8 +139,25 @@ impl RedisSource {
                 return Err(FetchError::Unavailable(e));
             }
         };
-        validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)
+        let set = validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)?;
+        Ok(RedisRead { rules: rules.is_some().then_some(set.rules), realms: set.realms })
     }
+
+    /// The rules key's name, for logs.
+    pub(crate) fn rules_key(&self) -> &str {
+        &self.keys.rules
+    }
+}
+
+/// One good read of the route keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RedisRead {
+    /// The rules document; `None` when the key does not exist (Redis
+    /// restarted empty, flushed, or never written).
+    pub(crate) rules: Option<Vec<crate::routing::RouteRule>>,
+    /// The realm mapping (empty when the hash does not exist: Redis has no
+    /// empty hashes).
+    pub(crate) realms: Vec<(u16, crate::routing::Endpoint)>,
 }
 
 /// Runs the notify subscriber until `stop`; every message (and every

@@ -5,6 +5,7 @@
 use super::logging::set_log_level;
 use super::{unix_now, Control};
 use crate::config::Config;
+use crate::state::ErrorSource;
 use crate::worker::WorkerCommand;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ impl Control {
                 for e in &errs.0 {
                     tracing::error!(error = %e, "config reload rejected; the running config stays");
                 }
-                *stats.last_error.lock().unwrap() = errs.to_string();
+                stats.set_error(ErrorSource::Config, errs.to_string(), unix_now());
             }
             Ok(new) if new.admin.token.is_none() && !self.running.server.admin_listen.ip().is_loopback() => {
                 // admin_listen needs a restart, so the running port stays off
@@ -53,7 +54,7 @@ impl Control {
                     new.source, self.running.server.admin_listen
                 );
                 tracing::error!(error = %e, "config reload rejected; the running config stays");
-                *stats.last_error.lock().unwrap() = e;
+                stats.set_error(ErrorSource::Config, e, unix_now());
             }
             Ok(mut new) => {
                 for k in needs_restart(&self.running, &new) {
@@ -62,6 +63,15 @@ impl Control {
                 new.server = self.running.server.clone();
                 new.redis = self.running.redis.clone();
                 new.log.format = self.running.log.format;
+                // max_connections is live: fit it to the open-file limit again
+                // (the new routes may add backend connections).
+                if let Some(mut b) = crate::gateway::fit_fd_limit(&new, true) {
+                    new.limits.max_connections = b.effective_max_connections;
+                    let mut held = stats.fd_budget.lock().unwrap();
+                    // Raised at start: say so still.
+                    b.raised_from = b.raised_from.or(held.and_then(|h| h.raised_from));
+                    *held = Some(b);
+                }
                 if new.log.level != self.running.log.level {
                     set_log_level(&new.log.level);
                 }
@@ -74,6 +84,9 @@ impl Control {
                 stats.config_reloads.fetch_add(1, Ordering::Relaxed);
                 stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
                 tracing::info!(source = %self.running.source, "config reloaded");
+                if stats.clear_error(ErrorSource::Config, unix_now()) {
+                    tracing::info!("config reloaded: the last config error is cleared");
+                }
                 self.publish("config reload");
             }
         }
