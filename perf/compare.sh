@@ -4,6 +4,13 @@
 # same run. The proxy under test is pinned to core 0; the load generator and
 # the backends share core 1.
 #
+# The gateway runs in each of its backend protocols: gate (our multiplexed
+# protocol, to mock-backend; rows "gateway"), seed_tcp (the Go gateway's
+# per-session TCP mode, to `gw-echo --mode seed_tcp`; rows "gateway-seed_tcp")
+# and grpc (StreamPackets over HTTP/2, to `gw-echo --mode grpc`; rows
+# "gateway-grpc"). The load picks the route by the server type in its frames'
+# server_id: 10 = gate, 11 = seed_tcp, 12 = grpc.
+#
 # Usage: perf/compare.sh [SECONDS]          (default 10 s per load)
 # Needs: haproxy, nginx + libnginx-mod-stream (Debian packages).
 # Writes: perf/results/<timestamp>/{results.jsonl,summary.md}; prints the summary.
@@ -16,19 +23,24 @@ command -v nginx >/dev/null || { echo "nginx missing: apt-get install nginx libn
 NGX_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [ -f "$NGX_MOD" ] || { echo "nginx stream module missing: apt-get install libnginx-mod-stream" >&2; exit 1; }
 cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 OUT=perf/results/$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 RES="$OUT/results.jsonl"
 TMP=$(mktemp -d)
-ECHO=127.0.0.1:29800; MOCK=127.0.0.1:29711
+ECHO=127.0.0.1:29800; MOCK=127.0.0.1:29711; SEED=127.0.0.1:29801; GRPC=127.0.0.1:29802
 GW=127.0.0.1:28080; HAP=127.0.0.1:28081; NGX=127.0.0.1:28082; GW2=127.0.0.1:28083
+GW_ADMIN=127.0.0.1:28090
+# Server types of the gateway's routes, one per backend protocol.
+ST_GATE=10; ST_SEED=11; ST_GRPC=12
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 
 taskset -c 1 $BIN/gw-echo --listen $ECHO >/dev/null & PIDS+=($!)
 taskset -c 1 $BIN/mock-backend --listen $MOCK --quiet >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 $BIN/gw-echo --mode seed_tcp --listen $SEED >/dev/null 2>>"$OUT/backends.log" & PIDS+=($!)
+taskset -c 1 $BIN/gw-echo --mode grpc --listen $GRPC >/dev/null 2>>"$OUT/backends.log" & PIDS+=($!)
 
 cat > "$TMP/haproxy.cfg" <<CFG
 global
@@ -61,29 +73,45 @@ stream {
 CFG
 taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" >/dev/null 2>&1 & PIDS+=($!); NGX_PID=$!
 
-gw_config() { # listen workers cpus
+gw_config() { # listen workers cpus admin
 cat <<CFG
 [server]
 listen = "$1"
-admin_listen = "127.0.0.1:0"
+admin_listen = "$4"
 workers = $2
 cpus = [$3]
 [log]
 level = "warn"
 access_log = false
+[backend]
+# seed_tcp holds one backend connection per session: room for 1000x1.
+seed_pool_max = 2000
 [[routes]]
-server_type = 10
+server_type = $ST_GATE
 service_name = "bench"
 strategy = "round_robin"
 endpoints = ["$MOCK"]
+[[routes]]
+server_type = $ST_SEED
+service_name = "bench-seed"
+strategy = "round_robin"
+endpoints = ["$SEED"]
+backend_protocol = "seed_tcp"
+[[routes]]
+server_type = $ST_GRPC
+service_name = "bench-grpc"
+strategy = "round_robin"
+endpoints = ["$GRPC"]
+backend_protocol = "grpc"
 CFG
 }
-gw_config $GW 1 0 > "$TMP/gw.toml"
+gw_config $GW 1 0 $GW_ADMIN > "$TMP/gw.toml"
 # GW_IO_DRIVER=epoll|io_uring picks the gateway's driver (default: auto).
 DRV=${GW_IO_DRIVER:-auto}
-$BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GW_PID=$!
-gw_config $GW2 2 "0, 1" > "$TMP/gw2.toml"
-$BIN/game-gateway --config "$TMP/gw2.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GW2_PID=$!
+# The gateway's warnings (backend losses, drops) go to the results.
+$BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>"$OUT/gateway.log" & PIDS+=($!); GW_PID=$!
+gw_config $GW2 2 "0, 1" 127.0.0.1:0 > "$TMP/gw2.toml"
+$BIN/game-gateway --config "$TMP/gw2.toml" --io-driver "$DRV" >/dev/null 2>"$OUT/gateway2w.log" & PIDS+=($!); GW2_PID=$!
 sleep 1
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -130,6 +158,8 @@ for load in "100 1" "100 16" "1000 1"; do
   run "haproxy-${S}x${K}" $HAP $HAP_PID --sessions $S --inflight $K
   run "nginx-${S}x${K}" $NGX $NGX_PID --sessions $S --inflight $K
   run "gateway-${S}x${K}" $GW $GW_PID --sessions $S --inflight $K
+  run "gateway-seed_tcp-${S}x${K}" $GW $GW_PID --sessions $S --inflight $K --server-type $ST_SEED
+  run "gateway-grpc-${S}x${K}" $GW $GW_PID --sessions $S --inflight $K --server-type $ST_GRPC
 done
 
 # p99 at half of HAProxy's peak (100 sessions, open loop).
@@ -160,6 +190,11 @@ print(json.dumps({"label": "gateway-idle-memory", "sessions": n, "rss_base_kb": 
 PY
 tail -1 "$RES"
 
+# The 1-worker gateway's counters after every run (drops, backend errors).
+curl -sf "http://$GW_ADMIN/metrics" > "$OUT/gateway-metrics.txt" 2>/dev/null \
+  || python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://$GW_ADMIN/metrics').read().decode())" > "$OUT/gateway-metrics.txt" 2>/dev/null || true
+for f in backends.log gateway.log gateway2w.log; do [ -s "$OUT/$f" ] || rm -f "$OUT/$f"; done
+
 python3 - "$RES" "$SECS" > "$OUT/summary.md" <<'PY'
 import json, sys, platform, subprocess, datetime
 rows = {json.loads(l)["label"]: json.loads(l) for l in open(sys.argv[1])}
@@ -173,7 +208,7 @@ out.append(f"Run: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {cpu}, Linux 
 out.append("| load | peer | msgs/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg |")
 out.append("|---|---|---:|---:|---:|---:|---:|")
 for load in ["100x1", "100x16", "1000x1"]:
-    for peer in ["direct", "haproxy", "nginx", "gateway"]:
+    for peer in ["direct", "haproxy", "nginx", "gateway", "gateway-seed_tcp", "gateway-grpc"]:
         r = rows.get(f"{peer}-{load}", {})
         out.append(f"| {load} | {peer} | {f(r.get('msgs_per_sec'))} | {f(r.get('p50_us'))} | {f(r.get('p99_us'))} | {f(r.get('p999_us'))} | {f(r.get('cpu_us_per_msg'), '{:.2f}')} |")
 out.append("")
@@ -185,6 +220,23 @@ for peer in ["haproxy", "nginx"]:
         r1 = g.get("msgs_per_sec", 0) / p["msgs_per_sec"] if p.get("msgs_per_sec") else None
         r2 = g["cpu_us_per_msg"] / p["cpu_us_per_msg"] if g.get("cpu_us_per_msg") and p.get("cpu_us_per_msg") else None
         out.append(f"| gateway / {peer} | {load} | {f(r1, '{:.2f}')} | {f(r2, '{:.2f}')} |")
+out.append("")
+out.append("Gateway backend protocols (gate: mock-backend; seed_tcp and grpc: gw-echo in that mode); \"gate\" is the gateway rows above.\n")
+out.append("| ratio mode / peer | load | msgs/s | CPU per msg |")
+out.append("|---|---|---:|---:|")
+for mode in ["seed_tcp", "grpc"]:
+    for peer, plabel in [("gateway", "gate"), ("haproxy", "haproxy")]:
+        for load in ["100x1", "100x16", "1000x1"]:
+            g, p = rows.get(f"gateway-{mode}-{load}", {}), rows.get(f"{peer}-{load}", {})
+            if not g:
+                continue
+            r1 = g.get("msgs_per_sec", 0) / p["msgs_per_sec"] if p.get("msgs_per_sec") else None
+            r2 = g["cpu_us_per_msg"] / p["cpu_us_per_msg"] if g.get("cpu_us_per_msg") and p.get("cpu_us_per_msg") else None
+            out.append(f"| {mode} / {plabel} | {load} | {f(r1, '{:.2f}')} | {f(r2, '{:.2f}')} |")
+bad = [(k, r.get("errors"), r.get("missing")) for k, r in rows.items() if r.get("errors") or r.get("missing")]
+if bad:
+    out.append("")
+    out.append("Runs with errors or missing replies: " + ", ".join(f"{k} (errors {e}, missing {m})" for k, e, m in bad) + ".")
 out.append("")
 h, g = rows.get("haproxy-open-half", {}), rows.get("gateway-open-half", {})
 out.append(f"Open loop at half of HAProxy's 100x1 peak ({f(h.get('rate'), '{:.1f}')} frames/s per session, 100 sessions): p99 HAProxy {f(h.get('p99_us'))} µs, gateway {f(g.get('p99_us'))} µs; p99.9 {f(h.get('p999_us'))} / {f(g.get('p999_us'))} µs.\n")
