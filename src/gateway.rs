@@ -263,6 +263,15 @@ impl Gateway {
         // Announcements a backend sends to one worker reach every worker
         // through this relay, one shared buffer each.
         let (announce_tx, announce_rx) = bounded::<Arc<crate::shard::Announcement>>(ANNOUNCE_DEPTH);
+        // Trace export, off the data path, when an OTLP endpoint is set.
+        let otlp_stats = Arc::new(crate::otlp::ExportStats::default());
+        let spans_tx = match &cfg.otlp.endpoint {
+            Some(endpoint) => Some(
+                crate::otlp::spawn_exporter(endpoint.clone(), cfg.otlp.resource.clone(), otlp_stats.clone())
+                    .map_err(StartError::Spawn)?,
+            ),
+            None => None,
+        };
         let mut workers = Vec::with_capacity(n);
         for (index, listener) in listeners.into_iter().enumerate() {
             let (tx, rx) = bounded(worker::COMMAND_CHANNEL_DEPTH);
@@ -278,6 +287,7 @@ impl Gateway {
                 admission: admission.clone(),
                 access_tx: access_tx.clone(),
                 announce_tx: announce_tx.clone(),
+                spans_tx: spans_tx.clone(),
             };
             let join = std::thread::Builder::new()
                 .name(format!("gw-worker-{index}"))
@@ -307,6 +317,7 @@ impl Gateway {
             }
         }
         drop(announce_tx);
+        drop(spans_tx);
         let txs: Vec<Sender<WorkerCommand>> = workers.iter().map(|w| w.tx.clone()).collect();
         // Ends when every worker (holding the senders) is gone.
         std::thread::Builder::new()

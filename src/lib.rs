@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod gateway;
 pub mod limits;
 pub mod notify;
+pub(crate) mod otlp;
 pub mod protocol;
 pub mod resilience;
 pub mod routing;

@@ -161,7 +161,16 @@ fn routes(action: RoutesCmd) -> ExitCode {
 fn environment() -> Environment {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     // The affinity mask, read before any worker thread exists.
-    Environment { log_level: var("LOG_LEVEL"), pod_name: var("POD_NAME"), cpus: Some(CpuBudget::of_process()) }
+    Environment {
+        log_level: var("LOG_LEVEL"),
+        pod_name: var("POD_NAME"),
+        cpus: Some(CpuBudget::of_process()),
+        otel_endpoint: var("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        otel_sampler_arg: var("OTEL_TRACES_SAMPLER_ARG"),
+        otel_service_name: var("OTEL_SERVICE_NAME"),
+        pod_namespace: var("POD_NAMESPACE"),
+        node_name: var("NODE_NAME"),
+    }
 }
 
 fn main() -> ExitCode {

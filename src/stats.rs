@@ -166,6 +166,8 @@ pub struct WorkerStats {
     pub message_policy: AHashMap<(Arc<str>, &'static str), u64>,
     /// Announcements delivered to sessions (client frames queued).
     pub announcements_delivered: u64,
+    /// Spans dropped before the exporter (worker buffer or queue full).
+    pub spans_dropped: u64,
 }
 
 impl Default for WorkerStats {
@@ -195,6 +197,7 @@ impl Default for WorkerStats {
             route_version: 0,
             message_policy: AHashMap::new(),
             announcements_delivered: 0,
+            spans_dropped: 0,
         }
     }
 }
@@ -247,6 +250,7 @@ impl WorkerStats {
         self.route_version = self.route_version.min(o.route_version);
         add_map(&mut self.message_policy, &o.message_policy);
         self.announcements_delivered += o.announcements_delivered;
+        self.spans_dropped += o.spans_dropped;
     }
 
     pub fn get(map: &AHashMap<&'static str, u64>, key: &str) -> u64 {

@@ -60,6 +60,7 @@ pub(crate) const WORKERS_RESPONSIVE: &str = "game_gateway_workers_responsive";
 pub(crate) const WEBSOCKET_UPGRADES_TOTAL: &str = "game_gateway_websocket_upgrades_total";
 pub(crate) const DRAINING: &str = "game_gateway_draining";
 pub(crate) const TLS_CERTIFICATE_EXPIRY_SECONDS: &str = "game_gateway_tls_certificate_expiry_seconds";
+pub(crate) const TRACE_SPANS_DROPPED_TOTAL: &str = "game_gateway_trace_spans_dropped_total";
 pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
 pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
 
@@ -368,6 +369,9 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             }
             f.0
         },
+        Family::new(TRACE_SPANS_DROPPED_TOTAL, "Trace spans dropped before the OTLP exporter (queue full).", COUNTER)
+            .value(&[], s.spans_dropped as f64)
+            .0,
         Family::new(ANNOUNCEMENTS_DELIVERED_TOTAL, "Announcement frames queued to clients.", COUNTER)
             .value(&[], s.announcements_delivered as f64)
             .0,

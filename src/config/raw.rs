@@ -63,6 +63,25 @@ pub(crate) struct RawConfig {
     pub(crate) drain: RawDrain,
     pub(crate) message_policy: Vec<RawMessagePolicy>,
     pub(crate) tls: RawTls,
+    pub(crate) otlp: RawOtlp,
+}
+
+/// `[otlp]`: trace export (off unless an endpoint is set here or in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawOtlp {
+    /// OTLP/HTTP base URL, e.g. "http://otel-collector:4318"; empty = off.
+    pub(crate) endpoint: String,
+    /// Share of sessions traced, 0.0..=1.0.
+    pub(crate) sample_ratio: f64,
+    pub(crate) service_name: String,
+}
+
+impl Default for RawOtlp {
+    fn default() -> Self {
+        RawOtlp { endpoint: String::new(), sample_ratio: 1.0, service_name: "game-gateway".into() }
+    }
 }
 
 /// `[tls]`: TLS on the game port.

@@ -268,6 +268,18 @@ pub struct Config {
     pub drain: DrainConfig,
     pub policy: std::sync::Arc<MessagePolicy>,
     pub tls: super::tls::TlsConfig,
+    pub otlp: OtlpConfig,
+}
+
+/// `[otlp]` with the `OTEL_*` environment applied.
+#[derive(Debug, Clone, Default)]
+pub struct OtlpConfig {
+    /// OTLP/HTTP base URL; `None` = no trace export.
+    pub endpoint: Option<String>,
+    /// Share of sessions traced.
+    pub sample_ratio: f64,
+    /// Resource attributes: service.name, service.version, k8s.* from the pod.
+    pub resource: Vec<(String, String)>,
 }
 
 /// One class of client messages (`[[message_policy]]`).

@@ -9,7 +9,7 @@
 use super::error::{ConfigError, ConfigErrors};
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
+    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, OtlpConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
     RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
 };
 use crate::cpu::CpuBudget;
@@ -28,6 +28,15 @@ pub struct Environment {
     /// The CPUs the process may use (its affinity mask); `None` reads the
     /// calling thread's mask when the config is validated.
     pub cpus: Option<CpuBudget>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: overrides `[otlp] endpoint`.
+    pub otel_endpoint: Option<String>,
+    /// `OTEL_TRACES_SAMPLER_ARG`: overrides `[otlp] sample_ratio`.
+    pub otel_sampler_arg: Option<String>,
+    /// `OTEL_SERVICE_NAME`: overrides `[otlp] service_name`.
+    pub otel_service_name: Option<String>,
+    /// `POD_NAMESPACE`, `NODE_NAME`: Kubernetes resource attributes.
+    pub pod_namespace: Option<String>,
+    pub node_name: Option<String>,
 }
 
 /// Why a duration string was refused.
@@ -199,7 +208,26 @@ impl RawConfig {
             p.errors.sort_by_key(|e| e.line);
             return Err(ConfigErrors(p.errors));
         }
-        Ok(Config { source: file.to_string(), server, limits, backend, redis, routes, log, websocket, admin, drain, policy, tls })
+        let otlp = otlp(&mut p, &self.otlp, env);
+        if !p.errors.is_empty() {
+            p.errors.sort_by_key(|e| e.line);
+            return Err(ConfigErrors(p.errors));
+        }
+        Ok(Config {
+            source: file.to_string(),
+            server,
+            limits,
+            backend,
+            redis,
+            routes,
+            log,
+            websocket,
+            admin,
+            drain,
+            policy,
+            tls,
+            otlp,
+        })
     }
 }
 
@@ -342,6 +370,41 @@ fn message_policy(p: &mut Problems<'_>, raw: &[super::raw::RawMessagePolicy]) ->
         members.push((scope, ranges));
     }
     MessagePolicy::new(classes, members)
+}
+
+fn otlp(p: &mut Problems<'_>, o: &super::raw::RawOtlp, env: &Environment) -> OtlpConfig {
+    let endpoint = env.otel_endpoint.clone().or_else(|| (!o.endpoint.is_empty()).then(|| o.endpoint.clone()));
+    if let Some(e) = &endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            p.push("otlp", None, "endpoint", format!("{e:?} is not an http:// or https:// URL"));
+        }
+    }
+    let ratio = match env.otel_sampler_arg.as_deref().map(str::parse::<f64>) {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => {
+            p.push("otlp", None, "sample_ratio", "OTEL_TRACES_SAMPLER_ARG is not a number");
+            o.sample_ratio
+        }
+        None => o.sample_ratio,
+    };
+    if !(0.0..=1.0).contains(&ratio) {
+        p.push("otlp", None, "sample_ratio", format!("{ratio} is out of range 0.0..=1.0"));
+    }
+    let service = env.otel_service_name.clone().unwrap_or_else(|| o.service_name.clone());
+    let mut resource = vec![
+        ("service.name".to_string(), service),
+        ("service.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    for (k, v) in [
+        ("k8s.pod.name", &env.pod_name),
+        ("k8s.namespace.name", &env.pod_namespace),
+        ("k8s.node.name", &env.node_name),
+    ] {
+        if let Some(v) = v {
+            resource.push((k.to_string(), v.clone()));
+        }
+    }
+    OtlpConfig { endpoint, sample_ratio: ratio.clamp(0.0, 1.0), resource }
 }
 
 fn websocket(p: &mut Problems<'_>, ws: &RawWebSocket) -> WebSocketConfig {

@@ -188,6 +188,8 @@ pub(crate) enum Action {
     /// An announcement for every session of the gateway: hand it to every
     /// worker (this one included), once each.
     Announce(Arc<Announcement>),
+    /// Finished spans of sampled sessions, for the OTLP exporter.
+    Spans(Vec<crate::otlp::SpanRecord>),
 }
 
 /// A realm-wide announcement: one client frame for every selected session
@@ -307,6 +309,9 @@ pub(crate) enum Phase {
     Draining,
 }
 
+/// Spans a worker buffers between two ticks at most.
+const MAX_SPANS_PER_TICK: usize = 8192;
+
 /// Data-path log lines are limited per kind: at most [`LOG_BURST`] a second,
 /// the rest counted and reported in the next line of that kind.
 pub(crate) const LOG_BURST: u32 = 10;
@@ -356,6 +361,8 @@ pub(crate) struct Ctx {
     actions: Vec<Action>,
     /// Bytes in the hold buffers of this worker's held sessions.
     held_bytes: usize,
+    /// Spans of sampled sessions not yet handed to the exporter.
+    spans: Vec<crate::otlp::SpanRecord>,
     /// Admission shared by every worker: exact per-IP limits for the real
     /// client address and the node's connection cap (touched at accept and
     /// close only).
@@ -363,6 +370,16 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Records a span of a sampled session (handed over on the next tick).
+    fn span(&mut self, rec: crate::otlp::SpanRecord) {
+        // Bounded between ticks: a flood of sampled frames cannot grow it.
+        if self.spans.len() < MAX_SPANS_PER_TICK {
+            self.spans.push(rec);
+        } else {
+            self.stats.spans_dropped += 1;
+        }
+    }
+
     fn random(&mut self) -> u64 {
         let mut x = self.rng;
         x ^= x << 13;
@@ -427,6 +444,7 @@ impl Shard {
                 rng: seed | 1,
                 actions: Vec::new(),
                 held_bytes: 0,
+                spans: Vec::new(),
                 admission,
             },
             sessions: SessionTable::default(),
@@ -495,6 +513,9 @@ impl Shard {
         self.backends.finish_retirements(&mut self.ctx, now);
         self.hold_tick(now);
         self.paced_closes(now);
+        if !self.ctx.spans.is_empty() {
+            self.ctx.actions.push(Action::Spans(std::mem::take(&mut self.ctx.spans)));
+        }
         if sweep {
             self.backends.close_idle_seed(&mut self.ctx, now);
         }
@@ -563,6 +584,11 @@ impl Shard {
         }
         self.ctx.stats.announcements_delivered += n;
         n
+    }
+
+    /// Span batches the exporter could not take.
+    pub(crate) fn spans_dropped(&mut self, n: u64) {
+        self.ctx.stats.spans_dropped += n;
     }
 
     /// Drain, step 1: refuse new sessions from now on. With `[drain]

@@ -144,6 +144,9 @@ pub(super) struct Session {
     pub(super) tags: Vec<Box<[u8]>>,
     /// Per message class rate budgets, created on first use.
     class_buckets: Vec<(u8, crate::limits::TokenBucket)>,
+    /// OTLP: this session is traced (its root span id, and when it began in
+    /// Unix ns); `None` when not sampled.
+    traced: Option<([u8; 8], u64)>,
     /// TLS on this connection: rustls' state (records in, plaintext out).
     tls: Option<Box<rustls::ServerConnection>>,
     /// Decrypted bytes not yet framed.
@@ -401,6 +404,10 @@ impl Shard {
         trace_id[..8].copy_from_slice(&ctx.random().to_le_bytes());
         trace_id[8..].copy_from_slice(&ctx.random().to_le_bytes());
         let limiter = MessageLimiter::new(ctx.cfg.limits.messages_burst, now);
+        // Sampled per session, by ratio; only with an exporter configured.
+        let traced = (ctx.cfg.otlp.endpoint.is_some()
+            && (ctx.random() >> 11) as f64 / (1u64 << 53) as f64 <= ctx.cfg.otlp.sample_ratio)
+            .then(|| (ctx.random().to_le_bytes(), crate::otlp::unix_ns()));
         let make = |key| Session {
             key,
             info: SessionInfo::new(id, peer, Transport::Tcp, now, trace_id),
@@ -429,6 +436,7 @@ impl Shard {
             class_buckets: Vec::new(),
             tls: None,
             tls_in: BytesMut::new(),
+            traced,
         };
         let key = self.sessions.insert(make, id);
         ctx.stats.connections_total += 1;
@@ -900,6 +908,38 @@ impl Shard {
         if queued {
             self.ctx.stats.messages_in[st as usize] += 1;
             s.last_forward = Some(now);
+            if let Some((root, started)) = s.traced {
+                use crate::otlp::Attr;
+                let t = crate::otlp::unix_ns();
+                if s.info.frames_in == 1 {
+                    let span_id = self.ctx.random().to_le_bytes();
+                    self.ctx.span(crate::otlp::SpanRecord {
+                        trace_id: s.info.trace_id,
+                        span_id,
+                        parent: Some(root),
+                        name: "session.setup",
+                        start_ns: started,
+                        end_ns: t,
+                        attrs: vec![("client.address", Attr::Str(s.info.peer.to_string()))],
+                    });
+                }
+                // The span id the backend got in the trace extension, when
+                // the route propagates it.
+                let span_id = trace.as_ref().map_or_else(|| self.ctx.random().to_le_bytes(), |t| t.span_id);
+                self.ctx.span(crate::otlp::SpanRecord {
+                    trace_id: s.info.trace_id,
+                    span_id,
+                    parent: Some(root),
+                    name: "forward",
+                    start_ns: t,
+                    end_ns: t,
+                    attrs: vec![
+                        ("msg_id", Attr::Int(h.msg_id as i64)),
+                        ("server_type", Attr::Int(st as i64)),
+                        ("bytes", Attr::Int(payload.len() as i64)),
+                    ],
+                });
+            }
         }
         true
     }
@@ -979,6 +1019,26 @@ impl Shard {
             epoch: 0,
             held: false,
         };
+        if let Some((root, _)) = s.traced {
+            let t = crate::otlp::unix_ns();
+            use crate::otlp::Attr;
+            let span_id = ctx.random().to_le_bytes();
+            ctx.span(crate::otlp::SpanRecord {
+                trace_id: s.info.trace_id,
+                span_id,
+                parent: Some(root),
+                name: "route",
+                start_ns: t,
+                end_ns: t,
+                attrs: vec![
+                    ("server_type", Attr::Int(st as i64)),
+                    ("world_id", Attr::Int(world as i64)),
+                    ("backend", Attr::Str(ep.name.to_string())),
+                    ("backend_protocol", Attr::Str(protocol.as_str().to_string())),
+                    ("strategy", Attr::Str(rule.strategy.as_str().to_string())),
+                ],
+            });
+        }
         s.bindings.push(b);
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
             s.sticky = Some((st, world));
@@ -1068,6 +1128,24 @@ impl Shard {
             self.backends.unbind(ctx, b.conn, b.generation, id, b.notify.then_some(reason), now);
         }
         bump(&mut ctx.stats.sessions_closed, reason.as_str(), 1);
+        if let Some((root, started)) = s.traced {
+            use crate::otlp::Attr;
+            ctx.span(crate::otlp::SpanRecord {
+                trace_id: s.info.trace_id,
+                span_id: root,
+                parent: None,
+                name: "session",
+                start_ns: started,
+                end_ns: crate::otlp::unix_ns(),
+                attrs: vec![
+                    ("session.id", Attr::Int(id)),
+                    ("client.address", Attr::Str(s.info.peer.to_string())),
+                    ("close.reason", Attr::Str(reason.as_str().to_string())),
+                    ("frames.in", Attr::Int(s.info.frames_in as i64)),
+                    ("frames.out", Attr::Int(s.info.frames_out as i64)),
+                ],
+            });
+        }
         // A WebSocket client gets a close frame saying why (once).
         if let Some(ws) = s.ws.as_mut() {
             ws.close_for(&mut s.out, reason);

@@ -112,6 +112,8 @@ pub(crate) struct Worker {
     access_tx: RefCell<Option<Sender<Vec<u8>>>>,
     /// Announcements from this worker's backends, for every worker.
     announce_tx: Sender<Arc<crate::shard::Announcement>>,
+    /// Span batches for the OTLP exporter (when on).
+    spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
     /// Streams ending themselves gracefully (HTTP/2) that the stop waits for.
     finishing: Cell<usize>,
     /// How this worker names itself to gRPC backends (`gateway-name`):
@@ -235,6 +237,13 @@ impl Worker {
                 self.shard.borrow_mut().access_log_handed(r, Instant::now());
             }
             Action::SessionsGone => self.sessions_gone.notify(),
+            Action::Spans(batch) => {
+                let n = batch.len() as u64;
+                let sent = self.spans_tx.as_ref().is_some_and(|tx| tx.try_send(batch).is_ok());
+                if !sent {
+                    self.shard.borrow_mut().spans_dropped(n);
+                }
+            }
             Action::Announce(a) => {
                 if self.announce_tx.try_send(a).is_err() {
                     tracing::warn!(worker = self.index, "announcement relay full: announcement dropped");
@@ -347,6 +356,8 @@ pub struct WorkerSetup {
     pub access_tx: Sender<Vec<u8>>,
     /// The announcement relay (to every worker).
     pub announce_tx: Sender<Arc<crate::shard::Announcement>>,
+    /// The OTLP exporter, when trace export is on.
+    pub(crate) spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
 }
 
 fn io_uring_refused(e: &std::io::Error) -> bool {
@@ -409,7 +420,8 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx, announce_tx } = setup;
+    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx, announce_tx, spans_tx } =
+        setup;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -441,6 +453,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         access_tx: RefCell::new(Some(access_tx)),
         finishing: Cell::new(0),
         announce_tx,
+        spans_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
     });
     match cpu {
