@@ -144,6 +144,8 @@ pub(super) struct Session {
     pub(super) tags: Vec<Box<[u8]>>,
     /// Per message class rate budgets, created on first use.
     class_buckets: Vec<(u8, crate::limits::TokenBucket)>,
+    /// The backend it was last bound to (the access log keeps it after a loss).
+    last_backend: Option<std::sync::Arc<str>>,
     /// OTLP: this session is traced (its root span id, and when it began in
     /// Unix ns); `None` when not sampled.
     traced: Option<([u8; 8], u64)>,
@@ -436,6 +438,7 @@ impl Shard {
             class_buckets: Vec::new(),
             tls: None,
             tls_in: BytesMut::new(),
+            last_backend: None,
             traced,
         };
         let key = self.sessions.insert(make, id);
@@ -1040,6 +1043,7 @@ impl Shard {
             });
         }
         s.bindings.push(b);
+        s.last_backend = Some(ep.name.clone());
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
             s.sticky = Some((st, world));
         }
@@ -1113,7 +1117,12 @@ impl Shard {
             ctx.admission.release_ip(s.info.peer.ip());
         }
         if ctx.cfg.log.access_log {
-            let server = s.bindings.first().and_then(|b| self.backends.endpoint_name(b.conn)).unwrap_or("");
+            let server = s
+                .bindings
+                .first()
+                .and_then(|b| self.backends.endpoint_name(b.conn))
+                .or(s.last_backend.as_deref())
+                .unwrap_or("");
             crate::access_log::append(&mut self.access_buf, &s.info, reason, server);
             self.access_pending += 1;
         }
