@@ -210,6 +210,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 "routes": { "version": ctl.route_version.load(Ordering::Relaxed), "source": ctl.route_source.lock().unwrap().to_string(),
                             "redis": ctl.redis_state.load().as_str(),
                             "last_error": ctl.last_error.lock().unwrap().clone() },
+                "discovery": ctl.discovery_json(),
                 "workers": workers,
             });
             respond(&mut c, 200, "application/json", &format!("{body:#}\n"))

@@ -1,11 +1,15 @@
 //! The control side: the control loop, config reload, Redis routes,
 //! snapshots, stop.
 //!
-//! It runs on the main thread (plus a signal thread and, with Redis, a
-//! subscriber thread), never on a worker core. Parts:
+//! It runs on the main thread (plus a signal thread, a name lookup thread,
+//! with Redis a subscriber thread, with Consul a watcher thread per
+//! service), never on a worker core. Parts:
 //! - this module: [`Control::run`], the loop;
 //! - [`reload`]: config reload and the restart-only keys;
 //! - [`redis`]: the Redis reader and notify subscriber;
+//! - [`consul`]: Consul discovery with blocking queries, and how its
+//!   endpoints fill rules;
+//! - [`resolve`]: endpoint host names, cached and looked up again;
 //! - [`routes`]: route documents (Redis JSON, realm mapping, rule files),
 //!   parsed and validated, merged with the static rules, fingerprinted;
 //! - [`logging`]: the tracing subscriber and its live level.
@@ -15,23 +19,31 @@
 //! - SIGHUP, or a changed config file mtime (polled every [`FILE_POLL`]):
 //!   reload the config;
 //! - a Redis notify (or the periodic `refresh_interval`): re-read Redis;
+//! - a Consul answer or failure from a watcher: keep the service's answer
+//!   (or its last good one) and republish;
+//! - a batch of name lookups (every `backend.resolve_interval`, and after a
+//!   dial to a named endpoint failed): republish when an address changed;
 //! - SIGINT / SIGTERM, or the admin's drain call: stop (the signal thread
 //!   ends the drain at once on a second signal, exits on a third).
 //!
 //! Every route change goes through [`Control::publish`]: static rules
-//! overlaid with the last good Redis data, published as a new versioned
+//! overlaid with the last good Redis data, names resolved from the cache,
+//! Consul's endpoints in the rules that list none, published as a new versioned
 //! snapshot to every worker only when its content changed. Invalid Redis data
 //! is rejected whole (logged with every reason, counted) and the last good
 //! data stays; Redis unreachable keeps the last good snapshot too, retried
 //! with capped backoff, logged once per state change. What the admin side
 //! reports is written to the shared [`ControlStats`].
 
+pub mod consul;
 pub mod logging;
 pub mod redis;
 mod reload;
+mod resolve;
 pub mod routes;
 
 use self::redis::{FetchError, RedisError, RedisSource};
+use self::resolve::Names;
 use self::routes::{fingerprint, merge, RouteSet};
 use crate::config::{Config, Environment};
 use crate::gateway::Gateway;
@@ -39,6 +51,7 @@ use crate::routing::RouteTable;
 use crate::state::{ControlEvent, ControlSender, ControlStats, RedisState, RouteLabels, RouteSource};
 use crate::worker::WorkerCommand;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,6 +65,14 @@ const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Redis re-read period when no `[redis]` section gives one (never used in
 /// practice: without `[redis]` there is nothing to read).
 const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
+/// With Consul, `/ready` waits this long at most for every watched
+/// service's first answer (or failure).
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// How often the workers' dial failures to named endpoints are checked
+/// (a failure asks for a new lookup of the name).
+const DIAL_CHECK: Duration = Duration::from_secs(5);
+/// Distinct route-data warnings remembered (each is logged once).
+const WARNED_MAX: usize = 4096;
 
 /// Why the control loop could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +83,12 @@ pub enum ControlError {
     Thread { name: &'static str, source: std::io::Error },
     #[error(transparent)]
     Redis(#[from] RedisError),
+}
+
+impl ControlError {
+    fn thread(name: &'static str) -> impl FnOnce(std::io::Error) -> ControlError {
+        move |source| ControlError::Thread { name, source }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -93,6 +120,19 @@ pub struct Control {
     /// Modification time of `[admin] token_file`: a new token reloads too.
     token_mtime: Option<SystemTime>,
     stop_sub: Arc<AtomicBool>,
+    /// Consul discovery (None without `[consul]`).
+    consul: Option<consul::Discovery>,
+    /// Endpoint host names -> addresses.
+    names: Names,
+    /// When the last periodic lookup of every name was asked for.
+    last_lookup: Instant,
+    /// Host names in the last built route set.
+    in_use: BTreeSet<Arc<str>>,
+    /// Route-data warnings already logged and counted.
+    warned: HashSet<String>,
+    /// Dial failures per named endpoint at the last check.
+    dial_failures: HashMap<Arc<str>, u64>,
+    next_dial_check: Instant,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -165,6 +205,17 @@ impl Control {
             }
             None => None,
         };
+        let lookups = resolve::spawn_lookups(tx.clone()).map_err(ControlError::thread("gw-resolve"))?;
+        let discovery = match &running.consul {
+            Some(cc) => {
+                consul::spawn_watchers(cc, tx.clone(), stop_sub.clone()).map_err(ControlError::thread("gw-consul"))?;
+                stats.consul_state.store(RedisState::Down);
+                stats.discovery.lock().unwrap().consul_address = Some(cc.address.clone());
+                Some(consul::Discovery::new(cc.clone()))
+            }
+            None => None,
+        };
+        let now = Instant::now();
         let mut c = Control {
             path: path.to_path_buf(),
             env,
@@ -181,24 +232,51 @@ impl Control {
             version: 1,
             published: 0,
             stop_sub,
+            consul: discovery,
+            names: Names::new(Some(lookups)),
+            last_lookup: now,
+            in_use: BTreeSet::new(),
+            warned: HashSet::new(),
+            dial_failures: HashMap::new(),
+            next_dial_check: now + DIAL_CHECK,
         };
         c.published = fingerprint(&merge(&c.running.routes, None));
         *c.stats.policy_classes.lock().unwrap() = c.running.policy.classes.iter().map(|k| k.name.clone()).collect();
         *c.stats.tls_certificates.lock().unwrap() =
             c.running.tls.certificates.iter().map(|k| (k.name.clone(), k.not_after)).collect();
+        let initial = merge(&c.running.routes, None);
+        c.names.learn(&initial);
+        c.in_use = resolve::host_names(&initial);
         c.stats.route_version.store(1, Ordering::Relaxed);
         c.stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
         *c.stats.route_source.lock().unwrap() = RouteSource::Static;
         if c.redis.is_some() {
             c.fetch_redis();
         }
-        c.stats.ready.store(true, Ordering::Relaxed);
+        // Ready once the routes are loaded: Redis was read (or found down)
+        // above; every Consul service answered or failed once, or
+        // FIRST_ANSWER_WAIT passed.
+        let ready_by = now + FIRST_ANSWER_WAIT;
+        let mut ready = false;
         let mut last_poll = Instant::now();
         loop {
+            if !ready && (c.consul.as_ref().is_none_or(|d| d.all_reported()) || Instant::now() >= ready_by) {
+                ready = true;
+                c.stats.ready.store(true, Ordering::Relaxed);
+            }
             let now = Instant::now();
             let mut wait = FILE_POLL.saturating_sub(now.duration_since(last_poll));
             if c.redis.is_some() {
                 wait = wait.min(c.next_fetch.saturating_duration_since(now));
+            }
+            if !ready {
+                wait = wait.min(ready_by.saturating_duration_since(now));
+            }
+            if let Some(due) = c.next_lookup() {
+                wait = wait.min(due.saturating_duration_since(now));
+            }
+            if !c.in_use.is_empty() {
+                wait = wait.min(c.next_dial_check.saturating_duration_since(now));
             }
             match rx.recv_timeout(wait) {
                 Ok(ControlEvent::Signal(libc::SIGHUP)) => {
@@ -214,6 +292,8 @@ impl Control {
                     return Ok(());
                 }
                 Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
+                Ok(ControlEvent::Discovery { service, result }) => c.on_discovery(service, result),
+                Ok(ControlEvent::Resolved(results)) => c.on_resolved(results),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     unreachable!("the control loop holds a sender")
@@ -238,6 +318,14 @@ impl Control {
             }
             if c.redis.is_some() && now >= c.next_fetch {
                 c.fetch_redis();
+            }
+            if c.next_lookup().is_some_and(|due| now >= due) {
+                c.last_lookup = now;
+                c.lookup_all();
+            }
+            if !c.in_use.is_empty() && now >= c.next_dial_check {
+                c.next_dial_check = now + DIAL_CHECK;
+                c.check_dial_failures();
             }
         }
     }
@@ -266,11 +354,12 @@ impl Control {
         };
         let refresh = self.running.redis.as_ref().map(|r| r.refresh_interval).unwrap_or(DEFAULT_REFRESH);
         let stats = self.stats.clone();
-        match src.fetch() {
+        match src.fetch(&mut self.names) {
             Ok(set) => {
                 if self.redis_up != Some(true) {
                     tracing::info!("redis reachable: routes from redis");
                 }
+                self.note_warnings("redis", &set.warnings);
                 self.redis_up = Some(true);
                 stats.redis_state.store(RedisState::Up);
                 stats.refresh_success.fetch_add(1, Ordering::Relaxed);
@@ -305,14 +394,118 @@ impl Control {
         }
     }
 
-    /// Publishes static + last good Redis routes when they changed.
+    /// Logs and counts each route-data warning the first time it is seen
+    /// (Redis is re-read every `refresh_interval`; one line per problem, not
+    /// one per read).
+    fn note_warnings(&mut self, source: &str, warnings: &[String]) {
+        if self.warned.len() > WARNED_MAX {
+            self.warned.clear();
+        }
+        for w in warnings {
+            if self.warned.insert(w.clone()) {
+                tracing::warn!(source, warning = %w, "route data loaded with a warning");
+                self.stats.route_warnings.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The route set to publish: static rules overlaid with the last good
+    /// Redis data, host names at their cached addresses (names that resolve
+    /// by now put in), then Consul's endpoints in the rules that list none.
+    fn build(&mut self) -> RouteSet {
+        let mut set = merge(&self.running.routes, self.redis_set.as_ref());
+        self.names.learn(&set);
+        self.names.fill_pending(&mut set);
+        self.names.overlay(&mut set);
+        let mut wanted = BTreeSet::new();
+        if let Some(d) = &self.consul {
+            let found = d.endpoints(&self.names, &mut wanted);
+            consul::fill(&mut set, &d.cfg.services, &found);
+        }
+        let mut in_use = resolve::host_names(&set);
+        in_use.extend(wanted.iter().cloned());
+        // Names never looked up yet (a Consul instance registered by host
+        // name): ask now rather than at the next periodic lookup.
+        let unknown: Vec<Arc<str>> =
+            wanted.into_iter().filter(|n| !self.names.failing().any(|(f, _)| f == n)).collect();
+        self.names.request(unknown);
+        self.names.retain(&in_use);
+        self.in_use = in_use;
+        self.dial_failures.retain(|k, _| self.in_use.contains(k));
+        let unresolved: Vec<String> =
+            self.in_use.iter().filter(|n| self.names.cached(n).is_none()).map(|n| n.to_string()).collect();
+        self.stats.discovery.lock().unwrap().unresolved = unresolved;
+        set
+    }
+
+    /// When the next periodic lookup of every name is due (`None`: none to
+    /// do, or `backend.resolve_interval` is 0).
+    fn next_lookup(&self) -> Option<Instant> {
+        let every = self.running.backend.resolve_interval;
+        (!every.is_zero() && !self.in_use.is_empty()).then(|| self.last_lookup + every)
+    }
+
+    /// Asks the lookup thread about every host name in use.
+    fn lookup_all(&mut self) {
+        self.names.request(self.in_use.iter().cloned());
+    }
+
+    /// Takes a batch of lookups in; republishes when an address changed or a
+    /// waiting name resolved.
+    fn on_resolved(&mut self, results: crate::state::Lookups) {
+        let r = self.names.apply(results);
+        for (name, old, new) in &r.changed {
+            tracing::info!(endpoint = %name, old = %old, new = %new, "endpoint address changed");
+        }
+        for name in &r.fresh {
+            tracing::info!(endpoint = %name, "endpoint name resolves now");
+        }
+        for (name, why) in &r.failing {
+            match self.names.cached(name) {
+                Some(a) => {
+                    tracing::warn!(endpoint = %name, error = %why, keeping = %a, "endpoint name does not resolve; keeping its last address")
+                }
+                None => {
+                    tracing::warn!(endpoint = %name, error = %why, "endpoint name does not resolve; left out of its rule until it does")
+                }
+            }
+        }
+        for name in &r.recovered {
+            tracing::info!(endpoint = %name, "endpoint name resolves again");
+        }
+        self.stats.address_changes.fetch_add(r.changed.len() as u64, Ordering::Relaxed);
+        if r.routes_changed() {
+            self.publish("name lookup");
+        }
+    }
+
+    /// A dial to a named endpoint failed on some worker since the last
+    /// check: its name may point elsewhere now, so look it up again.
+    fn check_dial_failures(&mut self) {
+        let stats = self.gw.stats();
+        let mut again = Vec::new();
+        for name in &self.in_use {
+            let Some(b) = stats.backends.get(name) else { continue };
+            let n = ["dial_failed", "dial_timeout"].iter().map(|k| b.errors.get(k).copied().unwrap_or(0)).sum::<u64>();
+            let before = self.dial_failures.insert(name.clone(), n).unwrap_or(0);
+            if n > before {
+                again.push(name.clone());
+            }
+        }
+        if !again.is_empty() {
+            tracing::debug!(names = again.len(), "dials to named endpoints failed: looking the names up again");
+            self.names.request(again);
+        }
+    }
+
+    /// Publishes static + last good Redis routes (+ Consul) when they changed.
     fn publish(&mut self, why: &str) {
         // What the running config makes known to the metrics.
         *self.stats.policy_classes.lock().unwrap() =
             self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
         *self.stats.tls_certificates.lock().unwrap() =
             self.running.tls.certificates.iter().map(|c| (c.name.clone(), c.not_after)).collect();
-        let set = merge(&self.running.routes, self.redis_set.as_ref());
+        let set = self.build();
         let fp = fingerprint(&set);
         if fp == self.published {
             return;
@@ -329,9 +522,8 @@ impl Control {
         );
         self.stats.route_version.store(self.version, Ordering::Relaxed);
         *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
-
         *self.stats.route_source.lock().unwrap() =
-            if self.redis_set.is_some() { RouteSource::StaticAndRedis } else { RouteSource::Static };
+            RouteSource::of(self.redis_set.is_some(), self.consul.as_ref().is_some_and(|d| d.has_answers()));
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
     }
 }

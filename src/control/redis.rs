@@ -11,8 +11,9 @@
 //! messages into control events, and after every (re)subscribe asks for a
 //! reload too, so a notification missed while disconnected heals at once.
 
-use super::routes::{parse_realm_mapping, parse_rules_json, RouteSet};
+use super::routes::{parse_redis, RouteSet};
 use crate::config::RedisConfig;
+use crate::routing::{Resolution, Resolve};
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -96,25 +97,14 @@ pub(crate) fn read_raw(conn: &mut redis::Connection, keys: &Keys) -> redis::Redi
     Ok((rules, realms))
 }
 
-/// Validates what Redis holds into a route set.
-pub fn validate_raw(rules: Option<&str>, realms: &[(String, String)]) -> Result<RouteSet, Vec<String>> {
-    let mut errs = vec![];
-    let rules = match rules {
-        Some(t) => parse_rules_json(t).unwrap_or_else(|e| {
-            errs.extend(e);
-            vec![]
-        }),
-        None => vec![],
-    };
-    let realms = parse_realm_mapping(realms.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap_or_else(|e| {
-        errs.extend(e);
-        vec![]
-    });
-    if errs.is_empty() {
-        Ok(RouteSet { rules, realms })
-    } else {
-        Err(errs)
-    }
+/// Validates what Redis holds into a route set (host names go to `resolver`).
+pub fn validate_raw(
+    rules: Option<&str>,
+    realms: &[(String, String)],
+    resolver: &mut dyn Resolve,
+    resolution: Resolution,
+) -> Result<RouteSet, Vec<String>> {
+    parse_redis(rules, realms, resolver, resolution)
 }
 
 impl RedisSource {
@@ -124,8 +114,9 @@ impl RedisSource {
     }
 
     /// Reads and validates both keys. A missing rules key is an empty rule
-    /// list (the static rules serve).
-    pub(crate) fn fetch(&mut self) -> Result<RouteSet, FetchError> {
+    /// list (the static rules serve). A host name that does not resolve is a
+    /// warning (the name waits in [`RouteSet::pending`]), not a rejection.
+    pub(crate) fn fetch(&mut self, resolver: &mut dyn Resolve) -> Result<RouteSet, FetchError> {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.client).map_err(FetchError::Unavailable)?);
         }
@@ -137,7 +128,7 @@ impl RedisSource {
                 return Err(FetchError::Unavailable(e));
             }
         };
-        validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)
+        validate_raw(rules.as_deref(), &realms, resolver, Resolution::Deferred).map_err(FetchError::Invalid)
     }
 }
 
