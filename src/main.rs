@@ -1,10 +1,11 @@
 use clap::{Parser, Subcommand};
 use game_gateway::admin;
 use game_gateway::config::{self, Config, Environment, IoDriver};
-use game_gateway::control::routes::{self as route_source, RouteSet};
+use game_gateway::control::routes::{self as route_source, RouteSet, Slot};
 use game_gateway::control::{self, redis as redis_source, Control};
 use game_gateway::cpu::CpuBudget;
 use game_gateway::gateway::{self, Gateway};
+use game_gateway::routing::{Resolution, SystemResolver};
 use game_gateway::state::{ControlStats, RouteLabels};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,10 +44,20 @@ enum Command {
 enum RoutesCmd {
     /// Validate a rules file offline (JSON: the object keyed by server type,
     /// an array of rules, or {"rules": ..., "realm_mapping": {...}}).
-    Check { file: PathBuf },
+    /// Unknown rule fields and host names that do not resolve here are
+    /// warnings (exit 0).
+    Check {
+        file: PathBuf,
+        /// Every host name must resolve on this machine (else exit 1).
+        #[arg(long)]
+        resolve: bool,
+    },
     /// Validate a rules file, write it to Redis and publish the notifications.
     Push {
         file: PathBuf,
+        /// Every host name must resolve on this machine (else nothing is pushed).
+        #[arg(long)]
+        resolve: bool,
         #[arg(long)]
         redis: String,
         #[arg(long, default_value = config::DEFAULT_KEY_PREFIX)]
@@ -54,6 +65,9 @@ enum RoutesCmd {
     },
     /// Print what Redis holds, resolved as the gateway would resolve it.
     Show {
+        /// Every host name must resolve on this machine (else exit 1).
+        #[arg(long)]
+        resolve: bool,
         #[arg(long)]
         redis: String,
         #[arg(long, default_value = config::DEFAULT_KEY_PREFIX)]
@@ -74,15 +88,42 @@ fn print_set(set: &RouteSet) {
     for (realm, ep) in &set.realms {
         println!("  {realm} -> {ep} ({})", ep.addr);
     }
+    if !set.pending.is_empty() {
+        println!("unresolved names (left out until they resolve): {}", set.pending.len());
+        for p in &set.pending {
+            match p.slot {
+                Slot::Rule(t, 0) => println!("  type={t} world=* {}", p.name),
+                Slot::Rule(t, w) => println!("  type={t} world={w} {}", p.name),
+                Slot::Realm(r) => println!("  realm {r} {}", p.name),
+            }
+        }
+    }
 }
 
-fn load_rules_file(file: &PathBuf) -> Result<(String, RouteSet), ExitCode> {
+fn resolution(resolve: bool) -> Resolution {
+    if resolve {
+        Resolution::Required
+    } else {
+        Resolution::Deferred
+    }
+}
+
+fn print_warnings(file: &std::path::Path, set: &RouteSet) {
+    for w in &set.warnings {
+        eprintln!("{}: warning: {w}", file.display());
+    }
+}
+
+fn load_rules_file(file: &PathBuf, resolve: bool) -> Result<(String, RouteSet), ExitCode> {
     let text = std::fs::read_to_string(file).map_err(|e| {
         eprintln!("{}: cannot read: {e}", file.display());
         ExitCode::from(2)
     })?;
-    match route_source::parse_bundle(&text) {
-        Ok(set) => Ok((text, set)),
+    match route_source::parse_bundle(&text, &mut SystemResolver, resolution(resolve)) {
+        Ok(set) => {
+            print_warnings(file, &set);
+            Ok((text, set))
+        }
         Err(errs) => {
             for e in errs {
                 eprintln!("{}: {e}", file.display());
@@ -94,16 +135,19 @@ fn load_rules_file(file: &PathBuf) -> Result<(String, RouteSet), ExitCode> {
 
 fn routes(action: RoutesCmd) -> ExitCode {
     match action {
-        RoutesCmd::Check { file } => match load_rules_file(&file) {
+        RoutesCmd::Check { file, resolve } => match load_rules_file(&file, resolve) {
             Ok((_, set)) => {
                 print_set(&set);
-                println!("rules ok");
+                match set.warnings.len() {
+                    0 => println!("rules ok"),
+                    n => println!("rules ok, {n} warning(s)"),
+                }
                 ExitCode::SUCCESS
             }
             Err(c) => c,
         },
-        RoutesCmd::Push { file, redis, prefix } => {
-            let (text, set) = match load_rules_file(&file) {
+        RoutesCmd::Push { file, resolve, redis, prefix } => {
+            let (text, set) = match load_rules_file(&file, resolve) {
                 Ok(x) => x,
                 Err(c) => return c,
             };
@@ -114,10 +158,17 @@ fn routes(action: RoutesCmd) -> ExitCode {
                 None if v.get("realm_mapping").is_some() => "[]".to_string(),
                 None => v.to_string(),
             };
-            let realms: Vec<(u16, String)> = set.realms.iter().map(|(r, e)| (*r, e.name.to_string())).collect();
+            // Realm entries whose name does not resolve here are pushed too:
+            // the gateways resolve them on their side.
+            let mut realms: Vec<(u16, String)> = set.realms.iter().map(|(r, e)| (*r, e.name.to_string())).collect();
+            realms.extend(set.pending.iter().filter_map(|p| match p.slot {
+                Slot::Realm(r) => Some((r, p.name.to_string())),
+                Slot::Rule(..) => None,
+            }));
+            realms.sort();
             match redis_source::push(&redis, &prefix, &rules_json, &realms) {
                 Ok(()) => {
-                    println!("pushed {} rules and {} realm entries to {redis} (prefix {prefix:?}) and published the notifications", set.rules.len(), set.realms.len());
+                    println!("pushed {} rules and {} realm entries to {redis} (prefix {prefix:?}) and published the notifications", set.rules.len(), realms.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -126,7 +177,7 @@ fn routes(action: RoutesCmd) -> ExitCode {
                 }
             }
         }
-        RoutesCmd::Show { redis, prefix } => match redis_source::show(&redis, &prefix) {
+        RoutesCmd::Show { resolve, redis, prefix } => match redis_source::show(&redis, &prefix) {
             Ok((rules, realms)) => {
                 let keys = redis_source::Keys::new(&prefix);
                 if rules.is_none() {
@@ -135,8 +186,11 @@ fn routes(action: RoutesCmd) -> ExitCode {
                         keys.rules
                     );
                 }
-                match redis_source::validate_raw(rules.as_deref(), &realms) {
+                match redis_source::validate_raw(rules.as_deref(), &realms, &mut SystemResolver, resolution(resolve)) {
                     Ok(set) => {
+                        for w in &set.warnings {
+                            eprintln!("warning: {w}");
+                        }
                         print_set(&set);
                         ExitCode::SUCCESS
                     }
@@ -170,6 +224,7 @@ fn environment() -> Environment {
         otel_service_name: var("OTEL_SERVICE_NAME"),
         pod_namespace: var("POD_NAMESPACE"),
         node_name: var("NODE_NAME"),
+        node_ip: var("NODE_IP"),
     }
 }
 

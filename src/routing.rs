@@ -43,6 +43,23 @@ pub struct RawRule {
 }
 
 impl RawRule {
+    /// Every field a rule may carry, as spelled in TOML and JSON. Route JSON
+    /// (Redis, rule files) warns about and drops any other key; the TOML
+    /// config refuses it (`deny_unknown_fields`).
+    pub const FIELDS: [&'static str; 11] = [
+        "server_type",
+        "world_id",
+        "service_name",
+        "strategy",
+        "endpoints",
+        "hash_key",
+        "notify_sessions",
+        "trace_propagation",
+        "on_backend_loss",
+        "backend_protocol",
+        "binding",
+    ];
+
     /// A rule with the given key, strategy and endpoints, every other field
     /// at its default.
     pub fn new(server_type: i64, world_id: i64, strategy: &str, endpoints: &[String]) -> RawRule {
@@ -205,26 +222,101 @@ pub struct Endpoint {
     pub hash: u64,
 }
 
+/// Resolves a host name and port to its addresses (the system resolver, or
+/// the control side's cache that keeps an address stable across lookups).
+pub trait Resolve {
+    /// One address for `host:port`; `Err` is the reason it does not resolve.
+    fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String>;
+}
+
+/// `getaddrinfo`, first address returned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String> {
+        (host, port).to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or_else(|| "no address".to_string())
+    }
+}
+
+/// Whether a host name that does not resolve is an error or a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The config file and `routes check --resolve`: every name must resolve.
+    Required,
+    /// Route data read at run time (Redis, Consul) and `routes check`: a
+    /// name that does not resolve is left out of its rule, reported, and
+    /// tried again until it resolves.
+    Deferred,
+}
+
+/// Why an endpoint string gave no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointError {
+    /// Not `host:port`, or port 0: wrong whatever DNS says.
+    Invalid(String),
+    /// Well-formed, but the host name does not resolve (now).
+    Unresolved(String),
+}
+
+impl fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointError::Invalid(r) | EndpointError::Unresolved(r) => f.write_str(r),
+        }
+    }
+}
+
 impl Endpoint {
+    /// Parses `host:port`, resolving a host name with the system resolver.
     pub fn parse(s: &str) -> Result<Endpoint, String> {
-        let addr = match s.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
-                if host.is_empty() || port.parse::<u16>().is_err() {
-                    return Err(format!("{s:?} is not host:port with a port 1..=65535"));
-                }
-                (host, port.parse::<u16>().unwrap())
-                    .to_socket_addrs()
-                    .map_err(|e| format!("{s:?} does not resolve: {e}"))?
-                    .next()
-                    .ok_or_else(|| format!("{s:?} resolves to no address"))?
+        Endpoint::parse_with(s, &mut SystemResolver).map_err(|e| e.to_string())
+    }
+
+    /// Parses `host:port`; a host name goes to `resolver`.
+    pub fn parse_with(s: &str, resolver: &mut dyn Resolve) -> Result<Endpoint, EndpointError> {
+        let addr = match Endpoint::literal(s)? {
+            Some(a) => a,
+            None => {
+                let (host, port) = s.rsplit_once(':').expect("checked by literal");
+                let port: u16 = port.parse().expect("checked by literal");
+                resolver
+                    .resolve(host, port)
+                    .map_err(|e| EndpointError::Unresolved(format!("{s:?} does not resolve: {e}")))?
             }
         };
-        if addr.port() == 0 {
-            return Err(format!("{s:?} has port 0"));
+        Ok(Endpoint::with_addr(s, addr))
+    }
+
+    /// Checks the syntax of `host:port` without resolving: the address for an
+    /// IP literal, `None` for a well-formed host name.
+    pub fn literal(s: &str) -> Result<Option<SocketAddr>, EndpointError> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                return Err(EndpointError::Invalid(format!("{s:?} has port 0")));
+            }
+            return Ok(Some(a));
         }
-        Ok(Endpoint { addr, name: Arc::from(s), hash: xxhash_rust::xxh3::xxh3_64(s.as_bytes()) })
+        let (host, port) =
+            s.rsplit_once(':').ok_or_else(|| EndpointError::Invalid(format!("{s:?} is not host:port")))?;
+        match port.parse::<u16>() {
+            _ if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') => {
+                Err(EndpointError::Invalid(format!("{s:?} is not host:port with a port 1..=65535")))
+            }
+            Ok(0) => Err(EndpointError::Invalid(format!("{s:?} has port 0"))),
+            Ok(_) => Ok(None),
+            Err(_) => Err(EndpointError::Invalid(format!("{s:?} is not host:port with a port 1..=65535"))),
+        }
+    }
+
+    /// An endpoint named `name` (as written) at `addr`.
+    pub fn with_addr(name: &str, addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, name: Arc::from(name), hash: xxhash_rust::xxh3::xxh3_64(name.as_bytes()) }
+    }
+
+    /// Whether the name is an IP literal (nothing to resolve).
+    pub fn is_literal(&self) -> bool {
+        self.name.parse::<SocketAddr>().is_ok()
     }
 }
 
@@ -287,10 +379,31 @@ impl fmt::Display for RouteRule {
     }
 }
 
+/// A rule that validated, and the endpoint names left out of it because
+/// they do not resolve yet ([`Resolution::Deferred`]), each with its reason.
+#[derive(Debug, Clone)]
+pub struct ValidRule {
+    pub rule: RouteRule,
+    pub unresolved: Vec<(Arc<str>, String)>,
+}
+
 impl RawRule {
-    /// Checks every field; returns all problems as (field, reason).
+    /// Checks every field, resolving host names with the system resolver;
+    /// every name must resolve. Returns all problems as (field, reason).
     pub fn validate(&self) -> Result<RouteRule, Vec<(&'static str, String)>> {
+        self.validate_with(&mut SystemResolver, Resolution::Required).map(|v| v.rule)
+    }
+
+    /// Checks every field; host names go to `resolver`. With
+    /// [`Resolution::Deferred`] a name that does not resolve is left out of
+    /// the rule and returned in [`ValidRule::unresolved`] instead of failing.
+    pub fn validate_with(
+        &self,
+        resolver: &mut dyn Resolve,
+        resolution: Resolution,
+    ) -> Result<ValidRule, Vec<(&'static str, String)>> {
         let mut errs = Vec::new();
+        let mut unresolved: Vec<(Arc<str>, String)> = Vec::new();
         if !(0..=255).contains(&self.server_type) {
             errs.push(("server_type", format!("{} is out of range 0..=255", self.server_type)));
         }
@@ -310,11 +423,17 @@ impl RawRule {
             }
         };
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
-        for e in &self.endpoints {
-            match Endpoint::parse(e) {
-                Ok(ep) if endpoints.contains(&ep) => errs.push(("endpoints", format!("{e:?} is listed twice"))),
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if self.endpoints[..i].contains(e) {
+                errs.push(("endpoints", format!("{e:?} is listed twice")));
+                continue;
+            }
+            match Endpoint::parse_with(e, resolver) {
                 Ok(ep) => endpoints.push(ep),
-                Err(r) => errs.push(("endpoints", r)),
+                Err(EndpointError::Unresolved(r)) if resolution == Resolution::Deferred => {
+                    unresolved.push((Arc::from(e.as_str()), r))
+                }
+                Err(r) => errs.push(("endpoints", r.to_string())),
             }
         }
         let hash_key = match self.hash_key.as_deref().unwrap_or("inst_id") {
@@ -363,7 +482,7 @@ impl RawRule {
         }
         let service_name =
             if self.service_name.is_empty() { format!("type{}", self.server_type) } else { self.service_name.clone() };
-        Ok(RouteRule {
+        let rule = RouteRule {
             server_type: self.server_type as u8,
             world_id: self.world_id as u16,
             service_name: Arc::from(service_name),
@@ -375,7 +494,8 @@ impl RawRule {
             on_backend_loss,
             backend_protocol,
             binding,
-        })
+        };
+        Ok(ValidRule { rule, unresolved })
     }
 }
 
@@ -647,6 +767,36 @@ mod tests {
         let empty = rule(30, 0, "realm_based", &[]);
         i.world_id = 9;
         assert_eq!(t.pick(&empty, &i, &mut 0, ALL), Err(RouteError::NoEndpoints));
+    }
+
+    #[test]
+    fn endpoint_syntax_is_checked_before_any_lookup() {
+        assert_eq!(Endpoint::literal("127.0.0.1:5"), Ok(Some("127.0.0.1:5".parse().unwrap())));
+        assert_eq!(Endpoint::literal("[2001:db8::1]:5"), Ok(Some("[2001:db8::1]:5".parse().unwrap())));
+        assert_eq!(Endpoint::literal("account.game.svc.cluster.local:9000"), Ok(None));
+        for bad in ["nohost", "host:0", "127.0.0.1:0", ":80", "a b:1", "host:http", "host:70000"] {
+            assert!(matches!(Endpoint::literal(bad), Err(EndpointError::Invalid(_))), "{bad}");
+        }
+        struct Fixed;
+        impl Resolve for Fixed {
+            fn resolve(&mut self, host: &str, port: u16) -> Result<SocketAddr, String> {
+                if host == "known" {
+                    Ok(SocketAddr::from(([10, 0, 0, 1], port)))
+                } else {
+                    Err("unknown".into())
+                }
+            }
+        }
+        let e = Endpoint::parse_with("known:7", &mut Fixed).unwrap();
+        assert_eq!((e.addr.to_string().as_str(), e.name.as_ref(), e.is_literal()), ("10.0.0.1:7", "known:7", false));
+        assert!(matches!(Endpoint::parse_with("other:7", &mut Fixed), Err(EndpointError::Unresolved(_))));
+        let raw = RawRule::new(10, 0, "round_robin", &["known:1".into(), "other:2".into(), "other:2".into()]);
+        let errs = raw.validate_with(&mut Fixed, Resolution::Deferred).unwrap_err();
+        assert_eq!(errs, vec![("endpoints", "\"other:2\" is listed twice".to_string())]);
+        let raw = RawRule::new(10, 0, "round_robin", &["known:1".into(), "other:2".into()]);
+        let v = raw.validate_with(&mut Fixed, Resolution::Deferred).unwrap();
+        assert_eq!((v.rule.endpoints.len(), v.unresolved[0].0.as_ref()), (1, "other:2"));
+        assert!(raw.validate_with(&mut Fixed, Resolution::Required).is_err());
     }
 
     #[test]

@@ -10,11 +10,13 @@
 use crate::config::AdminToken;
 use crate::gateway::FdBudget;
 use crate::routing::RouteTable;
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Whether the routes' Redis source answers.
+/// Whether the routes' Redis source (or Consul) answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RedisState {
     /// No `[redis]` section.
@@ -80,6 +82,22 @@ pub enum RouteSource {
     Static,
     /// The config file's rules overlaid with the last good Redis data.
     StaticAndRedis,
+    /// The config file's rules, endpoints from Consul.
+    StaticAndConsul,
+    /// The config file's rules overlaid with Redis, endpoints from Consul.
+    StaticRedisAndConsul,
+}
+
+impl RouteSource {
+    /// The source given which of Redis and Consul contributed.
+    pub fn of(redis: bool, consul: bool) -> RouteSource {
+        match (redis, consul) {
+            (false, false) => RouteSource::Static,
+            (true, false) => RouteSource::StaticAndRedis,
+            (false, true) => RouteSource::StaticAndConsul,
+            (true, true) => RouteSource::StaticRedisAndConsul,
+        }
+    }
 }
 
 impl fmt::Display for RouteSource {
@@ -87,6 +105,8 @@ impl fmt::Display for RouteSource {
         f.write_str(match self {
             RouteSource::Static => "static",
             RouteSource::StaticAndRedis => "static+redis",
+            RouteSource::StaticAndConsul => "static+consul",
+            RouteSource::StaticRedisAndConsul => "static+redis+consul",
         })
     }
 }
@@ -132,6 +152,80 @@ pub struct ControlStats {
     pub policy_classes: Mutex<Vec<Arc<str>>>,
     /// The loaded TLS certificates: (name, NotAfter in Unix seconds).
     pub tls_certificates: Mutex<Vec<(String, i64)>>,
+    /// Consul discovery: `Off` without `[consul]`, `Up` while the last query
+    /// of every watched service answered, `Down` when one did not (its last
+    /// good answer stays in force).
+    pub consul_state: AtomicRedisState,
+    /// Consul answers received (one per blocking query that returned).
+    pub consul_answers: AtomicU64,
+    /// Consul queries that failed (unreachable, timeout, HTTP error, bad body).
+    pub consul_errors: AtomicU64,
+    /// Warnings about route data that was still loaded (an unknown rule
+    /// field, a host name that does not resolve), each distinct one counted
+    /// once when first seen.
+    pub route_warnings: AtomicU64,
+    /// Endpoint addresses changed by a new lookup of their host name (each
+    /// applied as a route change).
+    pub address_changes: AtomicU64,
+    /// Details for `/status` (`discovery`).
+    pub discovery: Mutex<DiscoveryStatus>,
+}
+
+/// One watched Consul service, for `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ServiceStatus {
+    /// `up` when its last query answered, else `down`.
+    pub state: &'static str,
+    /// `X-Consul-Index` of the answer in force.
+    pub index: u64,
+    /// World id -> endpoints of the answer in force.
+    pub worlds: BTreeMap<u16, Vec<String>>,
+    /// Instances of that answer passed over (namespace, `world_id` meta).
+    pub skipped: usize,
+    /// Why its last query failed ("" after an answer).
+    pub last_error: String,
+}
+
+/// What `/status` shows under `discovery` besides the counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiscoveryStatus {
+    /// The agent asked (`host:port`); `None` without `[consul]`.
+    pub consul_address: Option<String>,
+    /// Per watched service.
+    pub services: BTreeMap<String, ServiceStatus>,
+    /// Endpoint names waiting to resolve (left out of their rules).
+    pub unresolved: Vec<String>,
+}
+
+impl ControlStats {
+    /// The `discovery` object of `/status`: Consul state and counters, the
+    /// route-data warning and address-change counters, names not resolved.
+    pub fn discovery_json(&self) -> serde_json::Value {
+        let d = self.discovery.lock().unwrap().clone();
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "consul": self.consul_state.load().as_str(),
+            "consul_address": d.consul_address,
+            "consul_answers": ld(&self.consul_answers),
+            "consul_errors": ld(&self.consul_errors),
+            "services": d.services,
+            "route_warnings": ld(&self.route_warnings),
+            "address_changes": ld(&self.address_changes),
+            "unresolved": d.unresolved,
+        })
+    }
+}
+
+/// One Consul watcher's answer for its service: the passing instances,
+/// filtered by namespace and grouped by their `world_id` meta.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiscoveryAnswer {
+    /// `X-Consul-Index` of the answer.
+    pub index: u64,
+    /// World id -> endpoint names (`host:port`), sorted, without duplicates.
+    pub worlds: BTreeMap<u16, Vec<String>>,
+    /// Instances passed over, each with why.
+    pub skipped: Vec<String>,
 }
 
 /// Where a [`LastError`] came from: a success of the same source clears it.
@@ -219,7 +313,16 @@ pub enum ControlEvent {
     RedisNotify,
     /// The admin's `POST /drain` (same as SIGTERM).
     Drain,
+    /// A Consul watcher's answer for `service`, or why its query failed.
+    Discovery { service: String, result: Result<DiscoveryAnswer, String> },
+    /// Endpoint host names looked up again (the resolver thread): every
+    /// address of each, or why it did not resolve.
+    Resolved(Lookups),
 }
+
+/// Name lookups of endpoint host names: every address of each, or why it did
+/// not resolve.
+pub type Lookups = Vec<(Arc<str>, Result<Vec<SocketAddr>, String>)>;
 
 /// The sending side of the control loop's channel.
 pub type ControlSender = crossbeam_channel::Sender<ControlEvent>;
@@ -238,6 +341,29 @@ mod tests {
         }
         assert_eq!(RedisState::Down.to_string(), "down");
         assert_eq!(RouteSource::StaticAndRedis.to_string(), "static+redis");
+        assert_eq!(RouteSource::of(true, true).to_string(), "static+redis+consul");
+        assert_eq!(RouteSource::of(false, true).to_string(), "static+consul");
+    }
+
+    #[test]
+    fn discovery_status_for_the_admin() {
+        let s = ControlStats::default();
+        let v = s.discovery_json();
+        assert_eq!((v["consul"].as_str(), v["consul_errors"].as_u64()), (Some("off"), Some(0)));
+        s.consul_state.store(RedisState::Down);
+        s.consul_errors.fetch_add(2, Ordering::Relaxed);
+        s.discovery.lock().unwrap().services.insert(
+            "game".into(),
+            ServiceStatus {
+                state: "down",
+                index: 7,
+                worlds: [(1, vec!["10.0.0.1:7000".into()])].into(),
+                ..Default::default()
+            },
+        );
+        let v = s.discovery_json();
+        assert_eq!((v["consul"].as_str(), v["consul_errors"].as_u64()), (Some("down"), Some(2)));
+        assert_eq!(v["services"]["game"]["worlds"]["1"][0], "10.0.0.1:7000");
     }
 
     #[test]

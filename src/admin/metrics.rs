@@ -52,6 +52,8 @@ pub(crate) const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_tot
 pub(crate) const PROTOCOL_ERRORS_TOTAL: &str = "game_gateway_protocol_errors_total";
 pub(crate) const ROUTE_SNAPSHOTS_REJECTED_TOTAL: &str = "game_gateway_route_snapshots_rejected_total";
 pub(crate) const REDIS_UP: &str = "game_gateway_redis_up";
+pub(crate) const CONSUL_ERRORS_TOTAL: &str = "game_gateway_consul_errors_total";
+pub(crate) const ROUTE_DATA_WARNINGS_TOTAL: &str = "game_gateway_route_data_warnings_total";
 pub(crate) const CONFIG_RELOADS_TOTAL: &str = "game_gateway_config_reloads_total";
 pub(crate) const CONFIG_RELOAD_ERRORS_TOTAL: &str = "game_gateway_config_reload_errors_total";
 pub(crate) const ACCESS_LOG_RECORDS_TOTAL: &str = "game_gateway_access_log_records_total";
@@ -416,6 +418,10 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         .0,
         Family::new(DRAINING, "1 from the start of a drain until the process exits, else 0.", GAUGE)
             .value(&[], c.draining.load(Ordering::Relaxed) as u8 as f64)
+            .0,
+        Family::new(CONSUL_ERRORS_TOTAL, "Consul queries that failed.", COUNTER).value(&[], ld(&c.consul_errors)).0,
+        Family::new(ROUTE_DATA_WARNINGS_TOTAL, "Route data loaded with a warning.", COUNTER)
+            .value(&[], ld(&c.route_warnings))
             .0,
     ]
 }

@@ -541,6 +541,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                             "last_error_at_unix": unix(last_error.at_unix),
                             "last_error_cleared_at_unix": unix(last_error.cleared_at_unix) },
                 "connections": connections,
+                "discovery": ctl.discovery_json(),
                 "workers": workers,
             });
             respond(&mut c, 200, "application/json", &format!("{body:#}\n"))

@@ -252,6 +252,52 @@ mod tests {
     }
 
     #[test]
+    fn consul_section() {
+        let src = "[consul]\naddress = \"http://10.0.0.9:8500/\"\nnamespace = \"hgame\"\nwait = \"20s\"\n\n[consul.services]\n200 = \"game\"\n201 = \"game\"\n10 = \"account\"\n";
+        let c = Config::from_str(src, "c.toml").unwrap();
+        let k = c.consul.as_ref().unwrap();
+        assert_eq!((k.address.as_str(), k.namespace.as_str(), k.wait.as_secs()), ("10.0.0.9:8500", "hgame", 20));
+        assert_eq!(k.service_names(), vec!["account", "game"]);
+        assert_eq!((k.datacenter.as_deref(), k.token.as_deref()), (None, None));
+        assert!(c
+            .summary()
+            .contains("consul: address=http://10.0.0.9:8500 services=10=account,200=game,201=game namespace=hgame"));
+        assert!(Config::from_str("", "c.toml").unwrap().consul.is_none());
+        // The agent's address: explicit, else NODE_IP (as the Go gateway), else loopback.
+        let minimal = "[consul]\nservices = { 200 = \"game\" }\n";
+        let env = Environment { node_ip: Some("10.1.2.3".into()), ..Default::default() };
+        assert_eq!(Config::from_str_env(minimal, "c.toml", &env).unwrap().consul.unwrap().address, "10.1.2.3:8500");
+        assert_eq!(Config::from_str(minimal, "c.toml").unwrap().consul.unwrap().address, "127.0.0.1:8500");
+        let named = "[consul]\naddress = \"consul.local\"\nservices = { 200 = \"game\" }\n";
+        assert_eq!(Config::from_str(named, "c.toml").unwrap().consul.unwrap().address, "consul.local:8500");
+        let bad = "[consul]\naddress = \"https://c:8501\"\ndatacenter = \"a/b\"\nwait = \"20m\"\nservices = { x = \"game\", 7 = \"a b\" }\n";
+        let errs = Config::from_str(bad, "c.toml").unwrap_err().to_string();
+        for want in [
+            "c.toml:2: consul.address: \"https://c:8501\": https is not supported",
+            "c.toml:3: consul.datacenter",
+            "c.toml:4: consul.wait: \"20m\" is out of range 1s..=10m",
+            "c.toml:5: consul.services: \"x\" is not a server type",
+            "consul.services: 7 = \"a b\"",
+        ] {
+            assert!(errs.contains(want), "{want:?} in\n{errs}");
+        }
+        let none = Config::from_str("[consul]\n", "c.toml").unwrap_err().to_string();
+        assert!(none.contains("consul.services: names no service"), "{none}");
+        let typo = Config::from_str("[consul]\nservice_name = \"game\"\n", "c.toml").unwrap_err().to_string();
+        assert!(typo.contains("service_name"), "the TOML config stays strict: {typo}");
+        // The commented-out example in config/gateway.toml is valid once uncommented.
+        let block: String = EMBEDDED_DEFAULT
+            .lines()
+            .skip_while(|l| *l != "# [consul]")
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        assert!(block.contains("services ="), "{block}");
+        let k = Config::from_str(&block, "gateway.toml").unwrap().consul.unwrap();
+        assert_eq!((k.services[&200].as_str(), k.namespace.as_str()), ("game", "hgame"));
+    }
+
+    #[test]
     fn pod_name_node_ids() {
         assert_eq!(node_id_from_pod_name("game-gateway-3"), 3);
         let h = node_id_from_pod_name("gw-abcde");

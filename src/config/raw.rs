@@ -48,6 +48,10 @@ pub(crate) const DEFAULT_WS_MAX_MESSAGE_SIZE: usize = 128 * 1024;
 pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_KEY_PREFIX: &str = "game-gateway:";
 pub(crate) const DEFAULT_REFRESH_INTERVAL: &str = "10s";
+/// How often endpoint host names are looked up again.
+pub(crate) const DEFAULT_RESOLVE_INTERVAL: &str = "30s";
+/// How long one Consul blocking query may wait for a change.
+pub(crate) const DEFAULT_CONSUL_WAIT: &str = "30s";
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -56,6 +60,7 @@ pub(crate) struct RawConfig {
     pub(crate) limits: RawLimits,
     pub(crate) backend: RawBackend,
     pub(crate) redis: Option<RawRedis>,
+    pub(crate) consul: Option<RawConsul>,
     pub(crate) routes: Vec<RawRule>,
     pub(crate) log: RawLog,
     pub(crate) websocket: RawWebSocket,
@@ -256,6 +261,7 @@ impl Default for RawLimits {
 pub(crate) struct RawBackend {
     pub(crate) connections_per_endpoint: i64,
     pub(crate) dial_timeout: String,
+    pub(crate) resolve_interval: String,
     pub(crate) max_frame_size: i64,
     pub(crate) reconnect_backoff_min: String,
     pub(crate) reconnect_backoff_max: String,
@@ -276,6 +282,7 @@ impl Default for RawBackend {
         RawBackend {
             connections_per_endpoint: DEFAULT_CONNECTIONS_PER_ENDPOINT as i64,
             dial_timeout: DEFAULT_DIAL_TIMEOUT.into(),
+            resolve_interval: DEFAULT_RESOLVE_INTERVAL.into(),
             max_frame_size: DEFAULT_BACKEND_MAX_FRAME_SIZE_BYTES as i64,
             reconnect_backoff_min: DEFAULT_RECONNECT_BACKOFF_MIN.into(),
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX.into(),
@@ -307,6 +314,35 @@ impl Default for RawRedis {
             url: DEFAULT_REDIS_URL.into(),
             key_prefix: DEFAULT_KEY_PREFIX.into(),
             refresh_interval: DEFAULT_REFRESH_INTERVAL.into(),
+        }
+    }
+}
+
+/// `[consul]`: service discovery with blocking queries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawConsul {
+    /// `http://host:port` of the agent; "" = `NODE_IP`:8500, else 127.0.0.1:8500.
+    pub(crate) address: String,
+    /// Server type (as a TOML key) -> Consul service name.
+    pub(crate) services: std::collections::BTreeMap<String, String>,
+    /// Only instances whose `namespace` (else `pod_namespace`) meta equals
+    /// this; "" = every instance.
+    pub(crate) namespace: String,
+    pub(crate) datacenter: String,
+    pub(crate) token: String,
+    pub(crate) wait: String,
+}
+
+impl Default for RawConsul {
+    fn default() -> Self {
+        RawConsul {
+            address: String::new(),
+            services: Default::default(),
+            namespace: String::new(),
+            datacenter: String::new(),
+            token: String::new(),
+            wait: DEFAULT_CONSUL_WAIT.into(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! enums print as the config spells them.
 
 use crate::routing::RouteRule;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -133,6 +134,9 @@ impl fmt::Display for RateLimitAction {
 pub struct BackendConfig {
     pub connections_per_endpoint: usize,
     pub dial_timeout: Duration,
+    /// Endpoint host names are looked up again this often (control side;
+    /// zero = only when route data is read).
+    pub resolve_interval: Duration,
     pub max_frame_size: usize,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
@@ -159,6 +163,46 @@ pub struct RedisConfig {
     pub url: String,
     pub key_prefix: String,
     pub refresh_interval: Duration,
+}
+
+/// `[consul]`: which services fill which rules, and how to ask the agent.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConsulConfig {
+    /// The agent's `host:port` (plain HTTP).
+    pub address: String,
+    /// Server type -> Consul service whose passing instances fill that
+    /// type's rules that list no endpoints.
+    pub services: BTreeMap<u8, String>,
+    /// Instance filter on the `namespace` (else `pod_namespace`) service
+    /// meta; empty = no filter.
+    pub namespace: String,
+    /// `dc` query parameter; `None` = the agent's own datacenter.
+    pub datacenter: Option<String>,
+    /// `X-Consul-Token` header; `None` = no token.
+    pub token: Option<String>,
+    /// Blocking query wait (Consul adds up to 1/16 of it).
+    pub wait: Duration,
+}
+
+impl ConsulConfig {
+    /// The distinct services to watch, in name order.
+    pub fn service_names(&self) -> Vec<&str> {
+        let set: std::collections::BTreeSet<&str> = self.services.values().map(String::as_str).collect();
+        set.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for ConsulConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulConfig")
+            .field("address", &self.address)
+            .field("services", &self.services)
+            .field("namespace", &self.namespace)
+            .field("datacenter", &self.datacenter)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("wait", &self.wait)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +305,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub backend: BackendConfig,
     pub redis: Option<RedisConfig>,
+    pub consul: Option<ConsulConfig>,
     pub routes: Vec<RouteRule>,
     pub log: LogConfig,
     pub websocket: WebSocketConfig,

@@ -78,6 +78,20 @@ impl Config {
             )?,
             None => writeln!(s, "redis: off (static routes only)")?,
         }
+        match &self.consul {
+            Some(c) => writeln!(
+                s,
+                "consul: address=http://{} services={} namespace={} datacenter={} token={} wait={}",
+                c.address,
+                c.services.iter().map(|(t, n)| format!("{t}={n}")).collect::<Vec<_>>().join(","),
+                if c.namespace.is_empty() { "*" } else { &c.namespace },
+                c.datacenter.as_deref().unwrap_or("(agent's)"),
+                if c.token.is_some() { "set" } else { "none" },
+                Spelled(c.wait)
+            )?,
+            None => writeln!(s, "consul: off")?,
+        }
+        writeln!(s, "names: resolve_interval={}", Spelled(self.backend.resolve_interval))?;
         writeln!(s, "routes: {}", self.routes.len())?;
         for r in &self.routes {
             writeln!(s, "  {r}")?;

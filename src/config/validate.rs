@@ -7,9 +7,9 @@
 //! so placeholders never reach a running gateway.
 
 use super::error::{ConfigError, ConfigErrors};
-use super::raw::{RawAdmin, RawBackend, RawConfig, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawConsul, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    AdminConfig, AdminToken, BackendConfig, Config, DrainConfig, OtlpConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
+    AdminConfig, AdminToken, BackendConfig, Config, ConsulConfig, DrainConfig, OtlpConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
     RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
 };
 use crate::cpu::CpuBudget;
@@ -37,6 +37,9 @@ pub struct Environment {
     /// `POD_NAMESPACE`, `NODE_NAME`: Kubernetes resource attributes.
     pub pod_namespace: Option<String>,
     pub node_name: Option<String>,
+    /// `NODE_IP`: the Consul agent is `NODE_IP:8500` when `consul.address`
+    /// is empty (the Go gateway's only way to name its agent).
+    pub node_ip: Option<String>,
 }
 
 /// Why a duration string was refused.
@@ -175,6 +178,7 @@ impl RawConfig {
         let limits = limits(&mut p, &self.limits);
         let backend = backend(&mut p, &self.backend);
         let redis = self.redis.as_ref().map(|r| redis(&mut p, r));
+        let consul = self.consul.as_ref().map(|c| consul(&mut p, c, env));
         let routes = routes(&mut p, &self.routes);
         let log = log(&mut p, &self.log, env);
         let admin_listen = self.server.admin_listen.parse::<SocketAddr>().ok();
@@ -219,6 +223,7 @@ impl RawConfig {
             limits,
             backend,
             redis,
+            consul,
             routes,
             log,
             websocket,
@@ -458,6 +463,7 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
     let backend = BackendConfig {
         connections_per_endpoint: p.int("backend", "connections_per_endpoint", b.connections_per_endpoint, 1, 64),
         dial_timeout: p.duration("backend", "dial_timeout", &b.dial_timeout),
+        resolve_interval: p.duration("backend", "resolve_interval", &b.resolve_interval),
         max_frame_size: p.int("backend", "max_frame_size", b.max_frame_size, 9 + 65_535, 64 << 20),
         reconnect_backoff_min: p.duration("backend", "reconnect_backoff_min", &b.reconnect_backoff_min),
         reconnect_backoff_max: p.duration("backend", "reconnect_backoff_max", &b.reconnect_backoff_max),
@@ -499,6 +505,81 @@ fn redis(p: &mut Problems<'_>, r: &RawRedis) -> RedisConfig {
         key_prefix: r.key_prefix.clone(),
         refresh_interval: p.duration("redis", "refresh_interval", &r.refresh_interval),
     }
+}
+
+/// Consul's agent port.
+const CONSUL_PORT: u16 = 8500;
+/// Consul caps a blocking query's wait at 10 minutes.
+const CONSUL_MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A name that can go into a URL path or query unescaped (Consul service
+/// and datacenter names are DNS-like).
+fn url_safe(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn consul(p: &mut Problems<'_>, c: &RawConsul, env: &Environment) -> ConsulConfig {
+    let raw = c.address.trim();
+    let address = if raw.is_empty() {
+        match env.node_ip.as_deref() {
+            Some(ip) if ip.contains(':') => format!("[{ip}]:{CONSUL_PORT}"),
+            Some(ip) => format!("{ip}:{CONSUL_PORT}"),
+            None => format!("127.0.0.1:{CONSUL_PORT}"),
+        }
+    } else if raw.starts_with("https://") {
+        p.push(
+            "consul",
+            None,
+            "address",
+            format!("{raw:?}: https is not supported by this build; use the local agent's http port"),
+        );
+        String::new()
+    } else {
+        let hostport = raw.strip_prefix("http://").unwrap_or(raw).trim_end_matches('/');
+        let has_port =
+            hostport.rsplit_once(':').is_some_and(|(h, port)| !h.ends_with(':') && port.parse::<u16>().is_ok());
+        let hostport = if has_port { hostport.to_string() } else { format!("{hostport}:{CONSUL_PORT}") };
+        if let Err(e) = crate::routing::Endpoint::literal(&hostport) {
+            p.push("consul", None, "address", format!("{raw:?} is not http://host:port ({e})"));
+        }
+        hostport
+    };
+    let mut services = std::collections::BTreeMap::new();
+    for (k, v) in &c.services {
+        match k.trim().parse::<u8>() {
+            Ok(t) if url_safe(v) => {
+                services.insert(t, v.clone());
+            }
+            Ok(_) => p.push(
+                "consul",
+                None,
+                "services",
+                format!("{k} = {v:?}: a service name is letters, digits, '-', '_' or '.'"),
+            ),
+            Err(_) => p.push("consul", None, "services", format!("{k:?} is not a server type 0..=255")),
+        }
+    }
+    if c.services.is_empty() {
+        p.push(
+            "consul",
+            None,
+            "services",
+            "names no service: map server types to Consul services, e.g. services = { 200 = \"game\" }",
+        );
+    }
+    let datacenter = (!c.datacenter.is_empty()).then(|| c.datacenter.clone());
+    if datacenter.as_deref().is_some_and(|d| !url_safe(d)) {
+        p.push("consul", None, "datacenter", format!("{:?}: letters, digits, '-', '_' or '.'", c.datacenter));
+    }
+    let token = (!c.token.is_empty()).then(|| c.token.clone());
+    if c.token.bytes().any(|b| b.is_ascii_control()) {
+        p.push("consul", None, "token", "contains a control character");
+    }
+    let wait = p.duration("consul", "wait", &c.wait);
+    if wait < Duration::from_secs(1) || wait > CONSUL_MAX_WAIT {
+        p.push("consul", None, "wait", format!("{:?} is out of range 1s..=10m", c.wait));
+    }
+    ConsulConfig { address, services, namespace: c.namespace.clone(), datacenter, token, wait }
 }
 
 fn routes(p: &mut Problems<'_>, raw: &[crate::routing::RawRule]) -> Vec<RouteRule> {

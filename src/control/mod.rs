@@ -1,11 +1,15 @@
 //! The control side: the control loop, config reload, Redis routes,
 //! snapshots, stop.
 //!
-//! It runs on the main thread (plus a signal thread and, with Redis, a
-//! subscriber thread), never on a worker core. Parts:
+//! It runs on the main thread (plus a signal thread, a name lookup thread,
+//! with Redis a subscriber thread, with Consul a watcher thread per
+//! service), never on a worker core. Parts:
 //! - this module: [`Control::run`], the loop;
 //! - [`reload`]: config reload and the restart-only keys;
 //! - [`redis`]: the Redis reader and notify subscriber;
+//! - [`consul`]: Consul discovery with blocking queries, and how its
+//!   endpoints fill rules;
+//! - [`resolve`]: endpoint host names, cached and looked up again;
 //! - [`routes`]: route documents (Redis JSON, realm mapping, rule files),
 //!   parsed and validated, merged with the static rules, fingerprinted;
 //! - [`logging`]: the tracing subscriber and its live level.
@@ -15,23 +19,31 @@
 //! - SIGHUP, or a changed config file mtime (polled every [`FILE_POLL`]):
 //!   reload the config;
 //! - a Redis notify (or the periodic `refresh_interval`): re-read Redis;
+//! - a Consul answer or failure from a watcher: keep the service's answer
+//!   (or its last good one) and republish;
+//! - a batch of name lookups (every `backend.resolve_interval`, and after a
+//!   dial to a named endpoint failed): republish when an address changed;
 //! - SIGINT / SIGTERM, or the admin's drain call: stop (the signal thread
 //!   ends the drain at once on a second signal, exits on a third).
 //!
 //! Every route change goes through [`Control::publish`]: static rules
-//! overlaid with the last good Redis data, published as a new versioned
+//! overlaid with the last good Redis data, names resolved from the cache,
+//! Consul's endpoints in the rules that list none, published as a new versioned
 //! snapshot to every worker only when its content changed. Invalid Redis data
 //! is rejected whole (logged with every reason, counted) and the last good
 //! data stays; Redis unreachable keeps the last good snapshot too, retried
 //! with capped backoff, logged once per state change. What the admin side
 //! reports is written to the shared [`ControlStats`].
 
+pub mod consul;
 pub mod logging;
 pub mod redis;
 mod reload;
+mod resolve;
 pub mod routes;
 
 use self::redis::{FetchError, RedisError, RedisRead, RedisSource};
+use self::resolve::Names;
 use self::routes::{fingerprint, merge, RouteSet};
 use crate::config::{Config, Environment};
 use crate::gateway::Gateway;
@@ -39,6 +51,7 @@ use crate::routing::RouteTable;
 use crate::state::{ControlEvent, ControlSender, ControlStats, ErrorSource, RedisState, RouteLabels, RouteSource};
 use crate::worker::WorkerCommand;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,6 +65,14 @@ const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Redis re-read period when no `[redis]` section gives one (never used in
 /// practice: without `[redis]` there is nothing to read).
 const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
+/// With Consul, `/ready` waits this long at most for every watched
+/// service's first answer (or failure).
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// How often the workers' dial failures to named endpoints are checked
+/// (a failure asks for a new lookup of the name).
+const DIAL_CHECK: Duration = Duration::from_secs(5);
+/// Distinct route-data warnings remembered (each is logged once).
+const WARNED_MAX: usize = 4096;
 
 /// Why the control loop could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +83,12 @@ pub enum ControlError {
     Thread { name: &'static str, source: std::io::Error },
     #[error(transparent)]
     Redis(#[from] RedisError),
+}
+
+impl ControlError {
+    fn thread(name: &'static str) -> impl FnOnce(std::io::Error) -> ControlError {
+        move |source| ControlError::Thread { name, source }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -98,6 +125,19 @@ pub struct Control {
     /// The TLS certificate and key files' modification times.
     tls_mtime: Vec<Option<SystemTime>>,
     stop_sub: Arc<AtomicBool>,
+    /// Consul discovery (None without `[consul]`).
+    consul: Option<consul::Discovery>,
+    /// Endpoint host names -> addresses.
+    names: Names,
+    /// When the last periodic lookup of every name was asked for.
+    last_lookup: Instant,
+    /// Host names in the last built route set.
+    in_use: BTreeSet<Arc<str>>,
+    /// Route-data warnings already logged and counted.
+    warned: HashSet<String>,
+    /// Dial failures per named endpoint at the last check.
+    dial_failures: HashMap<Arc<str>, u64>,
+    next_dial_check: Instant,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -170,6 +210,17 @@ impl Control {
             }
             None => None,
         };
+        let lookups = resolve::spawn_lookups(tx.clone()).map_err(ControlError::thread("gw-resolve"))?;
+        let discovery = match &running.consul {
+            Some(cc) => {
+                consul::spawn_watchers(cc, tx.clone(), stop_sub.clone()).map_err(ControlError::thread("gw-consul"))?;
+                stats.consul_state.store(RedisState::Down);
+                stats.discovery.lock().unwrap().consul_address = Some(cc.address.clone());
+                Some(consul::Discovery::new(cc.clone()))
+            }
+            None => None,
+        };
+        let now = Instant::now();
         let mut c = Control {
             path: path.to_path_buf(),
             env,
@@ -188,25 +239,52 @@ impl Control {
             version: 1,
             published: 0,
             stop_sub,
+            consul: discovery,
+            names: Names::new(Some(lookups)),
+            last_lookup: now,
+            in_use: BTreeSet::new(),
+            warned: HashSet::new(),
+            dial_failures: HashMap::new(),
+            next_dial_check: now + DIAL_CHECK,
         };
         c.published = fingerprint(&merge(&c.running.routes, None));
         c.tls_mtime = c.tls_mtimes();
         *c.stats.policy_classes.lock().unwrap() = c.running.policy.classes.iter().map(|k| k.name.clone()).collect();
         *c.stats.tls_certificates.lock().unwrap() =
             c.running.tls.certificates.iter().map(|k| (k.name.clone(), k.not_after)).collect();
+        let initial = merge(&c.running.routes, None);
+        c.names.learn(&initial);
+        c.in_use = resolve::host_names(&initial);
         c.stats.route_version.store(1, Ordering::Relaxed);
         c.stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
         *c.stats.route_source.lock().unwrap() = RouteSource::Static;
         if c.redis.is_some() {
             c.fetch_redis();
         }
-        c.stats.ready.store(true, Ordering::Relaxed);
+        // Ready once the routes are loaded: Redis was read (or found down)
+        // above; every Consul service answered or failed once, or
+        // FIRST_ANSWER_WAIT passed.
+        let ready_by = now + FIRST_ANSWER_WAIT;
+        let mut ready = false;
         let mut last_poll = Instant::now();
         loop {
+            if !ready && (c.consul.as_ref().is_none_or(|d| d.all_reported()) || Instant::now() >= ready_by) {
+                ready = true;
+                c.stats.ready.store(true, Ordering::Relaxed);
+            }
             let now = Instant::now();
             let mut wait = FILE_POLL.saturating_sub(now.duration_since(last_poll));
             if c.redis.is_some() {
                 wait = wait.min(c.next_fetch.saturating_duration_since(now));
+            }
+            if !ready {
+                wait = wait.min(ready_by.saturating_duration_since(now));
+            }
+            if let Some(due) = c.next_lookup() {
+                wait = wait.min(due.saturating_duration_since(now));
+            }
+            if !c.in_use.is_empty() {
+                wait = wait.min(c.next_dial_check.saturating_duration_since(now));
             }
             match rx.recv_timeout(wait) {
                 Ok(ControlEvent::Signal(libc::SIGHUP)) => {
@@ -222,6 +300,8 @@ impl Control {
                     return Ok(());
                 }
                 Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
+                Ok(ControlEvent::Discovery { service, result }) => c.on_discovery(service, result),
+                Ok(ControlEvent::Resolved(results)) => c.on_resolved(results),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     unreachable!("the control loop holds a sender")
@@ -254,6 +334,14 @@ impl Control {
             if c.redis.is_some() && now >= c.next_fetch {
                 c.fetch_redis();
             }
+            if c.next_lookup().is_some_and(|due| now >= due) {
+                c.last_lookup = now;
+                c.lookup_all();
+            }
+            if !c.in_use.is_empty() && now >= c.next_dial_check {
+                c.next_dial_check = now + DIAL_CHECK;
+                c.check_dial_failures();
+            }
         }
     }
 
@@ -281,11 +369,14 @@ impl Control {
         };
         let refresh = self.running.redis.as_ref().map(|r| r.refresh_interval).unwrap_or(DEFAULT_REFRESH);
         let stats = self.stats.clone();
-        match src.fetch() {
+        let rules_key = src.rules_key().to_string();
+        let fetched = src.fetch(&mut self.names);
+        match fetched {
             Ok(read) => {
                 if self.redis_up != Some(true) {
                     tracing::info!("redis reachable: routes from redis");
                 }
+                self.note_warnings("redis", &read.warnings);
                 self.redis_up = Some(true);
                 stats.redis_state.store(RedisState::Up);
                 self.fetch_backoff = REDIS_RETRY_MIN;
@@ -296,7 +387,7 @@ impl Control {
                     // empty or was flushed. Keep what it last said.
                     stats.refresh_errors.fetch_add(1, Ordering::Relaxed);
                     stats.refresh_empty.fetch_add(1, Ordering::Relaxed);
-                    let key = src.rules_key();
+                    let key = rules_key.as_str();
                     let e = format!(
                         "redis holds no {key} (restarted empty or flushed?): keeping the last good redis routes \
                          ({} rules, {} realms; route version {}); write [] to {key} to clear them",
@@ -311,7 +402,7 @@ impl Control {
                     stats.set_error(ErrorSource::Redis, e, unix_now());
                 } else {
                     if self.redis_empty {
-                        tracing::info!(key = src.rules_key(), "redis holds route rules again");
+                        tracing::info!(key = rules_key.as_str(), "redis holds route rules again");
                     }
                     self.redis_empty = false;
                     stats.refresh_success.fetch_add(1, Ordering::Relaxed);
@@ -353,14 +444,118 @@ impl Control {
         self.running.tls.files.iter().map(|p| mtime(p)).collect()
     }
 
-    /// Publishes static + last good Redis routes when they changed.
+    /// Logs and counts each route-data warning the first time it is seen
+    /// (Redis is re-read every `refresh_interval`; one line per problem, not
+    /// one per read).
+    fn note_warnings(&mut self, source: &str, warnings: &[String]) {
+        if self.warned.len() > WARNED_MAX {
+            self.warned.clear();
+        }
+        for w in warnings {
+            if self.warned.insert(w.clone()) {
+                tracing::warn!(source, warning = %w, "route data loaded with a warning");
+                self.stats.route_warnings.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The route set to publish: static rules overlaid with the last good
+    /// Redis data, host names at their cached addresses (names that resolve
+    /// by now put in), then Consul's endpoints in the rules that list none.
+    fn build(&mut self) -> RouteSet {
+        let mut set = merge(&self.running.routes, self.redis_set.as_ref());
+        self.names.learn(&set);
+        self.names.fill_pending(&mut set);
+        self.names.overlay(&mut set);
+        let mut wanted = BTreeSet::new();
+        if let Some(d) = &self.consul {
+            let found = d.endpoints(&self.names, &mut wanted);
+            consul::fill(&mut set, &d.cfg.services, &found);
+        }
+        let mut in_use = resolve::host_names(&set);
+        in_use.extend(wanted.iter().cloned());
+        // Names never looked up yet (a Consul instance registered by host
+        // name): ask now rather than at the next periodic lookup.
+        let unknown: Vec<Arc<str>> =
+            wanted.into_iter().filter(|n| !self.names.failing().any(|(f, _)| f == n)).collect();
+        self.names.request(unknown);
+        self.names.retain(&in_use);
+        self.in_use = in_use;
+        self.dial_failures.retain(|k, _| self.in_use.contains(k));
+        let unresolved: Vec<String> =
+            self.in_use.iter().filter(|n| self.names.cached(n).is_none()).map(|n| n.to_string()).collect();
+        self.stats.discovery.lock().unwrap().unresolved = unresolved;
+        set
+    }
+
+    /// When the next periodic lookup of every name is due (`None`: none to
+    /// do, or `backend.resolve_interval` is 0).
+    fn next_lookup(&self) -> Option<Instant> {
+        let every = self.running.backend.resolve_interval;
+        (!every.is_zero() && !self.in_use.is_empty()).then(|| self.last_lookup + every)
+    }
+
+    /// Asks the lookup thread about every host name in use.
+    fn lookup_all(&mut self) {
+        self.names.request(self.in_use.iter().cloned());
+    }
+
+    /// Takes a batch of lookups in; republishes when an address changed or a
+    /// waiting name resolved.
+    fn on_resolved(&mut self, results: crate::state::Lookups) {
+        let r = self.names.apply(results);
+        for (name, old, new) in &r.changed {
+            tracing::info!(endpoint = %name, old = %old, new = %new, "endpoint address changed");
+        }
+        for name in &r.fresh {
+            tracing::info!(endpoint = %name, "endpoint name resolves now");
+        }
+        for (name, why) in &r.failing {
+            match self.names.cached(name) {
+                Some(a) => {
+                    tracing::warn!(endpoint = %name, error = %why, keeping = %a, "endpoint name does not resolve; keeping its last address")
+                }
+                None => {
+                    tracing::warn!(endpoint = %name, error = %why, "endpoint name does not resolve; left out of its rule until it does")
+                }
+            }
+        }
+        for name in &r.recovered {
+            tracing::info!(endpoint = %name, "endpoint name resolves again");
+        }
+        self.stats.address_changes.fetch_add(r.changed.len() as u64, Ordering::Relaxed);
+        if r.routes_changed() {
+            self.publish("name lookup");
+        }
+    }
+
+    /// A dial to a named endpoint failed on some worker since the last
+    /// check: its name may point elsewhere now, so look it up again.
+    fn check_dial_failures(&mut self) {
+        let stats = self.gw.stats();
+        let mut again = Vec::new();
+        for name in &self.in_use {
+            let Some(b) = stats.backends.get(name) else { continue };
+            let n = ["dial_failed", "dial_timeout"].iter().map(|k| b.errors.get(k).copied().unwrap_or(0)).sum::<u64>();
+            let before = self.dial_failures.insert(name.clone(), n).unwrap_or(0);
+            if n > before {
+                again.push(name.clone());
+            }
+        }
+        if !again.is_empty() {
+            tracing::debug!(names = again.len(), "dials to named endpoints failed: looking the names up again");
+            self.names.request(again);
+        }
+    }
+
+    /// Publishes static + last good Redis routes (+ Consul) when they changed.
     fn publish(&mut self, why: &str) {
         // What the running config makes known to the metrics.
         *self.stats.policy_classes.lock().unwrap() =
             self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
         *self.stats.tls_certificates.lock().unwrap() =
             self.running.tls.certificates.iter().map(|c| (c.name.clone(), c.not_after)).collect();
-        let set = merge(&self.running.routes, self.redis_set.as_ref());
+        let set = self.build();
         let fp = fingerprint(&set);
         if fp == self.published {
             return;
@@ -379,7 +574,7 @@ impl Control {
         *self.stats.route_labels.lock().unwrap() = RouteLabels::of(&table);
         let from_redis = self.redis_set.as_ref().is_some_and(|s| !s.rules.is_empty() || !s.realms.is_empty());
         *self.stats.route_source.lock().unwrap() =
-            if from_redis { RouteSource::StaticAndRedis } else { RouteSource::Static };
+            RouteSource::of(from_redis, self.consul.as_ref().is_some_and(|d| d.has_answers()));
         self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
     }
 }
@@ -395,14 +590,17 @@ impl Control {
 ///   `kept` is true when that kept anything (the read would have dropped it).
 pub(crate) fn resolve_read(last: Option<&RouteSet>, read: RedisRead) -> (RouteSet, bool) {
     match read.rules {
-        Some(rules) => (RouteSet { rules, realms: read.realms }, false),
+        Some(rules) => {
+            (RouteSet { rules, realms: read.realms, pending: read.pending, warnings: read.warnings }, false)
+        }
         None => {
             let empty = RouteSet::default();
             let last = last.unwrap_or(&empty);
             let keep_realms = read.realms.is_empty() && !last.realms.is_empty();
             let kept = !last.rules.is_empty() || keep_realms;
             let realms = if read.realms.is_empty() { last.realms.clone() } else { read.realms };
-            (RouteSet { rules: last.rules.clone(), realms }, kept)
+            let pending = last.pending.clone();
+            (RouteSet { rules: last.rules.clone(), realms, pending, warnings: read.warnings }, kept)
         }
     }
 }
@@ -410,36 +608,49 @@ pub(crate) fn resolve_read(last: Option<&RouteSet>, read: RedisRead) -> (RouteSe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::routes::{parse_realm_mapping, parse_rules_json};
+    use crate::routing::{Resolution, SystemResolver};
 
     fn rules(json: &str) -> Vec<crate::routing::RouteRule> {
-        parse_rules_json(json).unwrap()
+        routes::parse_redis(Some(json), &[], &mut SystemResolver, Resolution::Required).unwrap().rules
+    }
+
+    fn realms(pairs: &[(&str, &str)]) -> Vec<(u16, crate::routing::Endpoint)> {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        routes::parse_redis(None, &pairs, &mut SystemResolver, Resolution::Required).unwrap().realms
+    }
+
+    fn read(rules: Option<Vec<crate::routing::RouteRule>>, realms: Vec<(u16, crate::routing::Endpoint)>) -> RedisRead {
+        RedisRead { rules, realms, pending: vec![], warnings: vec![] }
+    }
+
+    fn set(rules: Vec<crate::routing::RouteRule>, realms: Vec<(u16, crate::routing::Endpoint)>) -> RouteSet {
+        RouteSet { rules, realms, ..Default::default() }
     }
 
     #[test]
     fn a_missing_rules_key_keeps_the_last_good_data_and_an_empty_document_clears_it() {
         let r = rules(r#"[{"server_type": 10, "strategy": "round_robin", "endpoints": ["127.0.0.1:1"]}]"#);
-        let realms = parse_realm_mapping([("7", "127.0.0.1:7")]).unwrap();
-        let last = RouteSet { rules: r.clone(), realms: realms.clone() };
+        let m = realms(&[("7", "127.0.0.1:7")]);
+        let last = set(r.clone(), m.clone());
         // Flushed: nothing under either key.
-        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: None, realms: vec![] });
+        let (got, kept) = resolve_read(Some(&last), read(None, vec![]));
         assert!(kept);
-        assert_eq!(set, last);
+        assert_eq!(got, last);
         // An explicit empty document clears rules and realms.
-        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: Some(vec![]), realms: vec![] });
+        let (got, kept) = resolve_read(Some(&last), read(Some(vec![]), vec![]));
         assert!(!kept);
-        assert_eq!(set, RouteSet::default());
+        assert_eq!(got, RouteSet::default());
         // Only the realm hash: the rules stay, the realms are the hash's.
-        let other = parse_realm_mapping([("8", "127.0.0.1:8")]).unwrap();
-        let (set, kept) = resolve_read(Some(&last), RedisRead { rules: None, realms: other.clone() });
+        let other = realms(&[("8", "127.0.0.1:8")]);
+        let (got, kept) = resolve_read(Some(&last), read(None, other.clone()));
         assert!(kept);
-        assert_eq!(set, RouteSet { rules: r, realms: other.clone() });
+        assert_eq!(got, set(r, other.clone()));
         // Nothing held yet: nothing kept, nothing counted.
-        let (set, kept) = resolve_read(None, RedisRead { rules: None, realms: vec![] });
+        let (got, kept) = resolve_read(None, read(None, vec![]));
         assert!(!kept);
-        assert_eq!(set, RouteSet::default());
-        let (set, kept) = resolve_read(None, RedisRead { rules: None, realms: other.clone() });
+        assert_eq!(got, RouteSet::default());
+        let (got, kept) = resolve_read(None, read(None, other.clone()));
         assert!(!kept);
-        assert_eq!(set.realms, other);
+        assert_eq!(got.realms, other);
     }
 }

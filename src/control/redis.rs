@@ -11,8 +11,9 @@
 //! messages into control events, and after every (re)subscribe asks for a
 //! reload too, so a notification missed while disconnected heals at once.
 
-use super::routes::{parse_realm_mapping, parse_rules_json, RouteSet};
+use super::routes::{parse_redis, RouteSet};
 use crate::config::RedisConfig;
+use crate::routing::{Resolution, Resolve};
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -96,25 +97,14 @@ pub(crate) fn read_raw(conn: &mut redis::Connection, keys: &Keys) -> redis::Redi
     Ok((rules, realms))
 }
 
-/// Validates what Redis holds into a route set.
-pub fn validate_raw(rules: Option<&str>, realms: &[(String, String)]) -> Result<RouteSet, Vec<String>> {
-    let mut errs = vec![];
-    let rules = match rules {
-        Some(t) => parse_rules_json(t).unwrap_or_else(|e| {
-            errs.extend(e);
-            vec![]
-        }),
-        None => vec![],
-    };
-    let realms = parse_realm_mapping(realms.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap_or_else(|e| {
-        errs.extend(e);
-        vec![]
-    });
-    if errs.is_empty() {
-        Ok(RouteSet { rules, realms })
-    } else {
-        Err(errs)
-    }
+/// Validates what Redis holds into a route set (host names go to `resolver`).
+pub fn validate_raw(
+    rules: Option<&str>,
+    realms: &[(String, String)],
+    resolver: &mut dyn Resolve,
+    resolution: Resolution,
+) -> Result<RouteSet, Vec<String>> {
+    parse_redis(rules, realms, resolver, resolution)
 }
 
 impl RedisSource {
@@ -126,8 +116,9 @@ impl RedisSource {
     /// Reads and validates both keys. A missing rules key is "no data":
     /// [`RedisRead::rules`] is `None` and the control loop keeps its last
     /// good Redis routes (an explicit empty document, `[]` or `{}`, clears
-    /// them).
-    pub(crate) fn fetch(&mut self) -> Result<RedisRead, FetchError> {
+    /// them). A host name that does not resolve is a warning (the name waits
+    /// in [`RouteSet::pending`]), not a rejection.
+    pub(crate) fn fetch(&mut self, resolver: &mut dyn Resolve) -> Result<RedisRead, FetchError> {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.client).map_err(FetchError::Unavailable)?);
         }
@@ -139,8 +130,9 @@ impl RedisSource {
                 return Err(FetchError::Unavailable(e));
             }
         };
-        let set = validate_raw(rules.as_deref(), &realms).map_err(FetchError::Invalid)?;
-        Ok(RedisRead { rules: rules.is_some().then_some(set.rules), realms: set.realms })
+        let set = validate_raw(rules.as_deref(), &realms, resolver, Resolution::Deferred).map_err(FetchError::Invalid)?;
+        let has_rules = rules.is_some();
+        Ok(RedisRead { rules: has_rules.then_some(set.rules), realms: set.realms, pending: set.pending, warnings: set.warnings })
     }
 
     /// The rules key's name, for logs.
@@ -158,6 +150,10 @@ pub(crate) struct RedisRead {
     /// The realm mapping (empty when the hash does not exist: Redis has no
     /// empty hashes).
     pub(crate) realms: Vec<(u16, crate::routing::Endpoint)>,
+    /// Names that did not resolve yet (see [`RouteSet::pending`]).
+    pub(crate) pending: Vec<super::routes::Pending>,
+    /// Problems that did not reject the data.
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Runs the notify subscriber until `stop`; every message (and every

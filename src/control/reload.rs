@@ -29,7 +29,26 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let redis =
         |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));
+    // Every [consul] key: a watcher per service is started with them.
+    let consul = |c: &Config| match &c.consul {
+        Some(k) => format!(
+            "{} {:?} namespace={:?} dc={:?} token={} wait={:?}",
+            k.address,
+            k.services,
+            k.namespace,
+            k.datacenter,
+            if k.token.is_some() { "set" } else { "none" },
+            k.wait
+        ),
+        None => "off".into(),
+    };
+    let token_only =
+        old.consul.as_ref().map(|c| &c.token) != new.consul.as_ref().map(|c| &c.token) && consul(old) == consul(new);
+    check("consul", consul(old), consul(new));
     check("log.format", old.log.format.to_string(), new.log.format.to_string());
+    if token_only {
+        v.push("consul.token (changed; not shown)".to_string());
+    }
     v
 }
 
@@ -62,6 +81,7 @@ impl Control {
                 }
                 new.server = self.running.server.clone();
                 new.redis = self.running.redis.clone();
+                new.consul = self.running.consul.clone();
                 new.log.format = self.running.log.format;
                 // max_connections is live: fit it to the open-file limit again
                 // (the new routes may add backend connections).
@@ -103,5 +123,19 @@ mod tests {
         let new = Config::from_str("[server]\nio_driver = \"epoll\"\n[log]\nformat = \"text\"\n", "b.toml").unwrap();
         assert_eq!(needs_restart(&old, &new), vec!["server.io_driver (auto -> epoll)", "log.format (json -> text)"]);
         assert!(needs_restart(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn consul_changes_need_a_restart_and_the_token_is_not_shown() {
+        let off = Config::from_str("", "a.toml").unwrap();
+        let on = |extra: &str| {
+            Config::from_str(&format!("[consul]\nservices = {{ 200 = \"game\" }}\n{extra}"), "b.toml").unwrap()
+        };
+        let changed = needs_restart(&off, &on(""));
+        assert_eq!(changed.len(), 1);
+        assert!(changed[0].starts_with("consul (off -> 127.0.0.1:8500 {200: \"game\"}"), "{changed:?}");
+        let token = needs_restart(&on("token = \"one\"\n"), &on("token = \"two\"\n"));
+        assert_eq!(token, vec!["consul.token (changed; not shown)"]);
+        assert!(needs_restart(&on("wait = \"10s\"\n"), &on("wait = \"20s\"\n"))[0].starts_with("consul ("));
     }
 }
