@@ -9,6 +9,7 @@
 //! own section.
 
 mod error;
+pub mod import_seed;
 mod raw;
 mod sections;
 mod summary;
@@ -139,12 +140,12 @@ mod tests {
 
     #[test]
     fn environment_overrides_and_is_checked() {
-        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()), cpus: None };
+        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()), ..Default::default() };
         let c = Config::from_str_env("[log]\nlevel = \"warn\"\n", "e.toml", &env).unwrap();
         assert_eq!((c.log.level.as_str(), c.server.node_id), ("debug", 7));
         let c = Config::from_str_env("[server]\nnode_id = 3\n", "e.toml", &env).unwrap();
         assert_eq!(c.server.node_id, 3, "an explicit node_id wins over POD_NAME");
-        let bad = Environment { log_level: Some("loud".into()), pod_name: None, cpus: None };
+        let bad = Environment { log_level: Some("loud".into()), ..Default::default() };
         let errs = Config::from_str_env("", "e.toml", &bad).unwrap_err();
         assert!(errs.to_string().contains("log.level: \"loud\""), "{errs}");
         assert_eq!(Config::from_str("", "e.toml").unwrap().log.level, "info", "no environment, the file's default");

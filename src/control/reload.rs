@@ -29,6 +29,8 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));
     check("log.format", old.log.format.to_string(), new.log.format.to_string());
+    check("log.service_name", old.log.service_name.clone(), new.log.service_name.clone());
+    check("log.service_namespace", old.log.service_namespace.clone(), new.log.service_namespace.clone());
     v
 }
 
@@ -62,6 +64,8 @@ impl Control {
                 new.server = self.running.server.clone();
                 new.redis = self.running.redis.clone();
                 new.log.format = self.running.log.format;
+                new.log.service_name = self.running.log.service_name.clone();
+                new.log.service_namespace = self.running.log.service_namespace.clone();
                 if new.log.level != self.running.log.level {
                     set_log_level(&new.log.level);
                 }
