@@ -335,7 +335,9 @@ fn toml_str(s: &str) -> String {
 
 /// `from KEY = VALUE` (with the Go default noted when it applied).
 fn from(key: &str, r: &Read, shown: &str) -> String {
-    if r.defaulted {
+    // A zero value whose default is zero needs no note.
+    let zero_default = matches!(shown, "0" | "" | "false");
+    if r.defaulted && (r.written == "absent" || !zero_default) {
         format!("from {key} = {} (the Go gateway's default: {shown})", r.written)
     } else {
         format!("from {key} = {}", r.written)
