@@ -11,6 +11,12 @@
 //! `trace_id`, `client.address`, `server.address`, `session.id`,
 //! `server.type`, `world.id`, `network.io.receive`, `network.io.send`,
 //! `status`, `error.message`) plus `frames.in`, `frames.out`, `close.reason`.
+//!
+//! With `[log] format = "otel"` a record is an `otel` log line
+//! ([`crate::otel_log`]): the Go gateway's envelope (`timestamp` in epoch
+//! nanoseconds, `severity_text` `INFO`, `severity_number` 9, `body`
+//! `access_log`, `caller`, `service.*`), then the same fields, with the Go
+//! gateway's `duration_ms` added and, as it did, zero and empty ones left out.
 
 use crate::protocol::backend::DisconnectReason;
 use crate::session::{Hex, SessionInfo};
@@ -68,6 +74,10 @@ pub(crate) fn outcome(reason: DisconnectReason) -> (&'static str, &'static str) 
 
 /// Appends one record (a JSON line) for a session that ended.
 pub(crate) fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectReason, server_address: &str) {
+    if let Some(r) = crate::otel_log::active() {
+        append_otel(buf, r, info, reason, server_address);
+        return;
+    }
     let (status, error_message) = outcome(reason);
     let rec = Record {
         timestamp: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
@@ -89,6 +99,49 @@ pub(crate) fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectRe
     if serde_json::to_writer(&mut *buf, &rec).is_ok() {
         buf.push(b'\n');
     }
+}
+
+/// [`append`] in the `otel` format.
+fn append_otel(
+    buf: &mut Vec<u8>,
+    r: &crate::otel_log::Resource,
+    info: &SessionInfo,
+    reason: DisconnectReason,
+    server_address: &str,
+) {
+    let (status, error_message) = outcome(reason);
+    let d = info.started.elapsed();
+    let caller = crate::otel_log::caller(file!(), line!());
+    let mut l = crate::otel_log::Line::envelope(r, &tracing::Level::INFO, "access_log", &caller);
+    l.field("client.address", info.peer.to_string());
+    l.field("status", status);
+    l.field("duration_ns", d.as_nanos() as u64);
+    l.field("duration_ms", d.as_secs_f64() * 1e3);
+    l.field("trace_id", Hex(&info.trace_id).to_string());
+    l.field("session.id", info.id);
+    if let Some(t) = info.first_server_type {
+        l.field("server.type", t);
+    }
+    if info.first_world != 0 {
+        l.field("world.id", info.first_world);
+    }
+    if !server_address.is_empty() {
+        l.field("server.address", server_address);
+    }
+    if info.bytes_in != 0 {
+        l.field("network.io.receive", info.bytes_in);
+    }
+    if info.bytes_out != 0 {
+        l.field("network.io.send", info.bytes_out);
+    }
+    if !error_message.is_empty() {
+        l.field("error.message", error_message);
+    }
+    l.field("frames.in", info.frames_in);
+    l.field("frames.out", info.frames_out);
+    l.field("close.reason", reason.as_str());
+    buf.extend_from_slice(l.finish().as_bytes());
+    buf.push(b'\n');
 }
 
 /// Hands a worker's buffer to the writer: `Ok(records)` written, or
@@ -161,6 +214,54 @@ mod tests {
         assert_eq!(v["trace_id"], "ab".repeat(16));
         assert_eq!(v["status"], "error");
         assert_eq!(v["close.reason"], "backend_lost");
+    }
+
+    #[test]
+    fn otel_record_has_the_go_gateway_envelope_and_leaves_out_empty_fields() {
+        let r = crate::otel_log::Resource {
+            service_name: "game-gateway".into(),
+            service_namespace: "hgame".into(),
+            service_version: "0.1.0".into(),
+        };
+        let mut info = SessionInfo::new(
+            42,
+            "10.0.0.1:5000".parse().unwrap(),
+            Transport::Tcp,
+            std::time::Instant::now(),
+            [0xab; 16],
+        );
+        let mut buf = Vec::new();
+        append_otel(&mut buf, &r, &info, DisconnectReason::ClientClosed, "");
+        info.first_server_type = Some(10);
+        info.first_world = 3;
+        info.bytes_in = 100;
+        append_otel(&mut buf, &r, &info, DisconnectReason::BackendLost, "127.0.0.1:19711");
+        let lines: Vec<serde_json::Value> =
+            buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        for v in &lines {
+            assert!(v["timestamp"].is_u64(), "{v}");
+            assert_eq!((v["severity_text"].as_str(), v["severity_number"].as_u64()), (Some("INFO"), Some(9)));
+            assert_eq!(v["body"], "access_log");
+            assert!(v["caller"].as_str().unwrap().starts_with("src/access_log.rs:"), "{v}");
+            assert_eq!(
+                (v["service.name"].as_str(), v["service.namespace"].as_str()),
+                (Some("game-gateway"), Some("hgame"))
+            );
+            assert!(v["duration_ns"].is_u64() && v["duration_ms"].is_f64() && v["session.id"].is_i64(), "{v}");
+        }
+        for absent in
+            ["server.type", "world.id", "server.address", "network.io.receive", "network.io.send", "error.message"]
+        {
+            assert!(lines[0].get(absent).is_none(), "{absent} left out when empty: {}", lines[0]);
+        }
+        let v = &lines[1];
+        assert_eq!((v["server.type"].as_u64(), v["world.id"].as_u64()), (Some(10), Some(3)));
+        assert_eq!(
+            (v["network.io.receive"].as_u64(), v["error.message"].as_str()),
+            (Some(100), Some("backend connection lost"))
+        );
+        assert_eq!(v["server.address"], "127.0.0.1:19711");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! On the side, wired by `main`: [`control`] (signals, config reload, Redis
 //! routes, stop) and [`admin`] (health, readiness, metrics and status over
 //! HTTP), which share only [`state`]; neither imports the other.
+//! [`otel_log`] is the `otel` log format, shared by the logger and the
+//! [`access_log`].
 
 pub mod access_log;
 pub mod admin;
@@ -24,6 +26,7 @@ pub mod cpu;
 pub mod gateway;
 pub mod limits;
 pub mod notify;
+pub mod otel_log;
 pub(crate) mod otlp;
 pub mod protocol;
 pub mod resilience;

@@ -33,11 +33,66 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Config tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
     /// Operator tools for the routing rules kept in Redis.
     Routes {
         #[command(subcommand)]
         action: RoutesCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print the Go gateway's config.yaml as a commented TOML config for this
+    /// gateway: every key mapped or listed with the reason it is not.
+    ImportSeed {
+        /// The Go gateway's YAML config.
+        file: PathBuf,
+        /// Admin bearer token file: the admin port then listens on every
+        /// address (as the Go gateway's health port did), else on loopback.
+        #[arg(long)]
+        admin_token_file: Option<String>,
+    },
+}
+
+fn config_cmd(action: ConfigCmd) -> ExitCode {
+    match action {
+        ConfigCmd::ImportSeed { file, admin_token_file } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: cannot read: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let opts = config::import_seed::ImportOptions { admin_token_file };
+            match config::import_seed::import_seed(&text, &name, &opts) {
+                Ok(imported) => {
+                    print!("{}", imported.toml);
+                    for p in &imported.problems {
+                        eprintln!("{}: {p}", file.display());
+                    }
+                    // The token file lives on the target machine: not
+                    // being able to read it here is expected.
+                    if let Err(e) = config::import_seed::check(&imported.toml) {
+                        if opts.admin_token_file.is_none() || !e.lines().all(|l| l.contains("admin.token_file")) {
+                            eprintln!("warning: the imported config does not validate here:\n{e}");
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -230,8 +285,10 @@ fn environment() -> Environment {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Routes { action }) = cli.command {
-        return routes(action);
+    match cli.command {
+        Some(Command::Routes { action }) => return routes(action),
+        Some(Command::Config { action }) => return config_cmd(action),
+        None => {}
     }
     let env = environment();
     let mut cfg = match Config::load(&cli.config, &env) {

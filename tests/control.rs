@@ -160,7 +160,9 @@ fn original_gateway_sample_data_loads() {
     c.send(1, sid(1, 200, 0), b"no endpoints yet");
     c.echo(2, sid(1, 10, 0), b"ok");
     eventually("no_endpoints counted", || {
-        http_get(gw.admin, "/metrics").1.contains("game_gateway_routing_errors_total{type=\"no_endpoints\"} 1")
+        http_get(gw.admin, "/metrics")
+            .1
+            .contains("game_gateway_routing_errors_total{type=\"no_endpoints\",error_type=\"not_found\"} 1")
     });
     // The operator tool shows the same, resolved.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))

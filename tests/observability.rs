@@ -49,11 +49,11 @@ fn exact_counters_after_a_known_exchange_over_two_workers() {
     let m = http_get(gw.admin, "/metrics").1;
     let want = [
         ("game_gateway_connections_total", 8.0),
-        ("game_gateway_connection_rejected_total{reason=\"max_connections_per_ip\"}", 1.0),
+        ("game_gateway_connection_rejected_total{reason=\"ip_rate_limit\",refusal=\"max_connections_per_ip\"}", 1.0),
         ("game_gateway_rate_limit_rejected_total{limit=\"max_connections_per_ip\"}", 1.0),
-        ("game_gateway_messages_processed_total{direction=\"client_to_backend\",server_type=\"10\"}", 24.0),
-        ("game_gateway_messages_processed_total{direction=\"backend_to_client\",server_type=\"10\"}", 24.0),
-        ("game_gateway_routing_errors_total{type=\"no_rule\"}", 1.0),
+        ("game_gateway_messages_processed_total{direction=\"client_to_backend\",server_type=\"10\",service_type=\"10\"}", 24.0),
+        ("game_gateway_messages_processed_total{direction=\"backend_to_client\",server_type=\"10\",service_type=\"10\"}", 24.0),
+        ("game_gateway_routing_errors_total{type=\"no_rule\",error_type=\"not_found\"}", 1.0),
         ("game_gateway_sessions_closed_total{reason=\"kicked\"}", 1.0),
         ("game_gateway_sessions_closed_total{reason=\"client_closed\"}", 7.0),
         ("game_gateway_connections_active", 0.0),
@@ -178,12 +178,23 @@ fn a_fresh_gateway_exports_known_label_values_at_zero() {
             assert_eq!(metric(&m, &series), Some(0.0), "{series}\n{m}");
         }
     };
-    zero(
-        "connection_rejected_total",
-        "reason",
-        &["max_connections", "max_connections_per_ip", "connection_rate_per_ip", "ip_table_full", "accept_error"],
-    );
-    zero("routing_errors_total", "type", &["no_rule", "no_endpoints", "backend_unavailable"]);
+    // Our value beside the Go gateway's (`reason`, `error_type`).
+    for (refusal, reason) in [
+        ("max_connections", "global_rate_limit"),
+        ("max_connections_per_ip", "ip_rate_limit"),
+        ("connection_rate_per_ip", "ip_rate_limit"),
+        ("ip_table_full", "ip_rate_limit"),
+        ("accept_error", "accept_error"),
+    ] {
+        let series = format!("game_gateway_connection_rejected_total{{reason=\"{reason}\",refusal=\"{refusal}\"}}");
+        assert_eq!(metric(&m, &series), Some(0.0), "{series}\n{m}");
+    }
+    for (t, go) in
+        [("no_rule", "not_found"), ("no_endpoints", "not_found"), ("backend_unavailable", "circuit_breaker_open")]
+    {
+        let series = format!("game_gateway_routing_errors_total{{type=\"{t}\",error_type=\"{go}\"}}");
+        assert_eq!(metric(&m, &series), Some(0.0), "{series}\n{m}");
+    }
     zero(
         "rate_limit_rejected_total",
         "limit",
@@ -203,9 +214,20 @@ fn a_fresh_gateway_exports_known_label_values_at_zero() {
     let mut c = Client::connect(gw.local_addr());
     c.send(1, sid(1, 99, 0), b"unrouted");
     eventually("the routing error is counted", || {
-        metric(&http_get(admin, "/metrics").1, "game_gateway_routing_errors_total{type=\"no_rule\"}") == Some(1.0)
+        metric(
+            &http_get(admin, "/metrics").1,
+            "game_gateway_routing_errors_total{type=\"no_rule\",error_type=\"not_found\"}",
+        ) == Some(1.0)
     });
     let m = http_get(admin, "/metrics").1;
-    assert_eq!(metric(&m, "game_gateway_routing_errors_total{type=\"no_endpoints\"}"), Some(0.0), "{m}");
-    assert_eq!(m.matches("game_gateway_routing_errors_total{type=\"no_rule\"}").count(), 1, "one series per value");
+    assert_eq!(
+        metric(&m, "game_gateway_routing_errors_total{type=\"no_endpoints\",error_type=\"not_found\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        m.matches("game_gateway_routing_errors_total{type=\"no_rule\",error_type=\"not_found\"}").count(),
+        1,
+        "one series per value"
+    );
 }

@@ -265,18 +265,26 @@ fn a_fresh_gateway_exports_every_dashboard_family_with_its_configured_backends_a
             let series = format!("game_gateway_{family}{{backend=\"{b}\"}}");
             assert_eq!(metric(&m, &series), Some(0.0), "{series}\n{m}");
         }
-        for dir in ["sent", "received"] {
+        for dir in ["request", "response"] {
             let series = format!("game_gateway_backend_bytes_transmitted_total{{backend=\"{b}\",direction=\"{dir}\"}}");
             assert_eq!(metric(&m, &series), Some(0.0), "{series}");
         }
         for t in ["dial_failed", "closed_by_backend", "keepalive_timeout", "circuit_opened", "backend_queue_full"] {
-            let series = format!("game_gateway_backend_errors_total{{backend=\"{b}\",type=\"{t}\"}}");
+            let go = match t {
+                "dial_failed" => "connection_failed",
+                "keepalive_timeout" => "timeout",
+                t => t,
+            };
+            let series =
+                format!("game_gateway_backend_errors_total{{backend=\"{b}\",type=\"{t}\",error_type=\"{go}\"}}");
             assert_eq!(metric(&m, &series), Some(0.0), "{series}");
         }
     }
     for t in ["10", "30"] {
         for dir in ["client_to_backend", "backend_to_client"] {
-            let series = format!("game_gateway_messages_processed_total{{direction=\"{dir}\",server_type=\"{t}\"}}");
+            let series = format!(
+                "game_gateway_messages_processed_total{{direction=\"{dir}\",server_type=\"{t}\",service_type=\"{t}\"}}"
+            );
             assert_eq!(metric(&m, &series), Some(0.0), "{series}");
         }
     }
@@ -290,7 +298,10 @@ fn a_fresh_gateway_exports_every_dashboard_family_with_its_configured_backends_a
     c.echo(1, sid(1, 10, 0), b"x");
     eventually("the echo is counted", || {
         let m = http(gw.admin, "GET", "/metrics", None).2;
-        metric(&m, "game_gateway_messages_processed_total{direction=\"client_to_backend\",server_type=\"10\"}")
+        metric(
+            &m,
+            "game_gateway_messages_processed_total{direction=\"client_to_backend\",server_type=\"10\",service_type=\"10\"}"
+        )
             == Some(1.0)
             && metric(&m, &format!("game_gateway_backend_dials_total{{backend=\"{}\"}}", mb.addr())).unwrap_or(0.0)
                 >= 1.0

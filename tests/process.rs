@@ -114,7 +114,9 @@ fn admin_endpoints_answer() {
     assert_eq!(code, 200);
     assert!(m.contains("game_gateway_connections_total 1"), "{m}");
     eventually("routing error visible", || {
-        http_get(gw.admin, "/metrics").1.contains("game_gateway_routing_errors_total{type=\"no_rule\"} 1")
+        http_get(gw.admin, "/metrics")
+            .1
+            .contains("game_gateway_routing_errors_total{type=\"no_rule\",error_type=\"not_found\"} 1")
     });
     let (code, st) = http_get(gw.admin, "/status");
     assert_eq!(code, 200);

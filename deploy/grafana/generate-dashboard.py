@@ -124,7 +124,8 @@ panel("timeseries", "Rate-limit rejections", [
     (q("sum by (limit) (rate(game_gateway_rate_limit_rejected_total{SEL}[$__rate_interval]))"), "{{limit}}")],
     unit="ops")
 panel("timeseries", "Connections rejected", [
-    (q("sum by (reason) (rate(game_gateway_connection_rejected_total{SEL}[$__rate_interval]))"), "{{reason}}")],
+    # refusal: ours; reason: the Go gateway's coarser value.
+    (q("sum by (refusal) (rate(game_gateway_connection_rejected_total{SEL}[$__rate_interval]))"), "{{refusal}}")],
     unit="cps")
 panel("timeseries", "Frames dropped", [
     (q("sum by (reason) (rate(game_gateway_frames_dropped_total{SEL}[$__rate_interval]))"), "{{reason}}")],
@@ -176,8 +177,9 @@ endrow()
 row("Control plane")
 panel("timeseries", "Route snapshot version", [(q("game_gateway_route_snapshot_version{SEL}"), "{{instance}}")])
 panel("timeseries", "Route reads from Redis", [
-    (q("sum(rate(game_gateway_config_refresh_success_total{SEL}[$__rate_interval]))"), "ok"),
-    (q("sum(rate(game_gateway_config_refresh_errors_total{SEL}[$__rate_interval]))"), "failed"),
+    # One read covers both keys: each config_type carries the same count.
+    (q("sum(rate(game_gateway_config_refresh_success_total{SEL, config_type=\"routing_rules\"}[$__rate_interval]))"), "ok"),
+    (q("sum(rate(game_gateway_config_refresh_errors_total{SEL, config_type=\"routing_rules\"}[$__rate_interval]))"), "failed"),
     (q("sum(increase(game_gateway_route_snapshots_rejected_total{SEL}[$__rate_interval]))"), "snapshots rejected")],
     unit="short")
 panel("timeseries", "Config file reloads", [

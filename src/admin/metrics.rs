@@ -8,7 +8,15 @@
 //! side's [`crate::state::RouteLabels`], so that every family the alerts and
 //! dashboard use exists on a fresh gateway.
 //!
-//! Names keep the original gateway's so dashboards and alerts keep working.
+//! Names keep the original gateway's so dashboards and alerts keep working,
+//! and so do its label names and values: where our label differs, the Go
+//! gateway's label is exported beside ours on the same series (`type` and
+//! `error_type`, `server_type` and `service_type`) so that neither side's
+//! `sum by (...)` double counts; where the label name is the same but the
+//! values differ, the values are the Go gateway's and our finer value moves
+//! to a label of its own (`connection_rejected_total{reason, refusal}`), or
+//! the values are renamed one to one (`backend_bytes_transmitted_total`
+//! `direction` = `request` / `response`). [`go`] holds those mappings.
 //! The data path never sees any of this: workers keep plain integers and
 //! fixed-bucket histograms and hand copies over when asked.
 
@@ -65,6 +73,69 @@ pub(crate) const TLS_CERTIFICATE_EXPIRY_SECONDS: &str = "game_gateway_tls_certif
 pub(crate) const TRACE_SPANS_DROPPED_TOTAL: &str = "game_gateway_trace_spans_dropped_total";
 pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
 pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
+// Families the Go gateway exported (or its dashboard used) that we derive
+// from the counters above.
+pub(crate) const BACKEND_REQUESTS_TOTAL: &str = "game_gateway_backend_requests_total";
+pub(crate) const BACKEND_POOL_ACTIVE: &str = "game_gateway_backend_pool_active";
+pub(crate) const BACKEND_POOL_IDLE: &str = "game_gateway_backend_pool_idle";
+pub(crate) const POOL_CLEANUP_ERRORS_TOTAL: &str = "game_gateway_pool_cleanup_errors_total";
+// The Go client library's handler metrics (promhttp), kept by name.
+pub(crate) const PROMHTTP_REQUESTS_TOTAL: &str = "promhttp_metric_handler_requests_total";
+pub(crate) const PROMHTTP_REQUESTS_IN_FLIGHT: &str = "promhttp_metric_handler_requests_in_flight";
+
+/// The Go gateway's label values, from ours. Each function maps one of our
+/// values to the Go gateway's value for the same event; a value of ours with
+/// no Go counterpart maps to itself (a new value beside the Go gateway's).
+pub(crate) mod go {
+    /// `routing_errors_total{error_type}` from our `type`.
+    pub(crate) fn routing_error_type(t: &str) -> &str {
+        match t {
+            // The Go gateway said `not_found` for no rule, no endpoints and
+            // an unknown strategy alike.
+            "no_rule" | "no_endpoints" => "not_found",
+            // Every endpoint of the rule skipped: circuit open (or backing
+            // off after a failure, which the Go gateway did not have).
+            "backend_unavailable" => "circuit_breaker_open",
+            other => other,
+        }
+    }
+
+    /// `backend_errors_total{error_type}` from our `type`.
+    pub(crate) fn backend_error_type(t: &str) -> &str {
+        match t {
+            "dial_failed" => "connection_failed",
+            "dial_timeout" | "keepalive_timeout" => "timeout",
+            // Frames refused because the endpoint is not usable (circuit
+            // open, backing off, or its connection gone).
+            "backend_unavailable" => "circuit_breaker_open",
+            other => other,
+        }
+    }
+
+    /// `connection_rejected_total{reason}` from our refusal.
+    pub(crate) fn rejection_reason(r: &str) -> &str {
+        match r {
+            "max_connections" => "global_rate_limit",
+            "max_connections_per_ip" | "connection_rate_per_ip" | "ip_table_full" => "ip_rate_limit",
+            other => other,
+        }
+    }
+
+    /// `routing_errors_total` values only the Go gateway had; we derive them
+    /// (see `families`).
+    pub(crate) const ROUTING_ERROR_TYPES_DERIVED: [&str; 2] = ["connection_failed", "message_too_large"];
+    /// `connection_rejected_total{reason}` values of the Go gateway's worker
+    /// pool and accept queue: there is no such pool here, they stay 0.
+    pub(crate) const REJECTION_REASONS_NEVER: [&str; 2] = ["pool_and_queue_full", "pool_closed_or_full"];
+    /// `backend_errors_total{error_type}`: the Go gateway's failed gRPC
+    /// connect notice. Here `CONNECT` is a frame queued on the backend
+    /// connection; its loss is counted as that connection's loss (or as
+    /// `backend_queue_full`), so this stays 0.
+    pub(crate) const BACKEND_ERROR_TYPES_NEVER: [&str; 1] = ["notification_failed"];
+    /// `config_refresh_*_total{config_type}`: one read of ours covers both
+    /// keys (and is validated whole), so both values carry the same count.
+    pub(crate) const CONFIG_TYPES: [&str; 2] = ["routing_rules", "realm_mapping"];
+}
 
 // Label values known in advance, exported at zero from the start so that
 // `rate()` panels and alerts see every series of a fresh gateway. They come
@@ -251,23 +322,75 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
     for (dir, arr) in [("client_to_backend", &s.messages_in), ("backend_to_client", &s.messages_out)] {
         for (t, v) in arr.iter().enumerate() {
             if *v > 0 || known.server_types.binary_search(&(t as u8)).is_ok() {
-                messages = messages.value(&[("direction", dir), ("server_type", &t.to_string())], *v as f64);
+                let t = t.to_string();
+                messages = messages.value(&[("direction", dir), ("server_type", &t), ("service_type", &t)], *v as f64);
             }
         }
     }
     let mut bytes = Family::new(BACKEND_BYTES_TRANSMITTED_TOTAL, "Bytes to and from backends.", COUNTER);
     let mut errors = Family::new(BACKEND_ERRORS_TOTAL, "Backend connection errors, by endpoint and type.", COUNTER);
     let mut rtt = Family::new(BACKEND_RTT_SECONDS, "Keep-alive PING round trips, by endpoint.", HISTOGRAM);
+    let mut requests = Family::new(
+        BACKEND_REQUESTS_TOTAL,
+        "Frames towards a backend: success = written to it, error = refused (endpoint unavailable or its queue full).",
+        COUNTER,
+    );
+    let mut pool_active = Family::new(BACKEND_POOL_ACTIVE, "Backend connections up and serving sessions.", GAUGE);
+    let mut pool_idle = Family::new(BACKEND_POOL_IDLE, "Backend connections up and serving no session.", GAUGE);
+    // Failed backend dials, for routing_errors_total{error_type="connection_failed"}.
+    let mut dials_failed = 0;
     for (b, st) in &backends {
-        bytes = bytes.value(&[("backend", b), ("direction", "sent")], st.bytes_sent as f64);
-        bytes = bytes.value(&[("backend", b), ("direction", "received")], st.bytes_received as f64);
-        let mut errs = with_known(&st.errors, BACKEND_ERROR_TYPES);
+        // The Go gateway's direction values: request = towards the backend.
+        bytes = bytes.value(&[("backend", b), ("direction", "request")], st.bytes_sent as f64);
+        bytes = bytes.value(&[("backend", b), ("direction", "response")], st.bytes_received as f64);
+        let mut errs = with_known(&st.errors, BACKEND_ERROR_TYPES.into_iter().chain(go::BACKEND_ERROR_TYPES_NEVER));
         errs.sort();
         for (k, v) in errs {
-            errors = errors.value(&[("backend", b), ("type", k)], v as f64);
+            errors = errors.value(&[("backend", b), ("type", k), ("error_type", go::backend_error_type(k))], v as f64);
         }
+        let get = |k: &str| WorkerStats::get(&st.errors, k);
+        dials_failed += get("dial_failed") + get("dial_timeout");
+        requests = requests.value(&[("backend", b), ("status", "success")], st.frames_sent as f64);
+        requests = requests.value(
+            &[("backend", b), ("status", "error")],
+            (get("backend_unavailable") + get("backend_queue_full")) as f64,
+        );
+        // A seed_tcp connection serves one session; a multiplexed one
+        // serves many: connections up beyond the sessions bound are idle.
+        let active = st.connections_active.min(st.sessions_bound);
+        pool_active = pool_active.value(&[("backend", b)], active as f64);
+        pool_idle = pool_idle.value(&[("backend", b)], (st.connections_active - active) as f64);
         rtt = rtt.histogram(&[("backend", b)], &st.rtt);
     }
+    let mut routing = Family::new(ROUTING_ERRORS_TOTAL, "Client frames that could not be routed, by type.", COUNTER);
+    let mut by_type = with_known(&s.routing_errors, routing_errors);
+    by_type.sort();
+    for (t, v) in by_type {
+        routing = routing.value(&[("type", t), ("error_type", go::routing_error_type(t))], v as f64);
+    }
+    let oversize = WorkerStats::get(&s.protocol_errors, "frame_too_large")
+        + WorkerStats::get(&s.protocol_errors, "websocket_too_large");
+    for (t, v) in go::ROUTING_ERROR_TYPES_DERIVED.into_iter().zip([dials_failed, oversize]) {
+        routing = routing.value(&[("type", t), ("error_type", t)], v as f64);
+    }
+    let mut rejected = Family::new(
+        CONNECTION_REJECTED_TOTAL,
+        "Client connections refused, by reason (the Go gateway's) and refusal (ours).",
+        COUNTER,
+    );
+    let mut refusals =
+        with_known(&s.connection_rejected, connection_rejected_reasons().chain(go::REJECTION_REASONS_NEVER));
+    refusals.sort_by_key(|(r, _)| (go::rejection_reason(r), *r));
+    for (r, v) in refusals {
+        rejected = rejected.value(&[("reason", go::rejection_reason(r)), ("refusal", r)], v as f64);
+    }
+    let per_config_type = |name: &str, help: &str, v: f64| {
+        let mut f = Family::new(name, help, COUNTER);
+        for t in go::CONFIG_TYPES {
+            f = f.value(&[("config_type", t)], v);
+        }
+        f.0
+    };
     let mut info = Family::new(WORKER_INFO, "One series per worker: its core and I/O driver.", GAUGE);
     for w in workers {
         let cpu = w.cpu.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
@@ -280,14 +403,10 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(CONNECTIONS_TOTAL, "Client connections accepted.", COUNTER)
             .value(&[], s.connections_total as f64)
             .0,
-        Family::new(CONNECTION_REJECTED_TOTAL, "Client connections refused, by reason.", COUNTER)
-            .by("reason", with_known(&s.connection_rejected, connection_rejected_reasons()))
-            .0,
+        rejected.0,
         Family::new(SESSIONS_ACTIVE, "Live sessions.", GAUGE).value(&[], s.sessions_active as f64).0,
         messages.0,
-        Family::new(ROUTING_ERRORS_TOTAL, "Client frames that could not be routed, by type.", COUNTER)
-            .by("type", with_known(&s.routing_errors, routing_errors))
-            .0,
+        routing.0,
         Family::new(RATE_LIMIT_REJECTED_TOTAL, "Connections and frames refused by a limit, by limit.", COUNTER)
             .by("limit", with_known(&s.rate_limit_rejected, rate_limits()))
             .0,
@@ -313,6 +432,12 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         }),
         per_backend(BACKEND_TIMEOUTS_TOTAL, "Dial and keep-alive timeouts.", COUNTER, &|b| b.timeouts as f64),
         per_backend(BACKEND_DIALS_TOTAL, "Backend dial attempts.", COUNTER, &|b| b.dials as f64),
+        requests.0,
+        pool_active.0,
+        pool_idle.0,
+        Family::new(POOL_CLEANUP_ERRORS_TOTAL, "Always 0: closing idle pooled connections cannot fail here.", COUNTER)
+            .value(&[], 0.0)
+            .0,
         bytes.0,
         Family::new(
             CONNECTION_SETUP_LATENCY_SECONDS,
@@ -386,12 +511,16 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(ACCESS_LOG_DROPPED_TOTAL, "Access-log records dropped under overload.", COUNTER)
             .value(&[], s.access_log_dropped as f64)
             .0,
-        Family::new(CONFIG_REFRESH_SUCCESS_TOTAL, "Successful route reads from Redis.", COUNTER)
-            .value(&[], ld(&c.refresh_success))
-            .0,
-        Family::new(CONFIG_REFRESH_ERRORS_TOTAL, "Failed, rejected or empty route reads from Redis.", COUNTER)
-            .value(&[], ld(&c.refresh_errors))
-            .0,
+        per_config_type(
+            CONFIG_REFRESH_SUCCESS_TOTAL,
+            "Successful route reads from Redis (one read covers both keys).",
+            ld(&c.refresh_success),
+        ),
+        per_config_type(
+            CONFIG_REFRESH_ERRORS_TOTAL,
+            "Failed or rejected route reads from Redis (one read covers both keys).",
+            ld(&c.refresh_errors),
+        ),
         Family::new(
             CONFIG_REFRESH_EMPTY_TOTAL,
             "Redis reads that found no rules key (restarted empty, flushed); the last good Redis routes stay.",

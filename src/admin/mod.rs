@@ -188,8 +188,16 @@ pub struct AdminState {
     config_source: String,
     /// Written by the control loop (readiness, routes, Redis, reloads).
     control: Arc<ControlStats>,
-    /// Holds the [`metrics::GatewayCollector`].
+    /// Holds the [`metrics::GatewayCollector`], the process collector
+    /// (`process_*`) and the handler's own metrics below.
     registry: prometheus::Registry,
+    /// `promhttp_metric_handler_requests_total{code}`: `/metrics` responses
+    /// served, as the Go client library counts them (after the response, so
+    /// a scrape does not count itself).
+    scrapes: prometheus::IntCounterVec,
+    /// `promhttp_metric_handler_requests_in_flight`: scrapes being served
+    /// (1 in any single scrape's own output).
+    scrapes_in_flight: prometheus::IntGauge,
     /// Where `POST /drain` goes; `None` without a control loop.
     control_tx: Option<ControlSender>,
     /// Refused admin calls: when one was last logged, and how many since.
@@ -206,8 +214,25 @@ impl AdminState {
         let registry = prometheus::Registry::new();
         let workers = Arc::new(WorkerStatsSource::new(handle));
         let collector = metrics::GatewayCollector { workers: workers.clone(), control: control.clone() };
-        if let Err(e) = registry.register(Box::new(collector)) {
-            tracing::error!(error = %e, "metrics collector not registered");
+        let scrapes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(metrics::PROMHTTP_REQUESTS_TOTAL, "Total number of scrapes by HTTP status code."),
+            &["code"],
+        )
+        .expect("valid metric");
+        // The codes the Go client library pre-creates at zero.
+        for code in ["200", "500", "503"] {
+            scrapes.with_label_values(&[code]);
+        }
+        let scrapes_in_flight =
+            prometheus::IntGauge::new(metrics::PROMHTTP_REQUESTS_IN_FLIGHT, "Current number of scrapes being served.")
+                .expect("valid metric");
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        let collectors: [Box<dyn prometheus::core::Collector>; 4] =
+            [Box::new(collector), Box::new(process), Box::new(scrapes.clone()), Box::new(scrapes_in_flight.clone())];
+        for c in collectors {
+            if let Err(e) = registry.register(c) {
+                tracing::error!(error = %e, "metrics collector not registered");
+            }
         }
         AdminState {
             workers,
@@ -215,6 +240,8 @@ impl AdminState {
             config_source,
             control,
             registry,
+            scrapes,
+            scrapes_in_flight,
             control_tx,
             refusals_logged: Mutex::new((None, 0)),
         }
@@ -466,8 +493,12 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             }
         }
         "/metrics" => {
+            state.scrapes_in_flight.inc();
             let body = state.metrics_body.get(|| metrics::encode(&state.registry.gather()));
-            respond(&mut c, 200, prometheus::TEXT_FORMAT, &body)
+            state.scrapes_in_flight.dec();
+            let r = respond(&mut c, 200, prometheus::TEXT_FORMAT, &body);
+            state.scrapes.with_label_values(&["200"]).inc();
+            r
         }
         "/status" => {
             let per = state.workers.get();

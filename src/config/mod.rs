@@ -9,6 +9,7 @@
 //! own section.
 
 mod error;
+pub mod import_seed;
 mod raw;
 mod sections;
 mod summary;

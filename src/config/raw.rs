@@ -354,10 +354,23 @@ pub(crate) struct RawLog {
     pub(crate) format: String,
     pub(crate) access_log: bool,
     pub(crate) access_log_path: String,
+    pub(crate) service_name: String,
+    pub(crate) service_namespace: String,
 }
+
+/// `service.name` of `otel` log lines when neither `OTEL_SERVICE_NAME` nor
+/// `[log] service_name` gives one (the Go gateway's fixed name).
+pub(crate) const DEFAULT_SERVICE_NAME: &str = "game-gateway";
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { level: "info".into(), format: "json".into(), access_log: true, access_log_path: String::new() }
+        RawLog {
+            level: "info".into(),
+            format: "json".into(),
+            access_log: true,
+            access_log_path: String::new(),
+            service_name: DEFAULT_SERVICE_NAME.into(),
+            service_namespace: String::new(),
+        }
     }
 }

@@ -209,6 +209,10 @@ impl fmt::Debug for ConsulConfig {
 pub enum LogFormat {
     Json,
     Text,
+    /// JSON with the Go gateway's (OpenTelemetry log data model) field
+    /// names: `timestamp` in epoch nanoseconds, `severity_text`,
+    /// `severity_number`, `body`, `caller`, `service.*`.
+    Otel,
 }
 
 impl LogFormat {
@@ -216,6 +220,7 @@ impl LogFormat {
         match s {
             "json" => Some(LogFormat::Json),
             "text" => Some(LogFormat::Text),
+            "otel" => Some(LogFormat::Otel),
             _ => None,
         }
     }
@@ -225,6 +230,7 @@ impl LogFormat {
         match self {
             LogFormat::Json => "json",
             LogFormat::Text => "text",
+            LogFormat::Otel => "otel",
         }
     }
 }
@@ -242,6 +248,12 @@ pub struct LogConfig {
     pub access_log: bool,
     /// Where access-log records go; `None` = stdout.
     pub access_log_path: Option<std::path::PathBuf>,
+    /// `service.name` of `otel` log lines: `OTEL_SERVICE_NAME`, else
+    /// `[log] service_name`.
+    pub service_name: String,
+    /// `service.namespace` of `otel` log lines: `POD_NAMESPACE`, else
+    /// `[log] service_namespace` (may be empty).
+    pub service_namespace: String,
 }
 
 /// The admin port's bearer token (`[admin] token_file`, trailing whitespace

@@ -96,7 +96,11 @@ impl Config {
         for r in &self.routes {
             writeln!(s, "  {r}")?;
         }
-        writeln!(s, "log: level={} format={} access_log={}", self.log.level, self.log.format, self.log.access_log)?;
+        write!(s, "log: level={} format={} access_log={}", self.log.level, self.log.format, self.log.access_log)?;
+        if self.log.format == super::LogFormat::Otel {
+            write!(s, " service.name={:?} service.namespace={:?}", self.log.service_name, self.log.service_namespace)?;
+        }
+        writeln!(s)?;
         match (&self.admin.token_file, &self.admin.token) {
             (Some(f), Some(t)) => writeln!(
                 s,

@@ -618,14 +618,21 @@ fn log(p: &mut Problems<'_>, l: &RawLog, env: &Environment) -> LogConfig {
         p.push("log", None, "level", format!("{level:?} is not one of error, warn, info, debug, trace"));
     }
     let format = LogFormat::parse(&l.format).unwrap_or_else(|| {
-        p.push("log", None, "format", format!("{:?} is not one of json, text", l.format));
+        p.push("log", None, "format", format!("{:?} is not one of json, text, otel", l.format));
         LogFormat::Json
     });
+    let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    let service_name = set(&env.otel_service_name).unwrap_or_else(|| l.service_name.clone());
+    if service_name.is_empty() {
+        p.push("log", None, "service_name", "must not be empty");
+    }
     LogConfig {
         level,
         format,
         access_log: l.access_log,
         access_log_path: (!l.access_log_path.is_empty()).then(|| l.access_log_path.clone().into()),
+        service_name,
+        service_namespace: set(&env.pod_namespace).unwrap_or_else(|| l.service_namespace.clone()),
     }
 }
 

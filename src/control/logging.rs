@@ -19,6 +19,17 @@ pub fn init_logging(log: &LogConfig) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_thread_names(true);
     match log.format {
+        LogFormat::Otel => {
+            let resource = crate::otel_log::Resource::of(log);
+            crate::otel_log::install(resource.clone());
+            let b =
+                builder.with_ansi(false).event_format(crate::otel_log::OtelFormat { resource }).with_filter_reloading();
+            let h = b.reload_handle();
+            if b.try_init().is_ok() {
+                let _ = LEVEL
+                    .set(Box::new(move |l| h.reload(tracing_subscriber::EnvFilter::new(l)).map_err(|e| e.to_string())));
+            }
+        }
         LogFormat::Json => {
             let b = builder.json().flatten_event(true).with_filter_reloading();
             let h = b.reload_handle();

@@ -46,6 +46,8 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.consul.as_ref().map(|c| &c.token) != new.consul.as_ref().map(|c| &c.token) && consul(old) == consul(new);
     check("consul", consul(old), consul(new));
     check("log.format", old.log.format.to_string(), new.log.format.to_string());
+    check("log.service_name", old.log.service_name.clone(), new.log.service_name.clone());
+    check("log.service_namespace", old.log.service_namespace.clone(), new.log.service_namespace.clone());
     if token_only {
         v.push("consul.token (changed; not shown)".to_string());
     }
@@ -92,6 +94,8 @@ impl Control {
                     b.raised_from = b.raised_from.or(held.and_then(|h| h.raised_from));
                     *held = Some(b);
                 }
+                new.log.service_name = self.running.log.service_name.clone();
+                new.log.service_namespace = self.running.log.service_namespace.clone();
                 if new.log.level != self.running.log.level {
                     set_log_level(&new.log.level);
                 }
