@@ -197,7 +197,45 @@ fn backend_killed() {
         "SIGKILL backend, restart after 600 ms (rebind)",
     );
     check(&t, &gw);
-    assert!(recover.is_some() && resume.is_some(), "traffic did not come back after the restart");
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back after the restart", &gw);
+}
+
+/// The same crash under the default `on_backend_loss = "close"`: bound
+/// sessions are closed (reason 7) with frames in flight; clients reconnect.
+/// A closed session's replies already queued still reach its client before
+/// the FIN.
+#[test]
+fn backend_killed_close() {
+    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut be1 = BackendProc::spawn(addr, ROLE_TEST);
+    let rig = Rig::start("backend_killed_close", FAST, &route(10, 0, "round_robin", &[addr], ""));
+    let admin = rig.admin();
+    let load = Load::start(&rig.case, rig.gw.addr, Spec::new(16, sid10()));
+    sleep_ms(800);
+    let t_fault = Instant::now();
+    be1.kill9();
+    let detect = until(Duration::from_secs(5), || {
+        observe::m(&metrics(admin), "game_gateway_sessions_closed_total{reason=\"backend_lost\"}") > 0
+    });
+    sleep_until(t_fault + Duration::from_millis(600));
+    let (t_heal, heal_ns) = (Instant::now(), rig.now_ns());
+    let be2 = BackendProc::spawn(addr, ROLE_TEST);
+    let recover = since(t_heal, load::probe_until(&rig.case, rig.gw.addr, sid10(), Duration::from_secs(5)));
+    sleep_ms(700);
+    load.stop();
+    let resume = resume_after(&rig.case, heal_ns);
+    let closed = observe::m(&metrics(admin), "game_gateway_sessions_closed_total{reason=\"backend_lost\"}");
+    let (t, gw) = rig.finish(
+        &|| be1.counts() + be2.counts(),
+        Timing { detect_ms: detect, recover_ms: recover, resume_ms: resume },
+        Allow { pipe_loss: true, ..Default::default() },
+        &format!(
+            "SIGKILL backend, restart after 600 ms (close): {closed} sessions closed backend_lost, clients reconnect"
+        ),
+    );
+    check(&t, &gw);
+    ensure(detect.is_some() && t.closed_by_gw > 0, "no session was closed on the loss", &gw);
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back after the restart", &gw);
 }
 
 /// A backend process SIGSTOPped for 2.5 s, then SIGCONT. Keep-alive finds the
@@ -230,8 +268,8 @@ fn backend_hung() {
         "SIGSTOP 2.5 s, SIGCONT; keepalive 500ms/500ms",
     );
     check(&t, &gw);
-    assert!(detect.is_some(), "the hung backend was not detected");
-    assert!(recover.is_some() && resume.is_some(), "traffic did not come back after SIGCONT");
+    ensure(detect.is_some(), "the hung backend was not detected", &gw);
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back after SIGCONT", &gw);
 }
 
 /// A backend that reads ~100 KB/s for 2 s under ~1.5 MB/s of load: the
@@ -264,7 +302,7 @@ fn backend_slow_reader() {
         &format!("100 KB/s reader for 2 s, backend queue 256 KiB; p99 while slow {:.0} ms", slow_p99.unwrap_or(0.0)),
     );
     check(&t, &gw);
-    assert!(recover.is_some());
+    ensure(recover.is_some(), "no new session served after the backend sped up", &gw);
 }
 
 /// A socket bound but not listening: every dial is refused. Then it listens
@@ -295,7 +333,7 @@ fn backend_refusing() {
         "bound, not listening (refused) for 1.5 s, then serving",
     );
     check(&t, &gw);
-    assert!(recover.is_some() && resume.is_some());
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back once it listened", &gw);
 }
 
 /// A listening socket whose accept queue is full and that never accepts:
@@ -341,8 +379,8 @@ fn backend_backlog_full() {
         "accept queue full, never accepting, 1.5 s; dial_timeout 300ms",
     );
     check(&t, &gw);
-    assert!(detect.is_some(), "dial timeouts not counted");
-    assert!(recover.is_some() && resume.is_some());
+    ensure(detect.is_some(), "dial timeouts not counted", &gw);
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back once it accepted", &gw);
 }
 
 // ---------------------------------------------------------------------------
@@ -445,8 +483,8 @@ fn net_stall() {
         "black-holed path 2.5 s; keepalive 500ms/500ms",
     );
     check(&t, &gw);
-    assert!(detect.is_some(), "the stalled path was not detected");
-    assert!(recover.is_some() && resume.is_some());
+    ensure(detect.is_some(), "the stalled path was not detected", &gw);
+    ensure(recover.is_some() && resume.is_some(), "traffic did not come back after the stall", &gw);
 }
 
 // ---------------------------------------------------------------------------
@@ -647,9 +685,9 @@ fn redis_down() {
         &format!("redis killed 2 s; /ready not 200 {not_ready}/{polls}; {b_during} frames to the redis route while down; recover = redis_up again"),
     );
     check(&t, &gw);
-    assert_eq!(not_ready, 0, "/ready left 200 while Redis was down");
-    assert!(probe.is_some() && b_during > 0, "traffic stopped while Redis was down");
-    assert_eq!(a.counts().trans, 0, "the last good (Redis) routes were not kept");
+    ensure(not_ready == 0, "/ready left 200 while Redis was down", &gw);
+    ensure(probe.is_some() && b_during > 0, "traffic stopped while Redis was down", &gw);
+    ensure(a.counts().trans == 0, "the last good (Redis) routes were not kept", &gw);
 }
 
 /// (published snapshot version, lowest version a worker runs), from /status.
@@ -968,8 +1006,8 @@ fn client_flood() {
     );
     check(&t, &gw);
     let lost: u64 = normal_s.iter().map(|l| l.sent - l.delivered).sum();
-    assert_eq!(lost, 0, "normal clients lost replies to the flood");
-    assert!(p99_flood < 250.0, "normal clients starved during the flood: p99 {p99_flood} ms");
+    ensure(lost == 0, "normal clients lost replies to the flood", &gw);
+    ensure(p99_flood < 250.0, &format!("normal clients starved during the flood: p99 {p99_flood} ms"), &gw);
 }
 
 /// 50 connections dribble a frame header a byte every 200 ms (never a whole
@@ -1074,12 +1112,12 @@ fn slowloris() {
         ),
     );
     check(&t, &gw);
-    assert_eq!(handshake_closed.len(), 50, "slowloris connections left open");
-    assert_eq!(idle_closed.len(), 10, "mid-frame dribblers left open");
-    assert!(worst(&handshake_closed) < 3000.0 && worst(&idle_closed) < 4500.0);
-    assert!(hs >= 50 && idle >= 10, "timeouts not counted: handshake {hs} idle {idle}");
+    ensure(handshake_closed.len() == 50, "slowloris connections left open", &gw);
+    ensure(idle_closed.len() == 10, "mid-frame dribblers left open", &gw);
+    ensure(worst(&handshake_closed) < 4000.0, "handshake_timeout 1 s took over 4 s", &gw);
+    ensure(hs >= 50 && idle >= 10, &format!("timeouts not counted: handshake {hs} idle {idle}"), &gw);
     let lost: u64 = case.sessions().iter().filter(|l| l.group == 0).map(|l| l.sent - l.delivered).sum();
-    assert_eq!(lost, 0, "normal clients lost replies");
+    ensure(lost == 0, "normal clients lost replies", &gw);
 }
 
 /// A slowloris connection: its socket, when it was closed, the ledger of
@@ -1162,7 +1200,7 @@ fn half_close() {
         &format!("20 clients x 20 frames then FIN, RTT 300 ms; {} clients short of replies", short.len()),
     );
     check(&t, &gw);
-    assert!(short.is_empty(), "half-closed clients did not get all their replies: (tag, got) {short:?}");
+    ensure(short.is_empty(), &format!("half-closed clients did not get all their replies: (tag, got) {short:?}"), &gw);
 }
 
 /// 3 rounds of 30 clients that pipeline 20 frames and reset (SO_LINGER 0)
@@ -1223,9 +1261,9 @@ fn client_rst() {
     );
     check(&t, &gw);
     let bc = be.counts();
-    assert_eq!(bc.connects, bc.disconnects, "a reset session was never announced gone to its backend");
+    ensure(bc.connects == bc.disconnects, "a reset session was never announced gone to its backend", &gw);
     let normal_lost: u64 = case.sessions().iter().filter(|l| l.group == 0).map(|l| l.sent - l.delivered).sum();
-    assert_eq!(normal_lost, 0);
+    ensure(normal_lost == 0, "normal clients lost replies", &gw);
 }
 
 /// SIGTERM under load (drain_timeout 500 ms): every frame a client wrote
@@ -1253,9 +1291,9 @@ fn drain_under_load() {
         &format!("SIGTERM, drain_timeout 500 ms; exit {code:?} after {exit_ms:.0} ms (recover = exit)"),
     );
     check(&t, &gw);
-    assert_eq!(code, Some(0));
-    assert!(exit_ms < 3500.0, "drain took {exit_ms} ms");
-    assert_eq!(t.read, t.at_backend, "frames read during the drain did not all reach the backend");
+    ensure(code == Some(0), &format!("exit code {code:?}"), &gw);
+    ensure(exit_ms < 3500.0, &format!("drain took {exit_ms} ms"), &gw);
+    ensure(t.read == t.at_backend, "frames read during the drain did not all reach the backend", &gw);
     // Per session: what the client sent = what the gateway read = what the
     // backend got.
     let per_backend = be.per_session();

@@ -279,7 +279,7 @@ pub struct Allow {
 
 impl Default for Allow {
     fn default() -> Self {
-        Allow { pipe_loss: false, max_rss_mib: 256, exited: false, reorder: false }
+        Allow { pipe_loss: false, max_rss_mib: 64, exited: false, reorder: false }
     }
 }
 
