@@ -36,6 +36,10 @@ use std::time::{Duration, Instant};
 
 /// Longest a retired connection may take to write its last queue.
 pub(crate) const RETIRE_DRAIN_MAX: Duration = Duration::from_secs(5);
+/// After its last write, how long a retired connection is still read, so
+/// replies in flight from the backend are handled (delivered to sessions
+/// still bound, or dropped and counted as `unbound_session`).
+pub(crate) const RETIRE_READ_GRACE: Duration = Duration::from_secs(1);
 /// Frames handled per backend read before yielding to other tasks, so one
 /// busy backend cannot starve the core's other connections.
 pub(crate) const MAX_FRAMES_PER_READ: usize = 4096;
@@ -148,6 +152,8 @@ struct BackendConn {
     /// `on_backend_loss = "hold"`: sessions waiting for this connection to be
     /// redialed, to resume on it.
     held: Vec<SessionId>,
+    /// Retiring: its queue is written; it is closed after reading until then.
+    retire_read_until: Option<Instant>,
 }
 
 impl BackendConn {
@@ -340,6 +346,7 @@ impl Backends {
             epoch: 0,
             paused: Vec::new(),
             held: Vec::new(),
+            retire_read_until: None,
         };
         match self.free.pop() {
             Some(i) => {
@@ -512,9 +519,16 @@ impl Backends {
     /// Closes retiring connections whose queue is written or whose deadline passed.
     pub(super) fn finish_retirements(&mut self, ctx: &mut Ctx, now: Instant) {
         for i in 0..self.conns.len() {
-            let Some(c) = self.conns[i].as_ref() else { continue };
+            let Some(c) = self.conns[i].as_mut() else { continue };
             let ConnState::Retiring { deadline } = c.state else { continue };
             if c.pending() && now < deadline {
+                continue;
+            }
+            // The queue is written: keep reading a while, so replies the
+            // backend still sends are handled (and counted) rather than lost
+            // with the socket.
+            let read_until = *c.retire_read_until.get_or_insert(now + RETIRE_READ_GRACE);
+            if now < read_until.min(deadline + RETIRE_READ_GRACE) {
                 continue;
             }
             let left = c.queued_frames;

@@ -267,11 +267,14 @@ pub(crate) enum DropReason {
     Malformed,
     /// Refused by the message policy (class, size, rate or authentication).
     Policy,
+    /// A reply for a session whose graceful close (FIN) was already decided.
+    AfterClose,
 }
 
 impl DropReason {
     /// Every reason, for exporting each label at zero from the start.
-    pub(crate) const ALL: [DropReason; 10] = [
+    pub(crate) const ALL: [DropReason; 11] = [
+        DropReason::AfterClose,
         DropReason::Malformed,
         DropReason::Policy,
         DropReason::ReplyTooLarge,
@@ -296,6 +299,7 @@ impl DropReason {
             DropReason::UnexpectedOpcode => "unexpected_opcode",
             DropReason::Malformed => "malformed",
             DropReason::Policy => "policy",
+            DropReason::AfterClose => "after_close",
         }
     }
 }

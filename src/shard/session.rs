@@ -120,6 +120,8 @@ pub(super) struct Session {
     /// Reading stopped: the frame at the front of the buffer waits for room
     /// in its backend queue (backpressure, not a drop).
     paused: bool,
+    /// A graceful close (FIN after the queue) was decided: no more replies.
+    fin_decided: bool,
     /// The frame at the front of the buffer already passed the rate limit
     /// and the message policy (it waited for queue room): not charged twice.
     admitted_front: bool,
@@ -299,6 +301,11 @@ impl Session {
         if !self.info.set_close_reason(reason) {
             return false;
         }
+        if how == Shut::Write {
+            // Once the FIN is decided, nothing more can be written to the
+            // client: later replies are dropped and counted, not queued.
+            self.fin_decided = true;
+        }
         ctx.actions.push(Action::ShutdownClient(self.key, how));
         true
     }
@@ -321,6 +328,10 @@ impl Session {
         max_queued: usize,
         now: Instant,
     ) -> bool {
+        if self.fin_decided {
+            ctx.drop_frames(DropReason::AfterClose, 1);
+            return false;
+        }
         let was_empty = self.out.is_empty();
         if payload.len() <= cproto::MAX_PAYLOAD && self.mode == Mode::WebSocket {
             // One client frame per binary message.
@@ -424,6 +435,7 @@ impl Shard {
             ws: None,
             sticky: None,
             paused: false,
+            fin_decided: false,
             admitted_front: false,
             last_forward: None,
             last_deliver: None,
