@@ -471,7 +471,9 @@ impl RawRule {
                 BindingMode::Frame
             }
         };
-        if backend_protocol == BackendProtocol::SeedTcp && matches!(self.on_backend_loss.as_deref(), Some("rebind" | "hold")) {
+        if backend_protocol == BackendProtocol::SeedTcp
+            && matches!(self.on_backend_loss.as_deref(), Some("rebind" | "hold"))
+        {
             errs.push((
                 "on_backend_loss",
                 "seed_tcp sessions end with their backend connection; rebind and hold are not possible".to_string(),

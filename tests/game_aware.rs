@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 #[test]
 fn held_sessions_survive_a_backend_restart_with_every_frame_once_and_in_order() {
     let opts = Options { record_trans: true, no_echo: true, ..Default::default() };
-    let old = MockBackend::start("127.0.0.1:0", opts.clone()).unwrap();
+    let old = MockBackend::start("127.0.0.1:0", opts).unwrap();
     let addr = old.addr();
-    let extra = "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"100ms\"\nhold_timeout = \"10s\"\n";
+    let extra =
+        "[backend]\nreconnect_backoff_min = \"50ms\"\nreconnect_backoff_max = \"100ms\"\nhold_timeout = \"10s\"\n";
     let gw = start(2, extra, &route(10, 0, "round_robin", &[addr], "on_backend_loss = \"hold\""));
     const CLIENTS: usize = 200;
     const ROUNDS: u32 = 60;
@@ -37,7 +38,7 @@ fn held_sessions_survive_a_backend_restart_with_every_frame_once_and_in_order() 
         }
         if round == 30 {
             // Back on the same port, well within the hold time.
-            new = Some(MockBackend::start(&addr.to_string(), opts.clone()).unwrap());
+            new = Some(MockBackend::start(&addr.to_string(), opts).unwrap());
         }
     }
     let new = new.unwrap();
@@ -56,7 +57,9 @@ fn held_sessions_survive_a_backend_restart_with_every_frame_once_and_in_order() 
                     session_of.insert(addr, session);
                 }
             }
-            Event::Trans { session, payload, .. } => per.entry(session).or_default().push(String::from_utf8(payload).unwrap()),
+            Event::Trans { session, payload, .. } => {
+                per.entry(session).or_default().push(String::from_utf8(payload).unwrap())
+            }
             _ => {}
         }
     }

@@ -45,7 +45,10 @@ fn receiver() -> (String, crossbeam_channel::Receiver<ExportTraceServiceRequest>
                     r.read_exact(&mut body).unwrap();
                     tx.send(ExportTraceServiceRequest::decode(&body[..]).expect("an OTLP protobuf request")).unwrap();
                     let mut c = conn.try_clone().unwrap();
-                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n").unwrap();
+                    c.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n",
+                    )
+                    .unwrap();
                 }
             });
         }
@@ -113,7 +116,12 @@ fn sampled_sessions_export_setup_route_forward_and_session_spans() {
         assert!(by("forward").iter().any(|f| f.span_id == span_id.to_vec()), "a forward span per frame sent");
     }
     let attr = |k: &str| {
-        resource.iter().find(|kv| kv.key == k).and_then(|kv| kv.value.clone()).and_then(|v| v.value).map(|v| format!("{v:?}"))
+        resource
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.clone())
+            .and_then(|v| v.value)
+            .map(|v| format!("{v:?}"))
     };
     assert!(attr("service.name").unwrap().contains("realm-gw"));
     assert!(attr("k8s.pod.name").unwrap().contains("gw-3"));

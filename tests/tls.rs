@@ -69,7 +69,8 @@ fn tls_section(mode: &str, pairs: &[(PathBuf, PathBuf)]) -> String {
 type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn tls_connect(pki: &Pki, addr: SocketAddr, sni: &str) -> TlsStream {
-    let conn = rustls::ClientConnection::new(pki.client_config(), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+    let conn =
+        rustls::ClientConnection::new(pki.client_config(), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     rustls::StreamOwned::new(conn, s)

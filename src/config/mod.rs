@@ -142,7 +142,12 @@ mod tests {
 
     #[test]
     fn environment_overrides_and_is_checked() {
-        let env = Environment { log_level: Some("debug".into()), pod_name: Some("gw-7".into()), cpus: None, ..Default::default() };
+        let env = Environment {
+            log_level: Some("debug".into()),
+            pod_name: Some("gw-7".into()),
+            cpus: None,
+            ..Default::default()
+        };
         let c = Config::from_str_env("[log]\nlevel = \"warn\"\n", "e.toml", &env).unwrap();
         assert_eq!((c.log.level.as_str(), c.server.node_id), ("debug", 7));
         let c = Config::from_str_env("[server]\nnode_id = 3\n", "e.toml", &env).unwrap();

@@ -354,6 +354,9 @@ pub struct MessageClass {
     pub close: bool,
 }
 
+/// A class's scope (`None` = every route) and its inclusive msg_id ranges.
+pub(crate) type ClassMembers = (Option<u8>, Vec<(u16, u16)>);
+
 /// No class for a msg_id.
 pub const NO_CLASS: u8 = u8::MAX;
 
@@ -369,7 +372,9 @@ pub struct MessagePolicy {
 }
 
 impl MessagePolicy {
-    pub(crate) fn new(classes: Vec<MessageClass>, members: Vec<(Option<u8>, Vec<(u16, u16)>)>) -> MessagePolicy {
+    /// `members[i]`: class `i`'s scope (a server type, or every route) and
+    /// its msg_id ranges.
+    pub(crate) fn new(classes: Vec<MessageClass>, members: Vec<ClassMembers>) -> MessagePolicy {
         let mut p = MessagePolicy { classes, global: None, scoped: Default::default() };
         for (i, (scope, ranges)) in members.into_iter().enumerate() {
             let table = match scope {

@@ -103,7 +103,10 @@ impl ResolvesServerCert for SniResolver {
         let Some(sni) = hello.server_name() else { return Some(self.default.clone()) };
         let sni = sni.to_ascii_lowercase();
         let hit = self.by_name.iter().find(|(name, _)| {
-            *name == sni || name.strip_prefix("*.").is_some_and(|suffix| sni.split_once('.').is_some_and(|(_, rest)| rest == suffix))
+            *name == sni
+                || name
+                    .strip_prefix("*.")
+                    .is_some_and(|suffix| sni.split_once('.').is_some_and(|(_, rest)| rest == suffix))
         });
         Some(hit.map_or_else(|| self.default.clone(), |(_, k)| k.clone()))
     }

@@ -9,8 +9,9 @@
 use super::error::{ConfigError, ConfigErrors};
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawConsul, RawLimits, RawLog, RawRedis, RawServer, RawWebSocket};
 use super::sections::{
-    AdminConfig, AdminToken, BackendConfig, Config, ConsulConfig, DrainConfig, OtlpConfig, MessageClass, MessagePolicy, NO_CLASS, IoDriver, LimitsConfig, LogConfig, LogFormat, RateLimitAction,
-    RedisConfig, ServerConfig, WebSocketConfig, MAX_NODE_ID, MAX_WORKERS,
+    AdminConfig, AdminToken, BackendConfig, Config, ConsulConfig, DrainConfig, IoDriver, LimitsConfig, LogConfig,
+    LogFormat, MessageClass, MessagePolicy, OtlpConfig, RateLimitAction, RedisConfig, ServerConfig, WebSocketConfig,
+    MAX_NODE_ID, MAX_WORKERS, NO_CLASS,
 };
 use crate::cpu::CpuBudget;
 use crate::routing::RouteRule;
@@ -400,11 +401,9 @@ fn otlp(p: &mut Problems<'_>, o: &super::raw::RawOtlp, env: &Environment) -> Otl
         ("service.name".to_string(), service),
         ("service.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
     ];
-    for (k, v) in [
-        ("k8s.pod.name", &env.pod_name),
-        ("k8s.namespace.name", &env.pod_namespace),
-        ("k8s.node.name", &env.node_name),
-    ] {
+    for (k, v) in
+        [("k8s.pod.name", &env.pod_name), ("k8s.namespace.name", &env.pod_namespace), ("k8s.node.name", &env.node_name)]
+    {
         if let Some(v) = v {
             resource.push((k.to_string(), v.clone()));
         }
@@ -481,8 +480,20 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
         seed_pool_max: p.int("backend", "seed_pool_max", b.seed_pool_max, 1, 100_000),
         seed_idle_timeout: p.duration("backend", "seed_idle_timeout", &b.seed_idle_timeout),
         hold_timeout: p.duration("backend", "hold_timeout", &b.hold_timeout),
-        hold_max_bytes_per_session: p.int("backend", "hold_max_bytes_per_session", b.hold_max_bytes_per_session, 65_543, 1 << 30),
-        hold_max_bytes_per_worker: p.int("backend", "hold_max_bytes_per_worker", b.hold_max_bytes_per_worker, 0, 1 << 34),
+        hold_max_bytes_per_session: p.int(
+            "backend",
+            "hold_max_bytes_per_session",
+            b.hold_max_bytes_per_session,
+            65_543,
+            1 << 30,
+        ),
+        hold_max_bytes_per_worker: p.int(
+            "backend",
+            "hold_max_bytes_per_worker",
+            b.hold_max_bytes_per_worker,
+            0,
+            1 << 34,
+        ),
     };
     if !backend.keepalive_interval.is_zero() && backend.keepalive_timeout.is_zero() {
         p.push("backend", None, "keepalive_timeout", "must be above zero when keep-alive is on");

@@ -590,9 +590,7 @@ impl Control {
 ///   `kept` is true when that kept anything (the read would have dropped it).
 pub(crate) fn resolve_read(last: Option<&RouteSet>, read: RedisRead) -> (RouteSet, bool) {
     match read.rules {
-        Some(rules) => {
-            (RouteSet { rules, realms: read.realms, pending: read.pending, warnings: read.warnings }, false)
-        }
+        Some(rules) => (RouteSet { rules, realms: read.realms, pending: read.pending, warnings: read.warnings }, false),
         None => {
             let empty = RouteSet::default();
             let last = last.unwrap_or(&empty);

@@ -130,9 +130,15 @@ impl RedisSource {
                 return Err(FetchError::Unavailable(e));
             }
         };
-        let set = validate_raw(rules.as_deref(), &realms, resolver, Resolution::Deferred).map_err(FetchError::Invalid)?;
+        let set =
+            validate_raw(rules.as_deref(), &realms, resolver, Resolution::Deferred).map_err(FetchError::Invalid)?;
         let has_rules = rules.is_some();
-        Ok(RedisRead { rules: has_rules.then_some(set.rules), realms: set.realms, pending: set.pending, warnings: set.warnings })
+        Ok(RedisRead {
+            rules: has_rules.then_some(set.rules),
+            realms: set.realms,
+            pending: set.pending,
+            warnings: set.warnings,
+        })
     }
 
     /// The rules key's name, for logs.

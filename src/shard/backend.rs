@@ -814,7 +814,7 @@ fn after_loss(
         if grpc {
             while let Ok(Some(len)) = grpc::check(&rest, usize::MAX) {
                 if let Ok(p) = grpc::decode(&rest[..len]) {
-                    if p.metadata.get("packet_type").is_none() && held.contains(&p.session_id) {
+                    if !p.metadata.contains_key("packet_type") && held.contains(&p.session_id) {
                         replayed += keep(sessions, p.session_id, p.msg_id as u16, 0, &p.payload) as u64;
                     }
                 }
@@ -826,8 +826,9 @@ fn after_loss(
                 if h.opcode == Opcode::Trans && held.contains(&h.session_id) {
                     // Frames of a route with trace propagation carry the
                     // trace extension before the payload.
-                    let trace =
-                        sessions.by_id_mut(h.session_id).is_some_and(|s| s.bindings.iter().any(|b| b.conn == conn && b.trace));
+                    let trace = sessions
+                        .by_id_mut(h.session_id)
+                        .is_some_and(|s| s.bindings.iter().any(|b| b.conn == conn && b.trace));
                     if let Ok(Body::Trans { payload, .. }) = bproto::parse(&h, &rest[..len], trace) {
                         replayed += keep(sessions, h.session_id, h.msg_type as u16, h.server_id, payload) as u64;
                     }
@@ -888,7 +889,9 @@ impl Shard {
         }
         let timeout = self.ctx.cfg.backend.hold_timeout;
         for s in self.sessions.iter_mut() {
-            if s.hold_since.is_some_and(|t| now.saturating_duration_since(t) >= timeout) && s.info.close_reason.is_none() {
+            if s.hold_since.is_some_and(|t| now.saturating_duration_since(t) >= timeout)
+                && s.info.close_reason.is_none()
+            {
                 tracing::info!(session_id = s.info.id, trace_id = %s.trace_id(), "backend not back within hold_timeout, closing session");
                 s.drop_hold(&mut self.ctx);
                 s.begin_close(&mut self.ctx, DisconnectReason::BackendLost, Shut::Read);
@@ -931,14 +934,17 @@ impl Shard {
             self.backends.bind(id, generation, sid);
             if b.notify {
                 self.backends.enqueue(&mut self.ctx, id, generation, now, |out| match protocol {
-                    BackendProtocol::Grpc => grpc::encode_connect_as(out, sid, peer.ip(), transport == bproto::Transport::WebSocket, true),
+                    BackendProtocol::Grpc => {
+                        grpc::encode_connect_as(out, sid, peer.ip(), transport == bproto::Transport::WebSocket, true)
+                    }
                     _ => bproto::encode_connect_as(out, sid, transport, peer, true),
                 });
             }
             let mut rest = &frames[..];
             while let Ok(Some(h)) = crate::protocol::client::check(rest, usize::MAX) {
                 let payload = &rest[crate::protocol::client::HEADER_LEN..h.frame_len()];
-                let trace = b.trace.then(|| bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() });
+                let trace =
+                    b.trace.then(|| bproto::TraceContext { trace_id, span_id: self.ctx.random().to_le_bytes() });
                 self.backends.enqueue(&mut self.ctx, id, generation, now, |out| match protocol {
                     BackendProtocol::Grpc => grpc::encode_data(
                         out,
@@ -1244,7 +1250,8 @@ impl Shard {
         match p.kind() {
             ServerPacket::ServerConnect => {
                 // Login accepted: the session is authenticated.
-                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now) {
+                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, p.session_id, now)
+                {
                     s.authenticated = true;
                     if let Some(u) = p.metadata.get("user_id").filter(|u| !u.is_empty()) {
                         s.user = Some(u.as_bytes().into());
@@ -1353,8 +1360,7 @@ impl Shard {
                 }
             }
             Body::SessionAttrs { authenticated, user, tags } => {
-                if let Some(s) =
-                    bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
+                if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
                 {
                     s.authenticated = authenticated;
                     s.user = (!user.is_empty()).then(|| user.into());

@@ -38,8 +38,8 @@ mod session;
 mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
-pub(crate) use session::{ClientOut, Flow, HalfClose};
 use session::Mode;
+pub(crate) use session::{ClientOut, Flow, HalfClose};
 
 use crate::config::Config;
 use crate::protocol::backend::DisconnectReason;

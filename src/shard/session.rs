@@ -17,11 +17,13 @@
 
 use super::{AcceptRefusal, Action, ConnId, Ctx, DropReason, Phase, SessionKey, Shard, Shut, MIN_QUEUE_SHARE};
 use crate::config::RateLimitAction;
+use crate::config::TlsMode;
 use crate::limits::MessageLimiter;
 use crate::protocol::backend::{self as bproto, DisconnectReason, Transport};
 use crate::protocol::client as cproto;
-use crate::config::TlsMode;
-use crate::protocol::frontdoor::{looks_like_tls, parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff};
+use crate::protocol::frontdoor::{
+    looks_like_tls, parse_http, parse_proxy, sniff, HttpDecision, HttpRefusal, ProxyError, Sniff,
+};
 use crate::protocol::grpc;
 use crate::protocol::ws::{self, WsEnd, WsState};
 use crate::protocol::ServerId;
@@ -266,7 +268,8 @@ impl Session {
     pub(super) fn hold_frame(&mut self, ctx: &mut Ctx, msg_id: u16, server_id: u32, payload: &[u8]) -> bool {
         let size = cproto::HEADER_LEN + payload.len();
         let b = &ctx.cfg.backend;
-        if self.hold.len() + size > b.hold_max_bytes_per_session || ctx.held_bytes + size > b.hold_max_bytes_per_worker {
+        if self.hold.len() + size > b.hold_max_bytes_per_session || ctx.held_bytes + size > b.hold_max_bytes_per_worker
+        {
             return false;
         }
         cproto::encode(&mut self.hold, msg_id, ServerId(server_id), payload);
@@ -544,7 +547,9 @@ impl Shard {
             if tls_mode != TlsMode::Off && s.tls.is_none() && !matches!(sniff(buf), Sniff::Proxy) {
                 match looks_like_tls(buf) {
                     Some(true) => {
-                        let Some(server) = ctx.cfg.tls.server.clone() else { return Err(DisconnectReason::ProtocolError) };
+                        let Some(server) = ctx.cfg.tls.server.clone() else {
+                            return Err(DisconnectReason::ProtocolError);
+                        };
                         match rustls::ServerConnection::new(server) {
                             Ok(c) => s.tls = Some(Box::new(c)),
                             Err(e) => {

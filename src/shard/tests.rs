@@ -927,7 +927,11 @@ fn hold_keeps_the_session_and_replays_every_frame_in_order_after_a_resume_connec
 #[test]
 fn hold_is_bounded_in_time_and_bytes() {
     let backend = "reconnect_backoff_min = \"60s\"\nreconnect_backoff_max = \"60s\"\nhold_timeout = \"1s\"\nhold_max_bytes_per_session = 65543";
-    let mut h = Harness::new(config("max_message_size = 65535", backend, &(route(10, A, "on_backend_loss = \"hold\"") + &route(11, B, "on_backend_loss = \"hold\""))));
+    let mut h = Harness::new(config(
+        "max_message_size = 65535",
+        backend,
+        &(route(10, A, "on_backend_loss = \"hold\"") + &route(11, B, "on_backend_loss = \"hold\"")),
+    ));
     let timed = h.accept(1);
     let big = h.accept(2);
     h.send(timed, 10, b"x").unwrap();
@@ -953,16 +957,15 @@ fn hold_is_bounded_in_time_and_bytes() {
 }
 
 fn drain_config(extra: &str) -> Arc<Config> {
-    let text = format!(
-        "[server]\nworkers = 1\n[limits]\n[log]\naccess_log = false\n[drain]\n{extra}\n{}",
-        route(10, A, "")
-    );
+    let text =
+        format!("[server]\nworkers = 1\n[limits]\n[log]\naccess_log = false\n[drain]\n{extra}\n{}", route(10, A, ""));
     Arc::new(Config::from_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}")))
 }
 
 #[test]
 fn drain_sends_the_notice_and_paces_the_closes_over_the_window() {
-    let mut h = Harness::new(drain_config("notice_msg_id = 77\nnotice_payload = \"reconnect elsewhere\"\npaced = true"));
+    let mut h =
+        Harness::new(drain_config("notice_msg_id = 77\nnotice_payload = \"reconnect elsewhere\"\npaced = true"));
     let keys: Vec<SessionKey> = (0..1000).map(|i| h.accept(i as u16)).collect();
     for &k in &keys {
         h.send(k, 10, b"hello").unwrap();

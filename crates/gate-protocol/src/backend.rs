@@ -666,7 +666,9 @@ mod seed_tests {
             }
             other => panic!("{other:?}"),
         }
-        for f in [AnnounceFilter::All, AnnounceFilter::World(3), AnnounceFilter::ServerType(10), AnnounceFilter::Tag(b"vip")] {
+        for f in
+            [AnnounceFilter::All, AnnounceFilter::World(3), AnnounceFilter::ServerType(10), AnnounceFilter::Tag(b"vip")]
+        {
             let mut b = BytesMut::new();
             encode_announce(&mut b, 5, f, b"hello realm");
             let h = check(&b, 1024).unwrap().unwrap();
