@@ -8,7 +8,7 @@ use common::*;
 use game_gateway::protocol::backend as bproto;
 use mock_backend::{Event, MockBackend, Options};
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -203,4 +203,48 @@ fn drain_notice_then_paced_close_of_5000_sessions() {
     eprintln!("close times per second of the 10 s drain: {hist:?}");
     let share = N / 10;
     assert!(hist.iter().all(|n| *n <= 2 * share), "no second holds more than twice its share: {hist:?}");
+}
+
+/// The two operator sources of an announcement: the admin `POST /broadcast`
+/// and the Redis `{prefix}broadcast` channel; each reaches every session on
+/// every core, filters included.
+#[test]
+fn operators_announce_through_the_admin_port_and_redis() {
+    let redis = RedisServer::start();
+    let mb = mock();
+    let cfg = config_text(
+        2,
+        &format!("[redis]\nurl = \"{}\"\nrefresh_interval = \"1s\"\n", redis.url()),
+        &(route(10, 0, "round_robin", &[mb.addr()], "") + &route(11, 0, "round_robin", &[mb.addr()], "")),
+    );
+    let gw = GatewayProcess::spawn(&cfg, &[]);
+    let mut tens: Vec<Client> = (0..10).map(|_| Client::connect(gw.addr)).collect();
+    let mut elevens: Vec<Client> = (0..10).map(|_| Client::connect(gw.addr)).collect();
+    for c in tens.iter_mut() {
+        c.echo(1, sid(1, 10, 0), b"hi");
+    }
+    for c in elevens.iter_mut() {
+        c.echo(1, sid(1, 11, 0), b"hi");
+    }
+    // Admin, to everyone.
+    let mut s = std::net::TcpStream::connect(gw.admin).unwrap();
+    s.write_all(b"POST /broadcast?msg_id=900&payload=maintenance+in+5+minutes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    for c in tens.iter_mut().chain(elevens.iter_mut()) {
+        let r = c.recv();
+        assert_eq!((r.msg_id, &r.payload[..]), (900, &b"maintenance in 5 minutes"[..]));
+    }
+    // Redis, only to the sessions bound to server type 11.
+    redis
+        .cmd(&["PUBLISH", "game-gateway:broadcast", r#"{"msg_id": 901, "payload": "type 11 only", "server_type": 11}"#])
+        .unwrap();
+    for c in elevens.iter_mut() {
+        let r = c.recv();
+        assert_eq!((r.msg_id, &r.payload[..]), (901, &b"type 11 only"[..]));
+    }
+    for c in tens.iter_mut() {
+        assert!(c.silent_for(Duration::from_millis(300)), "the filter keeps type 10 out");
+    }
 }

@@ -420,6 +420,38 @@ fn read_request(c: &mut TcpStream, deadline: Instant) -> Result<Request, ReadErr
     }
 }
 
+/// `%XX` and `+` decoding of a query value.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(h) => {
+                        out.push(h);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let Request { method, path, authorization } = match read_request(&mut c, deadline) {
@@ -449,7 +481,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             return Ok(());
         }
     };
-    let path = path.split('?').next().unwrap_or("/");
+    let (path, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
     if changes_state(&method) {
         let token = state.control.admin_token.lock().unwrap().clone();
         if let Some(token) = token {
@@ -470,6 +502,31 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 }
             }
         }
+    }
+    if path == "/broadcast" {
+        if method != "POST" {
+            return respond(&mut c, 405, "text/plain", "use POST\n");
+        }
+        // POST /broadcast?msg_id=900&payload=text[&world=3|&server_type=10|&tag=vip]
+        let mut fields = serde_json::Map::new();
+        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            let v = percent_decode(v);
+            let value = match k {
+                "payload" | "tag" => serde_json::Value::String(v),
+                _ => v.parse::<u64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(v)),
+            };
+            fields.insert(k.to_string(), value);
+        }
+        let json = serde_json::Value::Object(fields).to_string();
+        return match crate::state::parse_announcement(json.as_bytes()) {
+            Ok(a) => {
+                let a = Arc::new(a);
+                state.workers.handle.broadcast(move || crate::worker::WorkerCommand::Announce(a.clone()));
+                tracing::info!("announcement from the admin port");
+                respond(&mut c, 202, "text/plain", "announced\n")
+            }
+            Err(e) => respond(&mut c, 400, "text/plain", &format!("{e}\n")),
+        };
     }
     match path {
         "/drain" if method == "POST" => match &state.control_tx {

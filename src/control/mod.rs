@@ -204,7 +204,19 @@ impl Control {
         let redis = match &running.redis {
             Some(rc) => {
                 let src = RedisSource::new(rc)?;
-                self::redis::spawn_subscriber(rc, tx.clone(), || ControlEvent::RedisNotify, stop_sub.clone())?;
+                self::redis::spawn_subscriber(
+                    rc,
+                    tx.clone(),
+                    || ControlEvent::RedisNotify,
+                    |json| match crate::state::parse_announcement(&json) {
+                        Ok(a) => ControlEvent::Announce(a),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "redis broadcast message refused");
+                            ControlEvent::RedisNotify
+                        }
+                    },
+                    stop_sub.clone(),
+                )?;
                 stats.redis_state.store(RedisState::Down);
                 Some(src)
             }
@@ -300,6 +312,11 @@ impl Control {
                     return Ok(());
                 }
                 Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
+                Ok(ControlEvent::Announce(a)) => {
+                    tracing::info!(msg_id = a.msg_id, bytes = a.payload.len(), "announcement from redis");
+                    let a = Arc::new(a);
+                    c.gw.broadcast(move || WorkerCommand::Announce(a.clone()));
+                }
                 Ok(ControlEvent::Discovery { service, result }) => c.on_discovery(service, result),
                 Ok(ControlEvent::Resolved(results)) => c.on_resolved(results),
                 Err(RecvTimeoutError::Timeout) => {}

@@ -34,6 +34,8 @@ pub struct Keys {
     pub realms: String,
     pub rules_notify: String,
     pub realms_notify: String,
+    /// Realm-wide announcements (JSON, see `state::parse_announcement`).
+    pub broadcast: String,
 }
 
 impl Keys {
@@ -43,6 +45,7 @@ impl Keys {
             realms: format!("{prefix}realm:mapping"),
             rules_notify: format!("{prefix}routing:rules:notify"),
             realms_notify: format!("{prefix}realm:mapping:notify"),
+            broadcast: format!("{prefix}broadcast"),
         }
     }
 }
@@ -168,6 +171,7 @@ pub(crate) fn spawn_subscriber<E: Send + 'static>(
     cfg: &RedisConfig,
     tx: Sender<E>,
     event: impl Fn() -> E + Send + 'static,
+    announce: impl Fn(Vec<u8>) -> E + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, RedisError> {
     let client = open(&cfg.url)?;
@@ -186,7 +190,9 @@ pub(crate) fn spawn_subscriber<E: Send + 'static>(
                 }
             };
             let mut ps = conn.as_pubsub();
-            if ps.subscribe(&[&keys.rules_notify, &keys.realms_notify]).is_err() || ps.set_read_timeout(Some(SUBSCRIBER_POLL)).is_err() {
+            if ps.subscribe(&[&keys.rules_notify, &keys.realms_notify, &keys.broadcast]).is_err()
+                || ps.set_read_timeout(Some(SUBSCRIBER_POLL)).is_err()
+            {
                 sleep_unless_stopped(backoff, &stop);
                 backoff = (backoff * 2).min(SUB_BACKOFF_MAX);
                 continue;
@@ -198,6 +204,11 @@ pub(crate) fn spawn_subscriber<E: Send + 'static>(
             }
             while !stop.load(Ordering::Relaxed) {
                 match ps.get_message() {
+                    Ok(msg) if msg.get_channel_name() == keys.broadcast => {
+                        if tx.send(announce(msg.get_payload_bytes().to_vec())).is_err() {
+                            return;
+                        }
+                    }
                     Ok(msg) => {
                         tracing::debug!(channel = msg.get_channel_name(), "route notification");
                         if tx.send(event()).is_err() {
