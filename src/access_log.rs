@@ -72,6 +72,32 @@ pub(crate) fn outcome(reason: DisconnectReason) -> (&'static str, &'static str) 
     }
 }
 
+/// Appends one record for a connection refused at accept (before it became a
+/// session), with the refusal reason (`connection_rejected_total{refusal}`).
+pub(crate) fn append_refused(buf: &mut Vec<u8>, client: std::net::SocketAddr, refusal: &str) {
+    if let Some(r) = crate::otel_log::active() {
+        let caller = crate::otel_log::caller(file!(), line!());
+        let mut l = crate::otel_log::Line::envelope(r, &tracing::Level::INFO, "access_log", &caller);
+        l.field("client.address", client.to_string());
+        l.field("status", "refused");
+        l.field("close.reason", refusal);
+        l.field("error.message", format!("connection refused: {refusal}"));
+        buf.extend_from_slice(l.finish().as_bytes());
+        buf.push(b'\n');
+        return;
+    }
+    let rec = serde_json::json!({
+        "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        "client.address": client.to_string(),
+        "status": "refused",
+        "close.reason": refusal,
+        "error.message": format!("connection refused: {refusal}"),
+    });
+    if serde_json::to_writer(&mut *buf, &rec).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
 /// Appends one record (a JSON line) for a session that ended.
 pub(crate) fn append(buf: &mut Vec<u8>, info: &SessionInfo, reason: DisconnectReason, server_address: &str) {
     if let Some(r) = crate::otel_log::active() {

@@ -231,3 +231,25 @@ fn drain_forwards_what_clients_send_until_they_see_the_close() {
         assert_eq!(got, sent, "every frame client {local} wrote before it saw the close arrived");
     }
 }
+
+/// A refused connection leaves an access-log record with the refusal reason.
+#[test]
+fn refused_connections_are_in_the_access_log() {
+    let mb = mock();
+    let dir = TempDir::new("refused-access");
+    let log = dir.0.join("access.log");
+    let cfg = config_text(1, "[limits]\nmax_connections_per_ip = 1\n", &route(10, 0, "round_robin", &[mb.addr()], ""))
+        .replace("[log]\n", &format!("[log]\naccess_log = true\naccess_log_path = \"{}\"\n", log.display()));
+    let gw = GatewayProcess::spawn(&cfg, &[]);
+    let mut first = Client::connect(gw.addr);
+    first.echo(1, sid(1, 10, 0), b"in");
+    let mut second = Client::connect(gw.addr);
+    second.send(1, sid(1, 10, 0), b"over");
+    assert!(second.closed());
+    eventually("the refusal is in the access log", || {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["status"] == "refused" && v["close.reason"] == "max_connections_per_ip"
+        })
+    });
+}

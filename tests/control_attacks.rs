@@ -368,10 +368,11 @@ fn max_connections_is_fitted_to_the_open_file_limit() {
         assert!(over.closed(), "a connection over the cap is closed at once");
     }
     eventually("refusals counted", || {
-        http_get(gw.admin, "/metrics")
-            .1
-            .lines()
-            .any(|l| l.starts_with("game_gateway_connection_rejected_total{") && l.contains("refusal=\"max_connections\"") && l.ends_with(" 10"))
+        http_get(gw.admin, "/metrics").1.lines().any(|l| {
+            l.starts_with("game_gateway_connection_rejected_total{")
+                && l.contains("refusal=\"max_connections\"")
+                && l.ends_with(" 10")
+        })
     });
     assert_eq!(http_get(gw.admin, "/health").0, 200);
     assert_eq!(status(gw.admin)["connections"]["accept_failing"], false);

@@ -413,6 +413,15 @@ impl Shard {
             if let Some(n) = ctx.logs.allow(r.as_str(), now) {
                 tracing::warn!(worker = ctx.index, client = %peer, reason = r.as_str(), suppressed = n, "connection refused: {r}");
             }
+            // Refused connections are in the access log too (bounded by the
+            // writer: a flood is flushed, or dropped and counted, like any).
+            if ctx.cfg.log.access_log {
+                crate::access_log::append_refused(&mut self.access_buf, peer, r.as_str());
+                self.access_pending += 1;
+                if self.access_buf.len() >= crate::access_log::FLUSH_BYTES {
+                    self.flush_access_log();
+                }
+            }
             return Err(r);
         }
         let id = self.ids.next_id();
