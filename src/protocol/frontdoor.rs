@@ -124,19 +124,25 @@ pub fn parse_proxy(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
         };
         return Ok(Some(ProxyHeader { client, len: h.len() }));
     }
-    let r = ppp::v1::Header::try_from(buf);
-    // A v1 header is one line: once its CRLF is in, "incomplete" means broken.
-    let line_done = buf.windows(2).any(|w| w == b"\r\n");
-    if r.is_incomplete() && !line_done {
-        return Ok(None);
-    }
-    let h = r.map_err(|e| ProxyError::Malformed(e.to_string()))?;
+    // A v1 header is one line of at most 107 bytes. Nothing is parsed until
+    // its CRLF is in: a read can end anywhere inside it (after a port, inside
+    // a UTF-8 character), and a prefix must not be judged as a header.
+    const V1_MAX: usize = 107;
+    let Some(end) = buf.windows(2).take(V1_MAX - 1).position(|w| w == b"\r\n") else {
+        return if buf.len() >= V1_MAX {
+            Err(ProxyError::Malformed(format!("no CRLF within {V1_MAX} bytes of a PROXY v1 header")))
+        } else {
+            Ok(None)
+        };
+    };
+    let line = &buf[..end + 2];
+    let h = ppp::v1::Header::try_from(line).map_err(|e| ProxyError::Malformed(e.to_string()))?;
     let client = match h.addresses {
         ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
         ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
         ppp::v1::Addresses::Unknown => None,
     };
-    Ok(Some(ProxyHeader { client, len: h.header.len() }))
+    Ok(Some(ProxyHeader { client, len: line.len() }))
 }
 
 /// WebSocket settings the handshake needs.
@@ -410,6 +416,24 @@ mod tests {
         assert_eq!(status(UPGRADE, &strict), 403);
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_HEAD));
         assert_eq!(status(&huge, &p), 431);
+    }
+
+    #[test]
+    fn a_v1_header_split_anywhere_is_need_more_until_its_crlf() {
+        // Found by fuzzing: a read ending after a port, or inside a UTF-8
+        // character, was refused as malformed.
+        for full in [
+            &b"PROXY TCP4 10.1.2.3 10.0.0.1 4567 8080\r\n"[..],
+            b"PROXY TCP6 :: :: 4 0\r\n",
+            "PROXY UNKNOWN é\r\n".as_bytes(),
+        ] {
+            for cut in 6..full.len() {
+                assert_eq!(parse_proxy(&full[..cut]), Ok(None), "{:?}", String::from_utf8_lossy(&full[..cut]));
+            }
+            assert_eq!(parse_proxy(full).unwrap().unwrap().len, full.len());
+        }
+        let long = format!("PROXY TCP4 {}", "1".repeat(120));
+        assert!(parse_proxy(long.as_bytes()).is_err());
     }
 
     proptest! {
