@@ -19,6 +19,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod control;
+#[cfg(feature = "fuzzing")] #[doc(hidden)] pub mod fuzzing;
 pub mod gateway;
 pub mod limits;
 pub mod notify;
