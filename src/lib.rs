@@ -23,6 +23,9 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod cpu;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod limits;
 pub mod notify;

@@ -329,6 +329,34 @@ pub type Lookups = Vec<(Arc<str>, Result<Vec<SocketAddr>, String>)>;
 /// The sending side of the control loop's channel.
 pub type ControlSender = crossbeam_channel::Sender<ControlEvent>;
 
+/// A realm-wide announcement from an operator: JSON
+/// `{"msg_id": 900, "payload": "text", "world": 3, "server_type": 10, "tag": "vip"}`
+/// (`msg_id` and `payload` required; at most one of the filters). Used by
+/// the admin `POST /broadcast` and the Redis `{prefix}broadcast` channel.
+pub fn parse_announcement(json: &[u8]) -> Result<crate::shard::Announcement, String> {
+    use crate::shard::{AnnounceTarget, Announcement};
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+    let msg_id = v["msg_id"].as_u64().filter(|n| *n <= 65535).ok_or("msg_id: a number 0..=65535 is required")?;
+    let payload = v["payload"].as_str().ok_or("payload: a string is required")?;
+    if payload.len() > 65535 {
+        return Err("payload: at most 65535 bytes".into());
+    }
+    let target = match (&v["world"], &v["server_type"], &v["tag"]) {
+        (serde_json::Value::Null, serde_json::Value::Null, serde_json::Value::Null) => AnnounceTarget::All,
+        (w, serde_json::Value::Null, serde_json::Value::Null) => {
+            AnnounceTarget::World(w.as_u64().filter(|n| *n <= 32767).ok_or("world: 0..=32767")? as u16)
+        }
+        (serde_json::Value::Null, t, serde_json::Value::Null) => {
+            AnnounceTarget::ServerType(t.as_u64().filter(|n| *n <= 255).ok_or("server_type: 0..=255")? as u8)
+        }
+        (serde_json::Value::Null, serde_json::Value::Null, t) => {
+            AnnounceTarget::Tag(t.as_str().ok_or("tag: a string")?.as_bytes().into())
+        }
+        _ => return Err("at most one of world, server_type, tag".into()),
+    };
+    Ok(Announcement { msg_id: msg_id as u16, payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), target })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,32 +409,4 @@ mod tests {
         assert!(!s.clear_error(ErrorSource::Redis, 13), "already cleared: the time stays");
         assert_eq!(s.last_error.lock().unwrap().cleared_at_unix, 12);
     }
-}
-
-/// A realm-wide announcement from an operator: JSON
-/// `{"msg_id": 900, "payload": "text", "world": 3, "server_type": 10, "tag": "vip"}`
-/// (`msg_id` and `payload` required; at most one of the filters). Used by
-/// the admin `POST /broadcast` and the Redis `{prefix}broadcast` channel.
-pub fn parse_announcement(json: &[u8]) -> Result<crate::shard::Announcement, String> {
-    use crate::shard::{AnnounceTarget, Announcement};
-    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
-    let msg_id = v["msg_id"].as_u64().filter(|n| *n <= 65535).ok_or("msg_id: a number 0..=65535 is required")?;
-    let payload = v["payload"].as_str().ok_or("payload: a string is required")?;
-    if payload.len() > 65535 {
-        return Err("payload: at most 65535 bytes".into());
-    }
-    let target = match (&v["world"], &v["server_type"], &v["tag"]) {
-        (serde_json::Value::Null, serde_json::Value::Null, serde_json::Value::Null) => AnnounceTarget::All,
-        (w, serde_json::Value::Null, serde_json::Value::Null) => {
-            AnnounceTarget::World(w.as_u64().filter(|n| *n <= 32767).ok_or("world: 0..=32767")? as u16)
-        }
-        (serde_json::Value::Null, t, serde_json::Value::Null) => {
-            AnnounceTarget::ServerType(t.as_u64().filter(|n| *n <= 255).ok_or("server_type: 0..=255")? as u8)
-        }
-        (serde_json::Value::Null, serde_json::Value::Null, t) => {
-            AnnounceTarget::Tag(t.as_str().ok_or("tag: a string")?.as_bytes().into())
-        }
-        _ => return Err("at most one of world, server_type, tag".into()),
-    };
-    Ok(Announcement { msg_id: msg_id as u16, payload: bytes::Bytes::copy_from_slice(payload.as_bytes()), target })
 }
