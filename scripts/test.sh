@@ -3,7 +3,9 @@
 #   1. cargo tests (unit, property, end to end over real sockets), once per
 #      I/O driver (io_uring, then epoll);
 #   2. scripts/check-deploy.sh --no-e2e: everything under deploy/;
-#   3. scripts/test-prometheus.sh: a real Prometheus scrapes a live gateway.
+#   3. scripts/test-prometheus.sh: a real Prometheus scrapes a live gateway;
+#   4. scripts/fuzz.sh --replay: the fuzz seed corpora through the fuzz
+#      target bodies on stable (keeps the fuzz harness building and true).
 # Every stage runs even when an earlier one failed; the summary lists each,
 # and the exit status is 1 when any failed. Each stage is bounded by
 # `timeout` (which ends the stage's whole process group).
@@ -80,6 +82,7 @@ if stage "build (debug, all targets)" "${TEST_TIMEOUT_BUILD:-1800}" bash -c \
     stage "cargo test on the ${driver} driver" "${TEST_TIMEOUT_CARGO:-2400}" \
       env GATEWAY_TEST_IO_DRIVER="$driver" cargo test --workspace --all-targets "$@"
   done
+  stage "scripts/fuzz.sh --replay" "${TEST_TIMEOUT_BUILD:-1800}" scripts/fuzz.sh --replay
 fi
 
 if [ "${TEST_SKIP_DEPLOY:-0}" != 1 ]; then
