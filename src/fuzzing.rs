@@ -2125,8 +2125,8 @@ fn grpc_frames(inp: &mut Input<'_>, ids: &[i64]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     //! The fuzz targets' bodies on stable: the committed seed corpora, a few
-    //! hundred random inputs each, and (ignored until fixed) the crash
-    //! reproducers in `fuzz/artifacts-found/`.
+    //! hundred random inputs each, and the (fixed) findings' reproducers in
+    //! `fuzz/artifacts-found/`.
     use super::*;
     use proptest::prelude::*;
     use std::path::Path;
@@ -2167,8 +2167,8 @@ mod tests {
         replay("fuzz/corpus", true);
     }
 
+    /// The findings' reproducers (fixed): they stay fixed.
     #[test]
-    #[ignore = "crash reproducers: run with --ignored once the bugs are fixed"]
     fn found_crashes_replay() {
         replay("fuzz/artifacts-found", false);
     }
