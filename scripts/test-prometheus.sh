@@ -39,12 +39,13 @@ done
 MUST_FIRE=(GameGatewayHighErrorRate GameGatewayCircuitBreakerOpen GameGatewayRedisUnreachable GameGatewayConfigRefreshFailure)
 MUST_NOT_FIRE=(GameGatewayDown GameGatewayAbsent GameGatewayWorkerUnresponsive GameGatewayHighConnectionCount
   GameGatewayAccessLogDropped GameGatewayConfigReloadRejected GameGatewayRouteSnapshotRejected
-  GameGatewayDrainNotFinishing)
+  GameGatewayDrainNotFinishing GameGatewayTlsCertificateExpiring)
 
 apt_need=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || apt_need+=(prometheus)
 command -v curl >/dev/null 2>&1 || apt_need+=(curl)
 command -v python3 >/dev/null 2>&1 || apt_need+=(python3)
+command -v openssl >/dev/null 2>&1 || apt_need+=(openssl)
 if [ ${#apt_need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing (apt): ${apt_need[*]}"
@@ -123,7 +124,20 @@ PIDS+=($!)
 MOCKP=$(wait_line "$WORK/mock.out" 's/^mock-backend listening on 127.0.0.1:\([0-9]*\).*/\1/p' 10) \
   || fail "mock-backend did not start"
 
+# A 30-day self-signed certificate: TLS optional beside the plaintext
+# traffic, so the certificate-expiry series exists and its alert stays quiet.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2> "$WORK/openssl.err" || fail "openssl could not make a certificate"
+
 cat > "$WORK/gateway.toml" <<EOF
+[tls]
+mode = "optional"
+
+[[tls.certificates]]
+cert = "$WORK/tls.pem"
+key = "$WORK/tls.key"
+
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
