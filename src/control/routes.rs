@@ -181,6 +181,15 @@ impl<'r> Parser<'r> {
     /// Realm id -> `host:port` pairs (the `{prefix}realm:mapping` hash).
     fn realms<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<(u16, Endpoint)> {
         let mut out = Vec::new();
+        // One key per realm: `"7"`, `"07"` and `" 7"` all name realm 7. The
+        // canonical spelling wins, else the first key in byte order, so the
+        // choice never depends on the order Redis lists a hash in.
+        let mut pairs: Vec<(&str, &str)> = pairs.into_iter().collect();
+        pairs.sort_by(|a, b| {
+            let canon = |k: &str| k.trim().parse::<u16>().map_or(true, |r| r.to_string() != k);
+            (canon(a.0), a.0).cmp(&(canon(b.0), b.0))
+        });
+        let mut seen: ahash::AHashMap<u16, &str> = ahash::AHashMap::new();
         for (k, v) in pairs {
             let realm = match k.trim().parse::<u16>() {
                 Ok(r) if r <= 32767 => r,
@@ -189,6 +198,11 @@ impl<'r> Parser<'r> {
                     continue;
                 }
             };
+            if let Some(first) = seen.get(&realm) {
+                self.warnings.push(format!("realm_mapping[{k:?}]: realm {realm} is also listed as {first:?}; ignored"));
+                continue;
+            }
+            seen.insert(realm, k);
             match Endpoint::parse_with(v.trim(), self.resolver) {
                 Ok(e) => out.push((realm, e)),
                 Err(EndpointError::Unresolved(r)) if self.resolution == Resolution::Deferred => {
@@ -450,6 +464,24 @@ mod tests {
         fn resolve(&mut self, host: &str, _: u16) -> Result<std::net::SocketAddr, String> {
             Err(format!("{host}: Name or service not known"))
         }
+    }
+
+    #[test]
+    fn a_realm_listed_under_two_keys_keeps_the_canonical_one_whatever_the_order() {
+        let pairs = |order: &[usize]| -> Vec<(String, String)> {
+            let all = [("07", "127.0.0.1:1"), ("7", "127.0.0.1:2"), (" 7", "127.0.0.1:3"), ("8", "127.0.0.1:4")];
+            order.iter().map(|&i| (all[i].0.to_string(), all[i].1.to_string())).collect()
+        };
+        for order in [[0, 1, 2, 3], [2, 3, 1, 0], [3, 0, 2, 1]] {
+            let set = parse_redis(None, &pairs(&order), &mut NoDns, Resolution::Required).unwrap();
+            let got: Vec<(u16, String)> = set.realms.iter().map(|(r, e)| (*r, e.addr.to_string())).collect();
+            assert_eq!(got, [(7, "127.0.0.1:2".to_string()), (8, "127.0.0.1:4".to_string())], "{order:?}");
+            assert_eq!(set.warnings.len(), 2, "{:?}", set.warnings);
+            assert!(set.warnings.iter().all(|w| w.contains("realm 7 is also listed as \"7\"")), "{:?}", set.warnings);
+        }
+        // With no canonical key, the first in byte order.
+        let set = parse_redis(None, &pairs(&[2, 0]), &mut NoDns, Resolution::Required).unwrap();
+        assert_eq!(set.realms[0].1.addr.to_string(), "127.0.0.1:3");
     }
 
     #[test]
