@@ -1030,10 +1030,17 @@ impl Shard {
         let notify = rule.notify_sessions && protocol != BackendProtocol::SeedTcp;
         if notify && !shared {
             let transport = s.info.transport;
-            backends.enqueue(ctx, conn, generation, now, |out| match protocol {
+            let queued = backends.enqueue(ctx, conn, generation, now, |out| match protocol {
                 BackendProtocol::Grpc => grpc::encode_connect(out, id, peer.ip(), transport == Transport::WebSocket),
                 _ => bproto::encode_connect(out, id, transport, peer),
             });
+            if !queued {
+                // The queue refused the CONNECT (counted there): the backend
+                // never heard of this session, so it is not bound either; its
+                // next frame tries again.
+                backends.unbind(ctx, conn, generation, id, None, now);
+                return Err(BindError::BackendUnavailable);
+            }
         }
         let b = Binding {
             server_type: st,

@@ -552,6 +552,30 @@ fn a_hung_backend_with_a_full_queue_is_still_declared_dead() {
 }
 
 #[test]
+fn a_connect_refused_by_a_full_queue_leaves_the_session_unbound_and_the_next_frame_binds() {
+    let mut h = Harness::new(config(
+        "max_message_size = 65535\nmax_queued_bytes_per_session = 1048576",
+        "max_queued_bytes = 65536",
+        &route(10, A, ""),
+    ));
+    let s1 = h.accept(1);
+    while h.dropped("backend_queue_full") == 0 {
+        let _ = h.send(s1, 10, &[0u8; 16 * 1024]);
+    }
+    let s2 = h.accept(2);
+    let _ = h.send(s2, 10, b"lost");
+    assert_eq!(h.dropped("backend_queue_full"), 2, "s1's frame, then s2's CONNECT");
+    assert_eq!(h.dropped("routing_error"), 1, "s2's frame: backend_unavailable");
+    // The backend reads its queue; s2 never appears in it.
+    let sent = h.backend_out(A);
+    assert!(!sent.iter().any(|f| matches!(f, Sent::Connect(id) | Sent::Trans(id, _) if *id == s2.id)), "{sent:?}");
+    // s2's next frame binds it: CONNECT first, then the frame.
+    h.send(s2, 10, b"again").unwrap();
+    let sent: Vec<Sent> = h.backend_out(A).into_iter().filter(|f| !matches!(f, Sent::Ping)).collect();
+    assert_eq!(sent, [Sent::Connect(s2.id), Sent::Trans(s2.id, b"again".to_vec())]);
+}
+
+#[test]
 fn route_change_unbinds_by_the_rule_of_the_binding_even_when_another_rule_lists_the_backend() {
     let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
     let s = h.accept(1);
