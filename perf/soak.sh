@@ -86,6 +86,7 @@ curl -fs "http://$ADMIN/ready" >/dev/null || { echo "gateway did not become read
 
 cat > "$OUT/README" <<TXT
 soak: $DURATION s, started $(date -u +%FT%TZ) on $(uname -srm), $(nproc) cores
+code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src crates 2>/dev/null || echo " (with local changes)")
 gateway $GW (admin $ADMIN) pid $GW_PID, 2 workers; backends $BE_A $BE_B
 load: open loop 200x10/s; idle 200; churn 0.25 s burst every 5 s; probe 5x50/s for 2 s every 10 s
 route flip + SIGHUP every $FLIP_EVERY s; every third also changes limits.idle_timeout
