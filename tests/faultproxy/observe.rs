@@ -47,7 +47,7 @@ pub fn dropped(mm: &HashMap<String, f64>, reason: &str) -> u64 {
 pub const C2B: [&str; 5] =
     ["routing_error", "rate_limited", "backend_lost", "backend_queue_full", "backend_unavailable"];
 /// Drop reasons of backend frames (backend -> client).
-pub const B2C: [&str; 4] = ["unbound_session", "reply_too_large", "malformed", "unexpected_opcode"];
+pub const B2C: [&str; 5] = ["unbound_session", "reply_too_large", "malformed", "unexpected_opcode", "after_close"];
 
 /// Frames written to / read from backends, summed over workers and endpoints
 /// (from /status).
