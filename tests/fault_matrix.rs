@@ -22,7 +22,7 @@
 mod common;
 mod faultproxy;
 
-use common::{config_text, route, sid, GatewayProcess, TempDir};
+use common::{config_text, route, sid, GatewayProcess, RedisServer as Redis};
 use faultproxy::backend::{BackendCounts, BackendProc, LedgerBackend, C};
 use faultproxy::load::{self, Case, End, Load, SessionLedger, Spec};
 use faultproxy::observe::{self, metrics, ms, wait, Allow, Sampler, Tally, Timing};
@@ -492,102 +492,6 @@ fn net_stall() {
 // traffic flows.
 // ---------------------------------------------------------------------------
 
-/// A redis-server on a free loopback port (like `common::RedisServer`, with
-/// its process reachable for SIGSTOP / SIGCONT).
-struct Redis {
-    port: u16,
-    child: Option<std::process::Child>,
-    dir: TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = Redis { port, child: None, dir: TempDir::new("fm-redis") };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = std::process::Command::new(&bin)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(&self.dir.0)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (install Debian's redis-server): {e}"));
-        self.child = Some(child);
-        assert!(
-            wait(Duration::from_secs(5), || self.cmd(&["PING"]).map(|r| r.contains("PONG")).unwrap_or(false)),
-            "redis-server did not answer"
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port, empty.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on our own, unreaped child.
-            unsafe { libc::kill(c.id() as i32, sig) };
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> std::io::Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes())?;
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).to_string())
-    }
-
-    fn set_rules(&self, json: &str) {
-        let r = self.cmd(&["SET", "game-gateway:routing:rules", json]).unwrap();
-        assert!(r.starts_with("+OK"), "{r}");
-    }
-
-    fn publish(&self) {
-        self.cmd(&["PUBLISH", "game-gateway:routing:rules:notify", "changed"]).unwrap();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        self.kill();
-    }
-}
-
 fn rules_json(eps: &[SocketAddr]) -> String {
     let eps: Vec<String> = eps.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
@@ -707,7 +611,7 @@ fn change_routes_and_probe(rig: &Rig, redis: &Redis, to: &LedgerBackend) -> Opti
     let before = route_versions(rig.admin()).0;
     let t0 = Instant::now();
     redis.set_rules(&rules_json(&[to.addr]));
-    redis.publish();
+    redis.publish_rules();
     let applied = wait(Duration::from_secs(8), || {
         let (published, lowest) = route_versions(rig.admin());
         published > before && lowest == published
@@ -817,10 +721,10 @@ fn redis_bad_data() {
     sleep_ms(600);
     let rejected = || observe::m(&metrics(admin), "game_gateway_route_snapshots_rejected_total");
     redis.set_rules("{this is not json");
-    redis.publish();
+    redis.publish_rules();
     let detect = until(Duration::from_secs(5), || rejected() >= 1);
     redis.set_rules(r#"{"10": {"server_type": 10, "strategy": "fastest", "endpoints": []}}"#);
-    redis.publish();
+    redis.publish_rules();
     wait(Duration::from_secs(5), || rejected() >= 2);
     let b_before = b.counts().trans;
     let probe = load::probe_until(&rig.case, rig.gw.addr, sid10(), Duration::from_secs(2));

@@ -404,10 +404,20 @@ impl RedisServer {
     pub fn publish_rules(&self) {
         self.cmd(&["PUBLISH", "game-gateway:routing:rules:notify", "changed"]).unwrap();
     }
+
+    /// Sends `sig` to the server (SIGSTOP to hang it, SIGCONT to resume).
+    #[allow(dead_code)]
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own, unreaped child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
         self.kill();
     }
 }
