@@ -11,6 +11,9 @@
 //!   (`backend_protocol = "grpc"`): every data packet is echoed on its
 //!   stream (same session_id, msg_id, payload); lifecycle packets are not
 //!   answered. See `echo_grpc.rs`.
+//! - `--mode ws`: a WebSocket echo (RFC 6455, any request path): every binary
+//!   message is sent back unchanged as one binary message, the backend behind
+//!   a WebSocket-proxying nginx. See `echo_ws.rs`.
 
 use bytes::{Buf, BufMut, BytesMut};
 use clap::{Parser, ValueEnum};
@@ -18,6 +21,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 mod echo_grpc;
+mod echo_ws;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Mode {
@@ -28,10 +32,12 @@ enum Mode {
     SeedTcp,
     /// gRPC StreamPackets (HTTP/2).
     Grpc,
+    /// WebSocket: binary messages echoed unchanged.
+    Ws,
 }
 
 #[derive(Parser)]
-#[command(about = "Echo backends: raw TCP, seed_tcp game frames, gRPC StreamPackets")]
+#[command(about = "Echo backends: raw TCP, seed_tcp game frames, gRPC StreamPackets, WebSocket")]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:19800")]
     listen: std::net::SocketAddr,
@@ -64,6 +70,9 @@ fn main() {
                 }
                 Mode::Grpc => {
                     monoio::spawn(echo_grpc::serve(s));
+                }
+                Mode::Ws => {
+                    monoio::spawn(echo_ws::serve(s));
                 }
             }
         }
