@@ -1,6 +1,7 @@
 //! gw-load: a load generator that speaks the client protocol (to a gateway,
-//! over TCP or WebSocket), raw client frames to any TCP proxy or echo, or the
-//! backend protocol straight to a backend (the baseline).
+//! over TCP or WebSocket), raw client frames to any TCP proxy or echo (or, with
+//! `--ws`, WebSocket messages to a WebSocket proxy or echo), or the backend
+//! protocol straight to a backend (the baseline).
 //!
 //! Workloads:
 //! - closed loop (default): each session keeps `--inflight` frames
@@ -48,7 +49,10 @@ struct Args {
     target: SocketAddr,
     #[arg(long, value_enum, default_value = "gateway")]
     mode: Mode,
-    /// Speak WebSocket (binary messages carrying client frames).
+    /// Speak WebSocket: each client frame goes out as one masked binary
+    /// message, each reply must come back as one binary message holding one
+    /// client frame. Works against the gateway and against a WebSocket proxy
+    /// in front of `gw-echo --mode ws` (which returns the client frame).
     #[arg(long)]
     ws: bool,
     /// Concurrent sessions (connections).
@@ -172,34 +176,49 @@ fn encode(args: &Args, out: &mut BytesMut, session: i64, t_ns: u64) {
 
 /// One reply at the front of `buf`: `Some(Some(sent_ns))`, `Some(None)` when
 /// incomplete, `None` on a protocol error.
+///
+/// Every reply must be exactly one client frame: on TCP the next frame of the
+/// stream, on WebSocket the whole payload of one unmasked, final binary
+/// message (the gateway sends each reply as one; a WebSocket echo behind a
+/// proxy sends back the client's message). Pings and pongs are skipped.
 fn decode(args: &Args, buf: &mut BytesMut) -> Option<Option<u64>> {
-    let (skip, start, len) = match args.mode {
-        Mode::Gateway if args.ws => {
+    let (start, len) = match args.mode {
+        Mode::Gateway if args.ws => loop {
+            use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
             let mut cur = std::io::Cursor::new(&buf[..]);
-            match tungstenite::protocol::frame::FrameHeader::parse(&mut cur) {
-                Ok(Some((_h, plen))) => {
-                    let hl = cur.position() as usize;
-                    if buf.len() < hl + plen as usize {
-                        return Some(None);
-                    }
-                    (hl, hl + cproto::HEADER_LEN, hl + plen as usize)
-                }
+            let (h, plen) = match tungstenite::protocol::frame::FrameHeader::parse(&mut cur) {
+                Ok(Some(x)) => x,
                 Ok(None) => return Some(None),
                 Err(_) => return None,
+            };
+            let (hl, plen) = (cur.position() as usize, plen as usize);
+            if buf.len() < hl + plen {
+                return Some(None);
             }
-        }
+            match h.opcode {
+                OpCode::Control(Control::Ping | Control::Pong) => {
+                    buf.advance(hl + plen);
+                    continue;
+                }
+                OpCode::Data(Data::Binary) if h.is_final && h.mask.is_none() => {}
+                _ => return None,
+            }
+            match cproto::check(&buf[hl..hl + plen], cproto::MAX_PAYLOAD) {
+                Ok(Some(c)) if c.frame_len() == plen => break (hl + cproto::HEADER_LEN, hl + plen),
+                _ => return None,
+            }
+        },
         Mode::Gateway => match cproto::check(buf, cproto::MAX_PAYLOAD) {
-            Ok(Some(h)) => (0, cproto::HEADER_LEN, h.frame_len()),
+            Ok(Some(h)) => (cproto::HEADER_LEN, h.frame_len()),
             Ok(None) => return Some(None),
             Err(_) => return None,
         },
         Mode::Direct => match bproto::check(buf, 1 << 20) {
-            Ok(Some(h)) => (0, bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN, h.frame_len()),
+            Ok(Some(h)) => (bproto::SERVER_HEADER_LEN + bproto::GATE_HEADER_LEN, h.frame_len()),
             Ok(None) => return Some(None),
             Err(_) => return None,
         },
     };
-    let _ = skip;
     let t = if len >= start + 8 { u64::from_le_bytes(buf[start..start + 8].try_into().unwrap()) } else { 0 };
     buf.advance(len);
     Some(Some(t))
