@@ -2,7 +2,10 @@
 # WebSocket side-by-side: nginx proxying WebSocket (http block, one worker,
 # master_process off) to a WebSocket echo, against the gateway's WebSocket
 # path (1 worker, to mock-backend over the gate protocol), with the load
-# generator straight to the WebSocket echo as the reference ("direct").
+# generator straight to the WebSocket echo as the reference ("direct"), and
+# the same gateway's plain TCP path as a second reference ("gateway-tcp":
+# the same frames without WebSocket, so the difference is the WebSocket
+# layer's cost).
 # Same layout as perf/compare.sh: the proxy under test alone on core 0, the
 # load generator and the backends on core 1.
 #
@@ -99,13 +102,14 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
 
 # run LABEL TARGET PROXY_PID(or -) BACKEND_PID gw-load-args...
+# (WebSocket unless WS=0.)
 run() {
   local label=$1 target=$2 pid=$3 bpid=$4; shift 4
   local before=0 after=0 bbefore bafter
   [ "$pid" != - ] && before=$(ticks "$pid")
   bbefore=$(ticks "$bpid")
   local out
-  out=$(taskset -c 1 $BIN/gw-load --ws --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>"$TMP/load.err" | tail -1) || true
+  out=$(taskset -c 1 $BIN/gw-load $([ "${WS:-1}" = 1 ] && echo --ws) --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>"$TMP/load.err" | tail -1) || true
   [ "$pid" != - ] && after=$(ticks "$pid")
   bafter=$(ticks "$bpid")
   grep -v '^\[' "$TMP/load.err" | head -5 >> "$OUT/load-errors.log" || true
@@ -141,6 +145,7 @@ for load in "100 1" "100 16" "1000 1"; do
   run "direct-ws-${S}x${K}" $WSECHO - $ECHO_PID --sessions $S --inflight $K
   run "nginx-ws-${S}x${K}" $NGX $NGX_PID $ECHO_PID --sessions $S --inflight $K
   run "gateway-ws-${S}x${K}" $GW $GW_PID $MOCK_PID --sessions $S --inflight $K
+  WS=0 run "gateway-tcp-${S}x${K}" $GW $GW_PID $MOCK_PID --sessions $S --inflight $K
 done
 
 curl -sf "http://$GW_ADMIN/metrics" > "$OUT/gateway-metrics.txt" 2>/dev/null \
@@ -157,11 +162,11 @@ loads = ["100x1", "100x16", "1000x1"]
 out = []
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/Model name: *//p'"], capture_output=True, text=True).stdout.strip()
 ngx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
-out.append(f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} CPUs (shared with other work), Linux {platform.release()}, {ngx}, gateway io_driver {os.environ.get('GW_IO_DRIVER', 'auto')}, {sys.argv[2]} s per load, 64-byte payloads in 72-byte client frames, one WebSocket binary message each.\n")
+out.append(f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} CPUs (shared with other work), Linux {platform.release()}, {ngx}, gateway io_driver {os.environ.get('GW_IO_DRIVER', 'auto')}, {sys.argv[2]} s per load, 64-byte payloads in 72-byte client frames, one WebSocket binary message each (gateway-tcp: the same frames on plain TCP).\n")
 out.append("| load | peer | msgs/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg | backend CPU µs/msg |")
 out.append("|---|---|---:|---:|---:|---:|---:|---:|")
 for load in loads:
-    for peer in ["direct-ws", "nginx-ws", "gateway-ws"]:
+    for peer in ["direct-ws", "nginx-ws", "gateway-ws", "gateway-tcp"]:
         r = rows.get(f"{peer}-{load}", {})
         out.append(f"| {load} | {peer} | {f(r.get('msgs_per_sec'))} | {f(r.get('p50_us'))} | {f(r.get('p99_us'))} | {f(r.get('p999_us'))} | {f(r.get('cpu_us_per_msg'), '{:.2f}')} | {f(r.get('backend_cpu_us_per_msg'), '{:.2f}')} |")
 out.append("")
@@ -173,6 +178,14 @@ for load in loads:
     r2 = g["cpu_us_per_msg"] / p["cpu_us_per_msg"] if g.get("cpu_us_per_msg") and p.get("cpu_us_per_msg") else None
     ok = "-" if r2 is None else ("met" if r2 <= 0.6 else "missed")
     out.append(f"| {load} | {f(r1, '{:.2f}')} | {f(r2, '{:.2f}')} | {ok} |")
+out.append("")
+out.append("| gateway-ws / gateway-tcp (the WebSocket layer) | msgs/s | CPU per msg |")
+out.append("|---|---:|---:|")
+for load in loads:
+    g, p = rows.get(f"gateway-ws-{load}", {}), rows.get(f"gateway-tcp-{load}", {})
+    r1 = g.get("msgs_per_sec", 0) / p["msgs_per_sec"] if p.get("msgs_per_sec") else None
+    r2 = g["cpu_us_per_msg"] / p["cpu_us_per_msg"] if g.get("cpu_us_per_msg") and p.get("cpu_us_per_msg") else None
+    out.append(f"| {load} | {f(r1, '{:.2f}')} | {f(r2, '{:.2f}')} |")
 bad = [(k, r.get("errors"), r.get("missing")) for k, r in rows.items() if r.get("errors") or r.get("missing") or r.get("error")]
 out.append("")
 if bad:
