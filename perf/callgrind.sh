@@ -10,6 +10,10 @@
 # frame in + backend frame out + reply in + client frame out), with start-up,
 # session set-up and shutdown cancelled out.
 #
+# WS=1: the session is a WebSocket one (upgrade, then each frame as one
+# masked binary message; replies come as binary messages), so the difference
+# to the default run is the WebSocket layer's cost per round trip.
+#
 # Usage: perf/callgrind.sh [GATEWAY_BINARY]   (default target/release/game-gateway)
 # Needs: valgrind, python3; builds the release binaries when no binary is given.
 set -euo pipefail
@@ -56,9 +60,9 @@ endpoints = ["$MOCK"]
 CFG
   valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$n" "$GW_BIN" --config "$TMP/gw.toml" >/dev/null 2>"$TMP/vg.$n.log" &
   local vg=$!
-  python3 - "$port" "$n" <<'PY'
+  python3 - "$port" "$n" "${WS:-0}" <<'PY'
 import socket, struct, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, ws = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 deadline = time.time() + 120
 while True:
     try:
@@ -80,8 +84,25 @@ def recv_exact(k):
             sys.exit("connection closed")
         b += c
     return b
+if ws:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += recv_exact(1)
+    if not head.startswith(b"HTTP/1.1 101"):
+        sys.exit("upgrade refused")
+    mask = b"\x11\x22\x33\x44"
+    # Masked binary message, payload < 126 bytes.
+    frame = bytes([0x82, 0x80 | len(frame)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(frame))
 for _ in range(n):
     s.sendall(frame)
+    if ws:
+        b0, b1 = recv_exact(2)
+        if b0 != 0x82 or b1 >= 126:
+            sys.exit("unexpected reply frame")
+        recv_exact(b1)
+        continue
     ln, _, _ = struct.unpack("<HHI", recv_exact(8))
     recv_exact(ln)
 s.close()
@@ -96,4 +117,4 @@ b=$(run "$N2")
 per=$(( (b - a) / (N2 - N1) ))
 echo "callgrind: $GW_BIN"
 echo "  $N1 round trips: $a instructions; $N2 round trips: $b instructions"
-echo "  instructions per forwarded round trip (client->backend->client): $per"
+echo "  instructions per forwarded round trip (client->backend->client$([ "${WS:-0}" = 1 ] && echo ', WebSocket')): $per"
