@@ -23,7 +23,8 @@
 #   flock /tmp/gw-bench.lock perf/compare-ws.sh 10
 # (the script takes no lock itself, so a caller already holding it can run it).
 # Env: GW_IO_DRIVER=epoll|io_uring (gateway driver, default auto);
-#      WS_OUT=dir (results directory, default perf/results/ws-<timestamp>).
+#      WS_OUT=dir (results directory, default perf/results/ws-<timestamp>);
+#      GW_BIN=path (a gateway binary to measure instead of the fresh build).
 # Writes: $WS_OUT/{results.jsonl,summary.md}; prints the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +93,8 @@ strategy = "round_robin"
 endpoints = ["$MOCK"]
 CFG
 DRV=${GW_IO_DRIVER:-auto}
-$BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>"$OUT/gateway.log" & PIDS+=($!); GW_PID=$!
+GW_BIN=${GW_BIN:-$BIN/game-gateway}
+$GW_BIN --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>"$OUT/gateway.log" & PIDS+=($!); GW_PID=$!
 sleep 1
 for p in $ECHO_PID $MOCK_PID $NGX_PID $GW_PID; do
   kill -0 "$p" 2>/dev/null || { echo "a server did not start; see $OUT/*.log" >&2; cat "$TMP/nginx-error.log" >&2 2>/dev/null; exit 1; }
@@ -100,6 +102,12 @@ done
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
+# The machine is shared: its load and busy CPU over the runs go in the summary.
+cpu_busy_total() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# Ticks of this run's own processes: the servers, and the waited children
+# (load generators) of this shell.
+own_ticks() { local t; t=$(awk '{print $16+$17}' /proc/$$/stat); for p in $ECHO_PID $MOCK_PID $NGX_PID $GW_PID; do t=$((t + $(ticks "$p"))); done; echo $t; }
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg); read -r BUSY0 TOTAL0 < <(cpu_busy_total); OWN0=$(own_ticks)
 
 # run LABEL TARGET PROXY_PID(or -) BACKEND_PID gw-load-args...
 # (WebSocket unless WS=0.)
@@ -148,12 +156,14 @@ for load in "100 1" "100 16" "1000 1"; do
   WS=0 run "gateway-tcp-${S}x${K}" $GW $GW_PID $MOCK_PID --sessions $S --inflight $K
 done
 
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg); read -r BUSY1 TOTAL1 < <(cpu_busy_total); OWN1=$(own_ticks)
+MACHINE="load average $LOAD0 at the start, $LOAD1 at the end; other processes used $(( 100 * (BUSY1 - BUSY0 - OWN1 + OWN0) / (TOTAL1 - TOTAL0) ))% of all CPU time during the runs, this run $(( 100 * (OWN1 - OWN0) / (TOTAL1 - TOTAL0) ))%"
 curl -sf "http://$GW_ADMIN/metrics" > "$OUT/gateway-metrics.txt" 2>/dev/null \
   || python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://$GW_ADMIN/metrics').read().decode())" > "$OUT/gateway-metrics.txt" 2>/dev/null || true
 cp "$TMP/nginx-error.log" "$OUT/nginx-error.log" 2>/dev/null || true
 for f in backends.log gateway.log nginx.log nginx-error.log load-errors.log; do [ -s "$OUT/$f" ] || rm -f "$OUT/$f"; done
 
-python3 - "$RES" "$SECS" > "$OUT/summary.md" <<'PY'
+python3 - "$RES" "$SECS" "$GW_BIN" "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src crates || echo -dirty)" "$MACHINE" > "$OUT/summary.md" <<'PY'
 import json, sys, os, platform, subprocess, datetime
 rows = {json.loads(l)["label"]: json.loads(l) for l in open(sys.argv[1])}
 def f(v, fmt="{:,.0f}"):
@@ -162,7 +172,7 @@ loads = ["100x1", "100x16", "1000x1"]
 out = []
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/Model name: *//p'"], capture_output=True, text=True).stdout.strip()
 ngx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
-out.append(f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} CPUs (shared with other work), Linux {platform.release()}, {ngx}, gateway io_driver {os.environ.get('GW_IO_DRIVER', 'auto')}, {sys.argv[2]} s per load, 64-byte payloads in 72-byte client frames, one WebSocket binary message each (gateway-tcp: the same frames on plain TCP).\n")
+out.append(f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} CPUs (shared with other work), Linux {platform.release()}, {ngx}, gateway io_driver {os.environ.get('GW_IO_DRIVER', 'auto')}, {sys.argv[2]} s per load, gateway {sys.argv[3]} (tree {sys.argv[4]}), 64-byte payloads in 72-byte client frames, one WebSocket binary message each (gateway-tcp: the same frames on plain TCP). Machine: {sys.argv[5]}.\n")
 out.append("| load | peer | msgs/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg | backend CPU µs/msg |")
 out.append("|---|---|---:|---:|---:|---:|---:|---:|")
 for load in loads:
