@@ -38,9 +38,11 @@ mkdir -p "$OUT"
 RES="$OUT/results.jsonl"
 : > "$RES"
 TMP=$(mktemp -d)
-# Ports apart from compare.sh's, so both can be started from one run.
-WSECHO=127.0.0.1:29810; MOCK=127.0.0.1:29712
-GW=127.0.0.1:28180; NGX=127.0.0.1:28182; GW_ADMIN=127.0.0.1:28190
+# Free ports picked now: other work on a shared machine must not reach these
+# servers (a stray client of the backends would show in their CPU figures).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+WSECHO=127.0.0.1:$(free_port); MOCK=127.0.0.1:$(free_port)
+GW=127.0.0.1:$(free_port); NGX=127.0.0.1:$(free_port); GW_ADMIN=127.0.0.1:$(free_port)
 PIDS=()
 # Proxies first (started last), so none logs its backend going away.
 cleanup() { for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill "${PIDS[i]}" 2>/dev/null || true; sleep 0.1; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
