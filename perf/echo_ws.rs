@@ -102,7 +102,9 @@ pub async fn serve(mut s: monoio::net::TcpStream) {
             Ok(None) => continue,
             Err(e) => {
                 eprintln!("gw-echo ws: {e}; closing");
-                let _ = s.write_all(&b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"[..]).await;
+                let _ = s
+                    .write_all(&b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"[..])
+                    .await;
                 return;
             }
         }
