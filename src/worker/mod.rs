@@ -119,6 +119,9 @@ pub(crate) struct Worker {
     /// How this worker names itself to gRPC backends (`gateway-name`):
     /// the node name and the worker index.
     grpc_name: Rc<str>,
+    /// Every session's reads land here first (see `client::read_loop`):
+    /// an idle session holds no read buffer of its own.
+    read_buf: RefCell<bytes::BytesMut>,
 }
 
 impl Worker {
@@ -455,6 +458,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         announce_tx,
         spans_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
+        read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
     });
     match cpu {
         Some(cpu) => tracing::info!(worker = index, cpu, io_driver, "worker started"),
