@@ -39,7 +39,7 @@ mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 use session::Mode;
-pub(crate) use session::{ClientOut, Flow, HalfClose};
+pub(crate) use session::{ClientOut, ClientWrite, Flow, HalfClose};
 
 use crate::config::Config;
 use crate::protocol::backend::DisconnectReason;

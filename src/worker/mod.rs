@@ -167,16 +167,17 @@ impl Worker {
         match a {
             Action::WakeClient(key) => {
                 if let Some(io) = self.client(key) {
-                    io.wake.notify();
+                    self.flush_client(&io);
                 }
             }
             Action::ShutdownClient(key, how) => {
                 if let Some(io) = self.client(key) {
                     if how == Shut::Write {
+                        // Drain: the FIN follows what is queued.
                         io.fin.set(true);
-                        io.wake.notify();
+                        self.flush_client(&io);
                     }
-                    io.sock.shutdown(how);
+                    io.shutdown(how);
                     // A paused reader must see the close too.
                     io.resume.notify();
                 }
@@ -188,8 +189,7 @@ impl Worker {
             }
             Action::Closed { key, tail } => {
                 if let Some(io) = self.client(key) {
-                    *io.tail.borrow_mut() = Some(tail);
-                    io.wake.notify();
+                    self.close_client(&io, tail);
                 }
             }
             Action::Dial { conn, generation, addr, protocol, timeout } => {
