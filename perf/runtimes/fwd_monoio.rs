@@ -3,10 +3,12 @@
 //! (HAProxy tcp mode), and copies bytes both ways: one task per direction,
 //! read into a 16 KiB buffer, write_all. TCP_NODELAY on both sockets.
 //!
-//! The ring is set up as the gateway's workers do (src/worker/mod.rs): 4096
-//! entries, SINGLE_ISSUER | COOP_TASKRUN | DEFER_TASKRUN, falling back to a
-//! plain ring on older kernels; `FWD_PLAIN_RING=1` forces the plain ring and
-//! `FWD_EPOLL=1` the epoll (legacy) driver.
+//! The runtime is set up as the gateway's workers do (src/worker/mod.rs): an
+//! io_uring with 4096 entries and SINGLE_ISSUER | COOP_TASKRUN |
+//! DEFER_TASKRUN, else a plain ring (kernels before 6.1), else, where the
+//! kernel refuses io_uring (EPERM/ENOSYS/EACCES/ENOMEM: seccomp,
+//! kernel.io_uring_disabled, memlock), the epoll (legacy) driver.
+//! `FWD_PLAIN_RING=1` forces the plain ring and `FWD_EPOLL=1` epoll.
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 
@@ -69,23 +71,32 @@ async fn serve(a: Args) {
 fn main() {
     let a = args();
     pin(a.cpu);
-    if std::env::var_os("FWD_EPOLL").is_some() {
+    let epoll = |a: Args, why: &str| {
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().expect("epoll runtime");
-        eprintln!("fwd-monoio: driver epoll");
-        return rt.block_on(serve(a));
+        eprintln!("fwd-monoio: driver epoll{why}");
+        rt.block_on(serve(a))
+    };
+    if std::env::var_os("FWD_EPOLL").is_some() {
+        return epoll(a, "");
     }
     let build = |urb: io_uring::Builder| {
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(4096).uring_builder(urb).build()
     };
     let mut tuned = io_uring::IoUring::builder();
     tuned.setup_single_issuer().setup_coop_taskrun().setup_defer_taskrun();
-    let (mut rt, kind) = match std::env::var_os("FWD_PLAIN_RING") {
-        Some(_) => (build(io_uring::IoUring::builder()).expect("io_uring runtime"), "plain"),
-        None => match build(tuned) {
-            Ok(rt) => (rt, "tuned"),
-            Err(_) => (build(io_uring::IoUring::builder()).expect("io_uring runtime"), "plain"),
-        },
+    let plain = std::env::var_os("FWD_PLAIN_RING").is_some();
+    let (rt, kind) = match if plain { None } else { build(tuned).ok() } {
+        Some(rt) => (Ok(rt), "tuned"),
+        None => (build(io_uring::IoUring::builder()), "plain"),
     };
-    eprintln!("fwd-monoio: driver io_uring ({kind} ring)");
-    rt.block_on(serve(a));
+    match rt {
+        Ok(mut rt) => {
+            eprintln!("fwd-monoio: driver io_uring ({kind} ring)");
+            rt.block_on(serve(a))
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS | libc::EACCES | libc::ENOMEM)) => {
+            epoll(a, &format!(" (io_uring refused: {e})"))
+        }
+        Err(e) => panic!("io_uring runtime: {e}"),
+    }
 }
