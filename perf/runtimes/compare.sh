@@ -15,7 +15,8 @@
 #
 # Usage: perf/runtimes/compare.sh [SECONDS] [ROUNDS]   (default 10 s, 1 round)
 # With ROUNDS > 1 every load runs ROUNDS times, the peers' order rotating per
-# round, and the summary gives the median of the rounds (and the msgs/s range).
+# round, and the summary gives the median of the rounds and their range
+# (perf/runtimes/summarize.py; give it several results.jsonl to pool runs).
 # Wrap in `flock /tmp/gw-bench.lock` on a shared machine.
 # Writes: perf/results/runtimes-<timestamp>/{results.jsonl,summary.md,*.log}.
 set -euo pipefail
@@ -125,50 +126,7 @@ for peer in $PEERS; do
 done
 for f in "$OUT"/*.log; do [ -s "$f" ] || rm -f "$f"; done
 
-python3 - "$RES" "$SECS" "$ROUNDS" "$PEERS" > "$OUT/summary.md" <<'PY'
-import json, sys, platform, subprocess, datetime, statistics
-rows = [json.loads(l) for l in open(sys.argv[1])]
-secs, rounds, peers = sys.argv[2], int(sys.argv[3]), sys.argv[4].split()
-def f(v, fmt="{:,.0f}"):
-    return "-" if v is None else fmt.format(v)
-def med(load, peer, key):
-    v = [r[key] for r in rows if r.get("load") == load and r.get("peer") == peer and r.get(key) is not None]
-    return statistics.median(v) if v else None
-def rng(load, peer):
-    v = [r["msgs_per_sec"] for r in rows if r.get("load") == load and r.get("peer") == peer and r.get("msgs_per_sec")]
-    return f"{min(v):,.0f}–{max(v):,.0f}" if len(v) > 1 else "-"
-cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/Model name: *//p'"], capture_output=True, text=True).stdout.strip()
-load1 = open("/proc/loadavg").read().split()[0]
-out = [f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
-       f"Linux {platform.release()}, {secs} s per load, {rounds} round(s) (median shown), 64-byte payloads, "
-       f"load average {load1} at the end (the machine is shared with other jobs).\n"]
-out.append("| load | peer | msgs/s | msgs/s range | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/msg |")
-out.append("|---|---|---:|---:|---:|---:|---:|---:|")
-loads = ["100x1", "100x16", "1000x1"]
-for load in loads:
-    for peer in peers:
-        out.append(f"| {load} | {peer} | {f(med(load, peer, 'msgs_per_sec'))} | {rng(load, peer)} | {f(med(load, peer, 'p50_us'))} | "
-                   f"{f(med(load, peer, 'p99_us'))} | {f(med(load, peer, 'p999_us'))} | {f(med(load, peer, 'cpu_us_per_msg'), '{:.2f}')} |")
-out.append("")
-out.append("| ratio | load | msgs/s | p99 | CPU per msg |")
-out.append("|---|---|---:|---:|---:|")
-for a, b in [("glommio", "monoio"), ("monoio-epoll", "monoio"), ("monoio", "haproxy"), ("glommio", "haproxy")]:
-    if a not in peers or b not in peers:
-        continue
-    for load in loads:
-        def ratio(key):
-            x, y = med(load, a, key), med(load, b, key)
-            return x / y if x is not None and y else None
-        out.append(f"| {a} / {b} | {load} | {f(ratio('msgs_per_sec'), '{:.2f}')} | {f(ratio('p99_us'), '{:.2f}')} | {f(ratio('cpu_us_per_msg'), '{:.2f}')} |")
-bad = [f"{r['peer']}-{r['load']} round {r['round']} (errors {r.get('errors')}, missing {r.get('missing')}{', ' + r['error'][:80] if r.get('error') else ''})"
-       for r in rows if r.get("round") and (r.get("errors") or r.get("missing") or r.get("error") is not None)]
-out.append("")
-out.append("Runs with errors or missing replies: " + (", ".join(bad) if bad else "none") + ".")
-idle = {r["peer"]: r["proxy_cpu_s"] for r in rows if r.get("load") == "idle-3s"}
-out.append("")
-out.append("Idle CPU over 3 s with no load: " + ", ".join(f"{p} {idle[p]:.2f} s" for p in peers if p in idle) + ".")
-print("\n".join(out))
-PY
+python3 perf/runtimes/summarize.py "$RES" > "$OUT/summary.md"
 { echo; echo "Forwarder start-up logs:"; echo
   for f in "$OUT"/fwd-*.log; do [ -f "$f" ] && { echo "    $(basename "$f"):"; sed 's/^/      /' "$f"; }; done; } >> "$OUT/summary.md"
 echo

@@ -82,10 +82,12 @@ fn main() {
         raise_memlock();
     }
     let cpu = a.cpu;
-    // Same submission depth as fwd-monoio and the gateway (glommio's default is 128).
+    // Same submission depth as fwd-monoio and the gateway (glommio's default
+    // is 128); FWD_RING_DEPTH overrides it.
+    let depth = std::env::var("FWD_RING_DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let ex = LocalExecutorBuilder::new(Placement::Fixed(cpu))
         .name("fwd-glommio")
-        .ring_depth(4096)
+        .ring_depth(depth)
         .spawn(move || serve(a));
     // The executor (and its io_uring reactor) is built inside the spawned
     // thread: a reactor error comes back from join.
