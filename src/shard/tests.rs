@@ -326,6 +326,22 @@ fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
 }
 
 #[test]
+fn route_propagation_is_recorded_by_the_last_worker_only() {
+    let cfg = config("", "", &route(10, A, ""));
+    let mut h = Harness::new(cfg);
+    h.sh.apply_routes(table(&config("", "", &route(10, B, "")), 2), h.now);
+    // Not the last worker: its own delay and time, no observation.
+    h.sh.routes_propagated(Duration::from_millis(7), Duration::from_secs(1_700_000_000), false);
+    let s = h.sh.stats(h.now);
+    assert_eq!((s.route_apply_delay_us, s.route_applied_unix_us), (7_000, 1_700_000_000_000_000));
+    assert_eq!(s.route_propagation.count, 0);
+    // The last one: the snapshot's propagation time is observed.
+    h.sh.routes_propagated(Duration::from_millis(30), Duration::from_secs(1_700_000_001), true);
+    let s = h.sh.stats(h.now);
+    assert_eq!((s.route_propagation.count, s.route_propagation.sum_ns), (1, 30_000_000));
+}
+
+#[test]
 fn reload_applies_breaker_and_backoff_settings_to_live_pools() {
     let slow = "circuit_failure_threshold = 5\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"10ms\"";
     let mut h = Harness::new(config("", slow, &route(10, A, "on_backend_loss = \"rebind\"")));
