@@ -101,9 +101,8 @@ fn redis_killed_while_traffic_flows_then_restarted_with_new_rules() {
     redis.restart();
     redis.set_rules(&rules_json(10, "round_robin", &[c.addr()]));
     wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 2, Duration::from_secs(8));
-    // A reply still in flight from the old backend when a worker applies the
-    // new snapshot is dropped (the session is no longer bound there), so let
-    // every worker switch before the live sessions talk again.
+    // Let every worker switch before the live sessions talk again (a reply
+    // in flight from the old backend would still reach them within 1 s).
     all_workers_on_latest(gw.admin);
     for cl in live.iter_mut() {
         cl.echo(9, sid(1, 10, 0), b"after");

@@ -528,6 +528,7 @@ impl Shard {
             self.flush_access_log();
         }
         self.backends.finish_retirements(&mut self.ctx, now);
+        self.backends.expire_released(now);
         self.hold_tick(now);
         self.paced_closes(now);
         if !self.ctx.spans.is_empty() {

@@ -606,6 +606,43 @@ fn route_change_unbinds_by_the_rule_of_the_binding_even_when_another_rule_lists_
 }
 
 #[test]
+fn replies_in_flight_when_a_route_change_releases_a_session_still_reach_it_for_a_second() {
+    // A stays listed (type 11), so its connection is not retired.
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
+    // A answers "x" after the release (before it read the DISCONNECT): the
+    // reply is delivered, not dropped.
+    h.backend_send(A, trans(s.id, b"reply to x"));
+    assert_eq!(h.client_out(s), vec![(9, b"reply to x".to_vec())]);
+    assert_eq!(h.dropped("unbound_session"), 0);
+    // Only replies: a kick or a multicast from A no longer reaches it.
+    let mut kick = BytesMut::new();
+    bproto::encode_kick(&mut kick, 9, 0, s.id, b"bye");
+    h.backend_send(A, kick);
+    let mut m = BytesMut::new();
+    bproto::encode_multicast(&mut m, 9, 0, &[s.id], b"mc");
+    h.backend_send(A, m);
+    assert!(h.client_out(s).is_empty() && h.shutdowns().is_empty());
+    assert_eq!(h.dropped("unbound_session"), 2);
+    // Its next frame goes to B.
+    h.send(s, 10, b"y").unwrap();
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
+    // A second later, A reaches it no more.
+    h.now += Duration::from_millis(1001);
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    h.backend_send(A, trans(s.id, b"too late"));
+    assert!(h.client_out(s).is_empty());
+    assert_eq!(h.dropped("unbound_session"), 3);
+}
+
+#[test]
 fn two_server_types_on_one_stream_share_the_binding() {
     let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
     let s = h.accept(1);
