@@ -546,7 +546,11 @@ fn main() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let (v0, ws0) = wait_applied(args.admin, 0, Duration::from_secs(5)).unwrap_or_else(|e| fail(e));
-    eprintln!("gw-routeprop: {} workers on route version {v0} (group A); starting {} sessions", ws0.len(), args.sessions);
+    eprintln!(
+        "gw-routeprop: {} workers on route version {v0} (group A); starting {} sessions",
+        ws0.len(),
+        args.sessions
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let grace = Duration::from_secs(3);
@@ -585,14 +589,13 @@ fn main() {
             }
         };
         let want = v0 + n as u64;
-        let (version, ws) =
-            match wait_applied(args.admin, want, Duration::from_millis(args.change_timeout_ms)) {
-                Ok(x) => x,
-                Err(e) => {
-                    failure = Some(format!("change {n}: {e}"));
-                    break;
-                }
-            };
+        let (version, ws) = match wait_applied(args.admin, want, Duration::from_millis(args.change_timeout_ms)) {
+            Ok(x) => x,
+            Err(e) => {
+                failure = Some(format!("change {n}: {e}"));
+                break;
+            }
+        };
         let confirmed_us = now_us();
         if version != want {
             failure = Some(format!("change {n}: the gateway is on version {version}, expected {want}"));
@@ -639,8 +642,7 @@ fn main() {
     // ------------------------------------------------------------ analysis
     let workers = ws0.len();
     let prop: Vec<f64> = changes.iter().map(Change::propagation_ms).collect();
-    let gw_last: Vec<f64> =
-        changes.iter().map(|c| c.gateway_ms.iter().copied().fold(f64::NAN, f64::max)).collect();
+    let gw_last: Vec<f64> = changes.iter().map(|c| c.gateway_ms.iter().copied().fold(f64::NAN, f64::max)).collect();
     let per_worker: Vec<f64> = changes
         .iter()
         .flat_map(|c| c.applied_us.iter().map(move |a| a.saturating_sub(c.published_us) as f64 / 1e3))
