@@ -88,7 +88,7 @@ service_name = "routeprop"
 strategy = "round_robin"
 endpoints = ["$A1", "$A2"]
 TOML
-"$BIN/game-gateway" --config "$CFG" >"$RUN/gateway.stdout" 2>"$OUT/gateway.log" & GW_PID=$!; PIDS+=($GW_PID)
+"$BIN/game-gateway" --config "$CFG" >"$RUN/gateway.stdout" 2>"$OUT/gateway.log" & GW_PID=$!; PIDS+=("$GW_PID")
 for _ in $(seq 1 100); do
   curl -fs "http://$ADMIN/ready" >/dev/null 2>&1 && break
   sleep 0.1
@@ -108,7 +108,7 @@ TXT
 LOAD_SECS=$(( CHANGES * 70 / 1000 + 10 ))
 [ "$LOAD_SECS" -gt 240 ] && LOAD_SECS=240
 "$BIN/gw-load" --target "$GW" --rate 10 --sessions 200 --payload 64 --warmup 1 --duration "$LOAD_SECS" \
-  --label steady-200x10 --json >"$RUN/load.out" 2>"$OUT/load-progress.log" & LOAD_PID=$!; PIDS+=($LOAD_PID)
+  --label steady-200x10 --json >"$RUN/load.out" 2>"$OUT/load-progress.log" & LOAD_PID=$!; PIDS+=("$LOAD_PID")
 sleep 2
 
 rc=0
