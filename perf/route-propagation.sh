@@ -101,6 +101,7 @@ code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quie
 gateway $GW (admin $ADMIN) pid $GW_PID, 2 workers, redis 127.0.0.1:$REDIS_PORT (refresh_interval 10 s)
 group A: $A1 $A2; group B: $B1 $B2 (server type 10, round_robin)
 load: gw-routeprop 32 sessions x 200/s; gw-load open loop 200 sessions x 10/s
+machine load average at the start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the cores perturbs the workers' tick)
 TXT
 
 # The steady load runs from before the first change until after the last;
@@ -114,12 +115,13 @@ sleep 2
 rc=0
 "$BIN/gw-routeprop" --gateway "$GW" --admin "$ADMIN" --redis "127.0.0.1:$REDIS_PORT" \
   --group-a "$A1,$A2" --group-b "$B1,$B2" --changes "$CHANGES" --sessions 32 --rate 200 \
-  --out "$OUT" >"$OUT/routeprop.json" 2>"$OUT/routeprop.log" || rc=$?
+  --out "$OUT" >"$RUN/routeprop.json" 2>"$OUT/routeprop.log" || rc=$?
 # Stop the steady load now (SIGINT is not handled: its summary is lost, so
 # let it finish by itself unless it would outlast the bound).
 for _ in $(seq 1 $(( (LOAD_SECS + 10) * 2 ))); do kill -0 "$LOAD_PID" 2>/dev/null || break; sleep 0.5; done
 wait "$LOAD_PID" 2>/dev/null || true
 tail -1 "$RUN/load.out" >"$OUT/load.jsonl" || true
+echo "machine load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/README"
 curl -fs "http://$ADMIN/metrics" >"$OUT/metrics.txt" || true
 curl -fs "http://$ADMIN/status" >"$OUT/status.json" || true
 
