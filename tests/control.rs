@@ -263,7 +263,7 @@ fn route_propagation_is_measured_per_snapshot_and_per_worker() {
     let v0 = status()["routes"]["version"].as_u64().unwrap();
     assert_eq!(v0, 1);
     assert_eq!(metric_value(&http_get(gw.admin, "/metrics").1, count), Some(0.0));
-    let mut applied_before = vec![0u64; 2];
+    let mut applied_before = [0u64; 2];
     for i in 1..=3u64 {
         let to = if i % 2 == 1 { b.addr() } else { a.addr() };
         redis.set_rules(&rules_json(10, "round_robin", &[to]));
