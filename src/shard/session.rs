@@ -1265,6 +1265,8 @@ impl Shard {
             if !dup {
                 let notify = b.notify.then_some(DisconnectReason::RouteChanged);
                 backends.unbind(&mut self.ctx, b.conn, b.generation, id, notify, now);
+                // Its replies in flight still reach it.
+                backends.released(b.conn, b.generation, id, now);
             }
         }
     }
