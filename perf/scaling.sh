@@ -191,7 +191,7 @@ strategy = "round_robin"
 endpoints = ["$MOCK"]
 CFG
   taskset -c "$WLIST" $BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>>"$OUT/gateway.log" &
-  GW_PID=$!; PIDS+=($GW_PID)
+  GW_PID=$!; PIDS+=("$GW_PID")
   for _ in $(seq 50); do status "$ADMIN" | grep -q '"worker"' && break; sleep 0.2; done
 
   for load in $LOADS; do
