@@ -39,7 +39,7 @@ mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 use session::Mode;
-pub(crate) use session::{ClientOut, Flow, HalfClose};
+pub(crate) use session::{ClientOut, ClientWrite, Flow, HalfClose};
 
 use crate::config::Config;
 use crate::protocol::backend::DisconnectReason;
@@ -488,6 +488,19 @@ impl Shard {
         self.backends.retire_unlisted(&mut self.ctx, now);
     }
 
+    /// The snapshot just applied reached this worker `delay` after its cause
+    /// reached the control side, at `at` (since the Unix epoch); `last`: this
+    /// worker was the last to apply it, so every worker serves it now and
+    /// `delay` is the snapshot's propagation time.
+    pub(crate) fn routes_propagated(&mut self, delay: Duration, at: Duration, last: bool) {
+        let s = &mut self.ctx.stats;
+        s.route_apply_delay_us = delay.as_micros().min(u64::MAX as u128) as u64;
+        s.route_applied_unix_us = at.as_micros().min(u64::MAX as u128) as u64;
+        if last {
+            s.route_propagation.record(delay);
+        }
+    }
+
     /// A reloaded config: limits and timeouts apply from the next event, and
     /// breaker settings apply to the live pools too.
     pub(crate) fn apply_config(&mut self, cfg: Arc<Config>) {
@@ -515,6 +528,7 @@ impl Shard {
             self.flush_access_log();
         }
         self.backends.finish_retirements(&mut self.ctx, now);
+        self.backends.expire_released(now);
         self.hold_tick(now);
         self.paced_closes(now);
         if !self.ctx.spans.is_empty() {

@@ -1075,6 +1075,8 @@ impl Shard {
                 ],
             });
         }
+        // Most sessions talk to one server type: no room for four.
+        s.bindings.reserve_exact(1);
         s.bindings.push(b);
         s.last_backend = Some(ep.name.clone());
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
@@ -1094,6 +1096,13 @@ impl Shard {
         }
     }
 
+    /// A write to a client completed: its frames' forward latency.
+    pub(crate) fn client_wrote(&mut self, write: ClientWrite, now: Instant) {
+        if let ClientWrite { frames, oldest: Some(t) } = write {
+            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        }
+    }
+
     /// The writer reports its last completed write (`done`), then takes
     /// everything queued for the client, swapped with its (empty) buffer so
     /// both allocations are reused.
@@ -1103,8 +1112,8 @@ impl Shard {
         buf: &mut BytesMut,
         done: Option<(ClientWrite, Instant)>,
     ) -> ClientOut {
-        if let Some((ClientWrite { frames, oldest: Some(t) }, now)) = done {
-            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        if let Some((write, now)) = done {
+            self.client_wrote(write, now);
         }
         let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };
         if let Some(tls) = s.tls.as_mut() {
@@ -1256,6 +1265,8 @@ impl Shard {
             if !dup {
                 let notify = b.notify.then_some(DisconnectReason::RouteChanged);
                 backends.unbind(&mut self.ctx, b.conn, b.generation, id, notify, now);
+                // Its replies in flight still reach it.
+                backends.released(b.conn, b.generation, id, now);
             }
         }
     }
