@@ -371,6 +371,15 @@ pub(crate) struct Ctx {
     /// client address and the node's connection cap (touched at accept and
     /// close only).
     admission: Arc<crate::limits::SharedAdmission>,
+    /// This worker's own copies of the message class names (the counters'
+    /// keys), the last one "unclassified": counting a frame touches no
+    /// reference count another core shares.
+    policy_names: Vec<Arc<str>>,
+}
+
+/// Fresh copies of the message class names, then "unclassified".
+fn policy_names(cfg: &Config) -> Vec<Arc<str>> {
+    cfg.policy.classes.iter().map(|c| Arc::from(&*c.name)).chain([Arc::from("unclassified")]).collect()
 }
 
 impl Ctx {
@@ -435,6 +444,7 @@ pub(crate) struct ShardSetup {
 impl Shard {
     pub(crate) fn new(setup: ShardSetup) -> Shard {
         let ShardSetup { index, cfg, routes, admission, seed } = setup;
+        let names = policy_names(&cfg);
         let stats = WorkerStats { worker: index, workers: 1, route_version: routes.version, ..Default::default() };
         Shard {
             ids: SessionIdGen::new(cfg.server.node_id, index),
@@ -449,6 +459,7 @@ impl Shard {
                 actions: Vec::new(),
                 held_bytes: 0,
                 spans: Vec::new(),
+                policy_names: names,
                 admission,
             },
             sessions: SessionTable::default(),
@@ -506,6 +517,7 @@ impl Shard {
     pub(crate) fn apply_config(&mut self, cfg: Arc<Config>) {
         tracing::info!(worker = self.ctx.index, source = %cfg.source, "config applied");
         self.backends.reconfigure(&cfg.backend);
+        self.ctx.policy_names = policy_names(&cfg);
         self.ctx.cfg = cfg;
     }
 

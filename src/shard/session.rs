@@ -171,10 +171,12 @@ enum Verdict {
 /// Checks one client frame against `[[message_policy]]` and `require_auth`,
 /// counting the outcome per class (`message_policy_total{policy, outcome}`).
 fn check_policy(ctx: &mut Ctx, s: &mut Session, h: cproto::ClientHeader, now: Instant) -> Verdict {
-    let cfg = ctx.cfg.clone();
+    // The shared config is borrowed, not cloned: no reference count that
+    // every core touches on every frame.
+    let cfg = &*ctx.cfg;
     let st = s.sticky.map_or(h.server_id.server_type(), |(st, _)| st);
     let class = cfg.policy.class(st, h.msg_id).map(|i| (i, &cfg.policy.classes[i]));
-    let name: std::sync::Arc<str> = class.map_or_else(|| std::sync::Arc::from("unclassified"), |(_, c)| c.name.clone());
+    let name_index = class.map_or(cfg.policy.classes.len(), |(i, _)| i);
     let close = class.is_some_and(|(_, c)| c.close);
     let violation = if cfg.limits.require_auth && !s.authenticated && !class.is_some_and(|(_, c)| c.before_auth) {
         Some("unauthenticated")
@@ -196,6 +198,7 @@ fn check_policy(ctx: &mut Ctx, s: &mut Session, h: cproto::ClientHeader, now: In
     } else {
         None
     };
+    let name = ctx.policy_names[name_index].clone();
     let outcome = violation.unwrap_or("forwarded");
     *ctx.stats.message_policy.entry((name, outcome)).or_default() += 1;
     match violation {
