@@ -12,10 +12,13 @@
 # server_id: 10 = gate, 11 = seed_tcp, 12 = grpc.
 #
 # Usage: perf/compare.sh [SECONDS]          (default 10 s per load)
+#        perf/compare.sh --tls [SECONDS]    TLS: gateway vs HAProxy `ssl crt` (compare-tls.sh)
 # Needs: haproxy, nginx + libnginx-mod-stream (Debian packages).
 # Writes: perf/results/<timestamp>/{results.jsonl,summary.md}; prints the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# perf/compare.sh --tls [SECONDS]: the TLS side-by-side (perf/compare-tls.sh).
+if [ "${1:-}" = --tls ]; then shift; exec perf/compare-tls.sh "$@"; fi
 SECS=${1:-10}
 WARM=2
 command -v haproxy >/dev/null || { echo "haproxy missing: apt-get install haproxy" >&2; exit 1; }
@@ -83,6 +86,10 @@ cpus = [$3]
 [log]
 level = "warn"
 access_log = false
+[limits]
+# The idle-memory run opens 18,000 sessions at once from one load thread;
+# on a busy machine their first frames can take longer than the default 5 s.
+handshake_timeout = "60s"
 [backend]
 # seed_tcp holds one backend connection per session: room for 1000x1.
 seed_pool_max = 2000
@@ -114,43 +121,7 @@ gw_config $GW2 2 "0, 1" 127.0.0.1:0 > "$TMP/gw2.toml"
 $BIN/game-gateway --config "$TMP/gw2.toml" --io-driver "$DRV" >/dev/null 2>"$OUT/gateway2w.log" & PIDS+=($!); GW2_PID=$!
 sleep 1
 
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-TCK=$(getconf CLK_TCK)
-
-# run LABEL TARGET PID(or -) gw-load-args...
-run() {
-  local label=$1 target=$2 pid=$3; shift 3
-  local before=0 after=0
-  [ "$pid" != - ] && before=$(ticks "$pid")
-  local out
-  out=$(taskset -c 1 $BIN/gw-load --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>/dev/null | tail -1) || true
-  [ "$pid" != - ] && after=$(ticks "$pid")
-  python3 - "$out" "$before" "$after" "$TCK" "$SECS" "$WARM" >>"$RES" <<'PY'
-import json, sys
-out, before, after, tck, secs, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
-try:
-    r = json.loads(out)
-except Exception:
-    r = {"label": "?", "error": out}
-cpu_s = (after - before) / tck
-# CPU over the whole run (warm-up + measured + drain) divided by the
-# messages of the whole run, estimated from the measured rate.
-msgs = r.get("msgs_per_sec", 0) * (secs + warm)
-sess = r.get("sessions_per_sec", 0) * (secs + warm)
-r["proxy_cpu_s"] = cpu_s
-r["cpu_us_per_msg"] = (cpu_s * 1e6 / msgs) if msgs and after else None
-r["cpu_us_per_session"] = (cpu_s * 1e6 / sess) if sess and after else None
-print(json.dumps(r))
-PY
-  tail -1 "$RES" | python3 -c '
-import json, sys
-r = json.load(sys.stdin)
-g = r.get
-print("%24s: %10.0f msgs/s %8.0f sess/s p50=%sus p99=%sus p99.9=%sus cpu/msg=%s errors=%s missing=%s" % (
-    g("label"), g("msgs_per_sec", 0), g("sessions_per_sec", 0), g("p50_us"), g("p99_us"), g("p999_us"),
-    g("cpu_us_per_msg"), g("errors"), g("missing")))'
-}
+. perf/lib.sh
 
 for load in "100 1" "100 16" "1000 1"; do
   set -- $load; S=$1; K=$2
@@ -175,12 +146,13 @@ run "gateway-churn" $GW $GW_PID --sessions 50 --churn
 # 1 vs 2 workers (the 2-worker gateway shares core 1 with the load).
 run "gateway2w-100x16" $GW2 $GW2_PID --sessions 100 --inflight 16
 
-# Idle memory: RSS delta over 10,000 bound idle sessions (1 worker).
-IDLE=10000
+# Idle memory: RSS delta over 18,000 bound idle sessions (1 worker; the
+# open-file limit here is 20,000).
+IDLE=${IDLE:-18000}
 base=$(rss_kb $GW_PID)
-taskset -c 1 $BIN/gw-load --target $GW --idle --sessions $IDLE --duration 6 --warmup 4 --label idle >/dev/null 2>&1 &
+taskset -c 1 $BIN/gw-load --target $GW --idle --sessions $IDLE --duration 8 --warmup 16 --label idle >/dev/null 2>&1 &
 LOADPID=$!
-sleep 7
+sleep 22
 peak=$(rss_kb $GW_PID)
 wait $LOADPID || true
 python3 - "$base" "$peak" "$IDLE" >>"$RES" <<'PY'

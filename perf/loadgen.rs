@@ -55,6 +55,20 @@ struct Args {
     /// in front of `gw-echo --mode ws` (which returns the client frame).
     #[arg(long)]
     ws: bool,
+    /// Speak TLS (rustls) to the target; the CA that signed its certificate
+    /// is `--tls-ca`.
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of the CA certificate(s) the target's chain ends in.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Server name sent in the ClientHello (SNI) and verified.
+    #[arg(long, default_value = "localhost")]
+    tls_sni: String,
+    /// Resume TLS sessions (tickets) on reconnect; by default every
+    /// connection makes a full handshake (churn then counts handshakes).
+    #[arg(long)]
+    tls_resume: bool,
     /// Concurrent sessions (connections).
     #[arg(long, default_value_t = 100)]
     sessions: usize,
@@ -224,9 +238,97 @@ fn decode(args: &Args, buf: &mut BytesMut) -> Option<Option<u64>> {
     Some(Some(t))
 }
 
-async fn connect(args: &Args) -> std::io::Result<monoio::net::TcpStream> {
-    let mut s = monoio::net::TcpStream::connect_addr(args.target).await?;
-    let _ = s.set_nodelay(true);
+/// A connection to the target: plain TCP or TLS over it.
+enum Conn {
+    Plain(monoio::net::TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<monoio::net::TcpStream>>),
+}
+
+// SAFETY: both variants are `Split` (a TCP stream, and monoio-rustls' stream
+// over one); the enum adds no shared state of its own.
+unsafe impl monoio::io::Split for Conn {}
+
+impl AsyncReadRent for Conn {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+        }
+    }
+    async fn readv<T: monoio::buf::IoVecBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.readv(buf).await,
+            Conn::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl monoio::io::AsyncWriteRent for Conn {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.write(buf).await,
+            Conn::Tls(s) => s.write(buf).await,
+        }
+    }
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.writev(buf).await,
+            Conn::Tls(s) => s.writev(buf).await,
+        }
+    }
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush().await,
+            Conn::Tls(s) => s.flush().await,
+        }
+    }
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// The TLS client configuration, built once from the arguments.
+static TLS: std::sync::OnceLock<Option<monoio_rustls::TlsConnector>> = std::sync::OnceLock::new();
+
+fn tls_connector(args: &Args) -> Result<Option<monoio_rustls::TlsConnector>, String> {
+    if !args.tls {
+        return Ok(None);
+    }
+    use rustls::pki_types::pem::PemObject;
+    let path = args.tls_ca.as_ref().ok_or("--tls needs --tls-ca FILE")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !args.tls_resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    if args.ws {
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(Some(monoio_rustls::TlsConnector::from(cfg)))
+}
+
+async fn connect(args: &Args) -> std::io::Result<Conn> {
+    let tcp = monoio::net::TcpStream::connect_addr(args.target).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut s = match TLS.get().and_then(|t| t.as_ref()) {
+        None => Conn::Plain(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(args.tls_sni.clone())
+                .map_err(|e| std::io::Error::other(format!("--tls-sni: {e}")))?;
+            Conn::Tls(Box::new(tls.connect(name, tcp).await.map_err(std::io::Error::other)?))
+        }
+    };
     if args.ws {
         let req = format!(
             "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -250,7 +352,7 @@ async fn connect(args: &Args) -> std::io::Result<monoio::net::TcpStream> {
 }
 
 /// Connects, or reports and counts the failure.
-async fn connect_or_count(args: &Args, shared: &Shared, r: &mut Outcome, id: i64) -> Option<monoio::net::TcpStream> {
+async fn connect_or_count(args: &Args, shared: &Shared, r: &mut Outcome, id: i64) -> Option<Conn> {
     match connect(args).await {
         Ok(s) => Some(s),
         Err(e) => {
@@ -490,6 +592,15 @@ fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>)
 
 fn main() {
     let args = Arc::new(Args::parse());
+    match tls_connector(&args) {
+        Ok(t) => {
+            let _ = TLS.set(t);
+        }
+        Err(e) => {
+            eprintln!("gw-load: {e}");
+            std::process::exit(2);
+        }
+    }
     let shared = Arc::new(Shared {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -551,7 +662,12 @@ fn main() {
         "{}: {kind} mode={:?}{} sessions={} inflight={} rate={} payload={} => {:.0} msgs/s {:.0} sessions/s  p50={}us p90={}us p99={}us p99.9={}us max={}us  replies={} missing={} errors={}",
         args.label,
         args.mode,
-        if args.ws { "+ws" } else { "" },
+        match (args.ws, args.tls) {
+            (true, true) => "+wss",
+            (true, false) => "+ws",
+            (false, true) => "+tls",
+            (false, false) => "",
+        },
         args.sessions,
         args.inflight,
         args.rate,
@@ -571,7 +687,7 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({
-                "label": args.label, "kind": kind, "mode": format!("{:?}", args.mode).to_lowercase(), "ws": args.ws,
+                "label": args.label, "kind": kind, "mode": format!("{:?}", args.mode).to_lowercase(), "ws": args.ws, "tls": args.tls,
                 "sessions": args.sessions, "inflight": args.inflight, "rate": args.rate, "payload": args.payload,
                 "seconds": elapsed, "msgs_per_sec": rate, "sessions_per_sec": churn_rate,
                 "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": h.max(),

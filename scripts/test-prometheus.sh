@@ -39,7 +39,7 @@ done
 MUST_FIRE=(GameGatewayHighErrorRate GameGatewayCircuitBreakerOpen GameGatewayRedisUnreachable GameGatewayConfigRefreshFailure)
 MUST_NOT_FIRE=(GameGatewayDown GameGatewayAbsent GameGatewayWorkerUnresponsive GameGatewayHighConnectionCount
   GameGatewayAccessLogDropped GameGatewayConfigReloadRejected GameGatewayRouteSnapshotRejected
-  GameGatewayDrainNotFinishing GameGatewayTlsCertificateExpiring)
+  GameGatewayRoutePropagationSlow GameGatewayDrainNotFinishing GameGatewayTlsCertificateExpiring)
 
 apt_need=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || apt_need+=(prometheus)

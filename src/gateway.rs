@@ -345,6 +345,11 @@ impl Gateway {
         self.workers.iter().map(|w| w.info.clone()).collect()
     }
 
+    /// How many workers run.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
     pub fn handle(&self) -> GatewayHandle {
         GatewayHandle { txs: self.workers.iter().map(|w| w.tx.clone()).collect(), infos: self.workers() }
     }

@@ -311,8 +311,10 @@ pub enum ControlEvent {
     Announce(crate::shard::Announcement),
     /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
-    /// A message on a Redis notify channel (or a fresh subscription).
-    RedisNotify,
+    /// A message on a Redis notify channel (or a fresh subscription),
+    /// received `at` (by the subscriber thread: the start of the route
+    /// change's propagation, `game_gateway_route_propagation_seconds`).
+    RedisNotify { at: std::time::Instant },
     /// The admin's `POST /drain` (same as SIGTERM).
     Drain,
     /// A Consul watcher's answer for `service`, or why its query failed.

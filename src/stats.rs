@@ -161,7 +161,18 @@ pub struct WorkerStats {
     /// Access-log records dropped because the writer could not keep up.
     pub access_log_dropped: u64,
     pub backends: AHashMap<Arc<str>, BackendStats>,
+    /// The route snapshot this worker serves (merged: the lowest).
     pub route_version: u64,
+    /// When this worker applied it, microseconds since the Unix epoch (0:
+    /// the snapshot it started with). Merged: the latest.
+    pub route_applied_unix_us: u64,
+    /// From its cause reaching the control side (a Redis notify, a refresh,
+    /// a reload) to this worker serving it. Merged: the longest.
+    pub route_apply_delay_us: u64,
+    /// Per snapshot, from its cause reaching the control side to the last
+    /// worker serving it: recorded by that last worker, so the merged
+    /// histogram counts each snapshot once.
+    pub route_propagation: LatencyHistogram,
     /// Client frames by message class and outcome (`[[message_policy]]`).
     pub message_policy: AHashMap<(Arc<str>, &'static str), u64>,
     /// Announcements delivered to sessions (client frames queued).
@@ -195,6 +206,9 @@ impl Default for WorkerStats {
             access_log_dropped: 0,
             backends: AHashMap::new(),
             route_version: 0,
+            route_applied_unix_us: 0,
+            route_apply_delay_us: 0,
+            route_propagation: LatencyHistogram::default(),
             message_policy: AHashMap::new(),
             announcements_delivered: 0,
             spans_dropped: 0,
@@ -248,6 +262,9 @@ impl WorkerStats {
             self.backend(k).merge(v);
         }
         self.route_version = self.route_version.min(o.route_version);
+        self.route_applied_unix_us = self.route_applied_unix_us.max(o.route_applied_unix_us);
+        self.route_apply_delay_us = self.route_apply_delay_us.max(o.route_apply_delay_us);
+        self.route_propagation.merge(&o.route_propagation);
         add_map(&mut self.message_policy, &o.message_policy);
         self.announcements_delivered += o.announcements_delivered;
         self.spans_dropped += o.spans_dropped;

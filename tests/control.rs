@@ -101,9 +101,8 @@ fn redis_killed_while_traffic_flows_then_restarted_with_new_rules() {
     redis.restart();
     redis.set_rules(&rules_json(10, "round_robin", &[c.addr()]));
     wait_lands(gw.addr, 10, 1, &[&a, &b, &c], 2, Duration::from_secs(8));
-    // A reply still in flight from the old backend when a worker applies the
-    // new snapshot is dropped (the session is no longer bound there), so let
-    // every worker switch before the live sessions talk again.
+    // Let every worker switch before the live sessions talk again (a reply
+    // in flight from the old backend would still reach them within 1 s).
     all_workers_on_latest(gw.admin);
     for cl in live.iter_mut() {
         cl.echo(9, sid(1, 10, 0), b"after");
@@ -245,4 +244,61 @@ fn snapshot_reaches_every_worker() {
     for _ in 0..8 {
         assert_eq!(lands_on(gw.addr, 10, 1, &[&a, &b]), Some(1));
     }
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn route_propagation_is_measured_per_snapshot_and_per_worker() {
+    let redis = RedisServer::start();
+    let (a, b) = (mock(), mock());
+    let gw = GatewayProcess::spawn(&redis_config(&redis, 2, "60s", &route(10, 0, "round_robin", &[a.addr()], "")), &[]);
+    eventually("ready", || http_get(gw.admin, "/ready").0 == 200);
+    let status = || -> serde_json::Value { serde_json::from_str(&http_get(gw.admin, "/status").1).unwrap() };
+    let count = "game_gateway_route_propagation_seconds_count";
+    // Redis holds no rules yet: the static snapshot (version 1) serves,
+    // and nothing propagated yet (the family exists at zero).
+    let v0 = status()["routes"]["version"].as_u64().unwrap();
+    assert_eq!(v0, 1);
+    assert_eq!(metric_value(&http_get(gw.admin, "/metrics").1, count), Some(0.0));
+    let mut applied_before = [0u64; 2];
+    for i in 1..=3u64 {
+        let to = if i % 2 == 1 { b.addr() } else { a.addr() };
+        redis.set_rules(&rules_json(10, "round_robin", &[to]));
+        let published = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        redis.publish_rules();
+        let want = v0 + i;
+        let mut workers = vec![];
+        eventually("every worker serves the new snapshot", || {
+            let s = status();
+            workers = s["workers"].as_array().unwrap().clone();
+            s["routes"]["version"].as_u64() == Some(want)
+                && workers.iter().all(|w| w["route_version"].as_u64() == Some(want))
+        });
+        assert_eq!(workers.len(), 2);
+        for (w, before) in workers.iter().zip(applied_before.iter_mut()) {
+            // Each worker says when it applied the snapshot (after the
+            // PUBLISH: the clock is the same machine's) and how long after
+            // the notify reached the gateway.
+            let at = w["route_applied_at_unix_us"].as_u64().unwrap();
+            let delay = w["route_apply_delay_ms"].as_f64().unwrap();
+            assert!(at > *before && at as u128 >= published.as_micros(), "{w}");
+            assert!(delay > 0.0 && delay < 1000.0, "{w}");
+            *before = at;
+        }
+        // One observation per snapshot, once the last worker applied it.
+        eventually("the propagation histogram counts the snapshot", || {
+            metric_value(&http_get(gw.admin, "/metrics").1, count) == Some(i as f64)
+        });
+    }
+    let m = http_get(gw.admin, "/metrics").1;
+    assert_eq!(metric_value(&m, "game_gateway_route_snapshot_version"), Some((v0 + 3) as f64));
+    // Every one of them well under a second (the worker tick is 20 ms).
+    assert_eq!(metric_value(&m, "game_gateway_route_propagation_seconds_bucket{le=\"1\"}"), Some(3.0), "{m}");
+    let sum = metric_value(&m, "game_gateway_route_propagation_seconds_sum").unwrap();
+    assert!(sum > 0.0 && sum < 3.0, "{sum}");
+    // And traffic follows the last snapshot (to b).
+    assert_eq!(lands_on(gw.addr, 10, 1, &[&a, &b]), Some(1));
 }

@@ -430,7 +430,7 @@ fn trace_propagation_sends_the_session_trace_id_in_the_extended_header() {
 fn new_snapshot_rebinds_sessions_off_unlisted_backends_and_retires_the_connection() {
     use game_gateway::config::Config;
     use game_gateway::routing::RouteTable;
-    use game_gateway::worker::WorkerCommand;
+    use game_gateway::worker::{RouteUpdate, WorkerCommand};
     use std::sync::Arc;
     let (a, b) = (mock(), mock());
     let gw = start(2, "", &route(10, 0, "round_robin", &[a.addr()], ""));
@@ -439,10 +439,23 @@ fn new_snapshot_rebinds_sessions_off_unlisted_backends_and_retires_the_connectio
     let s = session_of(&a, c.local());
     let cfg = Config::from_str(&config_text(2, "", &route(10, 0, "round_robin", &[b.addr()], "")), "new.toml").unwrap();
     let table = Arc::new(RouteTable::new(2, cfg.routes.clone(), vec![]));
-    gw.broadcast(move || WorkerCommand::Routes(table.clone()));
+    let sent = std::time::Instant::now();
+    let update = RouteUpdate::new(table, sent, gw.worker_count());
+    gw.broadcast(move || WorkerCommand::Routes(update.clone()));
     assert_eq!(next_disconnect(&a), (s, 8));
     c.echo(2, sid(1, 10, 0), b"on b");
     assert_eq!(session_of(&b, c.local()), s, "same session, rebound with a new CONNECT");
     eventually("the connection to the unlisted backend is closed", || a.connections() == 0);
     eventually("all workers on version 2", || gw.stats().route_version == 2);
+    // Propagation: one observation for the snapshot (by the last worker to
+    // apply it), no longer than it took to see it everywhere; each worker
+    // says when it applied it and after how long.
+    let bound = sent.elapsed();
+    let s = gw.stats();
+    assert_eq!(s.route_propagation.count, 1, "one observation per snapshot, not per worker");
+    assert!(s.route_propagation.sum_ns <= bound.as_nanos(), "{} ns > {bound:?}", s.route_propagation.sum_ns);
+    for w in gw.handle().worker_stats().into_iter().map(Option::unwrap) {
+        assert!(w.route_applied_unix_us > 0 && w.route_apply_delay_us as u128 <= bound.as_micros(), "{w:?}");
+        assert!(w.route_apply_delay_us as u128 * 1000 <= s.route_propagation.sum_ns, "no worker after the last");
+    }
 }

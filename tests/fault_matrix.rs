@@ -751,7 +751,8 @@ fn redis_bad_data() {
 /// Static routes flipped between two backends (each 20 ms away each way)
 /// by config reload (SIGHUP) every 400 ms under load. Sessions move
 /// (DISCONNECT reason 8, rebind on the next frame); a reply still in flight
-/// from the old backend may be dropped, but must be counted.
+/// from the old backend is delivered (within 1 s of the release; later it
+/// would be dropped, and counted).
 #[test]
 fn route_change_under_load() {
     let (a, b) = (LedgerBackend::start("127.0.0.1:0"), LedgerBackend::start("127.0.0.1:0"));

@@ -182,3 +182,45 @@ fn certificates_reload_live_on_file_change_while_a_session_stays_up() {
     });
     tls_echo(&mut old, b"the old session is still up");
 }
+
+/// Session resumption (tickets) on TLS 1.3 and TLS 1.2, and ALPN: a client
+/// that keeps its session cache resumes on its next connection; one that
+/// offers `http/1.1` gets it.
+#[test]
+fn sessions_resume_with_tickets_on_tls13_and_tls12_and_alpn_picks_http11() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("required", &[a]), &mb), &[]);
+    let versions: [(&str, &[&rustls::SupportedProtocolVersion]); 2] =
+        [("TLS 1.3", &[&rustls::version::TLS13]), ("TLS 1.2", &[&rustls::version::TLS12])];
+    for (name, version) in versions {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.der().clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(version)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        let kinds: Vec<_> = (0..3)
+            .map(|_| {
+                let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::try_from("a.game.test").unwrap())
+                    .unwrap();
+                let s = TcpStream::connect(gw.addr).unwrap();
+                s.set_read_timeout(Some(T)).unwrap();
+                let mut t = rustls::StreamOwned::new(conn, s);
+                // The echo also reads the TLS 1.3 tickets sent after the handshake.
+                tls_echo(&mut t, name.as_bytes());
+                assert_eq!(t.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "{name}: ALPN");
+                t.conn.send_close_notify();
+                let _ = t.conn.complete_io(&mut t.sock);
+                t.conn.handshake_kind()
+            })
+            .collect();
+        assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full), "{name}: first connection");
+        assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed), "{name}: second connection resumes");
+        assert_eq!(kinds[2], Some(rustls::HandshakeKind::Resumed), "{name}: third connection resumes");
+    }
+}

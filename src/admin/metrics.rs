@@ -54,6 +54,7 @@ pub(crate) const MAX_CONNECTIONS_EFFECTIVE: &str = "game_gateway_max_connections
 pub(crate) const FORWARD_LATENCY_SECONDS: &str = "game_gateway_forward_latency_seconds";
 pub(crate) const BACKEND_RTT_SECONDS: &str = "game_gateway_backend_rtt_seconds";
 pub(crate) const ROUTE_SNAPSHOT_VERSION: &str = "game_gateway_route_snapshot_version";
+pub(crate) const ROUTE_PROPAGATION_SECONDS: &str = "game_gateway_route_propagation_seconds";
 pub(crate) const WORKER_INFO: &str = "game_gateway_worker_info";
 pub(crate) const FRAMES_DROPPED_TOTAL: &str = "game_gateway_frames_dropped_total";
 pub(crate) const SESSIONS_CLOSED_TOTAL: &str = "game_gateway_sessions_closed_total";
@@ -457,6 +458,13 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(ROUTE_SNAPSHOT_VERSION, "Routing snapshot version (lowest over workers).", GAUGE)
             .value(&[], s.route_version as f64)
             .0,
+        Family::new(
+            ROUTE_PROPAGATION_SECONDS,
+            "Per route snapshot: from its cause reaching the control side (Redis notify, refresh, reload) to the last worker serving it.",
+            HISTOGRAM,
+        )
+        .histogram(&[], &s.route_propagation)
+        .0,
         info.0,
         Family::new(WORKERS_RESPONSIVE, "Workers that answered this scrape.", GAUGE).value(&[], responsive as f64).0,
         {

@@ -588,6 +588,8 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                             "frames_received": b.frames_received,
                         }))).collect::<serde_json::Map<_, _>>()),
                         "route_version": s.as_ref().map(|s| s.route_version),
+                        "route_applied_at_unix_us": s.as_ref().map(|s| s.route_applied_unix_us).filter(|t| *t != 0),
+                        "route_apply_delay_ms": s.as_ref().filter(|s| s.route_applied_unix_us != 0).map(|s| s.route_apply_delay_us as f64 / 1e3),
                     })
                 })
                 .collect();

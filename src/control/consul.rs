@@ -442,6 +442,7 @@ impl Control {
     /// A watcher's report: keep the answer (a failure keeps the last good
     /// one), update `/status`, republish.
     pub(super) fn on_discovery(&mut self, service: String, result: Result<DiscoveryAnswer, String>) {
+        let origin = std::time::Instant::now();
         let Some(d) = self.consul.as_mut() else { return };
         let stats = self.stats.clone();
         let changed = match result {
@@ -492,7 +493,7 @@ impl Control {
         let all_up = d.all_reported() && d.up.values().all(|u| *u);
         stats.consul_state.store(if all_up { RedisState::Up } else { RedisState::Down });
         if changed {
-            self.publish("consul");
+            self.publish("consul", origin);
         }
     }
 }

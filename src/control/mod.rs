@@ -49,7 +49,7 @@ use crate::config::{Config, Environment};
 use crate::gateway::Gateway;
 use crate::routing::RouteTable;
 use crate::state::{ControlEvent, ControlSender, ControlStats, ErrorSource, RedisState, RouteLabels, RouteSource};
-use crate::worker::WorkerCommand;
+use crate::worker::{RouteUpdate, WorkerCommand};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -207,12 +207,12 @@ impl Control {
                 self::redis::spawn_subscriber(
                     rc,
                     tx.clone(),
-                    || ControlEvent::RedisNotify,
+                    || ControlEvent::RedisNotify { at: Instant::now() },
                     |json| match crate::state::parse_announcement(&json) {
                         Ok(a) => ControlEvent::Announce(a),
                         Err(e) => {
                             tracing::warn!(error = %e, "redis broadcast message refused");
-                            ControlEvent::RedisNotify
+                            ControlEvent::RedisNotify { at: Instant::now() }
                         }
                     },
                     stop_sub.clone(),
@@ -271,7 +271,7 @@ impl Control {
         c.stats.config_loaded_at.store(unix_now(), Ordering::Relaxed);
         *c.stats.route_source.lock().unwrap() = RouteSource::Static;
         if c.redis.is_some() {
-            c.fetch_redis();
+            c.fetch_redis(Instant::now());
         }
         // Ready once the routes are loaded: Redis was read (or found down)
         // above; every Consul service answered or failed once, or
@@ -311,7 +311,7 @@ impl Control {
                     c.stop("admin drain call");
                     return Ok(());
                 }
-                Ok(ControlEvent::RedisNotify) => c.fetch_redis(),
+                Ok(ControlEvent::RedisNotify { at }) => c.fetch_redis(at),
                 Ok(ControlEvent::Announce(a)) => {
                     tracing::info!(msg_id = a.msg_id, bytes = a.payload.len(), "announcement from redis");
                     let a = Arc::new(a);
@@ -349,7 +349,7 @@ impl Control {
                 }
             }
             if c.redis.is_some() && now >= c.next_fetch {
-                c.fetch_redis();
+                c.fetch_redis(now);
             }
             if c.next_lookup().is_some_and(|due| now >= due) {
                 c.last_lookup = now;
@@ -379,8 +379,9 @@ impl Control {
         tracing::info!("stopped");
     }
 
-    /// Reads Redis; keeps the last good data on any failure.
-    fn fetch_redis(&mut self) {
+    /// Reads Redis; keeps the last good data on any failure. `origin`: when
+    /// the cause of the read (a notify, the refresh timer) reached us.
+    fn fetch_redis(&mut self, origin: Instant) {
         let Some(src) = self.redis.as_mut() else {
             return;
         };
@@ -428,7 +429,7 @@ impl Control {
                     }
                 }
                 self.redis_set = Some(set);
-                self.publish("redis");
+                self.publish("redis", origin);
             }
             Err(FetchError::Invalid(reasons)) => {
                 // Reachable but bad data: reject whole, keep the last good.
@@ -520,6 +521,7 @@ impl Control {
     /// Takes a batch of lookups in; republishes when an address changed or a
     /// waiting name resolved.
     fn on_resolved(&mut self, results: crate::state::Lookups) {
+        let origin = Instant::now();
         let r = self.names.apply(results);
         for (name, old, new) in &r.changed {
             tracing::info!(endpoint = %name, old = %old, new = %new, "endpoint address changed");
@@ -542,7 +544,7 @@ impl Control {
         }
         self.stats.address_changes.fetch_add(r.changed.len() as u64, Ordering::Relaxed);
         if r.routes_changed() {
-            self.publish("name lookup");
+            self.publish("name lookup", origin);
         }
     }
 
@@ -566,7 +568,9 @@ impl Control {
     }
 
     /// Publishes static + last good Redis routes (+ Consul) when they changed.
-    fn publish(&mut self, why: &str) {
+    /// `origin`: when the change reached the control side; each worker
+    /// measures from there to the moment it serves the snapshot.
+    fn publish(&mut self, why: &str, origin: Instant) {
         // What the running config makes known to the metrics.
         *self.stats.policy_classes.lock().unwrap() =
             self.running.policy.classes.iter().map(|c| c.name.clone()).collect();
@@ -592,7 +596,8 @@ impl Control {
         let from_redis = self.redis_set.as_ref().is_some_and(|s| !s.rules.is_empty() || !s.realms.is_empty());
         *self.stats.route_source.lock().unwrap() =
             RouteSource::of(from_redis, self.consul.as_ref().is_some_and(|d| d.has_answers()));
-        self.gw.broadcast(move || WorkerCommand::Routes(table.clone()));
+        let update = RouteUpdate::new(table, origin, self.gw.worker_count());
+        self.gw.broadcast(move || WorkerCommand::Routes(update.clone()));
     }
 }
 

@@ -57,6 +57,7 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 impl Control {
     /// Re-reads the config file; rejects it whole when invalid.
     pub(super) fn reload(&mut self) {
+        let origin = std::time::Instant::now();
         let stats = self.stats.clone();
         match Config::load(&self.path, &self.env) {
             Err(errs) => {
@@ -111,7 +112,7 @@ impl Control {
                 if stats.clear_error(ErrorSource::Config, unix_now()) {
                     tracing::info!("config reloaded: the last config error is cleared");
                 }
-                self.publish("config reload");
+                self.publish("config reload", origin);
             }
         }
     }

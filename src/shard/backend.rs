@@ -40,6 +40,10 @@ pub(crate) const RETIRE_DRAIN_MAX: Duration = Duration::from_secs(5);
 /// replies in flight from the backend are handled (delivered to sessions
 /// still bound, or dropped and counted as `unbound_session`).
 pub(crate) const RETIRE_READ_GRACE: Duration = Duration::from_secs(1);
+/// After a route change released a session from a stream, how long the
+/// backend's replies to it are still delivered: they answer frames it was
+/// sent before the release (and before the `DISCONNECT` queued behind them).
+pub(crate) const RELEASED_REPLY_GRACE: Duration = Duration::from_secs(1);
 /// Frames handled per backend read before yielding to other tasks, so one
 /// busy backend cannot starve the core's other connections.
 pub(crate) const MAX_FRAMES_PER_READ: usize = 4096;
@@ -154,6 +158,10 @@ struct BackendConn {
     held: Vec<SessionId>,
     /// Retiring: its queue is written; it is closed after reading until then.
     retire_read_until: Option<Instant>,
+    /// Sessions a route change released from this stream, and when: replies
+    /// (`TRANS`, gRPC data) to them are still delivered for
+    /// [`RELEASED_REPLY_GRACE`]; nothing else from the backend reaches them.
+    released: AHashMap<SessionId, Instant>,
 }
 
 impl BackendConn {
@@ -347,6 +355,7 @@ impl Backends {
             paused: Vec::new(),
             held: Vec::new(),
             retire_read_until: None,
+            released: AHashMap::new(),
         };
         match self.free.pop() {
             Some(i) => {
@@ -486,6 +495,25 @@ impl Backends {
                 self.enqueue(ctx, id, generation, now, |out| grpc::encode_disconnect(out, session, reason.as_str()));
             }
             BackendProtocol::SeedTcp => {}
+        }
+    }
+
+    /// A route change released `session` from stream `id`: the backend's
+    /// replies to the frames it was sent before are still delivered for
+    /// [`RELEASED_REPLY_GRACE`] (not on seed_tcp: the connection goes back to
+    /// the idle pool and may serve another session at once).
+    pub(super) fn released(&mut self, id: ConnId, generation: u64, session: SessionId, now: Instant) {
+        if let Some(c) = self.current(id, generation).filter(|c| c.protocol != BackendProtocol::SeedTcp) {
+            c.released.insert(session, now);
+        }
+    }
+
+    /// Forgets released sessions past [`RELEASED_REPLY_GRACE`].
+    pub(super) fn expire_released(&mut self, now: Instant) {
+        for c in self.conns.iter_mut().flatten() {
+            if !c.released.is_empty() {
+                c.released.retain(|_, at| now.saturating_duration_since(*at) < RELEASED_REPLY_GRACE);
+            }
         }
     }
 
@@ -865,7 +893,37 @@ fn bound_session<'a>(
     sid: SessionId,
     now: Instant,
 ) -> Option<&'a mut Session> {
-    let bound = backends.conn(id).is_some_and(|c| c.sessions.contains(&sid));
+    session_for(ctx, backends, sessions, id, sid, now, false)
+}
+
+/// The session a reply from connection `id` is for: bound to it, or
+/// released from it by a route change less than [`RELEASED_REPLY_GRACE`]
+/// ago (the reply answers a frame sent before the release); otherwise
+/// counts the drop.
+fn reply_session<'a>(
+    ctx: &mut Ctx,
+    backends: &Backends,
+    sessions: &'a mut SessionTable,
+    id: ConnId,
+    sid: SessionId,
+    now: Instant,
+) -> Option<&'a mut Session> {
+    session_for(ctx, backends, sessions, id, sid, now, true)
+}
+
+fn session_for<'a>(
+    ctx: &mut Ctx,
+    backends: &Backends,
+    sessions: &'a mut SessionTable,
+    id: ConnId,
+    sid: SessionId,
+    now: Instant,
+    reply: bool,
+) -> Option<&'a mut Session> {
+    let bound = backends.conn(id).is_some_and(|c| {
+        c.sessions.contains(&sid)
+            || reply && c.released.get(&sid).is_some_and(|at| now.saturating_duration_since(*at) < RELEASED_REPLY_GRACE)
+    });
     if bound {
         if let Some(s) = sessions.by_id_mut(sid) {
             return Some(s);
@@ -1271,13 +1329,16 @@ impl Shard {
                 }
             }
             ServerPacket::Data => {
-                let targets: &[i64] = if p.target_session_ids.is_empty() {
-                    std::slice::from_ref(&p.session_id)
+                // A reply to one session may follow it past a route change
+                // (see `reply_session`); a fan-out reaches bound sessions only.
+                let (targets, reply): (&[i64], bool) = if p.target_session_ids.is_empty() {
+                    (std::slice::from_ref(&p.session_id), true)
                 } else {
-                    &p.target_session_ids
+                    (&p.target_session_ids, false)
                 };
                 for &sid in targets {
-                    if let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now) {
+                    if let Some(s) = session_for(&mut self.ctx, &self.backends, &mut self.sessions, id, sid, now, reply)
+                    {
                         let st = s.info.first_server_type.unwrap_or(0) as usize;
                         if s.deliver(&mut self.ctx, p.msg_id as u16, 0, &p.payload, max_queued, now) {
                             self.ctx.stats.messages_out[st] += 1;
@@ -1298,7 +1359,7 @@ impl Shard {
         match body {
             Body::Trans { payload, .. } => {
                 let max_queued = self.ctx.cfg.limits.max_queued_bytes_per_session;
-                let Some(s) = bound_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
+                let Some(s) = reply_session(&mut self.ctx, &self.backends, &mut self.sessions, id, h.session_id, now)
                 else {
                     return;
                 };

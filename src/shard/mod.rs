@@ -39,7 +39,7 @@ mod tests;
 
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 use session::Mode;
-pub(crate) use session::{ClientOut, Flow, HalfClose};
+pub(crate) use session::{ClientOut, ClientWrite, Flow, HalfClose};
 
 use crate::config::Config;
 use crate::protocol::backend::DisconnectReason;
@@ -371,6 +371,15 @@ pub(crate) struct Ctx {
     /// client address and the node's connection cap (touched at accept and
     /// close only).
     admission: Arc<crate::limits::SharedAdmission>,
+    /// This worker's own copies of the message class names (the counters'
+    /// keys), the last one "unclassified": counting a frame touches no
+    /// reference count another core shares.
+    policy_names: Vec<Arc<str>>,
+}
+
+/// Fresh copies of the message class names, then "unclassified".
+fn policy_names(cfg: &Config) -> Vec<Arc<str>> {
+    cfg.policy.classes.iter().map(|c| Arc::from(&*c.name)).chain([Arc::from("unclassified")]).collect()
 }
 
 impl Ctx {
@@ -435,6 +444,7 @@ pub(crate) struct ShardSetup {
 impl Shard {
     pub(crate) fn new(setup: ShardSetup) -> Shard {
         let ShardSetup { index, cfg, routes, admission, seed } = setup;
+        let names = policy_names(&cfg);
         let stats = WorkerStats { worker: index, workers: 1, route_version: routes.version, ..Default::default() };
         Shard {
             ids: SessionIdGen::new(cfg.server.node_id, index),
@@ -449,6 +459,7 @@ impl Shard {
                 actions: Vec::new(),
                 held_bytes: 0,
                 spans: Vec::new(),
+                policy_names: names,
                 admission,
             },
             sessions: SessionTable::default(),
@@ -488,11 +499,25 @@ impl Shard {
         self.backends.retire_unlisted(&mut self.ctx, now);
     }
 
+    /// The snapshot just applied reached this worker `delay` after its cause
+    /// reached the control side, at `at` (since the Unix epoch); `last`: this
+    /// worker was the last to apply it, so every worker serves it now and
+    /// `delay` is the snapshot's propagation time.
+    pub(crate) fn routes_propagated(&mut self, delay: Duration, at: Duration, last: bool) {
+        let s = &mut self.ctx.stats;
+        s.route_apply_delay_us = delay.as_micros().min(u64::MAX as u128) as u64;
+        s.route_applied_unix_us = at.as_micros().min(u64::MAX as u128) as u64;
+        if last {
+            s.route_propagation.record(delay);
+        }
+    }
+
     /// A reloaded config: limits and timeouts apply from the next event, and
     /// breaker settings apply to the live pools too.
     pub(crate) fn apply_config(&mut self, cfg: Arc<Config>) {
         tracing::info!(worker = self.ctx.index, source = %cfg.source, "config applied");
         self.backends.reconfigure(&cfg.backend);
+        self.ctx.policy_names = policy_names(&cfg);
         self.ctx.cfg = cfg;
     }
 
@@ -515,6 +540,7 @@ impl Shard {
             self.flush_access_log();
         }
         self.backends.finish_retirements(&mut self.ctx, now);
+        self.backends.expire_released(now);
         self.hold_tick(now);
         self.paced_closes(now);
         if !self.ctx.spans.is_empty() {

@@ -171,10 +171,12 @@ enum Verdict {
 /// Checks one client frame against `[[message_policy]]` and `require_auth`,
 /// counting the outcome per class (`message_policy_total{policy, outcome}`).
 fn check_policy(ctx: &mut Ctx, s: &mut Session, h: cproto::ClientHeader, now: Instant) -> Verdict {
-    let cfg = ctx.cfg.clone();
+    // The shared config is borrowed, not cloned: no reference count that
+    // every core touches on every frame.
+    let cfg = &*ctx.cfg;
     let st = s.sticky.map_or(h.server_id.server_type(), |(st, _)| st);
     let class = cfg.policy.class(st, h.msg_id).map(|i| (i, &cfg.policy.classes[i]));
-    let name: std::sync::Arc<str> = class.map_or_else(|| std::sync::Arc::from("unclassified"), |(_, c)| c.name.clone());
+    let name_index = class.map_or(cfg.policy.classes.len(), |(i, _)| i);
     let close = class.is_some_and(|(_, c)| c.close);
     let violation = if cfg.limits.require_auth && !s.authenticated && !class.is_some_and(|(_, c)| c.before_auth) {
         Some("unauthenticated")
@@ -196,6 +198,7 @@ fn check_policy(ctx: &mut Ctx, s: &mut Session, h: cproto::ClientHeader, now: In
     } else {
         None
     };
+    let name = ctx.policy_names[name_index].clone();
     let outcome = violation.unwrap_or("forwarded");
     *ctx.stats.message_policy.entry((name, outcome)).or_default() += 1;
     match violation {
@@ -1075,6 +1078,8 @@ impl Shard {
                 ],
             });
         }
+        // Most sessions talk to one server type: no room for four.
+        s.bindings.reserve_exact(1);
         s.bindings.push(b);
         s.last_backend = Some(ep.name.clone());
         if rule.binding == BindingMode::Connection && s.sticky.is_none() {
@@ -1094,6 +1099,13 @@ impl Shard {
         }
     }
 
+    /// A write to a client completed: its frames' forward latency.
+    pub(crate) fn client_wrote(&mut self, write: ClientWrite, now: Instant) {
+        if let ClientWrite { frames, oldest: Some(t) } = write {
+            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        }
+    }
+
     /// The writer reports its last completed write (`done`), then takes
     /// everything queued for the client, swapped with its (empty) buffer so
     /// both allocations are reused.
@@ -1103,8 +1115,8 @@ impl Shard {
         buf: &mut BytesMut,
         done: Option<(ClientWrite, Instant)>,
     ) -> ClientOut {
-        if let Some((ClientWrite { frames, oldest: Some(t) }, now)) = done {
-            self.ctx.stats.forward_b2c.record_n(now.saturating_duration_since(t), frames.max(1));
+        if let Some((write, now)) = done {
+            self.client_wrote(write, now);
         }
         let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };
         if let Some(tls) = s.tls.as_mut() {
@@ -1256,6 +1268,8 @@ impl Shard {
             if !dup {
                 let notify = b.notify.then_some(DisconnectReason::RouteChanged);
                 backends.unbind(&mut self.ctx, b.conn, b.generation, id, notify, now);
+                // Its replies in flight still reach it.
+                backends.released(b.conn, b.generation, id, now);
             }
         }
     }

@@ -326,6 +326,22 @@ fn route_change_unbinds_with_reason_8_and_retires_the_old_connection() {
 }
 
 #[test]
+fn route_propagation_is_recorded_by_the_last_worker_only() {
+    let cfg = config("", "", &route(10, A, ""));
+    let mut h = Harness::new(cfg);
+    h.sh.apply_routes(table(&config("", "", &route(10, B, "")), 2), h.now);
+    // Not the last worker: its own delay and time, no observation.
+    h.sh.routes_propagated(Duration::from_millis(7), Duration::from_secs(1_700_000_000), false);
+    let s = h.sh.stats(h.now);
+    assert_eq!((s.route_apply_delay_us, s.route_applied_unix_us), (7_000, 1_700_000_000_000_000));
+    assert_eq!(s.route_propagation.count, 0);
+    // The last one: the snapshot's propagation time is observed.
+    h.sh.routes_propagated(Duration::from_millis(30), Duration::from_secs(1_700_000_001), true);
+    let s = h.sh.stats(h.now);
+    assert_eq!((s.route_propagation.count, s.route_propagation.sum_ns), (1, 30_000_000));
+}
+
+#[test]
 fn reload_applies_breaker_and_backoff_settings_to_live_pools() {
     let slow = "circuit_failure_threshold = 5\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"10ms\"";
     let mut h = Harness::new(config("", slow, &route(10, A, "on_backend_loss = \"rebind\"")));
@@ -587,6 +603,43 @@ fn route_change_unbinds_by_the_rule_of_the_binding_even_when_another_rule_lists_
     assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
     h.send(s, 10, b"y").unwrap();
     assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
+}
+
+#[test]
+fn replies_in_flight_when_a_route_change_releases_a_session_still_reach_it_for_a_second() {
+    // A stays listed (type 11), so its connection is not retired.
+    let mut h = Harness::new(config("", "", &(route(10, A, "") + &route(11, A, ""))));
+    let s = h.accept(1);
+    h.send(s, 10, b"x").unwrap();
+    h.backend_out(A);
+    let moved = config("", "", &(route(10, B, "") + &route(11, A, "")));
+    h.sh.apply_routes(table(&moved, 2), h.now);
+    h.pump();
+    assert_eq!(h.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::RouteChanged as u8)]);
+    // A answers "x" after the release (before it read the DISCONNECT): the
+    // reply is delivered, not dropped.
+    h.backend_send(A, trans(s.id, b"reply to x"));
+    assert_eq!(h.client_out(s), vec![(9, b"reply to x".to_vec())]);
+    assert_eq!(h.dropped("unbound_session"), 0);
+    // Only replies: a kick or a multicast from A no longer reaches it.
+    let mut kick = BytesMut::new();
+    bproto::encode_kick(&mut kick, 9, 0, s.id, b"bye");
+    h.backend_send(A, kick);
+    let mut m = BytesMut::new();
+    bproto::encode_multicast(&mut m, 9, 0, &[s.id], b"mc");
+    h.backend_send(A, m);
+    assert!(h.client_out(s).is_empty() && h.shutdowns().is_empty());
+    assert_eq!(h.dropped("unbound_session"), 2);
+    // Its next frame goes to B.
+    h.send(s, 10, b"y").unwrap();
+    assert_eq!(h.backend_out(B), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"y".to_vec())]);
+    // A second later, A reaches it no more.
+    h.now += Duration::from_millis(1001);
+    h.sh.tick(h.now, false, false);
+    h.pump();
+    h.backend_send(A, trans(s.id, b"too late"));
+    assert!(h.client_out(s).is_empty());
+    assert_eq!(h.dropped("unbound_session"), 3);
 }
 
 #[test]

@@ -1,35 +1,48 @@
-//! Client sockets: accept, and each session's reader and writer tasks.
+//! Client sockets: accept, each session's reader task, and its writes.
 //!
 //! The reader feeds bytes to the shard and ends the session when the socket
-//! ends or the shard says so; the writer writes whatever the shard queued for
-//! the session, one write per wake-up, and after the close writes the tail
-//! (last replies, a WebSocket close frame), half-closes and exits.
+//! ends or the shard says so. Reads are in readiness mode (monoio `poll-io`):
+//! the socket is polled for readiness and read into the worker's buffer, so
+//! an idle session holds no read buffer and no I/O operation owns memory of
+//! its own while it waits.
+//!
+//! Writes are made where the replies are produced: when the shard queues
+//! bytes for a session ([`Action::WakeClient`](crate::shard::Action)), the
+//! driver takes the queue and writes it at once, from the task that produced
+//! it (usually a backend reader, after a whole read's worth of replies is
+//! queued: one write per session per backend read). Only when the socket has
+//! no room does a writer task start for that session; it finishes the write,
+//! writes what was queued meanwhile, and ends. An idle session therefore has
+//! one task (its reader), not two.
 //!
 //! Ownership: the accept loop alone owns the listener and drops it when the
-//! drain begins. A session's socket is split between its reader (read half)
-//! and writer (write half); [`ClientIo::sock`] lets the shard's
-//! `ShutdownClient` actions reach it while either half is alive. The writer
-//! removes the session's [`ClientIo`] when it exits, which is always after
-//! the reader has reported the close.
+//! drain begins. A session's socket lives in its [`ClientIo`], shared by the
+//! reader, a writer task while one runs, and the worker's table; it is
+//! borrowed only inside a poll or a non-blocking write, never across a wait.
+//! The worker's table drops its handle when the session is closed and its
+//! tail written (or handed to a writer task).
 
-use super::sys::{HalfGuard, SocketShutdown};
 use super::Worker;
 use crate::notify::Notify;
-use crate::shard::{ClientOut, Flow, HalfClose, SessionKey};
-use bytes::BytesMut;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use crate::shard::{ClientOut, Flow, HalfClose, SessionKey, Shut};
+use bytes::{Buf, BytesMut};
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::{TcpListener, TcpStream};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Initial read buffer per session: a few small game frames.
+/// A session's own buffer grows by this much at a time (it holds only a
+/// frame not yet complete, or frames waiting for queue room).
 pub(crate) const READ_BUF_INITIAL: usize = 2048;
-/// Buffers grown past this (by a large frame) are released once empty, so an
-/// idle session never pins a 64 KiB buffer.
-pub(crate) const READ_BUF_KEEP_MAX: usize = 16 * 1024;
+/// The worker's read buffer: every session's reads land here first.
+pub(crate) const WORKER_READ_BUF: usize = 64 * 1024;
+/// A read is given at least this much room.
+const READ_MIN_FREE: usize = 512;
 /// Pause after an accept failed for lack of descriptors or memory, instead of
 /// spinning on the error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -38,15 +51,38 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 pub(crate) struct ClientIo {
     /// Which session holds the slot (slots are reused).
     pub(super) key: SessionKey,
-    /// Wakes the writer: bytes queued, or the session closed.
-    pub(super) wake: Notify,
-    pub(super) sock: Rc<SocketShutdown>,
-    /// Set by `Action::Closed`: what is left to write before the FIN.
-    pub(super) tail: RefCell<Option<BytesMut>>,
+    /// The socket (readiness mode).
+    stream: RefCell<TcpStreamPoll>,
+    /// A writer task is finishing a write the socket had no room for; what
+    /// is queued meanwhile is its to write.
+    writing: Cell<bool>,
+    /// Wakes the writer task: more queued, or the session closed.
+    wake: Notify,
+    /// Set by `Action::Closed` while a writer task runs: what is left to
+    /// write before the FIN.
+    tail: RefCell<Option<BytesMut>>,
     /// Wakes a reader paused by backpressure.
     pub(super) resume: Notify,
     /// Drain: half-close (FIN) once the queue is written.
-    pub(super) fin: std::cell::Cell<bool>,
+    pub(super) fin: Cell<bool>,
+    /// The FIN was sent: nothing more is written.
+    fin_sent: Cell<bool>,
+    /// A write failed: nothing more is written.
+    broken: Cell<bool>,
+}
+
+impl ClientIo {
+    /// Shuts down one or both directions (the shard's `ShutdownClient`);
+    /// wakes the reader. `Shut::Write` is a drain: the FIN follows the queue.
+    pub(super) fn shutdown(&self, how: Shut) {
+        let how = match how {
+            Shut::Read => std::net::Shutdown::Read,
+            Shut::Both => std::net::Shutdown::Both,
+            Shut::Write => return,
+        };
+        // ENOTCONN after the peer left needs no handling.
+        let _ = super::sys::shutdown(&*self.stream.borrow(), how);
+    }
 }
 
 pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
@@ -73,44 +109,104 @@ pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
 }
 
 fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let stream = match stream.try_into_poll_io() {
+        Ok(s) => s,
+        Err((e, _)) => {
+            // Counted with the accept errors; dropping closes it.
+            w.with_shard(|sh| sh.accept_failed(&e, Instant::now()));
+            return;
+        }
+    };
     let Ok(key) = w.with_shard(|sh| sh.accept(peer, Instant::now())) else {
         // Refused (counted and logged by the shard): dropping closes it.
         return;
     };
-    let _ = stream.set_nodelay(true);
     let io = Rc::new(ClientIo {
         key,
+        stream: RefCell::new(stream),
+        writing: Cell::new(false),
         wake: Notify::new(),
-        sock: SocketShutdown::new(&stream),
         tail: RefCell::new(None),
         resume: Notify::new(),
-        fin: std::cell::Cell::new(false),
+        fin: Cell::new(false),
+        fin_sent: Cell::new(false),
+        broken: Cell::new(false),
     });
     w.insert_client(io.clone());
-    let (rd, wr) = stream.into_split();
-    monoio::spawn(write_loop(w.clone(), io.clone(), wr));
-    monoio::spawn(read_loop(w.clone(), io, rd));
+    monoio::spawn(read_loop(w.clone(), io));
 }
 
-async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, io: Rc<ClientIo>, rd: R) {
-    let key = io.key;
-    let _half = HalfGuard(io.sock.clone());
-    let mut rd = rd;
-    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
-    loop {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(READ_BUF_INITIAL);
+/// Where a read lands: the session's own buffer, or the worker's.
+enum ReadInto<'a> {
+    Own(&'a mut BytesMut),
+    /// Borrowed inside each poll only: while this session waits, others
+    /// read into it too.
+    Worker(&'a RefCell<BytesMut>),
+}
+
+/// Waits until the socket has bytes (or its end), then reads what it has.
+/// The socket and the worker's buffer are borrowed only inside each poll,
+/// never across a wait.
+async fn read_into(sock: &RefCell<TcpStreamPoll>, mut into: ReadInto<'_>) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| match &mut into {
+        ReadInto::Own(buf) => poll_read_buf(sock, buf, READ_BUF_INITIAL, cx),
+        ReadInto::Worker(cell) => {
+            let mut buf = cell.borrow_mut();
+            debug_assert!(buf.is_empty(), "the worker's read buffer is emptied after every read");
+            poll_read_buf(sock, &mut buf, WORKER_READ_BUF, cx)
         }
-        // monoio reads at the start of the buffer it is given, so hand it
-        // the spare capacity only.
-        let (len, cap) = (buf.len(), buf.capacity());
-        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
-        buf = slice.into_inner();
+    })
+    .await
+}
+
+/// One readiness-mode read into `buf`'s spare capacity (grown by `grow`
+/// when less than a minimum is free).
+fn poll_read_buf(
+    sock: &RefCell<TcpStreamPoll>,
+    buf: &mut BytesMut,
+    grow: usize,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_MIN_FREE {
+        buf.reserve(grow);
+    }
+    let mut rb = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    match Pin::new(&mut *sock.borrow_mut()).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let n = rb.filled().len();
+            // SAFETY: `poll_read` filled (initialized) the first `n` bytes of
+            // the spare capacity `rb` was made from.
+            unsafe { buf.set_len(buf.len() + n) };
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+async fn read_loop(w: Rc<Worker>, io: Rc<ClientIo>) {
+    let key = io.key;
+    let sock = &io.stream;
+    // The session's own bytes: a frame not yet complete, or frames waiting
+    // for room in their backend queue. Empty (no allocation) most of the
+    // time; while it is, reads go to the worker's buffer.
+    let mut partial = BytesMut::new();
+    loop {
+        let own = !partial.is_empty();
+        // Into the worker's buffer when this session holds nothing: when
+        // the read completes nothing else has run, and what was read is
+        // processed below before this task waits again.
+        let into = if own { ReadInto::Own(&mut partial) } else { ReadInto::Worker(&w.read_buf) };
+        let res = read_into(sock, into).await;
         let n = match res {
             Ok(0) => {
                 // Half-close: a reply still on its way is delivered first.
                 while let HalfClose::Linger(wait) = w.with_shard(|sh| sh.client_eof(key, Instant::now())) {
-                    monoio::time::sleep(wait).await;
+                    // Boxed: monoio's timer future is 640 bytes with 128-byte
+                    // alignment, and held inline it would set the size of
+                    // every session's reader task for this rare path.
+                    Box::pin(monoio::time::sleep(wait)).await;
                 }
                 break;
             }
@@ -120,15 +216,28 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, io: Rc<ClientIo>, rd: R) {
                 break;
             }
         };
-        let mut read = n;
+        let flow = if own {
+            w.with_shard(|sh| sh.client_data(key, &mut partial, n, Instant::now()))
+        } else {
+            let mut wb = w.read_buf.borrow_mut();
+            let flow = w.with_shard(|sh| sh.client_data(key, &mut wb, n, Instant::now()));
+            // What the shard left (a partial frame, or frames waiting for
+            // queue room) is the session's own from here on.
+            if !wb.is_empty() {
+                partial.extend_from_slice(&wb);
+            }
+            wb.clear();
+            flow
+        };
+        let mut flow = flow;
         loop {
-            match w.with_shard(|sh| sh.client_data(key, &mut buf, read, Instant::now())) {
+            match flow {
                 Ok(Flow::Read) => break,
                 // Backpressure: read nothing more until the backend queue
                 // this session waits on has room.
                 Ok(Flow::Paused) => {
                     io.resume.notified().await;
-                    read = 0;
+                    flow = w.with_shard(|sh| sh.client_data(key, &mut partial, 0, Instant::now()));
                 }
                 Err(_) => {
                     w.with_shard(|sh| sh.client_closed(key, Instant::now()));
@@ -136,64 +245,167 @@ async fn read_loop<R: AsyncReadRent>(w: Rc<Worker>, io: Rc<ClientIo>, rd: R) {
                 }
             }
         }
-        if buf.is_empty() && buf.capacity() > READ_BUF_KEEP_MAX {
-            buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+        if partial.is_empty() && partial.capacity() > 0 {
+            // Idle again: give the memory back.
+            partial = BytesMut::new();
         }
     }
     w.with_shard(|sh| sh.client_closed(key, Instant::now()));
 }
 
-async fn write_loop<W: AsyncWriteRent>(w: Rc<Worker>, io: Rc<ClientIo>, wr: W) {
-    let key = io.key;
-    let _half = HalfGuard(io.sock.clone());
-    let mut wr = wr;
-    let mut buf = BytesMut::new();
-    let mut done = None;
-    let mut fin_sent = false;
-    loop {
-        let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, done.take()));
-        match out {
-            ClientOut::Write(write) => {
-                let (res, b) = wr.write_all(std::mem::take(&mut buf)).await;
-                if let Err(e) = res {
-                    w.with_shard(|sh| sh.client_write_failed(key, &e));
-                    // Wait for the reader to run the close, then exit.
-                    while io.tail.borrow().is_none() {
-                        io.wake.notified().await;
+/// What a write attempt made of the bytes it was given.
+enum Wrote {
+    All,
+    /// The socket had no room for the rest (a writer task finishes it).
+    Partly,
+    Failed(std::io::Error),
+}
+
+/// Writes as much of `buf` as the socket takes now, without waiting;
+/// advances `buf` past what was written.
+fn write_now(sock: &RefCell<TcpStreamPoll>, buf: &mut BytesMut) -> Wrote {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while !buf.is_empty() {
+        match Pin::new(&mut *sock.borrow_mut()).poll_write(&mut cx, buf) {
+            Poll::Ready(Ok(0)) => return Wrote::Failed(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => buf.advance(n),
+            Poll::Ready(Err(e)) => return Wrote::Failed(e),
+            // Full (or its readiness not yet known): a writer task polls it
+            // with a real waker, which replaces this no-op one.
+            Poll::Pending => return Wrote::Partly,
+        }
+    }
+    Wrote::All
+}
+
+/// Writes all of `buf`, waiting for room in the socket as needed.
+async fn write_all(sock: &RefCell<TcpStreamPoll>, buf: &mut BytesMut) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *sock.borrow_mut()).poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+    }
+    Ok(())
+}
+
+/// Half-closes the sending direction (FIN), once.
+fn send_fin(io: &ClientIo) {
+    if !io.fin_sent.replace(true) {
+        let _ = super::sys::shutdown(&*io.stream.borrow(), std::net::Shutdown::Write);
+    }
+}
+
+impl Worker {
+    /// The shard queued bytes for a session (or asked for the drain's FIN):
+    /// write them now, from this task; what the socket has no room for goes
+    /// to a writer task.
+    pub(super) fn flush_client(self: &Rc<Self>, io: &Rc<ClientIo>) {
+        if io.writing.get() {
+            io.wake.notify();
+            return;
+        }
+        if io.broken.get() || io.fin_sent.get() {
+            return;
+        }
+        loop {
+            // An empty buffer: the session's queue is swapped into it, and
+            // the session keeps no allocation while idle.
+            let mut buf = BytesMut::new();
+            match self.with_shard(|sh| sh.take_client_out(io.key, &mut buf, None)) {
+                ClientOut::Write(write) => match write_now(&io.stream, &mut buf) {
+                    Wrote::All => self.with_shard(|sh| sh.client_wrote(write, Instant::now())),
+                    Wrote::Partly => {
+                        io.writing.set(true);
+                        monoio::spawn(write_task(self.clone(), io.clone(), buf, Some(write)));
+                        return;
                     }
-                    w.remove_client(key);
+                    Wrote::Failed(e) => {
+                        io.broken.set(true);
+                        self.with_shard(|sh| sh.client_write_failed(io.key, &e));
+                        return;
+                    }
+                },
+                ClientOut::Empty => {
+                    if io.fin.get() {
+                        send_fin(io);
+                    }
                     return;
                 }
-                done = Some((write, Instant::now()));
-                buf = b;
-                buf.clear();
-                if buf.capacity() > READ_BUF_KEEP_MAX {
-                    buf = BytesMut::new();
-                }
+                // Closed: `Action::Closed` brings the tail.
+                ClientOut::Gone => return,
             }
+        }
+    }
+
+    /// The session is closed (`Action::Closed`): write its tail (last
+    /// replies, a WebSocket close frame), half-close, and drop the handle.
+    pub(super) fn close_client(self: &Rc<Self>, io: &Rc<ClientIo>, tail: BytesMut) {
+        if io.writing.get() {
+            // The writer task writes it after what it holds.
+            *io.tail.borrow_mut() = Some(tail);
+            io.wake.notify();
+            return;
+        }
+        let mut tail = tail;
+        if !io.broken.get() && !io.fin_sent.get() && !tail.is_empty() {
+            if let Wrote::Partly = write_now(&io.stream, &mut tail) {
+                io.writing.set(true);
+                *io.tail.borrow_mut() = Some(tail);
+                monoio::spawn(write_task(self.clone(), io.clone(), BytesMut::new(), None));
+                return;
+            }
+        }
+        send_fin(io);
+        self.remove_client(io.key);
+    }
+}
+
+/// Finishes a write the socket had no room for, writes what is queued
+/// meanwhile, and ends when the queue is empty (or, once the session is
+/// closed, after its tail).
+async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut buf: BytesMut, mut write: Option<crate::shard::ClientWrite>) {
+    let key = io.key;
+    loop {
+        if !buf.is_empty() {
+            if let Err(e) = write_all(&io.stream, &mut buf).await {
+                io.broken.set(true);
+                w.with_shard(|sh| sh.client_write_failed(key, &e));
+                break;
+            }
+            if let Some(write) = write.take() {
+                w.with_shard(|sh| sh.client_wrote(write, Instant::now()));
+            }
+        }
+        if io.tail.borrow().is_some() {
+            break;
+        }
+        buf = BytesMut::new();
+        match w.with_shard(|sh| sh.take_client_out(key, &mut buf, None)) {
+            ClientOut::Write(next) => write = Some(next),
             ClientOut::Empty => {
-                if io.fin.get() && !fin_sent {
-                    // Drain: everything queued is written; half-close.
-                    fin_sent = true;
-                    let _ = wr.shutdown().await;
-                    continue;
+                if io.fin.get() {
+                    send_fin(&io);
                 }
-                io.wake.notified().await
+                break;
             }
             ClientOut::Gone => {
-                let tail = io.tail.borrow_mut().take();
-                match tail {
-                    Some(tail) => {
-                        if !tail.is_empty() && !fin_sent {
-                            let _ = wr.write_all(tail).await;
-                        }
-                        break;
-                    }
-                    None => io.wake.notified().await,
+                // Closed: wait for the tail.
+                while io.tail.borrow().is_none() {
+                    io.wake.notified().await;
                 }
             }
         }
     }
-    w.remove_client(key);
-    let _ = wr.shutdown().await;
+    io.writing.set(false);
+    // Closed while writing: the tail, the FIN, and the handle go now.
+    let tail = io.tail.borrow_mut().take();
+    if let Some(mut tail) = tail {
+        if !io.broken.get() && !io.fin_sent.get() && !tail.is_empty() {
+            let _ = write_all(&io.stream, &mut tail).await;
+        }
+        send_fin(&io);
+        w.remove_client(key);
+    }
 }

@@ -59,3 +59,19 @@ impl Drop for HalfGuard {
         self.0.halves.set(self.0.halves.get().saturating_sub(1));
     }
 }
+
+/// shutdown(2) on a socket the caller holds: the reference proves the
+/// descriptor is open and this socket's.
+pub(crate) fn shutdown(sock: &impl AsRawFd, how: std::net::Shutdown) -> std::io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: `sock` is borrowed for the call, so its descriptor is open;
+    // shutdown(2) takes no pointers.
+    if unsafe { libc::shutdown(sock.as_raw_fd(), how) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

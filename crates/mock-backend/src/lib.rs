@@ -60,6 +60,9 @@ pub struct Options {
     pub no_echo: bool,
     /// Do not answer `PING` (a backend that only knows `TRANS`).
     pub no_pong: bool,
+    /// Append these bytes to every echoed `TRANS` payload, so that a client
+    /// can tell which backend answered (load runs with several backends).
+    pub tag: Option<&'static [u8]>,
 }
 
 struct Inner {
@@ -338,8 +341,13 @@ fn on_frame(inner: &Inner, conn: u64, h: &bproto::Header, body: Body<'_>, out: &
                     trace,
                 });
             }
-            if !inner.opts.no_echo {
-                bproto::encode_reply(out, h.msg_type, h.server_id, h.session_id, payload);
+            match (inner.opts.no_echo, inner.opts.tag) {
+                (true, _) => {}
+                (false, None) => bproto::encode_reply(out, h.msg_type, h.server_id, h.session_id, payload),
+                (false, Some(tag)) => {
+                    let tagged = [payload, tag].concat();
+                    bproto::encode_reply(out, h.msg_type, h.server_id, h.session_id, &tagged);
+                }
             }
         }
         Body::Ping if !inner.opts.no_pong => bproto::encode_ping(out, Opcode::Pong, h.object_id),

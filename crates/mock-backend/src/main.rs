@@ -20,11 +20,15 @@ struct Args {
     /// Expect the extended (trace) gate header on TRANS.
     #[arg(long)]
     trace: bool,
+    /// Append TEXT to every echoed TRANS payload (says which backend answered).
+    #[arg(long, value_name = "TEXT")]
+    tag: Option<String>,
 }
 
 fn main() {
     let a = Args::parse();
-    let mb = match MockBackend::start(&a.listen, Options { trace: a.trace, ..Default::default() }) {
+    let tag: Option<&'static [u8]> = a.tag.map(|t| &*Box::leak(t.into_bytes().into_boxed_slice()));
+    let mb = match MockBackend::start(&a.listen, Options { trace: a.trace, tag, ..Default::default() }) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("mock-backend: cannot listen on {}: {e}", a.listen);

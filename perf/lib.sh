@@ -1,0 +1,42 @@
+# Shared by perf/compare*.sh: CPU ticks and RSS of a process, and `run`,
+# which runs one gw-load and appends its JSON line (with the proxy's CPU per
+# message) to $RES. Expects BIN, SECS, WARM and RES to be set.
+
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+TCK=$(getconf CLK_TCK)
+
+# run LABEL TARGET PID(or -) gw-load-args...
+run() {
+  local label=$1 target=$2 pid=$3; shift 3
+  local before=0 after=0
+  [ "$pid" != - ] && before=$(ticks "$pid")
+  local out
+  out=$(taskset -c 1 $BIN/gw-load --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>/dev/null | tail -1) || true
+  [ "$pid" != - ] && after=$(ticks "$pid")
+  python3 - "$out" "$before" "$after" "$TCK" "$SECS" "$WARM" >>"$RES" <<'PY'
+import json, sys
+out, before, after, tck, secs, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+try:
+    r = json.loads(out)
+except Exception:
+    r = {"label": "?", "error": out}
+cpu_s = (after - before) / tck
+# CPU over the whole run (warm-up + measured + drain) divided by the
+# messages of the whole run, estimated from the measured rate.
+msgs = r.get("msgs_per_sec", 0) * (secs + warm)
+sess = r.get("sessions_per_sec", 0) * (secs + warm)
+r["proxy_cpu_s"] = cpu_s
+r["cpu_us_per_msg"] = (cpu_s * 1e6 / msgs) if msgs and after else None
+r["cpu_us_per_session"] = (cpu_s * 1e6 / sess) if sess and after else None
+print(json.dumps(r))
+PY
+  tail -1 "$RES" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+g = r.get
+print("%24s: %10.0f msgs/s %8.0f sess/s p50=%sus p99=%sus p99.9=%sus cpu/msg=%s errors=%s missing=%s" % (
+    g("label"), g("msgs_per_sec", 0), g("sessions_per_sec", 0), g("p50_us"), g("p99_us"), g("p999_us"),
+    g("cpu_us_per_msg"), g("errors"), g("missing")))'
+}
+
