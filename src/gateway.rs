@@ -162,6 +162,12 @@ pub fn fit_fd_limit(cfg: &Config, raise: bool) -> Option<FdBudget> {
             Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open-file soft limit (RLIMIT_NOFILE)"),
         }
     }
+    Some(b)
+}
+
+/// Warns when `max_connections` had to be lowered to fit the open-file limit
+/// (at start, and on a reload that changes the outcome: not on every reload).
+pub fn report_fd_fit(b: &FdBudget) {
     if b.lowered() {
         tracing::warn!(
             max_connections = b.configured_max_connections,
@@ -179,7 +185,6 @@ pub fn fit_fd_limit(cfg: &Config, raise: bool) -> Option<FdBudget> {
             b.effective_max_connections
         );
     }
-    Some(b)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +242,7 @@ impl Gateway {
         // connections past it would sit unserved (accept fails with EMFILE).
         let fd_budget = fit_fd_limit(&cfg, true);
         if let Some(b) = &fd_budget {
+            report_fd_fit(b);
             cfg.limits.max_connections = b.effective_max_connections;
         }
         let cfg = Arc::new(cfg);

@@ -379,6 +379,13 @@ fn max_connections_is_fitted_to_the_open_file_limit() {
     clients[0].echo(9, sid(1, 10, 0), b"still");
     drop(clients);
 
+    // A reload that changes nothing about the fit does not repeat the
+    // warning (it was logged on every reload before).
+    gw.signal(libc::SIGHUP);
+    eventually("the reload applied", || metric(gw.admin, "game_gateway_config_reloads_total") == Some(1));
+    let log = gw.stderr();
+    assert_eq!(log.matches("does not fit the open-file limit").count(), 1, "warned once:\n{log}");
+
     // --check-config tells the same before a start.
     let path = gw.stderr_path.with_file_name("gateway.toml");
     let out = std::process::Command::new("prlimit")

@@ -93,6 +93,14 @@ impl Control {
                     let mut held = stats.fd_budget.lock().unwrap();
                     // Raised at start: say so still.
                     b.raised_from = b.raised_from.or(held.and_then(|h| h.raised_from));
+                    // Warn again only when the outcome changed, not on every
+                    // reload.
+                    if held.is_none_or(|h| {
+                        (h.configured_max_connections, h.effective_max_connections, h.soft)
+                            != (b.configured_max_connections, b.effective_max_connections, b.soft)
+                    }) {
+                        crate::gateway::report_fd_fit(&b);
+                    }
                     *held = Some(b);
                 }
                 new.log.service_name = self.running.log.service_name.clone();
