@@ -300,7 +300,9 @@ fn tls_connector(args: &Args) -> Result<Option<monoio_rustls::TlsConnector>, Str
     use rustls::pki_types::pem::PemObject;
     let path = args.tls_ca.as_ref().ok_or("--tls needs --tls-ca FILE")?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?
+    {
         let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
         roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
     }

@@ -206,8 +206,8 @@ fn sessions_resume_with_tickets_on_tls13_and_tls12_and_alpn_picks_http11() {
         let cfg = Arc::new(cfg);
         let kinds: Vec<_> = (0..3)
             .map(|_| {
-                let conn = rustls::ClientConnection::new(cfg.clone(), ServerName::try_from("a.game.test").unwrap())
-                    .unwrap();
+                let conn =
+                    rustls::ClientConnection::new(cfg.clone(), ServerName::try_from("a.game.test").unwrap()).unwrap();
                 let s = TcpStream::connect(gw.addr).unwrap();
                 s.set_read_timeout(Some(T)).unwrap();
                 let mut t = rustls::StreamOwned::new(conn, s);
