@@ -212,6 +212,10 @@ pub struct Gateway {
     /// How `max_connections` fits the open-file limit (checked at start;
     /// `cfg.limits.max_connections` holds the effective cap).
     pub fd_budget: Option<FdBudget>,
+    /// The listening sockets, kept for a live upgrade.
+    listeners: crate::upgrade::Listeners,
+    /// Each worker's listeners, until [`Gateway::start_accepting`].
+    deferred: std::sync::Mutex<Vec<Vec<std::net::TcpListener>>>,
 }
 
 /// A cloneable way to reach the workers (for the admin server and tools).
@@ -237,7 +241,23 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::
 const ANNOUNCE_DEPTH: usize = 256;
 
 impl Gateway {
-    pub fn start(mut cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
+    pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
+        Gateway::start_with(cfg, routes, Vec::new(), false)
+    }
+
+    /// Starts on `inherited` listening sockets (a live upgrade's, all
+    /// bound to one address; `[server] listen` is then not bound): worker
+    /// `j` of `n` serves sockets `j`, `j + n`, ...; workers beyond them bind
+    /// more SO_REUSEPORT sockets on the same address. With `defer_accept`
+    /// the workers start without accepting until [`Gateway::start_accepting`]
+    /// (a live upgrade takes the old process's sessions first; connections
+    /// meanwhile wait in the sockets' backlog, refused by nobody).
+    pub fn start_with(
+        mut cfg: Config,
+        routes: Arc<RouteTable>,
+        inherited: Vec<std::net::TcpListener>,
+        defer_accept: bool,
+    ) -> Result<Gateway, StartError> {
         // Startup check: max_connections must fit the open-file limit, or
         // connections past it would sit unserved (accept fails with EMFILE).
         let fd_budget = fit_fd_limit(&cfg, true);
@@ -248,14 +268,36 @@ impl Gateway {
         let cfg = Arc::new(cfg);
         let n = cfg.server.workers.max(1);
         // The first bind resolves port 0; the rest join its SO_REUSEPORT group.
-        let first = reuseport_listener(cfg.server.listen)
-            .map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
-        let local_addr = first.local_addr().map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
-        let mut listeners = vec![first];
-        for _ in 1..n {
-            listeners.push(
-                reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?,
-            );
+        let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+        let local_addr = match inherited.first() {
+            Some(l) => l.local_addr().map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?,
+            None => {
+                let first = reuseport_listener(cfg.server.listen)
+                    .map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
+                let addr =
+                    first.local_addr().map_err(|source| StartError::Listen { addr: cfg.server.listen, source })?;
+                listeners[0].push(first);
+                addr
+            }
+        };
+        for (i, l) in inherited.into_iter().enumerate() {
+            listeners[i % n].push(l);
+        }
+        for l in listeners.iter_mut().filter(|l| l.is_empty()) {
+            l.push(reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?);
+        }
+        // Duplicates kept for a live upgrade (dropped when a drain begins).
+        let mut dups = Vec::new();
+        for (i, ls) in listeners.iter().enumerate() {
+            for l in ls {
+                dups.push((i, l.try_clone().map_err(|source| StartError::Listen { addr: local_addr, source })?));
+            }
+        }
+        let kept = crate::upgrade::Listeners::new(dups);
+        let mut deferred = Vec::new();
+        if defer_accept {
+            deferred = std::mem::take(&mut listeners);
+            listeners = (0..n).map(|_| Vec::new()).collect();
         }
         // Connections spread by the kernel's 4-tuple hash; per-IP limits and
         // the connection cap are exact through the shared admission table.
@@ -287,7 +329,7 @@ impl Gateway {
                 cpu,
                 cfg: cfg.clone(),
                 routes: routes.clone(),
-                listener,
+                listeners: listener,
                 commands: rx,
                 ready: ready_tx.clone(),
                 admission: admission.clone(),
@@ -315,7 +357,15 @@ impl Gateway {
                 }
                 Ok(Err(e)) => {
                     drop(access_tx);
-                    let gw = Gateway { workers, access_writer: Some(access_writer), local_addr, cfg, fd_budget };
+                    let gw = Gateway {
+                        workers,
+                        access_writer: Some(access_writer),
+                        local_addr,
+                        cfg,
+                        fd_budget,
+                        listeners: kept.clone(),
+                        deferred: std::sync::Mutex::new(deferred),
+                    };
                     gw.stop(Duration::from_secs(1));
                     return Err(StartError::Worker(e));
                 }
@@ -340,7 +390,15 @@ impl Gateway {
             .map_err(StartError::Spawn)?;
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
         drop(access_tx);
-        Ok(Gateway { workers, access_writer: Some(access_writer), local_addr, cfg, fd_budget })
+        Ok(Gateway {
+            workers,
+            access_writer: Some(access_writer),
+            local_addr,
+            cfg,
+            fd_budget,
+            listeners: kept.clone(),
+            deferred: std::sync::Mutex::new(deferred),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -378,7 +436,47 @@ impl Gateway {
         tracing::info!("all workers stopped");
     }
 
+    /// Workers started with `defer_accept` begin accepting.
+    pub fn start_accepting(&self) {
+        let deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        for (w, ls) in self.workers.iter().zip(deferred) {
+            if !ls.is_empty() && w.tx.send_timeout(WorkerCommand::Listen(ls), Duration::from_secs(1)).is_err() {
+                tracing::error!(worker = w.info.index, "worker command channel full: it does not accept");
+            }
+        }
+    }
+
+    /// Each worker's command channel.
+    pub fn worker_senders(&self) -> Vec<Sender<WorkerCommand>> {
+        self.workers.iter().map(|w| w.tx.clone()).collect()
+    }
+
+    /// What a live upgrade hands over from this process.
+    pub fn upgrade_source(&self) -> crate::upgrade::Source {
+        crate::upgrade::Source {
+            workers: self.workers.iter().map(|w| w.tx.clone()).collect(),
+            listeners: self.listeners.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Waits for every worker thread to end (after a live upgrade retired them).
+    pub fn join(mut self) {
+        self.listeners.close();
+        for w in &mut self.workers {
+            if let Some(j) = w.join.take() {
+                let _ = j.join();
+            }
+        }
+        // The access-log writer ends with its last sender (the workers').
+        if let Some(j) = self.access_writer.take() {
+            let _ = j.join();
+        }
+    }
+
     fn stop_and_join(&mut self, drain: Duration) {
+        // The port closes with the workers' listeners, as before.
+        self.listeners.close();
         let drain_until = Instant::now() + drain;
         let deadline = drain_until + STOP_GRACE;
         for w in &self.workers {

@@ -38,4 +38,5 @@ pub mod session;
 pub(crate) mod shard;
 pub mod state;
 pub mod stats;
+pub mod upgrade;
 pub mod worker;

@@ -23,6 +23,21 @@ impl TokenBucket {
         TokenBucket { tokens: burst as f64, last: now }
     }
 
+    /// The tokens left, as of `now` (refilled at `rate`, capped at `burst`):
+    /// what a live upgrade carries.
+    pub fn tokens_at(&self, rate: u32, burst: u32, now: Instant) -> f64 {
+        let mut b = TokenBucket { tokens: self.tokens, last: self.last };
+        if rate > 0 {
+            b.refill(rate, burst.max(1), now);
+        }
+        b.tokens
+    }
+
+    /// A bucket holding `tokens` as of `now`.
+    pub fn with_tokens(tokens: f64, now: Instant) -> TokenBucket {
+        TokenBucket { tokens, last: now }
+    }
+
     fn refill(&mut self, rate: u32, burst: u32, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + dt * rate as f64).min(burst as f64);
@@ -126,6 +141,12 @@ impl PerIpTable {
         Ok(())
     }
 
+    /// A connection a live upgrade brought over from the old process: counted
+    /// like an admitted one, whatever the limits say (it is not new).
+    pub fn adopt(&mut self, ip: IpAddr, now: Instant) {
+        self.entries.entry(ip).or_insert_with(|| IpEntry { open: 0, bucket: TokenBucket::full(1, now) }).open += 1;
+    }
+
     /// A connection admitted for `ip` ended.
     pub fn release(&mut self, ip: IpAddr) {
         if let Some(e) = self.entries.get_mut(&ip) {
@@ -149,6 +170,16 @@ pub struct MessageLimiter {
 impl MessageLimiter {
     pub fn new(burst: u32, now: Instant) -> MessageLimiter {
         MessageLimiter { bucket: TokenBucket::full(burst, now) }
+    }
+
+    /// The bucket (a live upgrade carries its tokens).
+    pub fn bucket(&self) -> &TokenBucket {
+        &self.bucket
+    }
+
+    /// A limiter whose bucket is `bucket`.
+    pub fn from_bucket(bucket: TokenBucket) -> MessageLimiter {
+        MessageLimiter { bucket }
     }
 
     /// `rate` 0 = unlimited.
@@ -209,6 +240,16 @@ impl SharedAdmission {
             return Ok(());
         }
         self.shard(ip).admit(ip, max_open, rate, now)
+    }
+
+    /// A connection handed over by a live upgrade: it takes an open slot
+    /// and, when `ip` is given, counts for its address, with no limit
+    /// checked (it was admitted by the old process).
+    pub fn adopt(&self, ip: Option<IpAddr>, now: Instant) {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(ip) = ip {
+            self.shard(ip).adopt(ip, now);
+        }
     }
 
     /// A connection admitted by [`SharedAdmission::admit_ip`] ended.

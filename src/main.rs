@@ -27,6 +27,11 @@ struct Cli {
     /// I/O driver (overrides server.io_driver): auto | io_uring | epoll.
     #[arg(long, value_parser = parse_driver)]
     io_driver: Option<IoDriver>,
+    /// Live upgrade: take over every listener, session and backend
+    /// connection of the gateway handing over on this Unix socket (its
+    /// `[server] upgrade_socket`), then serve them (docs/OPERATIONS.md).
+    #[arg(long, value_name = "PATH")]
+    takeover: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -338,7 +343,21 @@ fn main() -> ExitCode {
         }
     };
     let routes = control::static_routes(&cfg, 1);
-    let gw = match Gateway::start(cfg, routes.clone()) {
+    // Live upgrade: the old process's listeners first (its config was
+    // validated above; nothing has moved yet if this fails).
+    let mut takeover = match &cli.takeover {
+        Some(path) => match game_gateway::upgrade::connect(path, cfg.server.workers) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "live upgrade: cannot take over");
+                eprintln!("game-gateway: takeover: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let inherited = takeover.as_mut().map(|t| std::mem::take(&mut t.listeners)).unwrap_or_default();
+    let gw = match Gateway::start_with(cfg, routes.clone(), inherited, takeover.is_some()) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed to start");
@@ -346,6 +365,24 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(t) = takeover {
+        // Until the old process commits, it can resume everything: this
+        // process exits without having accepted anything.
+        match t.take(&gw.worker_senders()) {
+            Ok(taken) => {
+                if taken.lost > 0 {
+                    tracing::error!(lost = taken.lost, "live upgrade: sessions lost");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "live upgrade failed; the old process goes on serving");
+                eprintln!("game-gateway: takeover: {e}");
+                drop(gw);
+                return ExitCode::from(1);
+            }
+        }
+        gw.start_accepting();
+    }
     // Not ready until the control loop has loaded its routes.
     let stats = Arc::new(ControlStats::default());
     *stats.admin_token.lock().unwrap() = gw.cfg.admin.token.clone();

@@ -68,6 +68,14 @@ impl SessionIdGen {
         self.prefix | seq
     }
 
+    /// A session a live upgrade brought over holds `id`: ids handed out
+    /// from now on are above it when it has this generator's prefix.
+    pub fn observe(&mut self, id: i64) {
+        if id & !SEQ_MASK == self.prefix {
+            self.last = self.last.max(id & SEQ_MASK);
+        }
+    }
+
     /// ... or from the wall clock.
     pub fn next_id(&mut self) -> i64 {
         self.next_at(Self::now_ms())

@@ -322,6 +322,8 @@ pub enum ControlEvent {
     /// Endpoint host names looked up again (the resolver thread): every
     /// address of each, or why it did not resolve.
     Resolved(Lookups),
+    /// A live upgrade handed everything to a new process: exit.
+    HandedOver,
 }
 
 /// Name lookups of endpoint host names: every address of each, or why it did

@@ -177,6 +177,14 @@ pub struct WorkerStats {
     pub message_policy: AHashMap<(Arc<str>, &'static str), u64>,
     /// Announcements delivered to sessions (client frames queued).
     pub announcements_delivered: u64,
+    /// Live upgrade: sessions this worker took over from an old process.
+    pub handoff_sessions_in: u64,
+    /// Live upgrade: sessions this worker handed to a new process.
+    pub handoff_sessions_out: u64,
+    /// Live upgrade: sessions lost in a handover (never expected).
+    pub handoff_sessions_lost: u64,
+    /// Live upgrade: sessions a handover could not carry (TLS), closed.
+    pub handoff_sessions_not_carried: u64,
     /// Spans dropped before the exporter (worker buffer or queue full).
     pub spans_dropped: u64,
 }
@@ -211,6 +219,10 @@ impl Default for WorkerStats {
             route_propagation: LatencyHistogram::default(),
             message_policy: AHashMap::new(),
             announcements_delivered: 0,
+            handoff_sessions_in: 0,
+            handoff_sessions_out: 0,
+            handoff_sessions_lost: 0,
+            handoff_sessions_not_carried: 0,
             spans_dropped: 0,
         }
     }
@@ -267,6 +279,10 @@ impl WorkerStats {
         self.route_propagation.merge(&o.route_propagation);
         add_map(&mut self.message_policy, &o.message_policy);
         self.announcements_delivered += o.announcements_delivered;
+        self.handoff_sessions_in += o.handoff_sessions_in;
+        self.handoff_sessions_out += o.handoff_sessions_out;
+        self.handoff_sessions_lost += o.handoff_sessions_lost;
+        self.handoff_sessions_not_carried += o.handoff_sessions_not_carried;
         self.spans_dropped += o.spans_dropped;
     }
 

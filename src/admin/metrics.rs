@@ -74,6 +74,8 @@ pub(crate) const TLS_CERTIFICATE_EXPIRY_SECONDS: &str = "game_gateway_tls_certif
 pub(crate) const TRACE_SPANS_DROPPED_TOTAL: &str = "game_gateway_trace_spans_dropped_total";
 pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
 pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
+pub(crate) const HANDOFF_SESSIONS_TOTAL: &str = "game_gateway_handoff_sessions_total";
+pub(crate) const HANDOFF_PAUSE_SECONDS: &str = "game_gateway_handoff_pause_seconds";
 // Families the Go gateway exported (or its dashboard used) that we derive
 // from the counters above.
 pub(crate) const BACKEND_REQUESTS_TOTAL: &str = "game_gateway_backend_requests_total";
@@ -510,6 +512,23 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
         Family::new(ANNOUNCEMENTS_DELIVERED_TOTAL, "Announcement frames queued to clients.", COUNTER)
             .value(&[], s.announcements_delivered as f64)
             .0,
+        Family::new(
+            HANDOFF_SESSIONS_TOTAL,
+            "Live upgrade: sessions taken over (direction in) or handed over (out), lost, or not carried (TLS).",
+            COUNTER,
+        )
+        .value(&[("direction", "in"), ("result", "handed_over")], s.handoff_sessions_in as f64)
+        .value(&[("direction", "in"), ("result", "lost")], s.handoff_sessions_lost as f64)
+        .value(&[("direction", "out"), ("result", "handed_over")], s.handoff_sessions_out as f64)
+        .value(&[("direction", "out"), ("result", "not_carried")], s.handoff_sessions_not_carried as f64)
+        .0,
+        Family::new(
+            HANDOFF_PAUSE_SECONDS,
+            "Live upgrade this process took part in: from the first old worker frozen to the last session adopted.",
+            GAUGE,
+        )
+        .value(&[], crate::upgrade::status().and_then(|u| u.pause_ms).unwrap_or(0.0) / 1e3)
+        .0,
         Family::new(WEBSOCKET_UPGRADES_TOTAL, "Connections upgraded to WebSocket.", COUNTER)
             .value(&[], s.websocket_upgrades as f64)
             .0,

@@ -315,6 +315,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    // A new process taking over in a live upgrade binds the same port while
+    // the old one still answers (the health checks never see it closed).
+    sock.set_reuse_port(true)?;
     sock.bind(&addr.into())?;
     sock.listen(ADMIN_BACKLOG)?;
     Ok(sock.into())
@@ -633,6 +636,7 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 "connections": connections,
                 "discovery": ctl.discovery_json(),
                 "workers": workers,
+                "upgrade": crate::upgrade::status(),
             });
             respond(&mut c, 200, "application/json", &format!("{body:#}\n"))
         }

@@ -204,6 +204,7 @@ pub(crate) struct RawServer {
     pub(crate) drain_timeout: String,
     pub(crate) proxy_protocol: bool,
     pub(crate) proxy_trusted: Vec<String>,
+    pub(crate) upgrade_socket: String,
 }
 
 impl Default for RawServer {
@@ -218,6 +219,7 @@ impl Default for RawServer {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT.into(),
             proxy_protocol: false,
             proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            upgrade_socket: String::new(),
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     /// This gateway's name towards backends (gRPC `gateway-name`, with the
     /// worker index): `POD_NAME`, else the host name.
     pub node_name: String,
+    /// Live upgrade: the Unix socket this process hands over on (listens
+    /// on, for a `--takeover` process or after SIGUSR2); `None` = off.
+    pub upgrade_socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -290,6 +290,10 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         IoDriver::Auto
     });
     let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
+    let upgrade_socket = (!s.upgrade_socket.is_empty()).then(|| std::path::PathBuf::from(&s.upgrade_socket));
+    if upgrade_socket.as_ref().is_some_and(|p| p.is_relative()) {
+        p.push("server", None, "upgrade_socket", format!("{:?} is not an absolute path", s.upgrade_socket));
+    }
     let mut proxy_trusted = Vec::new();
     for n in &s.proxy_trusted {
         match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
@@ -309,6 +313,7 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         node_name: env.pod_name.clone().filter(|p| !p.is_empty()).unwrap_or_else(host_name),
         proxy_protocol: s.proxy_protocol,
         proxy_trusted,
+        upgrade_socket,
     }
 }
 

@@ -160,7 +160,7 @@ impl Control {
     /// to the admin server, then call [`Control::run`].
     pub fn channel() -> Result<ControlChannel, ControlError> {
         let (tx, rx) = unbounded();
-        let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2])
             .map_err(ControlError::Signals)?;
         Ok(ControlChannel { tx, rx, signals })
     }
@@ -182,7 +182,7 @@ impl Control {
             .spawn(move || {
                 let mut stops = 0;
                 for sig in signals.forever() {
-                    if sig != libc::SIGHUP {
+                    if sig != libc::SIGHUP && sig != libc::SIGUSR2 {
                         stops += 1;
                         if stops == 2 {
                             // Second INT/TERM: end the drain now (sessions closed
@@ -200,6 +200,15 @@ impl Control {
                 }
             })
             .map_err(|source| ControlError::Thread { name: "gw-signals", source })?;
+        if let Some(path) = &running.server.upgrade_socket {
+            let done_tx = tx.clone();
+            let done = move || {
+                let _ = done_tx.send(ControlEvent::HandedOver);
+            };
+            if let Err(e) = crate::upgrade::serve(path, gw.upgrade_source(), done) {
+                tracing::error!(socket = %path.display(), error = %e, "live upgrade socket: cannot listen; live upgrade is off");
+            }
+        }
         let stop_sub = Arc::new(AtomicBool::new(false));
         let redis = match &running.redis {
             Some(rc) => {
@@ -303,8 +312,21 @@ impl Control {
                     tracing::info!("SIGHUP: reloading config");
                     c.reload();
                 }
+                Ok(ControlEvent::Signal(libc::SIGUSR2)) => match &c.running.server.upgrade_socket {
+                    Some(path) => match crate::upgrade::reexec(path) {
+                        Ok(pid) => {
+                            tracing::info!(pid, socket = %path.display(), "SIGUSR2: started a new process to take over")
+                        }
+                        Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start a new process"),
+                    },
+                    None => tracing::warn!("SIGUSR2 ignored: [server] upgrade_socket is not set"),
+                },
                 Ok(ControlEvent::Signal(sig)) => {
                     c.stop(&format!("signal {sig}"));
+                    return Ok(());
+                }
+                Ok(ControlEvent::HandedOver) => {
+                    c.handed_over();
                     return Ok(());
                 }
                 Ok(ControlEvent::Drain) => {
@@ -365,6 +387,15 @@ impl Control {
     /// Drain, then stop. Phases, logged in order: readiness off, listeners
     /// closed, sessions drain until `drain_timeout`, the rest closed with
     /// reason 6, queues flushed, exit.
+    /// A live upgrade gave everything to a new process: the workers are
+    /// retiring; wait for them and exit (no drain: nothing is left here).
+    fn handed_over(self) {
+        self.stats.ready.store(false, Ordering::Relaxed);
+        self.stop_sub.store(true, Ordering::Relaxed);
+        self.gw.join();
+        tracing::info!("live upgrade: everything handed over; exiting");
+    }
+
     fn stop(self, why: &str) {
         self.stats.ready.store(false, Ordering::Relaxed);
         self.stats.draining.store(true, Ordering::Relaxed);

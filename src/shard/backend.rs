@@ -22,7 +22,7 @@
 //! connections are all backing off.
 
 use super::session::Session;
-use super::{Action, ConnId, Ctx, DropReason, SessionId, SessionTable, Shard, Shut, MIN_QUEUE_SHARE};
+use super::{handoff, Action, ConnId, Ctx, DropReason, SessionId, SessionTable, Shard, Shut, MIN_QUEUE_SHARE};
 use crate::config::BackendConfig;
 use crate::protocol::backend::{self as bproto, Body, DisconnectReason, Opcode};
 use crate::protocol::grpc::{self, ServerPacket};
@@ -1449,5 +1449,141 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+impl Backends {
+    /// The streams a live upgrade carries (gate and seed_tcp: every state;
+    /// gRPC streams are not carried), in snapshot order, and each one's
+    /// index by slot. `carried(id)`: whether session `id` is carried; a
+    /// seed_tcp stream that serves only sessions that are not is not either.
+    pub(super) fn snapshot(
+        &self,
+        carried: impl Fn(SessionId) -> bool,
+        now: Instant,
+    ) -> (Vec<handoff::ConnSnap>, AHashMap<ConnId, (u64, u32)>) {
+        use handoff::{ago, until, ConnStateSnap};
+        let mut out = Vec::new();
+        let mut index = AHashMap::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            let protocol = match c.protocol {
+                BackendProtocol::Gate => 0,
+                BackendProtocol::SeedTcp => 1,
+                BackendProtocol::Grpc => continue,
+            };
+            let sessions: Vec<SessionId> = c.sessions.iter().copied().filter(|&id| carried(id)).collect();
+            if protocol == 1 && sessions.is_empty() && !c.sessions.is_empty() {
+                continue;
+            }
+            let state = match c.state {
+                ConnState::Up => ConnStateSnap::Up,
+                ConnState::Idle | ConnState::Connecting => ConnStateSnap::Idle,
+                ConnState::Backoff(t) => ConnStateSnap::Backoff { left_us: until(now, t) },
+                ConnState::Retiring { deadline } => ConnStateSnap::Retiring { left_us: until(now, deadline) },
+            };
+            index.insert(ConnId(slot as u32), (c.generation, out.len() as u32));
+            out.push(handoff::ConnSnap {
+                fd: None,
+                addr: c.endpoint.addr,
+                name: c.endpoint.name.to_string(),
+                hash: c.endpoint.hash,
+                protocol,
+                pool_slot: c.slot as u64,
+                state,
+                out: c.out.to_vec(),
+                out_frames: c.queued_frames,
+                input: Vec::new(),
+                sessions,
+                held: c.held.iter().copied().filter(|&id| carried(id)).collect(),
+                failures: c.failures,
+                idle_ago_us: c.idle_since.map(|t| ago(now, t)),
+                last_rx_ago_us: ago(now, c.last_rx),
+                ping_ago_us: c.ping_sent.map(|t| ago(now, t)),
+                retire_read_in_us: c.retire_read_until.map(|t| until(now, t)),
+                released: c
+                    .released
+                    .iter()
+                    .filter(|(id, _)| carried(**id))
+                    .map(|(id, t)| (*id, ago(now, *t)))
+                    .collect(),
+                disconnect: Vec::new(),
+            });
+        }
+        (out, index)
+    }
+
+    /// Streams a live upgrade carried, in snapshot order: each one's slot
+    /// and generation here. Connected ones keep their socket (the driver
+    /// starts their tasks); the others wait, or are dialed at once when
+    /// sessions or frames wait for them.
+    pub(super) fn import(&mut self, ctx: &mut Ctx, conns: Vec<handoff::ConnSnap>, now: Instant) -> Vec<(ConnId, u64)> {
+        use handoff::{ahead, back, ConnStateSnap};
+        let mut ids = Vec::with_capacity(conns.len());
+        for snap in conns {
+            let protocol = if snap.protocol == 1 { BackendProtocol::SeedTcp } else { BackendProtocol::Gate };
+            let endpoint =
+                Endpoint { addr: snap.addr, name: std::sync::Arc::from(snap.name.as_str()), hash: snap.hash };
+            let key = (endpoint.addr, protocol);
+            if !self.pools.contains_key(&key) {
+                let b = &ctx.cfg.backend;
+                let breaker = CircuitBreaker::new(b.circuit_failure_threshold, b.circuit_open_duration);
+                self.pools.insert(key, Pool { endpoint: endpoint.clone(), conns: Vec::new(), breaker });
+            }
+            let id = self.insert(endpoint, protocol, snap.pool_slot as usize, now);
+            if let Some(p) = self.pools.get_mut(&key) {
+                p.conns.push(id);
+            }
+            self.last_generation += 1;
+            let generation = self.last_generation;
+            let c = self.conns[id.0 as usize].as_mut().expect("just inserted");
+            c.generation = generation;
+            c.state = match snap.state {
+                ConnStateSnap::Up => ConnState::Up,
+                ConnStateSnap::Idle => ConnState::Idle,
+                ConnStateSnap::Backoff { left_us } => ConnState::Backoff(ahead(now, left_us)),
+                ConnStateSnap::Retiring { left_us } => ConnState::Retiring { deadline: ahead(now, left_us) },
+            };
+            c.out = BytesMut::from(&snap.out[..]);
+            c.queued_frames = snap.out_frames;
+            c.oldest = (!c.out.is_empty()).then_some(now);
+            c.sessions = snap.sessions.iter().copied().collect();
+            c.held = snap.held;
+            c.failures = snap.failures;
+            c.idle_since = snap.idle_ago_us.map(|us| back(now, us));
+            c.last_rx = back(now, snap.last_rx_ago_us);
+            c.ping_sent = snap.ping_ago_us.map(|us| back(now, us));
+            c.retire_read_until = snap.retire_read_in_us.map(|us| ahead(now, us));
+            c.released = snap.released.into_iter().map(|(s, us)| (s, back(now, us))).collect();
+            let waiting = !c.sessions.is_empty() || !c.out.is_empty();
+            let state = c.state;
+            // Sessions the old process could not carry (TLS) are gone: tell
+            // the backend, as a drain would.
+            for gone in snap.disconnect {
+                if state == ConnState::Up && protocol == BackendProtocol::Gate {
+                    self.enqueue(ctx, id, generation, now, |out| {
+                        bproto::encode_disconnect(out, gone, DisconnectReason::Shutdown)
+                    });
+                }
+            }
+            if state == ConnState::Idle && waiting {
+                // A dial was in flight in the old process: dial again.
+                self.ensure_dialing(ctx, id, now);
+            }
+            ids.push((id, self.conns[id.0 as usize].as_ref().map_or(generation, |c| c.generation)));
+        }
+        ids
+    }
+}
+
+impl Backends {
+    /// What stream `id` speaks.
+    pub(super) fn protocol(&self, id: ConnId) -> Option<BackendProtocol> {
+        self.conn(id).map(|c| c.protocol)
+    }
+
+    /// Whether stream `id` is connected.
+    pub(super) fn is_up(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.state == ConnState::Up)
     }
 }

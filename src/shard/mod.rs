@@ -33,6 +33,7 @@
 //! - every frame that is not forwarded is counted under a drop reason.
 
 mod backend;
+pub(crate) mod handoff;
 mod session;
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@
 //! Whoever wants a session to end calls `begin_close` (the first reason
 //! wins); only [`Shard::client_closed`] removes it, so the close runs once.
 
-use super::{AcceptRefusal, Action, ConnId, Ctx, DropReason, Phase, SessionKey, Shard, Shut, MIN_QUEUE_SHARE};
+use super::{handoff, AcceptRefusal, Action, ConnId, Ctx, DropReason, Phase, SessionKey, Shard, Shut, MIN_QUEUE_SHARE};
 use crate::config::RateLimitAction;
 use crate::config::TlsMode;
 use crate::limits::MessageLimiter;
@@ -1296,5 +1296,165 @@ impl Shard {
             }
             s.begin_close(ctx, DisconnectReason::IdleTimeout, Shut::Read);
         }
+    }
+}
+
+impl Session {
+    /// This session as a live upgrade carries it (see `handoff`): `conn_index`
+    /// names each binding's stream in the snapshot (`None`: not carried, so
+    /// the binding is not either). The driver adds the socket index and the
+    /// bytes its tasks hold.
+    pub(super) fn snapshot(
+        &self,
+        ctx: &Ctx,
+        conn_index: impl Fn(ConnId, u64) -> Option<u32>,
+        now: Instant,
+    ) -> handoff::SessionSnap {
+        use handoff::ago;
+        let l = &ctx.cfg.limits;
+        let classes = &ctx.cfg.policy.classes;
+        let bindings = self
+            .bindings
+            .iter()
+            .filter_map(|b| {
+                Some(handoff::BindingSnap {
+                    server_type: b.server_type,
+                    world: b.world,
+                    conn: conn_index(b.conn, b.generation)?,
+                    notify: b.notify,
+                    trace: b.trace,
+                    on_loss: match b.on_loss {
+                        OnBackendLoss::Close => 0,
+                        OnBackendLoss::Rebind => 1,
+                        OnBackendLoss::Hold => 2,
+                    },
+                    held: b.held,
+                })
+            })
+            .collect();
+        let info = &self.info;
+        handoff::SessionSnap {
+            fd: 0,
+            id: info.id,
+            peer: info.peer,
+            websocket_transport: info.transport == Transport::WebSocket,
+            age_us: ago(now, info.started),
+            idle_us: ago(now, info.last_active),
+            close_reason: info.close_reason.map(|r| r as u8),
+            handshaken: info.handshaken,
+            frames_in: info.frames_in,
+            frames_out: info.frames_out,
+            bytes_in: info.bytes_in,
+            bytes_out: info.bytes_out,
+            first_server_type: info.first_server_type,
+            first_world: info.first_world,
+            trace_id: info.trace_id,
+            bindings,
+            out: self.out.to_vec(),
+            out_frames: info.frames_out.saturating_sub(self.taken_frames),
+            input: Vec::new(),
+            paused: self.paused,
+            limiter_tokens: self.limiter.bucket().tokens_at(l.messages_per_second, l.messages_burst, now),
+            class_buckets: self
+                .class_buckets
+                .iter()
+                .map(|(i, b)| {
+                    let (rate, burst) = classes.get(*i as usize).map_or((0, 1), |c| (c.rate, c.burst));
+                    (*i, b.tokens_at(rate, burst, now))
+                })
+                .collect(),
+            ip_counted: self.ip_counted,
+            mode: match self.mode {
+                Mode::Sniffing => 0,
+                Mode::Game => 1,
+                Mode::WebSocket => 2,
+            },
+            proxy_done: self.proxy_done,
+            ws: self.ws.as_ref().map(|w| w.snapshot()),
+            sticky: self.sticky,
+            fin_decided: self.fin_decided,
+            admitted_front: self.admitted_front,
+            last_forward_ago_us: self.last_forward.map(|t| ago(now, t)),
+            last_deliver_ago_us: self.last_deliver.map(|t| ago(now, t)),
+            eof_ago_us: self.eof_at.map(|t| ago(now, t)),
+            hold_since_ago_us: self.hold_since.map(|t| ago(now, t)),
+            hold: self.hold.to_vec(),
+            hold_frames: self.hold_frames,
+            close_in_us: self.close_at.map(|t| handoff::until(now, t)),
+            authenticated: self.authenticated,
+            user: self.user.as_ref().map(|u| u.to_vec()),
+            tags: self.tags.iter().map(|t| t.to_vec()).collect(),
+            last_backend: self.last_backend.as_deref().map(str::to_owned),
+            traced: self.traced,
+        }
+    }
+
+    /// A session carried by a live upgrade, as `key`, bound by `bindings`
+    /// (already mapped onto this shard's streams).
+    pub(super) fn restore(
+        snap: handoff::SessionSnap,
+        key: SessionKey,
+        bindings: Vec<Binding>,
+        now: Instant,
+    ) -> Session {
+        use handoff::back;
+        let transport = if snap.websocket_transport { Transport::WebSocket } else { Transport::Tcp };
+        let mut info = SessionInfo::new(snap.id, snap.peer, transport, back(now, snap.age_us), snap.trace_id);
+        info.last_active = back(now, snap.idle_us);
+        info.close_reason = snap.close_reason.and_then(DisconnectReason::from_u8);
+        info.handshaken = snap.handshaken;
+        info.frames_in = snap.frames_in;
+        info.frames_out = snap.frames_out;
+        info.bytes_in = snap.bytes_in;
+        info.bytes_out = snap.bytes_out;
+        info.first_server_type = snap.first_server_type;
+        info.first_world = snap.first_world;
+        let out = BytesMut::from(&snap.out[..]);
+        Session {
+            key,
+            oldest: (!out.is_empty()).then_some(now),
+            taken_frames: snap.frames_out.saturating_sub(snap.out_frames),
+            info,
+            bindings,
+            out,
+            limiter: MessageLimiter::from_bucket(crate::limits::TokenBucket::with_tokens(snap.limiter_tokens, now)),
+            ip_counted: snap.ip_counted,
+            mode: match snap.mode {
+                1 => Mode::Game,
+                2 => Mode::WebSocket,
+                _ => Mode::Sniffing,
+            },
+            proxy_done: snap.proxy_done,
+            ws: snap.ws.map(|w| Box::new(WsState::restore(w))),
+            sticky: snap.sticky,
+            paused: snap.paused,
+            fin_decided: snap.fin_decided,
+            admitted_front: snap.admitted_front,
+            last_forward: snap.last_forward_ago_us.map(|us| back(now, us)),
+            last_deliver: snap.last_deliver_ago_us.map(|us| back(now, us)),
+            eof_at: snap.eof_ago_us.map(|us| back(now, us)),
+            hold_since: snap.hold_since_ago_us.map(|us| back(now, us)),
+            hold: BytesMut::from(&snap.hold[..]),
+            hold_frames: snap.hold_frames,
+            close_at: snap.close_in_us.map(|us| handoff::ahead(now, us)),
+            authenticated: snap.authenticated,
+            user: snap.user.map(Vec::into_boxed_slice),
+            tags: snap.tags.into_iter().map(Vec::into_boxed_slice).collect(),
+            class_buckets: snap
+                .class_buckets
+                .into_iter()
+                .map(|(i, t)| (i, crate::limits::TokenBucket::with_tokens(t, now)))
+                .collect(),
+            last_backend: snap.last_backend.map(|s| std::sync::Arc::from(s.as_str())),
+            traced: snap.traced,
+            tls: None,
+            tls_in: BytesMut::new(),
+        }
+    }
+
+    /// Whether a live upgrade can carry this session (TLS ones it cannot:
+    /// rustls keeps its keys to itself).
+    pub(super) fn carriable(&self) -> bool {
+        self.tls.is_none()
     }
 }

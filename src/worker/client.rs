@@ -69,6 +69,31 @@ pub(crate) struct ClientIo {
     fin_sent: Cell<bool>,
     /// A write failed: nothing more is written.
     broken: Cell<bool>,
+    /// The session's own bytes: a frame not yet complete, or frames waiting
+    /// for room in their backend queue. Empty (no allocation) most of the
+    /// time; while it is, reads go to the worker's buffer.
+    pub(super) partial: RefCell<BytesMut>,
+    /// Bytes a writer task took from the queue and has not written yet.
+    pub(super) pending: RefCell<BytesMut>,
+    /// Live upgrade: no read and no write until thawed (or retired).
+    pub(super) frozen: Cell<bool>,
+    /// Live upgrade done: the socket is the new process's; the tasks end
+    /// without touching it.
+    pub(super) retired: Cell<bool>,
+    /// Wake the reader and a writer task stopped by `frozen` (one each: a
+    /// `Notify` keeps one waiter, and a monoio task whose last waker is
+    /// dropped is dropped with it).
+    pub(super) thaw_rd: Notify,
+    pub(super) thaw_wr: Notify,
+}
+
+/// What a frozen socket's poll reports: the task waits for the thaw.
+fn frozen_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Interrupted, "frozen for a live upgrade")
+}
+
+fn is_frozen(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Interrupted && e.to_string() == "frozen for a live upgrade"
 }
 
 impl ClientIo {
@@ -86,6 +111,8 @@ impl ClientIo {
 }
 
 pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
+    let stop = Rc::new(Notify::new());
+    w.accept_stops.borrow_mut().push(stop.clone());
     loop {
         monoio::select! {
             r = listener.accept() => match r {
@@ -100,7 +127,7 @@ pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
                     }
                 }
             },
-            _ = w.stop_accept.notified() => break,
+            _ = stop.notified() => break,
         }
     }
     // Dropping the listener closes it: the kernel stops routing new
@@ -122,24 +149,66 @@ fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         // Refused (counted and logged by the shard): dropping closes it.
         return;
     };
-    let io = Rc::new(ClientIo {
-        key,
-        stream: RefCell::new(stream),
-        writing: Cell::new(false),
-        wake: Notify::new(),
-        tail: RefCell::new(None),
-        resume: Notify::new(),
-        fin: Cell::new(false),
-        fin_sent: Cell::new(false),
-        broken: Cell::new(false),
-    });
+    let io = ClientIo::new(key, stream);
     w.insert_client(io.clone());
     monoio::spawn(read_loop(w.clone(), io));
 }
 
+impl ClientIo {
+    pub(super) fn new(key: SessionKey, stream: TcpStreamPoll) -> Rc<ClientIo> {
+        Rc::new(ClientIo {
+            key,
+            stream: RefCell::new(stream),
+            writing: Cell::new(false),
+            wake: Notify::new(),
+            tail: RefCell::new(None),
+            resume: Notify::new(),
+            fin: Cell::new(false),
+            fin_sent: Cell::new(false),
+            broken: Cell::new(false),
+            partial: RefCell::new(BytesMut::new()),
+            pending: RefCell::new(BytesMut::new()),
+            frozen: Cell::new(false),
+            retired: Cell::new(false),
+            thaw_rd: Notify::new(),
+            thaw_wr: Notify::new(),
+        })
+    }
+
+    /// The socket's descriptor (a live upgrade passes a duplicate of it).
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.borrow().as_raw_fd()
+    }
+
+    /// Waits while frozen; false once retired (the task must end without
+    /// touching the socket).
+    async fn wait_thaw(&self, thaw: &Notify) -> bool {
+        while self.frozen.get() && !self.retired.get() {
+            thaw.notified().await;
+        }
+        !self.retired.get()
+    }
+}
+
+/// A session a live upgrade brought over: its socket (already a descriptor
+/// of this process), and the bytes read but not yet forwarded.
+pub(super) fn adopt(w: &Rc<Worker>, key: SessionKey, fd: std::os::fd::OwnedFd, input: Vec<u8>) -> std::io::Result<()> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    let stream = TcpStream::from_std(std)?.try_into_poll_io().map_err(|(e, _)| e)?;
+    let io = ClientIo::new(key, stream);
+    *io.partial.borrow_mut() = BytesMut::from(&input[..]);
+    w.insert_client(io.clone());
+    monoio::spawn(read_loop(w.clone(), io.clone()));
+    // Replies that were queued: out now.
+    w.flush_client(&io);
+    Ok(())
+}
+
 /// Where a read lands: the session's own buffer, or the worker's.
 enum ReadInto<'a> {
-    Own(&'a mut BytesMut),
+    Own(&'a RefCell<BytesMut>),
     /// Borrowed inside each poll only: while this session waits, others
     /// read into it too.
     Worker(&'a RefCell<BytesMut>),
@@ -148,9 +217,12 @@ enum ReadInto<'a> {
 /// Waits until the socket has bytes (or its end), then reads what it has.
 /// The socket and the worker's buffer are borrowed only inside each poll,
 /// never across a wait.
-async fn read_into(sock: &RefCell<TcpStreamPoll>, mut into: ReadInto<'_>) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| match &mut into {
-        ReadInto::Own(buf) => poll_read_buf(sock, buf, READ_BUF_INITIAL, cx),
+async fn read_into(io: &ClientIo, into: ReadInto<'_>) -> std::io::Result<usize> {
+    let sock = &io.stream;
+    std::future::poll_fn(|cx| match &into {
+        // A live upgrade owns the socket now: read nothing.
+        _ if io.frozen.get() => Poll::Ready(Err(frozen_error())),
+        ReadInto::Own(cell) => poll_read_buf(sock, &mut cell.borrow_mut(), READ_BUF_INITIAL, cx),
         ReadInto::Worker(cell) => {
             let mut buf = cell.borrow_mut();
             debug_assert!(buf.is_empty(), "the worker's read buffer is emptied after every read");
@@ -187,44 +259,56 @@ fn poll_read_buf(
 
 async fn read_loop(w: Rc<Worker>, io: Rc<ClientIo>) {
     let key = io.key;
-    let sock = &io.stream;
-    // The session's own bytes: a frame not yet complete, or frames waiting
-    // for room in their backend queue. Empty (no allocation) most of the
-    // time; while it is, reads go to the worker's buffer.
-    let mut partial = BytesMut::new();
+    // A session a live upgrade brought over may hold bytes already.
+    let mut carried = !io.partial.borrow().is_empty();
     loop {
-        let own = !partial.is_empty();
-        // Into the worker's buffer when this session holds nothing: when
-        // the read completes nothing else has run, and what was read is
-        // processed below before this task waits again.
-        let into = if own { ReadInto::Own(&mut partial) } else { ReadInto::Worker(&w.read_buf) };
-        let res = read_into(sock, into).await;
-        let n = match res {
-            Ok(0) => {
-                // Half-close: a reply still on its way is delivered first.
-                while let HalfClose::Linger(wait) = w.with_shard(|sh| sh.client_eof(key, Instant::now())) {
-                    // Boxed: monoio's timer future is 640 bytes with 128-byte
-                    // alignment, and held inline it would set the size of
-                    // every session's reader task for this rare path.
-                    Box::pin(monoio::time::sleep(wait)).await;
+        let n = if carried {
+            carried = false;
+            0
+        } else {
+            let own = !io.partial.borrow().is_empty();
+            // Into the worker's buffer when this session holds nothing: when
+            // the read completes nothing else has run, and what was read is
+            // processed below before this task waits again.
+            let into = if own { ReadInto::Own(&io.partial) } else { ReadInto::Worker(&w.read_buf) };
+            let res = read_into(&io, into).await;
+            match res {
+                Ok(0) => {
+                    // Half-close: a reply still on its way is delivered first.
+                    while let HalfClose::Linger(wait) = w.with_shard(|sh| sh.client_eof(key, Instant::now())) {
+                        // Boxed: monoio's timer future is 640 bytes with 128-byte
+                        // alignment, and held inline it would set the size of
+                        // every session's reader task for this rare path.
+                        Box::pin(monoio::time::sleep(wait)).await;
+                        if io.frozen.get() && !io.wait_thaw(&io.thaw_rd).await {
+                            return;
+                        }
+                    }
+                    break;
                 }
-                break;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(session_id = key.id, error = %e, "client read failed");
-                break;
+                Ok(n) => n,
+                Err(e) if is_frozen(&e) => {
+                    if !io.wait_thaw(&io.thaw_rd).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(session_id = key.id, error = %e, "client read failed");
+                    break;
+                }
             }
         };
+        let own = n == 0 || !io.partial.borrow().is_empty();
         let flow = if own {
-            w.with_shard(|sh| sh.client_data(key, &mut partial, n, Instant::now()))
+            w.with_shard(|sh| sh.client_data(key, &mut io.partial.borrow_mut(), n, Instant::now()))
         } else {
             let mut wb = w.read_buf.borrow_mut();
             let flow = w.with_shard(|sh| sh.client_data(key, &mut wb, n, Instant::now()));
             // What the shard left (a partial frame, or frames waiting for
             // queue room) is the session's own from here on.
             if !wb.is_empty() {
-                partial.extend_from_slice(&wb);
+                io.partial.borrow_mut().extend_from_slice(&wb);
             }
             wb.clear();
             flow
@@ -237,7 +321,10 @@ async fn read_loop(w: Rc<Worker>, io: Rc<ClientIo>) {
                 // this session waits on has room.
                 Ok(Flow::Paused) => {
                     io.resume.notified().await;
-                    flow = w.with_shard(|sh| sh.client_data(key, &mut partial, 0, Instant::now()));
+                    if io.frozen.get() && !io.wait_thaw(&io.thaw_rd).await {
+                        return;
+                    }
+                    flow = w.with_shard(|sh| sh.client_data(key, &mut io.partial.borrow_mut(), 0, Instant::now()));
                 }
                 Err(_) => {
                     w.with_shard(|sh| sh.client_closed(key, Instant::now()));
@@ -245,9 +332,10 @@ async fn read_loop(w: Rc<Worker>, io: Rc<ClientIo>) {
                 }
             }
         }
+        let mut partial = io.partial.borrow_mut();
         if partial.is_empty() && partial.capacity() > 0 {
             // Idle again: give the memory back.
-            partial = BytesMut::new();
+            *partial = BytesMut::new();
         }
     }
     w.with_shard(|sh| sh.client_closed(key, Instant::now()));
@@ -278,14 +366,21 @@ fn write_now(sock: &RefCell<TcpStreamPoll>, buf: &mut BytesMut) -> Wrote {
     Wrote::All
 }
 
-/// Writes all of `buf`, waiting for room in the socket as needed.
-async fn write_all(sock: &RefCell<TcpStreamPoll>, buf: &mut BytesMut) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let n = std::future::poll_fn(|cx| Pin::new(&mut *sock.borrow_mut()).poll_write(cx, buf)).await?;
+/// Writes all of `buf` (borrowed inside each poll only: a live upgrade
+/// takes what is left), waiting for room in the socket as needed.
+async fn write_all(io: &ClientIo, buf: &RefCell<BytesMut>) -> std::io::Result<()> {
+    while !buf.borrow().is_empty() {
+        let n = std::future::poll_fn(|cx| {
+            if io.frozen.get() {
+                return Poll::Ready(Err(frozen_error()));
+            }
+            Pin::new(&mut *io.stream.borrow_mut()).poll_write(cx, &buf.borrow())
+        })
+        .await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        buf.advance(n);
+        buf.borrow_mut().advance(n);
     }
     Ok(())
 }
@@ -302,6 +397,10 @@ impl Worker {
     /// write them now, from this task; what the socket has no room for goes
     /// to a writer task.
     pub(super) fn flush_client(self: &Rc<Self>, io: &Rc<ClientIo>) {
+        if io.frozen.get() {
+            // A live upgrade takes the queue as it is.
+            return;
+        }
         if io.writing.get() {
             io.wake.notify();
             return;
@@ -318,7 +417,8 @@ impl Worker {
                     Wrote::All => self.with_shard(|sh| sh.client_wrote(write, Instant::now())),
                     Wrote::Partly => {
                         io.writing.set(true);
-                        monoio::spawn(write_task(self.clone(), io.clone(), buf, Some(write)));
+                        *io.pending.borrow_mut() = buf;
+                        monoio::spawn(write_task(self.clone(), io.clone(), Some(write)));
                         return;
                     }
                     Wrote::Failed(e) => {
@@ -353,7 +453,7 @@ impl Worker {
             if let Wrote::Partly = write_now(&io.stream, &mut tail) {
                 io.writing.set(true);
                 *io.tail.borrow_mut() = Some(tail);
-                monoio::spawn(write_task(self.clone(), io.clone(), BytesMut::new(), None));
+                monoio::spawn(write_task(self.clone(), io.clone(), None));
                 return;
             }
         }
@@ -362,17 +462,26 @@ impl Worker {
     }
 }
 
-/// Finishes a write the socket had no room for, writes what is queued
-/// meanwhile, and ends when the queue is empty (or, once the session is
-/// closed, after its tail).
-async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut buf: BytesMut, mut write: Option<crate::shard::ClientWrite>) {
+/// Finishes a write the socket had no room for (`io.pending`), writes what
+/// is queued meanwhile, and ends when the queue is empty (or, once the
+/// session is closed, after its tail).
+async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut write: Option<crate::shard::ClientWrite>) {
     let key = io.key;
     loop {
-        if !buf.is_empty() {
-            if let Err(e) = write_all(&io.stream, &mut buf).await {
-                io.broken.set(true);
-                w.with_shard(|sh| sh.client_write_failed(key, &e));
-                break;
+        if !io.pending.borrow().is_empty() {
+            match write_all(&io, &io.pending).await {
+                Ok(()) => {}
+                Err(e) if is_frozen(&e) => {
+                    if !io.wait_thaw(&io.thaw_wr).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    io.broken.set(true);
+                    w.with_shard(|sh| sh.client_write_failed(key, &e));
+                    break;
+                }
             }
             if let Some(write) = write.take() {
                 w.with_shard(|sh| sh.client_wrote(write, Instant::now()));
@@ -381,8 +490,13 @@ async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut buf: BytesMut, mut writ
         if io.tail.borrow().is_some() {
             break;
         }
-        buf = BytesMut::new();
-        match w.with_shard(|sh| sh.take_client_out(key, &mut buf, None)) {
+        if io.frozen.get() && !io.wait_thaw(&io.thaw_wr).await {
+            return;
+        }
+        let mut buf = BytesMut::new();
+        let out = w.with_shard(|sh| sh.take_client_out(key, &mut buf, None));
+        *io.pending.borrow_mut() = buf;
+        match out {
             ClientOut::Write(next) => write = Some(next),
             ClientOut::Empty => {
                 if io.fin.get() {
@@ -401,9 +515,10 @@ async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut buf: BytesMut, mut writ
     io.writing.set(false);
     // Closed while writing: the tail, the FIN, and the handle go now.
     let tail = io.tail.borrow_mut().take();
-    if let Some(mut tail) = tail {
+    if let Some(tail) = tail {
         if !io.broken.get() && !io.fin_sent.get() && !tail.is_empty() {
-            let _ = write_all(&io.stream, &mut tail).await;
+            let cell = RefCell::new(tail);
+            let _ = write_all(&io, &cell).await;
         }
         send_fin(&io);
         w.remove_client(key);

@@ -37,6 +37,7 @@
 mod backend;
 mod client;
 mod grpc;
+pub mod handoff;
 mod sys;
 
 use crate::config::{Config, IoDriver};
@@ -119,6 +120,19 @@ pub enum WorkerCommand {
     /// and exit; whatever is left at `deadline` is dropped. A second `Stop`
     /// during a drain moves both instants earlier (hard stop).
     Stop { drain_until: Instant, deadline: Instant },
+    /// Live upgrade, old process: stop every socket where it is and export
+    /// the shard (see [`handoff`]).
+    Freeze(Sender<Result<handoff::WorkerExport, String>>),
+    /// Start accepting on these listeners (a gateway started with deferred
+    /// accepting, after a live upgrade).
+    Listen(Vec<std::net::TcpListener>),
+    /// Live upgrade abandoned: go on, accepting on this listener again.
+    Thaw(std::net::TcpListener),
+    /// Live upgrade done: end at once, touching no socket. The counts are
+    /// this worker's sessions handed over and left behind.
+    Retire { handed: u64, not_carried: u64 },
+    /// Live upgrade, new process: take in one old worker's shard.
+    Adopt(Box<crate::shard::handoff::ShardSnapshot>, Vec<std::os::fd::OwnedFd>, Sender<handoff::AdoptReport>),
 }
 
 /// Facts a worker reports once its runtime is up.
@@ -147,7 +161,8 @@ pub(crate) struct Worker {
     /// Set when the stop sequence starts (a second Stop is a hard stop).
     stopping: Cell<bool>,
     /// Tells the accept loop to drop the listener.
-    stop_accept: Notify,
+    /// Each accept loop's stop (a worker may have several listeners).
+    accept_stops: RefCell<Vec<Rc<Notify>>>,
     /// Wakes the stop sequence when the last session is gone.
     sessions_gone: Notify,
     /// Wakes the worker's main future when the stop sequence is finished.
@@ -169,6 +184,10 @@ pub(crate) struct Worker {
     /// Every session's reads land here first (see `client::read_loop`):
     /// an idle session holds no read buffer of its own.
     read_buf: RefCell<bytes::BytesMut>,
+    /// A live upgrade froze this worker: the shard is not ticked (no
+    /// timeout, keep-alive or close may touch a socket the new process may
+    /// own by now).
+    frozen: Cell<bool>,
 }
 
 impl Worker {
@@ -187,6 +206,13 @@ impl Worker {
             *self.actions.borrow_mut() = actions;
         }
         r
+    }
+
+    /// Tells every accept loop to drop its listener.
+    fn stop_accepting(&self) {
+        for stop in self.accept_stops.borrow_mut().drain(..) {
+            stop.notify();
+        }
     }
 
     fn client(&self, key: SessionKey) -> Option<Rc<client::ClientIo>> {
@@ -321,6 +347,35 @@ impl Worker {
                 let s = self.shard.borrow().stats(Instant::now());
                 let _ = tx.send(s);
             }
+            WorkerCommand::Freeze(reply) => {
+                let me = self.clone();
+                monoio::spawn(async move {
+                    let r = me.clone().freeze().await;
+                    if r.is_err() {
+                        // Not exported: nothing moved, go on.
+                        tracing::warn!(
+                            worker = me.index,
+                            "live upgrade: freeze failed; the control side thaws this worker"
+                        );
+                    }
+                    let _ = reply.send(r);
+                });
+            }
+            WorkerCommand::Thaw(listener) => self.thaw(listener),
+            WorkerCommand::Listen(listeners) => {
+                for l in listeners {
+                    match monoio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            monoio::spawn(client::accept_loop(self.clone(), l));
+                        }
+                        Err(e) => tracing::error!(worker = self.index, error = %e, "cannot accept on a listener"),
+                    }
+                }
+            }
+            WorkerCommand::Retire { handed, not_carried } => self.retire(handed, not_carried),
+            WorkerCommand::Adopt(snap, fds, reply) => {
+                let _ = reply.send(self.adopt(*snap, fds));
+            }
             WorkerCommand::Stop { drain_until, deadline } => {
                 if !self.stopping.replace(true) {
                     self.drain_until.set(drain_until);
@@ -353,7 +408,7 @@ impl Worker {
     async fn stop(self: Rc<Self>) {
         let until = self.drain_until.get();
         self.with_shard(|sh| sh.begin_drain(Instant::now(), until));
-        self.stop_accept.notify();
+        self.stop_accepting();
         tracing::info!(
             worker = self.index,
             sessions = self.shard.borrow().session_count(),
@@ -405,7 +460,9 @@ pub struct WorkerSetup {
     pub cpu: Option<usize>,
     pub cfg: Arc<Config>,
     pub routes: Arc<RouteTable>,
-    pub listener: std::net::TcpListener,
+    /// Its listening sockets: one, or more after a live upgrade from a
+    /// process with more workers.
+    pub listeners: Vec<std::net::TcpListener>,
     pub commands: Receiver<WorkerCommand>,
     pub ready: Sender<Result<WorkerInfo, String>>,
     /// Admission shared by every worker (per-IP limits, connection cap).
@@ -478,15 +535,29 @@ pub fn run(setup: WorkerSetup) {
 }
 
 async fn main(setup: WorkerSetup, io_driver: &'static str) {
-    let WorkerSetup { index, cpu, cfg, routes, listener, commands, ready, admission, access_tx, announce_tx, spans_tx } =
-        setup;
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(format!("worker {index}: listener: {e}")));
-            return;
+    let WorkerSetup {
+        index,
+        cpu,
+        cfg,
+        routes,
+        listeners,
+        commands,
+        ready,
+        admission,
+        access_tx,
+        announce_tx,
+        spans_tx,
+    } = setup;
+    let mut monoio_listeners = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        match monoio::net::TcpListener::from_std(listener) {
+            Ok(l) => monoio_listeners.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("worker {index}: listener: {e}")));
+                return;
+            }
         }
-    };
+    }
     let info = WorkerInfo { index, cpu, numa_node: cpu.and_then(crate::cpu::numa_node), io_driver };
     let node_name = cfg.server.node_name.clone();
     // Seeded from the clock, pid and worker so trace ids and jitter differ
@@ -503,7 +574,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         clients: RefCell::new(Vec::new()),
         backends: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
-        stop_accept: Notify::new(),
+        accept_stops: RefCell::new(Vec::new()),
         sessions_gone: Notify::new(),
         stop_done: Notify::new(),
         drain_until: Cell::new(Instant::now()),
@@ -514,13 +585,16 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         spans_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
+        frozen: Cell::new(false),
     });
     match cpu {
         Some(cpu) => tracing::info!(worker = index, cpu, io_driver, "worker started"),
         None => tracing::info!(worker = index, io_driver, "worker started (not pinned)"),
     }
     let _ = ready.send(Ok(info));
-    monoio::spawn(client::accept_loop(w.clone(), listener));
+    for listener in monoio_listeners {
+        monoio::spawn(client::accept_loop(w.clone(), listener));
+    }
     monoio::spawn(tick_loop(w.clone(), commands));
     w.stop_done.notified().await;
 }
@@ -556,7 +630,9 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
         if evict {
             last_evict = now;
         }
-        w.with_shard(|sh| sh.tick(now, sweep, evict));
+        if !w.frozen.get() {
+            w.with_shard(|sh| sh.tick(now, sweep, evict));
+        }
     }
 }
 

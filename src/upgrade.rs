@@ -1,0 +1,616 @@
+//! Live upgrade: a new gateway process takes over every listener, client
+//! socket, backend connection and session of a running one, dropping none.
+//! Operators' guide: docs/OPERATIONS.md "Live upgrade".
+//!
+//! The two processes talk over a Unix stream socket (`[upgrade] socket`):
+//! the old process listens on it; the new one is started with
+//! `--takeover PATH` (by hand, or by the old process itself on SIGUSR2).
+//!
+//! ```text
+//!  new                                   old
+//!  Hello{version} -------------------->  refuses a different version (nothing moved)
+//!                 <--------------------  Welcome
+//!                 <--------------------  Listeners + their descriptors
+//!  starts its workers on them (both accept now: no connection is refused)
+//!  ListenersTaken -------------------->  every worker: freeze (stop accepting,
+//!                                        stop each socket at an operation boundary,
+//!                                        export the shard with the bytes its tasks hold)
+//!                 <--------------------  Shard{snapshot} + descriptors (batches), per worker
+//!                 <--------------------  Exported{counts, when frozen}
+//!  checks it all
+//!  Ready -------------------------------> Commit: its workers retire (no socket
+//!                 <--------------------   touched) and the process exits
+//!  old worker i -> new worker i mod n: import, start the sockets' tasks
+//! ```
+//! Failure is safe up to `Ready`: if the new process fails, refuses or goes
+//! silent before it, the old one thaws every worker and goes on where it
+//! stopped (the new process's copies of the descriptors close with it). After
+//! `Commit`, the new process owns everything.
+//!
+//! Messages are postcard-encoded, each behind a 4-byte little-endian length;
+//! descriptors travel by SCM_RIGHTS, at most [`FD_BATCH`] per message, each
+//! batch announced by an `Fds` message and attached to one marker byte.
+
+use crate::shard::handoff::{ShardSnapshot, HANDOFF_VERSION};
+use crate::worker::handoff::{AdoptReport, FREEZE_TIMEOUT};
+use crate::worker::WorkerCommand;
+use crossbeam_channel::{bounded, Sender};
+use sendfd::{RecvWithFd, SendWithFd};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Descriptors per SCM_RIGHTS message (the kernel takes at most 253).
+pub const FD_BATCH: usize = 200;
+/// Longest wait for the other side's next message.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the new process may take to start its workers.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest message accepted (a snapshot of one worker's sessions).
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// Test hook: `GAME_GATEWAY_TEST_UPGRADE_FAIL=before-ready` makes the new
+/// process exit just before it confirms (the old one must resume);
+/// `=version` makes it announce another protocol version.
+pub const TEST_FAIL_ENV: &str = "GAME_GATEWAY_TEST_UPGRADE_FAIL";
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Msg {
+    Hello { version: u32, binary: String, pid: u32, workers: u32 },
+    Welcome { version: u32, binary: String, pid: u32, workers: u32 },
+    Refused { reason: String },
+    Listeners { addr: SocketAddr, count: u32 },
+    Fds { count: u32 },
+    ListenersTaken,
+    Shard { snapshot: Box<ShardSnapshot>, fds: u32 },
+    Exported { workers: u32, sessions: u64, conns: u64, not_carried: u64, frozen_at_unix_us: u64 },
+    Ready { sessions: u64 },
+    Commit,
+    Abort { reason: String },
+}
+
+impl Msg {
+    fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Welcome { .. } => "Welcome",
+            Msg::Refused { .. } => "Refused",
+            Msg::Listeners { .. } => "Listeners",
+            Msg::Fds { .. } => "Fds",
+            Msg::ListenersTaken => "ListenersTaken",
+            Msg::Shard { .. } => "Shard",
+            Msg::Exported { .. } => "Exported",
+            Msg::Ready { .. } => "Ready",
+            Msg::Commit => "Commit",
+            Msg::Abort { .. } => "Abort",
+        }
+    }
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// The framed, descriptor-carrying channel between the two processes.
+struct Channel {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Channel {
+    fn new(stream: UnixStream) -> Channel {
+        Channel { stream, buf: Vec::new(), fds: VecDeque::new() }
+    }
+
+    fn send(&mut self, m: &Msg) -> Result<(), String> {
+        let body = postcard::to_stdvec(m).map_err(|e| format!("encode {}: {e}", m.name()))?;
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).map_err(|e| format!("send {}: {e}", m.name()))
+    }
+
+    /// Sends descriptors, in batches.
+    fn send_fds(&mut self, fds: &[RawFd]) -> Result<(), String> {
+        for batch in fds.chunks(FD_BATCH) {
+            self.send(&Msg::Fds { count: batch.len() as u32 })?;
+            let n = self.stream.send_with_fd(&[0u8], batch).map_err(|e| format!("send descriptors: {e}"))?;
+            if n != 1 {
+                return Err("send descriptors: marker byte not sent".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more bytes (and any descriptors that come with them).
+    fn fill(&mut self, deadline: Instant) -> Result<(), String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out waiting for the other process".into());
+        }
+        let _ = self.stream.set_read_timeout(Some(left));
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut fds = [0 as RawFd; 253];
+        match self.stream.recv_with_fd(&mut chunk, &mut fds) {
+            Ok((0, _)) => Err("the other process closed the upgrade socket".into()),
+            Ok((n, nfds)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                for &fd in &fds[..nfds] {
+                    // SAFETY: received by SCM_RIGHTS just now: a new descriptor of
+                    // this process that nothing else owns.
+                    self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err("timed out waiting for the other process".into())
+            }
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    fn recv(&mut self, timeout: Duration) -> Result<Msg, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+                if len > MAX_MESSAGE {
+                    return Err(format!("message of {len} bytes: over the {MAX_MESSAGE}-byte limit"));
+                }
+                if self.buf.len() >= 4 + len {
+                    let m = postcard::from_bytes(&self.buf[4..4 + len]).map_err(|e| format!("decode: {e}"));
+                    self.buf.drain(..4 + len);
+                    return m;
+                }
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Receives `count` descriptors (announced by `Fds` messages).
+    fn recv_fds(&mut self, count: usize, timeout: Duration) -> Result<Vec<OwnedFd>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            match self.recv(deadline.saturating_duration_since(Instant::now()))? {
+                Msg::Fds { count: n } => {
+                    // The marker byte carries them.
+                    while self.buf.is_empty() {
+                        self.fill(deadline)?;
+                    }
+                    self.buf.remove(0);
+                    if self.fds.len() < n as usize {
+                        return Err(format!("{n} descriptors announced, {} arrived", self.fds.len()));
+                    }
+                    out.extend(self.fds.drain(..n as usize));
+                }
+                Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
+                m => return Err(format!("expected descriptors, got {}", m.name())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What `/status` shows of the last live upgrade (either side).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UpgradeStatus {
+    /// "old" (handing over) or "new" (taking over).
+    pub role: &'static str,
+    /// The current or last phase.
+    pub phase: String,
+    /// The other process's pid.
+    pub peer_pid: u32,
+    pub started_unix_ms: u64,
+    pub sessions: u64,
+    pub conns: u64,
+    pub not_carried: u64,
+    pub lost: u64,
+    /// From the first worker frozen to the last session adopted.
+    pub pause_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+static STATUS: Mutex<Option<UpgradeStatus>> = Mutex::new(None);
+
+/// The last live upgrade's status, if any happened.
+pub fn status() -> Option<UpgradeStatus> {
+    STATUS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn set_status(f: impl FnOnce(&mut UpgradeStatus)) {
+    let mut s = STATUS.lock().unwrap_or_else(|e| e.into_inner());
+    f(s.get_or_insert_with(UpgradeStatus::default));
+}
+
+fn phase(role: &'static str, p: &str) {
+    tracing::info!(role, phase = p, "live upgrade");
+    set_status(|s| {
+        s.role = role;
+        s.phase = p.to_string();
+    });
+}
+
+/// The listening sockets a process serves on, per worker, kept (as
+/// duplicates) by the control side for a live upgrade. Dropped when a drain
+/// starts, so a stopping gateway's port closes as before.
+#[derive(Clone, Default)]
+pub struct Listeners(Arc<Mutex<Option<Vec<WorkerListener>>>>);
+
+/// A listening socket and the worker that serves it.
+type WorkerListener = (usize, TcpListener);
+
+impl Listeners {
+    pub fn new(per_worker: Vec<WorkerListener>) -> Listeners {
+        Listeners(Arc::new(Mutex::new(Some(per_worker))))
+    }
+
+    /// Drop them (a drain began).
+    pub fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn raw_fds(&self) -> Option<Vec<RawFd>> {
+        let l = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        l.as_ref().map(|v| v.iter().map(|(_, l)| l.as_raw_fd()).collect())
+    }
+
+    fn for_worker(&self, worker: usize) -> Vec<TcpListener> {
+        let l = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter().flatten().filter(|(w, _)| *w == worker).filter_map(|(_, l)| l.try_clone().ok()).collect()
+    }
+}
+
+/// What the old side needs from the gateway.
+pub struct Source {
+    pub workers: Vec<Sender<WorkerCommand>>,
+    pub listeners: Listeners,
+    pub local_addr: SocketAddr,
+}
+
+/// Old process: listens on `path` for a new process; runs one handover at a
+/// time. On success `done` is called (the control loop exits the process).
+pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    if path.exists() {
+        // A stale socket from an earlier process (a live one would have
+        // handed over and exited by now, or is this process's parent).
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Only this user may take the sockets over.
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    let path = path.to_path_buf();
+    std::thread::Builder::new().name("gw-upgrade".into()).spawn(move || {
+        tracing::info!(socket = %path.display(), "live upgrade: listening for a new process");
+        for conn in listener.incoming() {
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "live upgrade: accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            match hand_over(Channel::new(conn), &source) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    done();
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "live upgrade failed: this process goes on serving");
+                    set_status(|s| {
+                        s.phase = "failed: resumed".into();
+                        s.error = Some(e);
+                    });
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Old side of one handover.
+fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
+    let (version, pid) = match ch.recv(STEP_TIMEOUT)? {
+        Msg::Hello { version, binary, pid, workers } => {
+            set_status(|s| {
+                *s = UpgradeStatus {
+                    role: "old",
+                    peer_pid: pid,
+                    started_unix_ms: unix_us() / 1000,
+                    ..Default::default()
+                }
+            });
+            tracing::info!(peer_pid = pid, peer_version = %binary, peer_workers = workers, "live upgrade: a new process asks to take over");
+            (version, pid)
+        }
+        m => return Err(format!("expected Hello, got {}", m.name())),
+    };
+    if version != HANDOFF_VERSION {
+        let reason = format!("handoff protocol version {version}, this process speaks {HANDOFF_VERSION}");
+        let _ = ch.send(&Msg::Refused { reason: reason.clone() });
+        return Err(format!("refused process {pid}: {reason}"));
+    }
+    ch.send(&Msg::Welcome {
+        version: HANDOFF_VERSION,
+        binary: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        workers: src.workers.len() as u32,
+    })?;
+    phase("old", "passing listeners");
+    let fds = src.listeners.raw_fds().ok_or("this process is draining: nothing to hand over")?;
+    ch.send(&Msg::Listeners { addr: src.local_addr, count: fds.len() as u32 })?;
+    ch.send_fds(&fds)?;
+    match ch.recv(START_TIMEOUT)? {
+        Msg::ListenersTaken => {}
+        Msg::Abort { reason } => return Err(format!("the new process gave up: {reason}")),
+        m => return Err(format!("expected ListenersTaken, got {}", m.name())),
+    }
+    phase("old", "freezing workers");
+    let frozen_at = unix_us();
+    let replies: Vec<_> = src
+        .workers
+        .iter()
+        .map(|tx| {
+            let (rtx, rrx) = bounded(1);
+            let sent = tx.send_timeout(WorkerCommand::Freeze(rtx), Duration::from_secs(1)).is_ok();
+            (sent, rrx)
+        })
+        .collect();
+    let mut exports: Vec<crate::worker::handoff::WorkerExport> = Vec::new();
+    let mut failure = None;
+    for (i, (sent, rx)) in replies.into_iter().enumerate() {
+        let r = if sent {
+            rx.recv_timeout(FREEZE_TIMEOUT + Duration::from_secs(2)).map_err(|_| format!("worker {i} did not answer"))
+        } else {
+            Err(format!("worker {i}: command channel full"))
+        };
+        match r.and_then(|r| r) {
+            Ok(e) => exports.push(e),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    let thaw = || {
+        for (i, tx) in src.workers.iter().enumerate() {
+            for l in src.listeners.for_worker(i) {
+                let _ = tx.send_timeout(WorkerCommand::Thaw(l), Duration::from_secs(1));
+            }
+        }
+    };
+    if let Some(e) = failure {
+        thaw();
+        let _ = ch.send(&Msg::Abort { reason: e.clone() });
+        return Err(e);
+    }
+    phase("old", "sending sessions");
+    let handed: Vec<u64> = exports.iter().map(|e| e.snapshot.sessions.len() as u64).collect();
+    let sent = (|| {
+        let (mut sessions, mut conns, mut not_carried) = (0u64, 0u64, 0u64);
+        for e in &exports {
+            sessions += e.snapshot.sessions.len() as u64;
+            conns += e.snapshot.conns.len() as u64;
+            not_carried += e.not_carried as u64;
+        }
+        for e in exports.iter_mut() {
+            let snapshot = Box::new(std::mem::take(&mut e.snapshot));
+            ch.send(&Msg::Shard { snapshot, fds: e.fds.len() as u32 })?;
+            let raw: Vec<RawFd> = e.fds.iter().map(|f| f.as_raw_fd()).collect();
+            ch.send_fds(&raw)?;
+        }
+        ch.send(&Msg::Exported {
+            workers: exports.len() as u32,
+            sessions,
+            conns,
+            not_carried,
+            frozen_at_unix_us: frozen_at,
+        })?;
+        set_status(|s| {
+            s.sessions = sessions;
+            s.conns = conns;
+            s.not_carried = not_carried;
+        });
+        match ch.recv(STEP_TIMEOUT)? {
+            Msg::Ready { sessions: got } if got == sessions => Ok(()),
+            Msg::Ready { sessions: got } => Err(format!("the new process took {got} sessions of {sessions}")),
+            Msg::Abort { reason } => Err(format!("the new process gave up: {reason}")),
+            m => Err(format!("expected Ready, got {}", m.name())),
+        }
+    })();
+    if let Err(e) = sent {
+        thaw();
+        let _ = ch.send(&Msg::Abort { reason: e.clone() });
+        return Err(e);
+    }
+    // From here the new process owns everything.
+    let _ = ch.send(&Msg::Commit);
+    src.listeners.close();
+    for ((tx, e), handed) in src.workers.iter().zip(&exports).zip(handed) {
+        let _ = tx
+            .send_timeout(WorkerCommand::Retire { handed, not_carried: e.not_carried as u64 }, Duration::from_secs(1));
+    }
+    phase("old", "handed over: exiting");
+    Ok(())
+}
+
+/// New side: the connection to the old process, between taking its
+/// listeners and taking its sessions.
+pub struct Takeover {
+    ch: Channel,
+    pub old_pid: u32,
+    /// The old process's listening sockets and their address.
+    pub listeners: Vec<TcpListener>,
+    pub addr: SocketAddr,
+}
+
+/// New process, step 1: connect, agree on the version, take the listeners.
+pub fn connect(path: &Path, workers: usize) -> Result<Takeover, String> {
+    let stream = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut ch = Channel::new(stream);
+    let version =
+        if std::env::var(TEST_FAIL_ENV).as_deref() == Ok("version") { HANDOFF_VERSION + 1000 } else { HANDOFF_VERSION };
+    ch.send(&Msg::Hello {
+        version,
+        binary: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        workers: workers as u32,
+    })?;
+    let old_pid = match ch.recv(STEP_TIMEOUT)? {
+        Msg::Welcome { pid, binary, workers, .. } => {
+            tracing::info!(old_pid = pid, old_version = %binary, old_workers = workers, "live upgrade: the old process agreed");
+            pid
+        }
+        Msg::Refused { reason } => return Err(format!("the old process refused: {reason}")),
+        m => return Err(format!("expected Welcome, got {}", m.name())),
+    };
+    set_status(|s| {
+        *s = UpgradeStatus { role: "new", peer_pid: old_pid, started_unix_ms: unix_us() / 1000, ..Default::default() }
+    });
+    phase("new", "taking listeners");
+    let (addr, count) = match ch.recv(STEP_TIMEOUT)? {
+        Msg::Listeners { addr, count } => (addr, count as usize),
+        Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
+        m => return Err(format!("expected Listeners, got {}", m.name())),
+    };
+    let listeners = ch.recv_fds(count, STEP_TIMEOUT)?.into_iter().map(TcpListener::from).collect();
+    Ok(Takeover { ch, old_pid, listeners, addr })
+}
+
+/// What the new process took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Taken {
+    pub sessions: u64,
+    pub conns: u64,
+    pub lost: u64,
+    pub not_carried: u64,
+    pub pause: Duration,
+}
+
+impl Takeover {
+    /// New process, step 2 (its workers run on the listeners): take every
+    /// session and stream, confirm, and adopt them into `workers` (old
+    /// worker i goes to new worker i mod n, with its backend streams, so
+    /// no session changes stream and backends see nothing).
+    pub fn take(mut self, workers: &[Sender<WorkerCommand>]) -> Result<Taken, String> {
+        let ch = &mut self.ch;
+        ch.send(&Msg::ListenersTaken)?;
+        phase("new", "receiving sessions");
+        let mut shards = Vec::new();
+        let (sessions, conns, not_carried, frozen_at) = loop {
+            match ch.recv(FREEZE_TIMEOUT + STEP_TIMEOUT)? {
+                Msg::Shard { snapshot, fds } => {
+                    let fds = ch.recv_fds(fds as usize, STEP_TIMEOUT)?;
+                    check(&snapshot, fds.len())?;
+                    shards.push((snapshot, fds));
+                }
+                Msg::Exported { sessions, conns, not_carried, frozen_at_unix_us, .. } => {
+                    break (sessions, conns, not_carried, frozen_at_unix_us)
+                }
+                Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
+                m => return Err(format!("expected Shard or Exported, got {}", m.name())),
+            }
+        };
+        let got: u64 = shards.iter().map(|(s, _)| s.sessions.len() as u64).sum();
+        if got != sessions {
+            let reason = format!("{got} sessions arrived of {sessions}");
+            let _ = ch.send(&Msg::Abort { reason: reason.clone() });
+            return Err(reason);
+        }
+        if std::env::var(TEST_FAIL_ENV).as_deref() == Ok("before-ready") {
+            tracing::error!("live upgrade: {TEST_FAIL_ENV}=before-ready: exiting before confirming");
+            std::process::exit(3);
+        }
+        ch.send(&Msg::Ready { sessions })?;
+        match ch.recv(STEP_TIMEOUT)? {
+            Msg::Commit => {}
+            Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
+            m => return Err(format!("expected Commit, got {}", m.name())),
+        }
+        phase("new", "adopting sessions");
+        let n = workers.len().max(1);
+        let mut replies = Vec::new();
+        for (snapshot, fds) in shards {
+            let to = snapshot.worker as usize % n;
+            let (tx, rx) = bounded(1);
+            if workers[to].send_timeout(WorkerCommand::Adopt(snapshot, fds, tx), Duration::from_secs(5)).is_err() {
+                return Err(format!("worker {to}: command channel full"));
+            }
+            replies.push(rx);
+        }
+        let mut report = AdoptReport::default();
+        for rx in replies {
+            let r = rx.recv_timeout(STEP_TIMEOUT).map_err(|_| "a worker did not adopt in time".to_string())?;
+            report.sessions += r.sessions;
+            report.conns += r.conns;
+            report.lost += r.lost;
+        }
+        let pause = Duration::from_micros(unix_us().saturating_sub(frozen_at));
+        let taken = Taken {
+            sessions: report.sessions as u64,
+            conns: report.conns as u64,
+            lost: report.lost as u64 + sessions.saturating_sub(report.sessions as u64 + report.lost as u64),
+            not_carried,
+            pause,
+        };
+        set_status(|s| {
+            s.phase = "complete".into();
+            s.sessions = taken.sessions;
+            s.conns = taken.conns;
+            s.lost = taken.lost;
+            s.not_carried = not_carried;
+            s.pause_ms = Some(pause.as_secs_f64() * 1000.0);
+        });
+        tracing::info!(
+            sessions = taken.sessions,
+            backend_streams = taken.conns,
+            expected_streams = conns,
+            lost = taken.lost,
+            not_carried,
+            pause_ms = pause.as_secs_f64() * 1000.0,
+            "live upgrade complete"
+        );
+        Ok(taken)
+    }
+}
+
+/// A snapshot's descriptor indices must all name one of the `fds` sent.
+fn check(s: &ShardSnapshot, fds: usize) -> Result<(), String> {
+    let bad = s
+        .sessions
+        .iter()
+        .map(|x| Some(x.fd))
+        .chain(s.conns.iter().map(|c| c.fd))
+        .flatten()
+        .find(|&i| i as usize >= fds);
+    match bad {
+        Some(i) => Err(format!("worker {}: descriptor {i} named, {fds} sent", s.worker)),
+        None => Ok(()),
+    }
+}
+
+/// Old process, on SIGUSR2: start this binary again, with the same
+/// arguments and `--takeover PATH`; it takes everything over and this
+/// process exits.
+pub fn reexec(socket: &Path) -> std::io::Result<u32> {
+    let exe = std::env::current_exe()?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // A process started by an earlier upgrade carries the flag already.
+    if let Some(i) = args.iter().position(|a| a == "--takeover") {
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    let child = std::process::Command::new(exe).args(args).arg("--takeover").arg(socket).spawn()?;
+    Ok(child.id())
+}

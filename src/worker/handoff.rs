@@ -1,0 +1,209 @@
+//! A worker's side of a live upgrade (see `crate::upgrade` for the whole
+//! sequence and docs/OPERATIONS.md for operators).
+//!
+//! Old process, per worker: [`Worker::freeze`] stops accepting, stops every
+//! session's reads and writes (client sockets are in readiness mode, so no
+//! operation is in flight on them), cancels each backend stream's in-flight
+//! read and write and keeps what they did, then exports the shard with the
+//! bytes the tasks hold and a duplicate of every socket. Then either
+//! [`Worker::thaw`] (the new process failed: everything goes on where it
+//! stopped) or [`Worker::retire`] (the new process has it all: the tasks end
+//! without touching a socket and the worker exits).
+//!
+//! New process, per worker: [`Worker::adopt`] imports the shard snapshots of
+//! the old workers mapped to it and starts the sockets' tasks.
+
+use super::{backend, client, Worker};
+use crate::shard::handoff::{ConnStateSnap, ShardSnapshot};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Longest a worker waits for its backend streams' cancelled operations.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One worker's state and sockets, on their way to the new process.
+pub struct WorkerExport {
+    pub snapshot: ShardSnapshot,
+    /// The descriptors the snapshot's `fd` fields index.
+    pub fds: Vec<OwnedFd>,
+    /// Sessions left behind (TLS), closed if the upgrade completes.
+    pub not_carried: usize,
+}
+
+/// What an adoption took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdoptReport {
+    pub sessions: usize,
+    pub conns: usize,
+    /// Sessions whose socket could not be set up here (closed, counted lost).
+    pub lost: usize,
+}
+
+/// A duplicate of `fd`, close-on-exec.
+fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) takes no pointers; `fd` is open (its
+    // owner is alive while the caller holds its handle).
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `n` was just returned by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+impl Worker {
+    /// Old process: stop and export (see the module docs).
+    pub(super) async fn freeze(self: Rc<Self>) -> Result<WorkerExport, String> {
+        let started = Instant::now();
+        self.frozen.set(true);
+        self.stop_accepting();
+        let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();
+        for io in &clients {
+            io.frozen.set(true);
+        }
+        let conns: Vec<Rc<backend::ConnIo>> = self.backends.borrow().iter().flatten().cloned().collect();
+        for io in &conns {
+            io.freeze();
+        }
+        let deadline = started + FREEZE_TIMEOUT;
+        while !conns.iter().all(|c| c.at_rest()) {
+            if Instant::now() >= deadline {
+                return Err(format!("worker {}: backend streams did not stop within {FREEZE_TIMEOUT:?}", self.index));
+            }
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let export = self.shard.borrow().export(Instant::now());
+        let mut snapshot = export.snapshot;
+        let mut fds = Vec::with_capacity(snapshot.sessions.len() + snapshot.conns.len());
+        for (snap, key) in snapshot.sessions.iter_mut().zip(&export.sessions) {
+            let io =
+                self.client(*key).ok_or_else(|| format!("worker {}: session {} has no socket", self.index, key.id))?;
+            fds.push(dup(io.raw_fd()).map_err(|e| format!("worker {}: dup: {e}", self.index))?);
+            snap.fd = fds.len() as u32 - 1;
+            snap.input = io.partial.borrow().to_vec();
+            let pending = io.pending.borrow();
+            if !pending.is_empty() {
+                let mut out = pending.to_vec();
+                out.extend_from_slice(&snap.out);
+                snap.out = out;
+            }
+        }
+        let backends = self.backends.borrow();
+        for (snap, (conn, generation)) in snapshot.conns.iter_mut().zip(&export.conns) {
+            let io = backends.get(conn.0 as usize).and_then(Option::as_ref).filter(|io| io.generation == *generation);
+            let fd = io.and_then(|io| io.fd.get()).filter(|_| io.is_some_and(|io| !io.reader_done.get()));
+            match (snap.state, io, fd) {
+                (ConnStateSnap::Up, Some(io), Some(fd)) => {
+                    fds.push(dup(fd).map_err(|e| format!("worker {}: dup: {e}", self.index))?);
+                    snap.fd = Some(fds.len() as u32 - 1);
+                    snap.input = io.reader_left.borrow().as_deref().unwrap_or_default().to_vec();
+                    if let Some(left) = io.writer_left.borrow().as_ref().filter(|l| !l.is_empty()) {
+                        let mut out = left.to_vec();
+                        out.extend_from_slice(&snap.out);
+                        snap.out = out;
+                    }
+                }
+                // Up in the shard but its socket is gone (its loss is on its
+                // way): the new process dials again.
+                (ConnStateSnap::Up, _, _) => snap.state = ConnStateSnap::Idle,
+                _ => {}
+            }
+        }
+        tracing::info!(
+            worker = self.index,
+            sessions = snapshot.sessions.len(),
+            conns = snapshot.conns.len(),
+            not_carried = export.not_carried.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "live upgrade: worker frozen and exported"
+        );
+        Ok(WorkerExport { snapshot, fds, not_carried: export.not_carried.len() })
+    }
+
+    /// Old process: the upgrade failed; go on, accepting on `listener`.
+    pub(super) fn thaw(self: &Rc<Self>, listener: std::net::TcpListener) {
+        self.frozen.set(false);
+        for io in self.clients.borrow().iter().flatten() {
+            io.frozen.set(false);
+            io.thaw_rd.notify();
+            io.thaw_wr.notify();
+            io.resume.notify();
+        }
+        for io in self.backends.borrow().iter().flatten() {
+            io.unfreeze();
+        }
+        match monoio::net::TcpListener::from_std(listener) {
+            Ok(l) => {
+                monoio::spawn(client::accept_loop(self.clone(), l));
+            }
+            Err(e) => tracing::error!(worker = self.index, error = %e, "live upgrade abandoned: cannot accept again"),
+        }
+        // Replies queued while frozen go out now.
+        let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();
+        for io in &clients {
+            self.flush_client(io);
+        }
+        tracing::info!(worker = self.index, "live upgrade abandoned: worker resumed");
+    }
+
+    /// Old process: the new one has everything; end without touching a
+    /// socket (dropping a descriptor closes only this process's copy).
+    pub(super) fn retire(self: &Rc<Self>, handed: u64, not_carried: u64) {
+        for io in self.clients.borrow().iter().flatten() {
+            io.retired.set(true);
+            io.thaw_rd.notify();
+            io.thaw_wr.notify();
+        }
+        for io in self.backends.borrow().iter().flatten() {
+            io.retire();
+        }
+        {
+            let mut sh = self.shard.borrow_mut();
+            sh.handed_over(handed, not_carried);
+        }
+        tracing::info!(worker = self.index, sessions = handed, "live upgrade complete: worker retired");
+        // The access-log writer ends with its last sender.
+        self.shard.borrow_mut().flush_access_log();
+        self.access_tx.borrow_mut().take();
+        self.stop_done.notify();
+    }
+
+    /// New process: take in `snap` (one old worker's) and start its sockets.
+    pub(super) fn adopt(self: &Rc<Self>, snap: ShardSnapshot, fds: Vec<OwnedFd>) -> AdoptReport {
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let imported = self.with_shard(|sh| sh.import(snap, Instant::now()));
+        let mut report = AdoptReport::default();
+        for (conn, generation, fd, input) in imported.conns {
+            let Some(fd) = fds.get_mut(fd as usize).and_then(Option::take) else { continue };
+            match backend::adopt(self, conn, generation, fd, input) {
+                Ok(io) => {
+                    let mut backends = self.backends.borrow_mut();
+                    let slot = conn.0 as usize;
+                    if backends.len() <= slot {
+                        backends.resize(slot + 1, None);
+                    }
+                    backends[slot] = Some(io);
+                    report.conns += 1;
+                }
+                Err(e) => tracing::error!(worker = self.index, error = %e, "live upgrade: backend stream not adopted"),
+            }
+        }
+        for (key, fd, input, _paused) in imported.sessions {
+            let adopted = fds
+                .get_mut(fd as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| std::io::Error::other("no descriptor"))
+                .and_then(|fd| client::adopt(self, key, fd, input));
+            match adopted {
+                Ok(()) => report.sessions += 1,
+                Err(e) => {
+                    tracing::error!(worker = self.index, session_id = key.id, error = %e, "live upgrade: session not adopted");
+                    report.lost += 1;
+                    self.with_shard(|sh| sh.handoff_lost(key, Instant::now()));
+                }
+            }
+        }
+        report
+    }
+}

@@ -1,0 +1,516 @@
+//! Live upgrade (docs/OPERATIONS.md "Live upgrade"): a new gateway process
+//! started with `--takeover PATH` takes every listener, client socket,
+//! backend connection and session from a running one, under steady load.
+//!
+//! Both gateways are the real binary. The clients (TCP and WebSocket, each
+//! frame sent in two writes so partial frames are in flight), the gate
+//! backend (`mock-backend`) and a seed_tcp echo backend live in this test
+//! process and see both gateways only through their sockets: every frame
+//! sent before, during and after the handover must come back exactly once
+//! and in order, no client and no backend connection may close, and no
+//! backend may see a session's `DISCONNECT` or a new connection.
+//!
+//! gRPC streams are not carried (see docs/OPERATIONS.md), so the backend
+//! modes here are gate and seed_tcp.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MSG_ID: u16 = 7;
+
+// ------------------------------------------------------------ seed_tcp echo
+
+/// A seed_tcp game server (docs/BACKENDS.md §3): one connection per session,
+/// every frame echoed as it came. Counts connections opened and closed.
+struct SeedEcho {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    frames: Arc<AtomicU64>,
+}
+
+fn seed_echo() -> SeedEcho {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (accepted, closed, frames) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, c, f) = (accepted.clone(), closed.clone(), frames.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            a.fetch_add(1, Ordering::Relaxed);
+            let (c, f) = (c.clone(), f.clone());
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let mut h = [0u8; 20];
+                    loop {
+                        if s.read_exact(&mut h).is_err() {
+                            break;
+                        }
+                        let len = i32::from_le_bytes(h[..4].try_into().unwrap()) as usize;
+                        let mut body = vec![0u8; len];
+                        if s.read_exact(&mut body).is_err() {
+                            break;
+                        }
+                        f.fetch_add(1, Ordering::Relaxed);
+                        let mut out = h.to_vec();
+                        out.extend_from_slice(&body);
+                        if s.write_all(&out).is_err() {
+                            break;
+                        }
+                    }
+                    c.fetch_add(1, Ordering::Relaxed);
+                })
+                .unwrap();
+        }
+    });
+    SeedEcho { addr, accepted, closed, frames }
+}
+
+// ------------------------------------------------------------------ clients
+
+/// One client: TCP or WebSocket, bound to one server type.
+struct Peer {
+    idx: u32,
+    s: TcpStream,
+    ws: bool,
+    server_type: u8,
+    next_send: u32,
+    next_recv: u32,
+    buf: Vec<u8>,
+}
+
+fn ws_wrap(frame: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut v = vec![0x82];
+    if frame.len() < 126 {
+        v.push(0x80 | frame.len() as u8);
+    } else {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    }
+    v.extend_from_slice(&mask);
+    v.extend(frame.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    v
+}
+
+impl Peer {
+    fn connect(addr: SocketAddr, idx: u32, ws: bool, server_type: u8) -> Peer {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if ws {
+            write!(
+                s,
+                "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).unwrap();
+                head.push(b[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        }
+        Peer { idx, s, ws, server_type, next_send: 0, next_recv: 0, buf: Vec::new() }
+    }
+
+    /// The wire bytes of this client's frame `seq`.
+    fn wire(&self, seq: u32) -> Vec<u8> {
+        let mut payload = self.idx.to_le_bytes().to_vec();
+        payload.extend_from_slice(&seq.to_le_bytes());
+        let f = Client::frame(MSG_ID, sid(0, self.server_type, 0), &payload);
+        if self.ws {
+            ws_wrap(&f)
+        } else {
+            f
+        }
+    }
+
+    /// One client frame from the gateway: (msg_id, payload).
+    fn read_frame(&mut self) -> std::io::Result<(u16, Vec<u8>)> {
+        loop {
+            let (skip, frame_at) = if self.ws {
+                if self.buf.len() < 2 {
+                    (0, None)
+                } else {
+                    if self.buf[0] != 0x82 {
+                        return Err(std::io::Error::other(format!(
+                            "not a binary message: {:02x?}",
+                            &self.buf[..self.buf.len().min(40)]
+                        )));
+                    }
+                    let (hl, len) = match self.buf[1] {
+                        126 if self.buf.len() >= 4 => (4, u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize),
+                        126 => (0, usize::MAX),
+                        n => (2, n as usize),
+                    };
+                    if len != usize::MAX && self.buf.len() >= hl + len {
+                        (hl + len, Some(hl))
+                    } else {
+                        (0, None)
+                    }
+                }
+            } else if self.buf.len() >= 8 {
+                let len = u16::from_le_bytes([self.buf[0], self.buf[1]]) as usize;
+                if self.buf.len() >= 8 + len {
+                    (8 + len, Some(0))
+                } else {
+                    (0, None)
+                }
+            } else {
+                (0, None)
+            };
+            if let Some(at) = frame_at {
+                let f = &self.buf[at..skip];
+                let msg_id = u16::from_le_bytes([f[2], f[3]]);
+                let payload = f[8..].to_vec();
+                self.buf.drain(..skip);
+                return Ok((msg_id, payload));
+            }
+            let mut chunk = [0u8; 4096];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed by the gateway")),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// What the load saw.
+#[derive(Debug, Default)]
+struct LoadReport {
+    rounds: u64,
+    frames: u64,
+    /// The longest round: an upper bound of the longest pause any frame saw.
+    longest_round: Duration,
+    failure: Option<String>,
+}
+
+/// Rounds until `stop`: every client sends one whole frame and the first
+/// part of the next (so the gateway holds partial frames), then the rest of
+/// it, then reads both replies and checks they are its own, in order.
+fn run_load(peers: &mut [Peer], stop: &AtomicBool, max_rounds: u64) -> LoadReport {
+    let mut r = LoadReport::default();
+    while !stop.load(Ordering::Relaxed) && r.rounds < max_rounds {
+        let start = Instant::now();
+        let mut halves = Vec::with_capacity(peers.len());
+        for p in peers.iter_mut() {
+            let mut bytes = p.wire(p.next_send);
+            let second = p.wire(p.next_send + 1);
+            let cut = 3 + (p.idx as usize % (second.len() - 4));
+            bytes.extend_from_slice(&second[..cut]);
+            if let Err(e) = p.s.write_all(&bytes) {
+                r.failure = Some(format!("client {} write: {e}", p.idx));
+                return r;
+            }
+            halves.push(second[cut..].to_vec());
+            p.next_send += 2;
+        }
+        for (p, rest) in peers.iter_mut().zip(&halves) {
+            if let Err(e) = p.s.write_all(rest) {
+                r.failure = Some(format!("client {} write: {e}", p.idx));
+                return r;
+            }
+        }
+        for p in peers.iter_mut() {
+            for _ in 0..2 {
+                match p.read_frame() {
+                    Ok((msg_id, payload)) => {
+                        let idx = u32::from_le_bytes(payload[..4].try_into().unwrap());
+                        let seq = u32::from_le_bytes(payload[4..8].try_into().unwrap());
+                        if msg_id != MSG_ID || idx != p.idx || seq != p.next_recv {
+                            r.failure = Some(format!(
+                                "client {} (ws {}, server type {}): got msg {msg_id} client {idx} seq {seq}, expected seq {}",
+                                p.idx, p.ws, p.server_type, p.next_recv
+                            ));
+                            return r;
+                        }
+                        p.next_recv += 1;
+                        r.frames += 1;
+                    }
+                    Err(e) => {
+                        r.failure = Some(format!(
+                            "client {} (ws {}, server type {}) waiting for seq {}: {e}",
+                            p.idx, p.ws, p.server_type, p.next_recv
+                        ));
+                        return r;
+                    }
+                }
+            }
+        }
+        r.longest_round = r.longest_round.max(start.elapsed());
+        r.rounds += 1;
+    }
+    r
+}
+
+// ---------------------------------------------------------------- processes
+
+struct Proc {
+    child: Child,
+    stderr: std::path::PathBuf,
+    first_line: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(cfg: &Path, args: &[&str], env: &[(&str, &str)], dir: &Path, tag: &str) -> Proc {
+        let stderr = dir.join(format!("{tag}.stderr"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_game-gateway"));
+        let mut child = cmd
+            .arg("--config")
+            .arg(cfg)
+            .args(args)
+            .env("LOG_LEVEL", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = BufReader::new(out);
+            let mut line = String::new();
+            let mut first = true;
+            while out.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if first {
+                    let _ = tx.send(line.clone());
+                    first = false;
+                }
+                line.clear();
+            }
+        });
+        Proc { child, stderr, first_line: rx }
+    }
+
+    /// (listen, admin) from the first stdout line.
+    fn listening(&self, within: Duration) -> (SocketAddr, SocketAddr) {
+        let line = self
+            .first_line
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", self.stderr_text()));
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        (parts[3].parse().unwrap(), parts[5].parse().unwrap())
+    }
+
+    fn wait_exit(&mut self, d: Duration) -> Option<i32> {
+        let deadline = Instant::now() + d;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(workers: usize, socket: &Path, gate: SocketAddr, seed: SocketAddr) -> String {
+    let routes = format!(
+        "{}{}",
+        route(1, 0, "round_robin", &[gate], ""),
+        route(2, 0, "round_robin", &[seed], "backend_protocol = \"seed_tcp\"\n")
+    );
+    let extra = format!(
+        "upgrade_socket = \"{}\"\n[backend]\nseed_pool_max = 4000\n[limits]\nidle_timeout = \"120s\"\n",
+        socket.display()
+    );
+    config_text(workers, &extra, &routes)
+}
+
+/// `n` clients: even ones TCP, odd ones WebSocket; alternately on the gate
+/// and the seed_tcp backend.
+fn clients(addr: SocketAddr, n: u32) -> Vec<Peer> {
+    (0..n).map(|i| Peer::connect(addr, i, i % 2 == 1, if (i / 2) % 2 == 0 { 1 } else { 2 })).collect()
+}
+
+fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The whole handover under load: `sessions` clients, `old_workers` ->
+/// `new_workers`. Returns the new process (still serving) and the report.
+fn handover(sessions: u32, old_workers: usize, new_workers: usize) {
+    let dir = TempDir::new("upgrade");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let old_cfg = dir.0.join("old.toml");
+    std::fs::write(&old_cfg, config(old_workers, &socket, gate.addr(), seed.addr)).unwrap();
+    let new_cfg = dir.0.join("new.toml");
+    std::fs::write(&new_cfg, config(new_workers, &socket, gate.addr(), seed.addr)).unwrap();
+
+    let mut old = Proc::spawn(&old_cfg, &[], &[], &dir.0, "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, sessions);
+    let warm = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(warm.failure.is_none(), "before the handover: {:?}", warm.failure);
+    let gate_conns = gate.connections();
+    let seed_accepted = seed.accepted.load(Ordering::Relaxed);
+    assert_eq!(seed_accepted, sessions as u64 / 2, "one seed_tcp connection per seed session");
+    let _ = gate.drain();
+
+    // Load runs through the handover, from another thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let load = std::thread::spawn(move || {
+        let r = run_load(&mut peers, &s2, 10_000);
+        (peers, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let new = Proc::spawn(&new_cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let (new_addr, new_admin) = new.listening(Duration::from_secs(30));
+    assert_eq!(new_addr, addr, "the new process serves the old one's listeners");
+    let code = old.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "the old process exits once it handed over; stderr:\n{}", old.stderr_text());
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (mut peers, report) = load.join().unwrap();
+    assert!(
+        report.failure.is_none(),
+        "during the handover: {:?}\nnew stderr:\n{}\nold stderr:\n{}",
+        report.failure,
+        new_stderr(&new),
+        old.stderr_text().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+
+    // After: every client still served, by the new process.
+    let after = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(after.failure.is_none(), "after the handover: {:?}", after.failure);
+    // New clients are accepted by the new process too.
+    let mut fresh = Peer::connect(addr, sessions + 1, false, 1);
+    let r = run_load(std::slice::from_mut(&mut fresh), &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "a new client: {:?}", r.failure);
+
+    // Backends saw nothing: no connection closed or opened, no DISCONNECT.
+    let events = gate.drain();
+    let seen: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Closed { .. } | Event::Accepted { .. } | Event::Disconnect { .. }))
+        .collect();
+    assert!(seen.is_empty(), "the gate backend saw {seen:?}");
+    assert_eq!(gate.connections(), gate_conns);
+    assert_eq!(seed.closed.load(Ordering::Relaxed), 0, "a seed_tcp connection closed");
+    // One more for the fresh client? No: it is on the gate backend.
+    assert_eq!(seed.accepted.load(Ordering::Relaxed), seed_accepted, "a seed_tcp connection was opened again");
+    assert!(seed.frames.load(Ordering::Relaxed) > 0);
+
+    // The new process says what it did.
+    let (code, status) = http_get(new_admin, "/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let up = &v["upgrade"];
+    assert_eq!(up["role"], "new", "{status}");
+    assert_eq!(up["phase"], "complete", "{status}");
+    assert_eq!(up["sessions"], sessions as u64, "{status}");
+    assert_eq!(up["lost"], 0, "{status}");
+    assert_eq!(
+        metric(new_admin, "game_gateway_handoff_sessions_total{direction=\"in\",result=\"handed_over\"}"),
+        sessions as f64
+    );
+    assert_eq!(metric(new_admin, "game_gateway_handoff_sessions_total{direction=\"in\",result=\"lost\"}"), 0.0);
+    println!(
+        "handover of {sessions} sessions ({old_workers} -> {new_workers} workers): {} frames checked, longest round {:?} \
+         (pause reported by the new process {} ms), takeover command to old exit {took:?}",
+        report.frames + after.frames,
+        report.longest_round,
+        up["pause_ms"]
+    );
+    drop(new);
+}
+
+fn new_stderr(p: &Proc) -> String {
+    p.stderr_text().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn two_thousand_sessions_move_to_a_new_process_under_load_and_nobody_notices() {
+    handover(2000, 2, 2);
+}
+
+#[test]
+fn a_new_process_with_a_different_worker_count_takes_over() {
+    handover(200, 2, 1);
+    handover(200, 1, 3);
+}
+
+#[test]
+fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
+    let dir = TempDir::new("upgrade-fail");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let cfg = dir.0.join("gw.toml");
+    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
+    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let (addr, admin) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, 200);
+    let warm = run_load(&mut peers, &AtomicBool::new(false), 2);
+    assert!(warm.failure.is_none(), "{:?}", warm.failure);
+    let _ = gate.drain();
+
+    for (fail, code, says) in [("before-ready", 3, "exiting before confirming"), ("version", 1, "refused")] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let load = std::thread::spawn(move || {
+            let r = run_load(&mut peers, &s2, 10_000);
+            (peers, r)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let mut new = Proc::spawn(
+            &cfg,
+            &["--takeover", socket.to_str().unwrap()],
+            &[("GAME_GATEWAY_TEST_UPGRADE_FAIL", fail)],
+            &dir.0,
+            fail,
+        );
+        assert_eq!(new.wait_exit(Duration::from_secs(30)), Some(code), "{}", new.stderr_text());
+        assert!(new.stderr_text().contains(says), "{}", new.stderr_text());
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let (p, report) = load.join().unwrap();
+        peers = p;
+        assert!(report.failure.is_none(), "{fail}: {:?}\nold stderr:\n{}", report.failure, old.stderr_text());
+        assert_eq!(old.child.try_wait().unwrap(), None, "{fail}: the old process goes on");
+        let (_, status) = http_get(admin, "/status");
+        assert!(status.contains("\"upgrade\""), "{status}");
+    }
+    // Nothing moved, nothing closed.
+    let events = gate.drain();
+    assert!(!events.iter().any(|e| matches!(e, Event::Closed { .. } | Event::Disconnect { .. })), "{events:?}");
+    assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
+    // And a later upgrade still works from the resumed state.
+    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    new.listening(Duration::from_secs(30));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
+    let r = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(r.failure.is_none(), "after the resumed process handed over: {:?}", r.failure);
+}
