@@ -611,6 +611,22 @@ pub fn reexec(socket: &Path) -> std::io::Result<u32> {
     if let Some(i) = args.iter().position(|a| a == "--takeover") {
         args.drain(i..(i + 2).min(args.len()));
     }
-    let child = std::process::Command::new(exe).args(args).arg("--takeover").arg(socket).spawn()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args).arg("--takeover").arg(socket);
+    // Descriptors this process holds without close-on-exec (sockets accepted
+    // by io_uring have none) must not reach the new process: it would keep
+    // every client connection open after closing its own copy.
+    // SAFETY: close_range(2) is async-signal-safe and touches no memory.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let (first, last) = (3 as libc::c_uint, libc::c_uint::MAX);
+            if libc::syscall(libc::SYS_close_range, first, last, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
     Ok(child.id())
 }

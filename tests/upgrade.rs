@@ -514,3 +514,95 @@ fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
     let r = run_load(&mut peers, &AtomicBool::new(false), 3);
     assert!(r.failure.is_none(), "after the resumed process handed over: {:?}", r.failure);
 }
+
+/// Kills a process by pid when dropped (one this test did not spawn itself).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
+    let dir = TempDir::new("upgrade-usr2");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let cfg = dir.0.join("gw.toml");
+    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
+    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, 100);
+    let warm = run_load(&mut peers, &AtomicBool::new(false), 2);
+    assert!(warm.failure.is_none(), "{:?}", warm.failure);
+    let _ = gate.drain();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let load = std::thread::spawn(move || {
+        let r = run_load(&mut peers, &s2, 10_000);
+        (peers, r)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe { libc::kill(old.child.id() as i32, libc::SIGUSR2) };
+    let code = old.wait_exit(Duration::from_secs(20));
+    // The successor logs into the same stderr; its pid is in the old one's line.
+    let text = old.stderr_text();
+    let pid: i32 = text
+        .lines()
+        .find(|l| l.contains("SIGUSR2: started a new process"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no successor started:\n{text}"));
+    let _successor = KillOnDrop(pid);
+    assert_eq!(code, Some(0), "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut peers, report) = load.join().unwrap();
+    assert!(report.failure.is_none(), "{:?}\n{text}", report.failure);
+    let after = run_load(&mut peers, &AtomicBool::new(false), 2);
+    assert!(after.failure.is_none(), "served by the successor: {:?}", after.failure);
+    let events = gate.drain();
+    assert!(!events.iter().any(|e| matches!(e, Event::Closed { .. } | Event::Disconnect { .. })), "{events:?}");
+    assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
+    // A session the successor ends is closed for real: no copy of its socket
+    // lingers in another process (sockets accepted by io_uring are not
+    // close-on-exec; the re-exec must not pass them on).
+    let kicked = *gate.sessions().first().expect("gate sessions");
+    gate.kick(kicked, 5, b"bye").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut closed = 0;
+    for p in peers.iter_mut().filter(|p| p.server_type == 1) {
+        p.s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 256];
+        loop {
+            match p.s.read(&mut b) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    assert_eq!(closed, 1, "the kicked client sees its connection end");
+    // And the successor holds one descriptor per socket, not a second copy
+    // of every client socket the old process had (sockets accepted by
+    // io_uring are not close-on-exec; the re-exec must not pass them on).
+    let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .ok()
+                .and_then(|e| std::fs::read_link(e.path()).ok())
+                .is_some_and(|t| t.to_string_lossy().starts_with("socket:"))
+        })
+        .count();
+    let expected = peers.len() + seed.accepted.load(Ordering::Relaxed) as usize;
+    assert!(sockets < expected + 32, "{sockets} sockets open in the successor for {expected} connections");
+    let mut probe = Peer::connect(addr, 999, false, 1);
+    let r = run_load(std::slice::from_mut(&mut probe), &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "{:?}", r.failure);
+}

@@ -1161,3 +1161,68 @@ fn announcements_reach_the_selected_sessions() {
     h.backend_send(A, f);
     assert_eq!(h.take_log().iter().filter(|x| matches!(x, Action::Announce(_))).count(), 1);
 }
+
+/// A live upgrade's state transfer without sockets: one shard exports, the
+/// snapshot goes through its wire encoding, another shard imports it, and
+/// the session goes on as if nothing happened: same id, same binding (no
+/// second `CONNECT`), queued bytes in both directions carried, a partial
+/// frame completed by the next read, and admission counted again.
+#[test]
+fn a_live_upgrade_carries_sessions_bindings_and_queues_to_another_shard() {
+    let cfg = config("", "", &route(10, A, ""));
+    let mut old = Harness::new(cfg.clone());
+    let s = old.accept(1);
+    old.send(s, 10, b"first").unwrap();
+    assert_eq!(old.backend_out(A), vec![Sent::Connect(s.id), Sent::Trans(s.id, b"first".to_vec())]);
+    // Queued both ways, not yet written: a reply for the client and a
+    // frame for the backend.
+    old.backend_send(A, trans(s.id, b"reply-1"));
+    old.send(s, 10, b"second").unwrap();
+    // Half of a third frame read, not yet forwarded (the driver holds it).
+    let mut third = BytesMut::new();
+    assert!(cproto::encode(&mut third, 7, ServerId::new(false, 1, 10, 0), b"third"));
+    let (head, tail) = third.split_at(5);
+
+    let mut export = old.sh.export(old.now);
+    assert_eq!(export.sessions, vec![s]);
+    let snap = &mut export.snapshot;
+    snap.sessions[0].input = head.to_vec();
+    for (i, c) in snap.conns.iter_mut().enumerate() {
+        if c.state == handoff::ConnStateSnap::Up {
+            c.fd = Some(i as u32 + 1);
+        }
+    }
+    let wire = postcard::to_stdvec(&export.snapshot).unwrap();
+    let snap: handoff::ShardSnapshot = postcard::from_bytes(&wire).unwrap();
+
+    let mut new = Harness::new(cfg);
+    let imported = new.sh.import(snap, new.now);
+    new.pump();
+    assert_eq!(imported.conns.len(), 1, "the stream is carried, connected");
+    let (conn, generation, _, _) = &imported.conns[0];
+    new.streams.insert(A.parse().unwrap(), (*conn, *generation));
+    assert!(!new.take_log().iter().any(|a| matches!(a, Action::Dial { .. })), "no dial: the socket came along");
+    let (key, _, input, _) = &imported.sessions[0];
+    assert_eq!(key.id, s.id);
+    assert_eq!(input, &head.to_vec());
+    // What was queued goes out on each side.
+    assert_eq!(new.client_out(*key), vec![(9, b"reply-1".to_vec())]);
+    assert_eq!(new.backend_out(A), vec![Sent::Trans(s.id, b"second".to_vec())]);
+    // The rest of the partial frame arrives: forwarded, with no CONNECT.
+    let mut buf = BytesMut::from(&input[..]);
+    buf.extend_from_slice(tail);
+    new.sh.client_data(*key, &mut buf, tail.len(), new.now).unwrap();
+    new.pump();
+    assert_eq!(new.backend_out(A), vec![Sent::Trans(s.id, b"third".to_vec())]);
+    // Replies on the carried stream reach it.
+    new.backend_send(A, trans(s.id, b"reply-2"));
+    assert_eq!(new.client_out(*key), vec![(9, b"reply-2".to_vec())]);
+    assert_eq!(new.sh.stats(new.now).handoff_sessions_in, 1);
+    assert_eq!(new.sh.ctx.admission.open(), 1, "counted against the node's connection cap");
+    // Ids handed out here from now on are above the carried one.
+    let next = new.sh.accept(SocketAddr::from(([10, 0, 0, 2], 9)), new.now).unwrap();
+    assert!(next.id > s.id);
+    // Its close is a normal one.
+    new.close(*key);
+    assert_eq!(new.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::ClientClosed as u8)]);
+}
