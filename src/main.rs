@@ -30,8 +30,13 @@ struct Cli {
     /// Live upgrade: take over every listener, session and backend
     /// connection of the gateway handing over on this Unix socket (its
     /// `[server] upgrade_socket`), then serve them (docs/OPERATIONS.md).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "takeover_or_start")]
     takeover: Option<PathBuf>,
+    /// As `--takeover`, but start normally when no gateway answers on PATH
+    /// (the socket is missing or nobody listens): for rollouts that start
+    /// every new process the same way (a Kubernetes DaemonSet with surge).
+    #[arg(long, value_name = "PATH")]
+    takeover_or_start: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -345,9 +350,14 @@ fn main() -> ExitCode {
     let routes = control::static_routes(&cfg, 1);
     // Live upgrade: the old process's listeners first (its config was
     // validated above; nothing has moved yet if this fails).
-    let mut takeover = match &cli.takeover {
+    let optional = cli.takeover_or_start.is_some();
+    let mut takeover = match cli.takeover.as_ref().or(cli.takeover_or_start.as_ref()) {
         Some(path) => match game_gateway::upgrade::connect(path, cfg.server.workers) {
             Ok(t) => Some(t),
+            Err(game_gateway::upgrade::ConnectError::NobodyThere(e)) if optional => {
+                tracing::info!(socket = %path.display(), error = %e, "no gateway to take over from: starting normally");
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "live upgrade: cannot take over");
                 eprintln!("game-gateway: takeover: {e}");
@@ -356,6 +366,7 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    let took_over = takeover.is_some();
     let inherited = takeover.as_mut().map(|t| std::mem::take(&mut t.listeners)).unwrap_or_default();
     let gw = match Gateway::start_with(cfg, routes.clone(), inherited, takeover.is_some()) {
         Ok(g) => g,
@@ -399,6 +410,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // systemd (Type=notify): up; after a live upgrade this process is the
+    // service's main process from now on (NotifyAccess=all).
+    let mut states = vec![sd_notify::NotifyState::Ready];
+    if took_over {
+        states.push(sd_notify::NotifyState::MainPid(std::process::id()));
+    }
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
     // One machine-readable line for scripts and tests that bind port 0.
     println!(
         "game-gateway listening on {} admin {} io_driver {}",

@@ -456,9 +456,33 @@ pub struct Takeover {
     pub addr: SocketAddr,
 }
 
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No gateway listens on the socket (missing, or refused): nothing to
+    /// take over.
+    #[error("no gateway answers: {0}")]
+    NobodyThere(String),
+    /// A gateway answered and the takeover failed (nothing moved).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for ConnectError {
+    fn from(e: String) -> ConnectError {
+        ConnectError::Failed(e)
+    }
+}
+
 /// New process, step 1: connect, agree on the version, take the listeners.
-pub fn connect(path: &Path, workers: usize) -> Result<Takeover, String> {
-    let stream = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn connect(path: &Path, workers: usize) -> Result<Takeover, ConnectError> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        let msg = format!("{}: {e}", path.display());
+        match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ConnectError::NobodyThere(msg),
+            _ => ConnectError::Failed(msg),
+        }
+    })?;
     let mut ch = Channel::new(stream);
     let version =
         if std::env::var(TEST_FAIL_ENV).as_deref() == Ok("version") { HANDOFF_VERSION + 1000 } else { HANDOFF_VERSION };
@@ -473,8 +497,8 @@ pub fn connect(path: &Path, workers: usize) -> Result<Takeover, String> {
             tracing::info!(old_pid = pid, old_version = %binary, old_workers = workers, "live upgrade: the old process agreed");
             pid
         }
-        Msg::Refused { reason } => return Err(format!("the old process refused: {reason}")),
-        m => return Err(format!("expected Welcome, got {}", m.name())),
+        Msg::Refused { reason } => return Err(format!("the old process refused: {reason}").into()),
+        m => return Err(format!("expected Welcome, got {}", m.name()).into()),
     };
     set_status(|s| {
         *s = UpgradeStatus { role: "new", peer_pid: old_pid, started_unix_ms: unix_us() / 1000, ..Default::default() }
@@ -482,8 +506,8 @@ pub fn connect(path: &Path, workers: usize) -> Result<Takeover, String> {
     phase("new", "taking listeners");
     let (addr, count) = match ch.recv(STEP_TIMEOUT)? {
         Msg::Listeners { addr, count } => (addr, count as usize),
-        Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
-        m => return Err(format!("expected Listeners, got {}", m.name())),
+        Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}").into()),
+        m => return Err(format!("expected Listeners, got {}", m.name()).into()),
     };
     let listeners = ch.recv_fds(count, STEP_TIMEOUT)?.into_iter().map(TcpListener::from).collect();
     Ok(Takeover { ch, old_pid, listeners, addr })
@@ -605,7 +629,12 @@ fn check(s: &ShardSnapshot, fds: usize) -> Result<(), String> {
 /// arguments and `--takeover PATH`; it takes everything over and this
 /// process exits.
 pub fn reexec(socket: &Path) -> std::io::Result<u32> {
-    let exe = std::env::current_exe()?;
+    // Replaced on disk (the upgrade's point), the running binary's path
+    // reads "... (deleted)": the new file is at the path without it.
+    let mut exe = std::env::current_exe()?;
+    if let Some(p) = exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        exe = std::path::PathBuf::from(p);
+    }
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // A process started by an earlier upgrade carries the flag already.
     if let Some(i) = args.iter().position(|a| a == "--takeover") {

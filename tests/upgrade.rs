@@ -618,3 +618,41 @@ fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
     let r = run_load(std::slice::from_mut(&mut probe), &AtomicBool::new(false), 1);
     assert!(r.failure.is_none(), "{:?}", r.failure);
 }
+
+/// The rollout shape for orchestrators: every new process is started with
+/// `--takeover-or-start` (the first one finds nobody and starts normally),
+/// and with `after_handover = "wait"` the old process stays up, idle and not
+/// ready, until it is stopped, instead of exiting (a container that exits is
+/// restarted).
+#[test]
+fn takeover_or_start_and_wait_after_handover() {
+    let dir = TempDir::new("upgrade-orch");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let cfg = dir.0.join("gw.toml");
+    let text =
+        config(1, &socket, gate.addr(), seed.addr).replacen("[server]\n", "[server]\nafter_handover = \"wait\"\n", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let sock = socket.to_str().unwrap();
+    let mut first = Proc::spawn(&cfg, &["--takeover-or-start", sock], &[], &dir.0, "first");
+    let (addr, first_admin) = first.listening(Duration::from_secs(10));
+    assert!(first.stderr_text().contains("no gateway to take over from"), "{}", first.stderr_text());
+    let mut peers = clients(addr, 20);
+    assert!(run_load(&mut peers, &AtomicBool::new(false), 2).failure.is_none());
+    let second = Proc::spawn(&cfg, &["--takeover-or-start", sock], &[], &dir.0, "second");
+    let (addr2, _) = second.listening(Duration::from_secs(30));
+    assert_eq!(addr2, addr);
+    let r = run_load(&mut peers, &AtomicBool::new(false), 2);
+    assert!(r.failure.is_none(), "{:?}", r.failure);
+    // The first one waits, not ready, until stopped.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(first.child.try_wait().unwrap(), None, "{}", first.stderr_text());
+    assert_eq!(http_get(first_admin, "/ready").0, 503);
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
+    // Its exit touches nothing of the sessions.
+    let r = run_load(&mut peers, &AtomicBool::new(false), 2);
+    assert!(r.failure.is_none(), "{:?}", r.failure);
+    assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
+}

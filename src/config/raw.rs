@@ -205,6 +205,7 @@ pub(crate) struct RawServer {
     pub(crate) proxy_protocol: bool,
     pub(crate) proxy_trusted: Vec<String>,
     pub(crate) upgrade_socket: String,
+    pub(crate) after_handover: String,
 }
 
 impl Default for RawServer {
@@ -220,6 +221,7 @@ impl Default for RawServer {
             proxy_protocol: false,
             proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
             upgrade_socket: String::new(),
+            after_handover: "exit".into(),
         }
     }
 }

@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// Live upgrade: the Unix socket this process hands over on (listens
     /// on, for a `--takeover` process or after SIGUSR2); `None` = off.
     pub upgrade_socket: Option<std::path::PathBuf>,
+    /// After handing everything to a new process: `false` exit at once;
+    /// `true` stay up, idle and not ready, until stopped (for orchestrators
+    /// that restart a container whose process exits).
+    pub wait_after_handover: bool,
 }
 
 #[derive(Debug, Clone)]

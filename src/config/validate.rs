@@ -291,6 +291,14 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
     });
     let drain_timeout = p.duration("server", "drain_timeout", &s.drain_timeout);
     let upgrade_socket = (!s.upgrade_socket.is_empty()).then(|| std::path::PathBuf::from(&s.upgrade_socket));
+    let wait_after_handover = match s.after_handover.as_str() {
+        "exit" => false,
+        "wait" => true,
+        other => {
+            p.push("server", None, "after_handover", format!("{other:?} is not one of exit, wait"));
+            false
+        }
+    };
     if upgrade_socket.as_ref().is_some_and(|p| p.is_relative()) {
         p.push("server", None, "upgrade_socket", format!("{:?} is not an absolute path", s.upgrade_socket));
     }
@@ -314,6 +322,7 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         proxy_protocol: s.proxy_protocol,
         proxy_trusted,
         upgrade_socket,
+        wait_after_handover,
     }
 }
 

@@ -326,7 +326,7 @@ impl Control {
                     return Ok(());
                 }
                 Ok(ControlEvent::HandedOver) => {
-                    c.handed_over();
+                    c.handed_over(&rx);
                     return Ok(());
                 }
                 Ok(ControlEvent::Drain) => {
@@ -389,10 +389,22 @@ impl Control {
     /// reason 6, queues flushed, exit.
     /// A live upgrade gave everything to a new process: the workers are
     /// retiring; wait for them and exit (no drain: nothing is left here).
-    fn handed_over(self) {
+    fn handed_over(self, rx: &crossbeam_channel::Receiver<ControlEvent>) {
         self.stats.ready.store(false, Ordering::Relaxed);
         self.stop_sub.store(true, Ordering::Relaxed);
+        let wait = self.running.server.wait_after_handover;
         self.gw.join();
+        if wait {
+            // `after_handover = "wait"`: idle, /ready 503, until stopped.
+            tracing::info!("live upgrade: everything handed over; idle until stopped (after_handover = \"wait\")");
+            for ev in rx.iter() {
+                match ev {
+                    ControlEvent::Signal(libc::SIGHUP) | ControlEvent::Signal(libc::SIGUSR2) => {}
+                    ControlEvent::Signal(_) | ControlEvent::Drain => break,
+                    _ => {}
+                }
+            }
+        }
         tracing::info!("live upgrade: everything handed over; exiting");
     }
 
