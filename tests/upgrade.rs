@@ -656,3 +656,53 @@ fn takeover_or_start_and_wait_after_handover() {
     assert!(r.failure.is_none(), "{:?}", r.failure);
     assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
 }
+
+/// TLS sessions cannot be carried (rustls keeps its keys to itself): they
+/// stay with the old process and end with it, the new process tells their
+/// backend (`DISCONNECT` 6) and counts them, and every plaintext session on
+/// the same backend connection moves as usual.
+#[test]
+fn tls_sessions_are_not_carried_and_their_backend_is_told() {
+    use common::tls::*;
+    let pki = Pki::new();
+    let leaf = pki.leaf("gw", &["gw.test"]);
+    let dir = TempDir::new("upgrade-tls");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let cfg = dir.0.join("gw.toml");
+    let text = config(1, &socket, gate.addr(), seed.addr)
+        .replace("[log]", &format!("{}\n[log]", tls_section("optional", &[leaf])));
+    std::fs::write(&cfg, text).unwrap();
+    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, 8);
+    assert!(run_load(&mut peers, &AtomicBool::new(false), 2).failure.is_none());
+    let mut t = tls_connect(&pki, addr, "gw.test");
+    t.write_all(&Client::frame(MSG_ID, sid(0, 1, 0), b"over tls")).unwrap();
+    let mut head = [0u8; 8];
+    t.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u16::from_le_bytes([head[0], head[1]]) as usize];
+    t.read_exact(&mut body).unwrap();
+    assert_eq!(body, b"over tls");
+    let tls_session = *gate.sessions().iter().max().unwrap();
+    let _ = gate.drain();
+
+    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let (_, new_admin) = new.listening(Duration::from_secs(30));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
+    // The TLS client's connection ended with the old process.
+    let mut b = [0u8; 16];
+    assert!(matches!(t.read(&mut b), Ok(0) | Err(_)), "the TLS session ends");
+    // Its backend was told, once, by the new process; nobody else was.
+    let ev = gate.wait_for(Duration::from_secs(5), |e| matches!(e, Event::Disconnect { .. }));
+    assert!(matches!(ev, Some(Event::Disconnect { session, reason: 6, .. }) if session == tls_session), "{ev:?}");
+    let r = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(r.failure.is_none(), "{:?}", r.failure);
+    let events = gate.drain();
+    assert!(!events.iter().any(|e| matches!(e, Event::Disconnect { .. } | Event::Closed { .. })), "{events:?}");
+    let (_, status) = http_get(new_admin, "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["upgrade"]["not_carried"], 1, "{status}");
+    assert_eq!(v["upgrade"]["sessions"], 8, "{status}");
+}

@@ -26,6 +26,8 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("server.cpus", format!("{:?}", o.cpus), format!("{:?}", n.cpus));
     check("server.io_driver", o.io_driver.to_string(), n.io_driver.to_string());
     check("server.node_id", o.node_id.to_string(), n.node_id.to_string());
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or("off".to_string(), |p| p.display().to_string());
+    check("server.upgrade_socket", path(&o.upgrade_socket), path(&n.upgrade_socket));
     let redis =
         |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));

@@ -2,6 +2,8 @@
 //! as the real binary), blocking game clients, and the mock backend.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use game_gateway::config::Config;
 use game_gateway::control::static_routes;
 use game_gateway::gateway::Gateway;
