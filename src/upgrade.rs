@@ -220,6 +220,31 @@ pub struct UpgradeStatus {
 
 static STATUS: Mutex<Option<UpgradeStatus>> = Mutex::new(None);
 
+/// A handover is under way in this process: workers look at their command
+/// channel every millisecond instead of every tick.
+static IN_PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a handover is under way in this process.
+pub fn in_progress() -> bool {
+    IN_PROGRESS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Marks a handover under way for as long as it lives.
+struct InProgress;
+
+impl InProgress {
+    fn start() -> InProgress {
+        IN_PROGRESS.store(true, std::sync::atomic::Ordering::Relaxed);
+        InProgress
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        IN_PROGRESS.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The last live upgrade's status, if any happened.
 pub fn status() -> Option<UpgradeStatus> {
     STATUS.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -325,6 +350,7 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
 
 /// Old side of one handover.
 fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
+    let _fast = InProgress::start();
     let (version, pid) = match ch.recv(STEP_TIMEOUT)? {
         Msg::Hello { version, binary, pid, workers } => {
             set_status(|s| {
@@ -386,9 +412,7 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
     }
     let thaw = || {
         for (i, tx) in src.workers.iter().enumerate() {
-            for l in src.listeners.for_worker(i) {
-                let _ = tx.send_timeout(WorkerCommand::Thaw(l), Duration::from_secs(1));
-            }
+            let _ = tx.send_timeout(WorkerCommand::Thaw(src.listeners.for_worker(i)), Duration::from_secs(1));
         }
     };
     if let Some(e) = failure {
@@ -529,6 +553,7 @@ impl Takeover {
     /// worker i goes to new worker i mod n, with its backend streams, so
     /// no session changes stream and backends see nothing).
     pub fn take(mut self, workers: &[Sender<WorkerCommand>]) -> Result<Taken, String> {
+        let _fast = InProgress::start();
         let ch = &mut self.ch;
         ch.send(&Msg::ListenersTaken)?;
         phase("new", "receiving sessions");

@@ -152,6 +152,11 @@ pub(super) async fn run(w: Rc<Worker>, io: Rc<ConnIo>, conn: ConnId, addr: Socke
             return w.with_shard(|sh| sh.backend_lost(conn, generation, LossKind::DialTimeout, &err, Instant::now()));
         }
     };
+    // Connected while frozen for a live upgrade: the new process dials this
+    // stream again itself; this one waits, and ends unused once retired.
+    if io.frozen.get() && !io.wait_thaw(&io.thaw_wr).await {
+        return;
+    }
     if !w.with_shard(|sh| sh.backend_connected(conn, generation, start.elapsed(), Instant::now())) {
         return;
     }

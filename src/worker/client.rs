@@ -150,6 +150,8 @@ fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let io = ClientIo::new(key, stream);
+    // Accepted as a live upgrade froze this worker: frozen with the rest.
+    io.frozen.set(w.frozen.get());
     w.insert_client(io.clone());
     monoio::spawn(read_loop(w.clone(), io));
 }

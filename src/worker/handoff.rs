@@ -73,6 +73,11 @@ impl Worker {
             }
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
+        // A connection accepted while the accept loops were stopping is a
+        // session too: frozen with the rest before anything is read.
+        for io in self.clients.borrow().iter().flatten() {
+            io.frozen.set(true);
+        }
         let export = self.shard.borrow().export(Instant::now());
         let mut snapshot = export.snapshot;
         let mut fds = Vec::with_capacity(snapshot.sessions.len() + snapshot.conns.len());
@@ -121,9 +126,12 @@ impl Worker {
         Ok(WorkerExport { snapshot, fds, not_carried: export.not_carried.len() })
     }
 
-    /// Old process: the upgrade failed; go on, accepting on `listener`.
-    pub(super) fn thaw(self: &Rc<Self>, listener: std::net::TcpListener) {
-        self.frozen.set(false);
+    /// Old process: the upgrade failed; go on, accepting on `listeners`
+    /// (this worker's). Nothing to do for a worker that was not frozen.
+    pub(super) fn thaw(self: &Rc<Self>, listeners: Vec<std::net::TcpListener>) {
+        if !self.frozen.replace(false) {
+            return;
+        }
         for io in self.clients.borrow().iter().flatten() {
             io.frozen.set(false);
             io.thaw_rd.notify();
@@ -133,11 +141,15 @@ impl Worker {
         for io in self.backends.borrow().iter().flatten() {
             io.unfreeze();
         }
-        match monoio::net::TcpListener::from_std(listener) {
-            Ok(l) => {
-                monoio::spawn(client::accept_loop(self.clone(), l));
+        for listener in listeners {
+            match monoio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    monoio::spawn(client::accept_loop(self.clone(), l));
+                }
+                Err(e) => {
+                    tracing::error!(worker = self.index, error = %e, "live upgrade abandoned: cannot accept again")
+                }
             }
-            Err(e) => tracing::error!(worker = self.index, error = %e, "live upgrade abandoned: cannot accept again"),
         }
         // Replies queued while frozen go out now.
         let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();

@@ -56,6 +56,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How often a worker looks at its command channel and clock.
 pub const TICK: Duration = Duration::from_millis(20);
+/// The tick while a live upgrade is in progress (see `crate::upgrade`).
+pub const UPGRADE_TICK: Duration = Duration::from_millis(1);
 /// How often sessions are checked against idle and handshake timeouts.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Commands handled per tick, so a burst of control traffic cannot stall I/O.
@@ -126,8 +128,8 @@ pub enum WorkerCommand {
     /// Start accepting on these listeners (a gateway started with deferred
     /// accepting, after a live upgrade).
     Listen(Vec<std::net::TcpListener>),
-    /// Live upgrade abandoned: go on, accepting on this listener again.
-    Thaw(std::net::TcpListener),
+    /// Live upgrade abandoned: go on, accepting on these listeners again.
+    Thaw(Vec<std::net::TcpListener>),
     /// Live upgrade done: end at once, touching no socket. The counts are
     /// this worker's sessions handed over and left behind.
     Retire { handed: u64, not_carried: u64 },
@@ -267,6 +269,9 @@ impl Worker {
             }
             Action::Dial { conn, generation, addr, protocol, timeout } => {
                 let io = backend::ConnIo::new(generation);
+                // Frozen for a live upgrade: it may connect, but it sends
+                // nothing until thawed (the new process dials on its own).
+                io.frozen.set(self.frozen.get());
                 let mut backends = self.backends.borrow_mut();
                 let slot = conn.0 as usize;
                 if backends.len() <= slot {
@@ -361,7 +366,7 @@ impl Worker {
                     let _ = reply.send(r);
                 });
             }
-            WorkerCommand::Thaw(listener) => self.thaw(listener),
+            WorkerCommand::Thaw(listeners) => self.thaw(listeners),
             WorkerCommand::Listen(listeners) => {
                 for l in listeners {
                     match monoio::net::TcpListener::from_std(l) {
@@ -603,7 +608,10 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
     let mut last_sweep = Instant::now();
     let mut last_evict = Instant::now();
     loop {
-        monoio::time::sleep(TICK).await;
+        // While a live upgrade runs, commands (freeze, adopt) are picked up
+        // every millisecond: each tick of delay is pause for every session.
+        let tick = if crate::upgrade::in_progress() { UPGRADE_TICK } else { TICK };
+        monoio::time::sleep(tick).await;
         for _ in 0..MAX_COMMANDS_PER_TICK {
             match commands.try_recv() {
                 Ok(cmd) => w.handle_command(cmd),
