@@ -10,6 +10,8 @@
 # and longest load round (the handover's pause is inside the longest), the
 # pause the new process reports (first old worker frozen -> last session
 # adopted) and the time from the takeover command to the old process's exit.
+# Then, per driver, the failure test (a new process that exits before it
+# confirms, one that refuses the version): the load rounds around it.
 #
 # Usage: perf/upgrade.sh [N...]            default: 2000 5000 10000
 # Environment: DRIVERS="io_uring epoll"
@@ -31,5 +33,11 @@ for drv in $DRIVERS; do
     grep -h "^handover of" "$OUT/run-$drv-$n.log" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || { echo "FAILED (rc $rc): $OUT/run-$drv-$n.log" | tee -a "$OUT/summary.txt"; }
   done
+  # A new process that exits before confirming, and one that refuses the
+  # version: the old one resumes; the pause the attempt cost its sessions.
+  echo "== failed takeovers, $drv" | tee -a "$OUT/summary.txt"
+  GATEWAY_TEST_IO_DRIVER=$drv cargo test --release --test upgrade fails -- --nocapture >"$OUT/fail-$drv.log" 2>&1 \
+    || echo "FAILED: $OUT/fail-$drv.log" | tee -a "$OUT/summary.txt"
+  grep -h "^failed takeover" "$OUT/fail-$drv.log" | tee -a "$OUT/summary.txt"
 done
 echo "results: $OUT"

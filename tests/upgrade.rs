@@ -517,6 +517,14 @@ fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
         let (p, report) = load.join().unwrap();
         peers = p;
         assert!(report.failure.is_none(), "{fail}: {:?}\nold stderr:\n{}", report.failure, old.stderr_text());
+        let mut rounds = report.round_times.clone();
+        rounds.sort();
+        println!(
+            "failed takeover ({fail}) of 200 sessions: {} frames checked, rounds: median {:.1} ms, longest {:.1} ms",
+            report.frames,
+            rounds.get(rounds.len() / 2).copied().unwrap_or_default().as_secs_f64() * 1e3,
+            report.longest_round.as_secs_f64() * 1e3
+        );
         assert_eq!(old.child.try_wait().unwrap(), None, "{fail}: the old process goes on");
         let (_, status) = http_get(admin, "/status");
         assert!(status.contains("\"upgrade\""), "{status}");
