@@ -432,8 +432,9 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
         for e in exports.iter_mut() {
             let snapshot = Box::new(std::mem::take(&mut e.snapshot));
             ch.send(&Msg::Shard { snapshot, fds: e.fds.len() as u32 })?;
-            let raw: Vec<RawFd> = e.fds.iter().map(|f| f.as_raw_fd()).collect();
-            ch.send_fds(&raw)?;
+            // The frozen worker keeps them open until it is thawed or
+            // retired, both after this (see `WorkerExport::fds`).
+            ch.send_fds(&e.fds)?;
         }
         ch.send(&Msg::Exported {
             workers: exports.len() as u32,

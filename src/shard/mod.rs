@@ -193,6 +193,23 @@ pub(crate) enum Action {
     Spans(Vec<crate::otlp::SpanRecord>),
 }
 
+impl Action {
+    /// Whether carrying it out writes to, shuts down, closes or opens a
+    /// socket (a worker frozen for a live upgrade defers these).
+    pub(crate) fn touches_sockets(&self) -> bool {
+        match self {
+            Action::WakeClient(_)
+            | Action::ShutdownClient(..)
+            | Action::ResumeClient(_)
+            | Action::Closed { .. }
+            | Action::Dial { .. }
+            | Action::WakeBackend(_)
+            | Action::CloseBackend { .. } => true,
+            Action::AccessLog { .. } | Action::SessionsGone | Action::Announce(_) | Action::Spans(_) => false,
+        }
+    }
+}
+
 /// A realm-wide announcement: one client frame for every selected session
 /// of every core. Shared between cores (one buffer), never copied per core.
 #[derive(Debug)]

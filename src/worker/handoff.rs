@@ -15,7 +15,7 @@
 
 use super::{backend, client, Worker};
 use crate::shard::handoff::{ConnStateSnap, ShardSnapshot};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,13 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
 /// One worker's state and sockets, on their way to the new process.
 pub struct WorkerExport {
     pub snapshot: ShardSnapshot,
-    /// The descriptors the snapshot's `fd` fields index.
-    pub fds: Vec<OwnedFd>,
+    /// The descriptors the snapshot's `fd` fields index: this worker's own,
+    /// not duplicates (a process near its open-file limit could not double
+    /// them). They stay open while the worker is frozen: a frozen worker
+    /// closes no socket (its socket actions wait for the thaw, and its tasks
+    /// hold their sockets) until it is thawed or retired, which the control
+    /// side does only after sending them.
+    pub fds: Vec<RawFd>,
     /// Sessions left behind (TLS), closed if the upgrade completes.
     pub not_carried: usize,
 }
@@ -38,18 +43,6 @@ pub struct AdoptReport {
     pub conns: usize,
     /// Sessions whose socket could not be set up here (closed, counted lost).
     pub lost: usize,
-}
-
-/// A duplicate of `fd`, close-on-exec.
-fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) takes no pointers; `fd` is open (its
-    // owner is alive while the caller holds its handle).
-    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `n` was just returned by fcntl and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 impl Worker {
@@ -84,7 +77,7 @@ impl Worker {
         for (snap, key) in snapshot.sessions.iter_mut().zip(&export.sessions) {
             let io =
                 self.client(*key).ok_or_else(|| format!("worker {}: session {} has no socket", self.index, key.id))?;
-            fds.push(dup(io.raw_fd()).map_err(|e| format!("worker {}: dup: {e}", self.index))?);
+            fds.push(io.raw_fd());
             snap.fd = fds.len() as u32 - 1;
             snap.input = io.partial.borrow().to_vec();
             let pending = io.pending.borrow();
@@ -100,7 +93,7 @@ impl Worker {
             let fd = io.and_then(|io| io.fd.get()).filter(|_| io.is_some_and(|io| !io.reader_done.get()));
             match (snap.state, io, fd) {
                 (ConnStateSnap::Up, Some(io), Some(fd)) => {
-                    fds.push(dup(fd).map_err(|e| format!("worker {}: dup: {e}", self.index))?);
+                    fds.push(fd);
                     snap.fd = Some(fds.len() as u32 - 1);
                     snap.input = io.reader_left.borrow().as_deref().unwrap_or_default().to_vec();
                     if let Some(left) = io.writer_left.borrow().as_ref().filter(|l| !l.is_empty()) {
@@ -150,6 +143,11 @@ impl Worker {
                     tracing::error!(worker = self.index, error = %e, "live upgrade abandoned: cannot accept again")
                 }
             }
+        }
+        // What the shard asked for meanwhile, in order.
+        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+        for a in deferred {
+            self.run_action(a);
         }
         // Replies queued while frozen go out now.
         let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();

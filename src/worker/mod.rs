@@ -190,6 +190,8 @@ pub(crate) struct Worker {
     /// timeout, keep-alive or close may touch a socket the new process may
     /// own by now).
     frozen: Cell<bool>,
+    /// Socket actions that came while frozen, for the thaw.
+    deferred: RefCell<Vec<Action>>,
 }
 
 impl Worker {
@@ -239,6 +241,13 @@ impl Worker {
     }
 
     fn run_action(self: &Rc<Self>, a: Action) {
+        if self.frozen.get() && a.touches_sockets() {
+            // Frozen for a live upgrade: no socket is written, shut down or
+            // closed (the new process may own it by now); these run on the
+            // thaw, or never once the worker retires.
+            self.deferred.borrow_mut().push(a);
+            return;
+        }
         match a {
             Action::WakeClient(key) => {
                 if let Some(io) = self.client(key) {
@@ -591,6 +600,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
         frozen: Cell::new(false),
+        deferred: RefCell::new(Vec::new()),
     });
     match cpu {
         Some(cpu) => tracing::info!(worker = index, cpu, io_driver, "worker started"),
