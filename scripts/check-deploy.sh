@@ -23,9 +23,14 @@
 #                   custom resources (ServiceMonitor, PrometheusRule: no schema
 #                   there) against a strict subset of monitoring.coreos.com/v1,
 #                   and the rendered PrometheusRule through promtool
-#   rules:O         the deployment's rules (Guaranteed QoS with whole cores, probes,
-#                   grace > drain, admin binding, token Secret mount, Job -> Redis,
-#                   PDB, ServiceMonitor target, overlay specifics)
+#   rules:O         the deployment's rules for the gateway workload (StatefulSet, or
+#                   DaemonSet in host-network-live-upgrade): Guaranteed QoS with
+#                   whole cores, probes, grace > drain, admin binding, token Secret
+#                   mount, Job -> Redis, same image as the Job, PDB, ServiceMonitor
+#                   target, overlay specifics (live upgrade: surge strategy, no
+#                   hostPort/anti-affinity, shared hostPath socket directory made
+#                   writable, --takeover-or-start = upgrade_socket, after_handover
+#                   = wait, no drift from base and host-network)
 #   config:*        the gateway binary's --check-config on every shipped config,
 #                   whole ([admin] token_file read from a stand-in token file;
 #                   the same config without the file must be refused)
@@ -36,7 +41,9 @@
 #                   uid 65532; the gateway started in the chroot answers
 #                   /health, /ready, /metrics and drains on SIGTERM
 #   systemd         systemd-analyze verify (a copy whose paths point at the built
-#                   binary; any warning fails), unit-vs-config rules, exposure score
+#                   binary; any warning fails), unit-vs-config rules (with
+#                   upgrade_socket: Type=notify, NotifyAccess=all, ExitType=cgroup,
+#                   the socket in the RuntimeDirectory), exposure score
 #   tune-host       check mode changes nothing on this host; --apply/--persist/
 #                   --strict on a fake /proc and /sys tree
 #   e2e             scripts/test-prometheus.sh
@@ -177,7 +184,8 @@ else
 fi
 
 # --- Kubernetes ------------------------------------------------------------------------------
-for overlay in host-network pod-network; do
+overlays=(host-network pod-network host-network-live-upgrade)
+for overlay in "${overlays[@]}"; do
   section "kubernetes: $overlay"
   out="$WORK/$overlay"
   mkdir -p "$out"
@@ -248,7 +256,7 @@ if [ -n "$GW" ]; then
   section "configs"
   check_config default config/gateway.toml
   check_config systemd deploy/systemd/gateway.toml
-  for overlay in host-network pod-network; do
+  for overlay in "${overlays[@]}"; do
     [ -s "$WORK/k8s-$overlay.toml" ] \
       && check_config "k8s-$overlay" "$WORK/k8s-$overlay.toml" "$(cat "$WORK/k8s-$overlay.token" 2>/dev/null)"
   done
@@ -369,7 +377,7 @@ else
   sd_ok=0
 fi
 "${PY[@]}" check-unit "$unit" deploy/systemd/gateway.toml || sd_ok=0
-if [ "$sd_ok" = 1 ]; then record systemd PASS "verify clean, exposure $exposure, stop timeout > drain"
+if [ "$sd_ok" = 1 ]; then record systemd PASS "verify clean, exposure $exposure, stop timeout > drain, live-upgrade settings"
 else record systemd FAIL "see above"; fi
 
 # --- tune-host ---------------------------------------------------------------------------------

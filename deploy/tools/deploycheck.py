@@ -5,6 +5,7 @@
   deploycheck.py check-prometheusrule FILE...  the PrometheusRule (source and rendered) == alerts.yml
   deploycheck.py split RENDERED OUTDIR         core kinds -> OUTDIR/core.yaml, CRD kinds -> OUTDIR/crd-*.yaml
   deploycheck.py check-rendered RENDERED OVERLAY   the deployment rules (QoS, probes, grace, ...)
+                                               of the gateway workload (StatefulSet or DaemonSet)
   deploycheck.py extract RENDERED KIND NAME KEY    print ConfigMap/Secret data KEY
   deploycheck.py check-unit UNIT CONFIG        systemd unit vs its config (stop timeout > drain)
   deploycheck.py metric-names FILE...          metric names used in rule files / dashboard JSON
@@ -27,6 +28,8 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEPLOY = os.path.dirname(HERE)
 ALERTS = os.path.join(DEPLOY, "prometheus", "alerts.yml")
+K8S = os.path.join(DEPLOY, "kubernetes")
+WORKLOAD_KINDS = ("StatefulSet", "DaemonSet")
 PROMRULE = os.path.join(DEPLOY, "kubernetes", "components", "monitoring", "prometheusrule.yaml")
 CRD_GROUPS = ("monitoring.coreos.com/",)
 
@@ -154,14 +157,24 @@ def check_rendered(rendered, overlay):
     docs = load_all(rendered)
     kinds = {d["kind"] for d in docs}
     print(f"-- {overlay}: {len(docs)} objects")
-    sts = find(docs, "StatefulSet", "game-gateway")
-    if sts is None:
-        fail("no StatefulSet game-gateway")
+    # The gateway workload: a StatefulSet (host-network, pod-network) or a
+    # DaemonSet (host-network-live-upgrade), exactly one.
+    workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS and d["metadata"]["name"] == "game-gateway"]
+    if len(workloads) != 1:
+        fail(f"want one gateway workload (StatefulSet or DaemonSet game-gateway), found "
+             f"{[d['kind'] for d in workloads] or 'none'}")
         return
-    pod = sts["spec"]["template"]["spec"]
-    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
-    ns = sts["metadata"].get("namespace")
-    ok(f"StatefulSet game-gateway in namespace {ns}, {sts['spec']['replicas']} replicas")
+    wl = workloads[0]
+    wl_kind = wl["kind"]
+    pod = wl["spec"]["template"]["spec"]
+    pod_labels = wl["spec"]["template"]["metadata"]["labels"]
+    ns = wl["metadata"].get("namespace")
+    if not matches(wl["spec"]["selector"]["matchLabels"], pod_labels):
+        fail(f"{wl_kind} selector {wl['spec']['selector']['matchLabels']} does not select its own pods")
+    if wl_kind == "StatefulSet":
+        ok(f"StatefulSet game-gateway in namespace {ns}, {wl['spec'].get('replicas', 1)} replicas")
+    else:
+        ok(f"DaemonSet game-gateway in namespace {ns}, one pod per node matching {pod.get('nodeSelector')}")
     for d in docs:
         if d["kind"] != "Namespace" and d["metadata"].get("namespace") != ns:
             fail(f"{d['kind']}/{d['metadata']['name']} is in namespace {d['metadata'].get('namespace')}, not {ns}")
@@ -295,11 +308,12 @@ def check_rendered(rendered, overlay):
     for s in svcs:
         if not matches(s["spec"]["selector"], pod_labels):
             fail(f"Service {s['metadata']['name']} does not select the gateway pods")
-    head = find(docs, "Service", sts["spec"]["serviceName"])
-    if head and head["spec"].get("clusterIP") == "None":
-        ok(f"headless Service {head['metadata']['name']} governs the StatefulSet")
-    else:
-        fail(f"StatefulSet serviceName {sts['spec']['serviceName']} is not a headless Service here")
+    if wl_kind == "StatefulSet":
+        head = find(docs, "Service", wl["spec"].get("serviceName", ""))
+        if head and head["spec"].get("clusterIP") == "None":
+            ok(f"headless Service {head['metadata']['name']} governs the StatefulSet")
+        else:
+            fail(f"StatefulSet serviceName {wl['spec'].get('serviceName')} is not a headless Service here")
     sm = find(docs, "ServiceMonitor")
     if sm:
         sel = sm["spec"]["selector"]["matchLabels"]
@@ -324,13 +338,28 @@ def check_rendered(rendered, overlay):
     else:
         fail("no Grafana dashboard ConfigMap labelled grafana_dashboard=1")
 
+    # The gateway and the routes Job run the same image (an overlay's own
+    # workload is not reached by base's images: entry).
+    if job is not None:
+        jimg = job["spec"]["template"]["spec"]["containers"][0]["image"]
+        if gw["image"] == jimg:
+            ok(f"gateway and routes Job run the same image {jimg}")
+        else:
+            fail(f"gateway image {gw['image']} != routes Job image {jimg} (set images: where both are reached)")
+
     # Overlay specifics.
     anti = pod.get("affinity", {}).get("podAntiAffinity", {})
-    if overlay == "host-network":
+    want_kind = "DaemonSet" if overlay == "host-network-live-upgrade" else "StatefulSet"
+    if wl_kind != want_kind:
+        fail(f"{overlay} overlay runs the gateway as a {wl_kind}, want a {want_kind}")
+    if overlay in ("host-network", "host-network-live-upgrade"):
         if pod.get("hostNetwork") is True and pod.get("dnsPolicy") == "ClusterFirstWithHostNet":
             ok("hostNetwork with dnsPolicy ClusterFirstWithHostNet")
         else:
-            fail("host-network overlay without hostNetwork: true / dnsPolicy: ClusterFirstWithHostNet")
+            fail(f"{overlay} overlay without hostNetwork: true / dnsPolicy: ClusterFirstWithHostNet")
+    if overlay == "host-network-live-upgrade":
+        check_live_upgrade(wl, pod, pod_labels, gw, cfg, cfg_text)
+    elif overlay == "host-network":
         req = anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
         if any(t["topologyKey"] == "kubernetes.io/hostname" and matches(t["labelSelector"]["matchLabels"], pod_labels)
                for t in req):
@@ -349,6 +378,154 @@ def check_rendered(rendered, overlay):
                f"externalTrafficPolicy {lb[0]['spec'].get('externalTrafficPolicy', 'Cluster')}")
         else:
             fail("pod-network overlay has no Service exposing the game port")
+
+
+def _load_doc(path, kind=None):
+    docs = load_all(path)
+    return next((d for d in docs if kind is None or d.get("kind") == kind), None)
+
+
+def _nonzero(v):
+    """maxSurge / maxUnavailable: an int or a percentage."""
+    return int(str(v).rstrip("%") or 0) > 0
+
+
+def check_live_upgrade(wl, pod, pod_labels, gw, cfg, cfg_text):
+    """overlays/host-network-live-upgrade: a DaemonSet whose surge pod takes
+    over from the old one on the same node through a shared Unix socket."""
+    strat = wl["spec"].get("updateStrategy", {})
+    ru = strat.get("rollingUpdate", {})
+    surge, unavail = ru.get("maxSurge", 0), ru.get("maxUnavailable", 1)
+    if strat.get("type") == "RollingUpdate" and _nonzero(surge) and not _nonzero(unavail):
+        ok(f"DaemonSet RollingUpdate maxSurge {surge}, maxUnavailable {unavail}: the new pod starts next to the old one")
+    else:
+        fail(f"DaemonSet updateStrategy {strat}: want RollingUpdate with maxSurge >= 1 and maxUnavailable 0 "
+             "(the new pod must start while the old one runs)")
+    host_ports = [f"{c['name']}:{p['containerPort']}" for c in pod.get("initContainers", []) + pod["containers"]
+                  for p in c.get("ports", []) if p.get("hostPort")]
+    if host_ports:
+        fail(f"hostPort on {host_ports}: the surge pod would stay Pending next to the old one (port conflict)")
+    else:
+        ok("no hostPort: two gateway pods fit on a node during an upgrade")
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    if any(matches(t.get("labelSelector", {}).get("matchLabels"), pod_labels) for t in anti):
+        fail("required pod anti-affinity against the gateway pods: the surge pod would stay Pending")
+    else:
+        ok("no required anti-affinity against the gateway pods (the DaemonSet keeps one per node)")
+
+    srv = cfg.get("server", {})
+    sock = srv.get("upgrade_socket", "")
+    if not sock or not os.path.isabs(sock):
+        fail(f"server.upgrade_socket is {sock!r}: want an absolute path (the shared Unix socket)")
+        return
+    args = gw.get("args", [])
+    if "--takeover-or-start" in args and args.index("--takeover-or-start") + 1 < len(args) \
+            and args[args.index("--takeover-or-start") + 1] == sock:
+        ok(f"args --takeover-or-start {sock} == server.upgrade_socket")
+    else:
+        fail(f"gateway args {args}: want --takeover-or-start {sock} (server.upgrade_socket)")
+    if "--takeover" in args:
+        fail("gateway args carry --takeover: the first pod on a node (nobody to take over from) would fail")
+    if srv.get("after_handover") == "wait":
+        ok('after_handover = "wait": the old pod stays idle until deleted (an exited container would restart and take back)')
+    else:
+        fail(f"server.after_handover is {srv.get('after_handover', 'exit')!r}, want \"wait\": an exited container is "
+             "restarted, and with --takeover-or-start it would take everything back from the new pod")
+
+    # The socket's directory: a writable hostPath both pods mount.
+    d = os.path.dirname(sock)
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mount = next((m for m in gw.get("volumeMounts", []) if m["mountPath"] == d), None)
+    hp = vols.get(mount["name"], {}).get("hostPath") if mount else None
+    if mount and hp and not mount.get("readOnly") and hp.get("type") in ("DirectoryOrCreate", "Directory") \
+            and hp.get("path") == "/run/game-gateway":
+        ok(f"{d} is hostPath {hp['path']} ({hp['type']}), mounted read-write: shared by the old and the new pod")
+    else:
+        fail(f"the upgrade socket's directory {d} is not a read-write mount of hostPath /run/game-gateway "
+             f"(DirectoryOrCreate) (mount {mount}, volume {hp})")
+        return
+    # The kubelet creates it root-owned 0755 and fsGroup does not apply to
+    # hostPath: something must hand it to the gateway's user.
+    uid = (gw.get("securityContext", {}).get("runAsUser") or pod.get("securityContext", {}).get("runAsUser"))
+    chown = [c for c in pod.get("initContainers", [])
+             if any(m["name"] == mount["name"] and m["mountPath"] == d for m in c.get("volumeMounts", []))
+             and "CHOWN" in c.get("securityContext", {}).get("capabilities", {}).get("add", [])
+             and any(str(uid) in a for a in c.get("command", []) + c.get("args", []))
+             and any("chown" in a for a in c.get("command", []) + c.get("args", []))]
+    if chown:
+        c = chown[0]
+        caps = c["securityContext"]["capabilities"]
+        if caps.get("drop") == ["ALL"] and caps.get("add") == ["CHOWN"] \
+                and c["securityContext"].get("allowPrivilegeEscalation") is False:
+            ok(f"init container {c['name']} hands {d} to uid {uid} (CAP_CHOWN only)")
+        else:
+            fail(f"init container {c['name']} has more than CAP_CHOWN: {c['securityContext']}")
+    else:
+        fail(f"nothing makes hostPath {d} writable by uid {uid} (the kubelet creates it root-owned; fsGroup does "
+             "not apply to hostPath): add an init container with CAP_CHOWN")
+
+    check_live_upgrade_drift(pod, gw, cfg)
+
+
+def _toml_diff(a, b, prefix=""):
+    """Dotted keys whose values differ between two parsed TOML documents."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in _toml_diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_live_upgrade_drift(pod, gw, cfg):
+    """The overlay's DaemonSet and gateway.toml are copies (a StatefulSet
+    cannot become a DaemonSet by patching; the gateway reads one config
+    file): they must equal base's and host-network's but for the documented
+    differences."""
+    base = _load_doc(os.path.join(K8S, "base", "statefulset.yaml"), "StatefulSet")
+    hn = _load_doc(os.path.join(K8S, "overlays", "host-network", "statefulset-host-network.yaml"), "StatefulSet")
+    bpod = base["spec"]["template"]["spec"]
+    bgw = next(c for c in bpod["containers"] if c["name"] == "gateway")
+    drift = []
+    for k in ("serviceAccountName", "automountServiceAccountToken", "enableServiceLinks",
+              "terminationGracePeriodSeconds", "securityContext"):
+        if pod.get(k) != bpod.get(k):
+            drift.append(f"pod {k}: {pod.get(k)} != base {bpod.get(k)}")
+    hpod = hn["spec"]["template"]["spec"]
+    for k in ("nodeSelector", "tolerations", "dnsPolicy", "hostNetwork"):
+        if pod.get(k) != hpod.get(k):
+            drift.append(f"pod {k}: {pod.get(k)} != host-network {hpod.get(k)}")
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    for v in bpod.get("volumes", []):
+        if vols.get(v["name"]) != v:
+            drift.append(f"volume {v['name']} differs from base")
+    for k in ("env", "lifecycle", "securityContext"):
+        if gw.get(k) != bgw.get(k):
+            drift.append(f"gateway {k}: {gw.get(k)} != base {bgw.get(k)}")
+    strip = lambda ps: [{k: p.get(k) for k in ("name", "containerPort", "protocol")} for p in ps]
+    if strip(gw.get("ports", [])) != strip(bgw.get("ports", [])):
+        drift.append(f"gateway ports {gw.get('ports')} != base {bgw.get('ports')}")
+    if gw.get("args", [])[:len(bgw["args"])] != bgw["args"]:
+        drift.append(f"gateway args {gw.get('args')} do not start with base's {bgw['args']}")
+    for m in bgw.get("volumeMounts", []):
+        if m not in gw.get("volumeMounts", []):
+            drift.append(f"gateway volumeMount {m} of base missing")
+    # Probes: same endpoints; timings may differ (daemonset.yaml says why).
+    for probe in ("readinessProbe", "livenessProbe"):
+        if gw.get(probe, {}).get("httpGet") != bgw.get(probe, {}).get("httpGet"):
+            drift.append(f"gateway {probe} endpoint {gw.get(probe, {}).get('httpGet')} != base")
+    with open(os.path.join(K8S, "base", "gateway.toml"), "rb") as f:
+        bcfg = tomllib.load(f)
+    mine = json.loads(json.dumps(cfg))
+    for k in ("upgrade_socket", "after_handover"):
+        mine.get("server", {}).pop(k, None)
+    diff = _toml_diff(mine, bcfg)
+    if diff:
+        drift.append(f"gateway.toml differs from base/gateway.toml in {diff} "
+                     "(only server.upgrade_socket and server.after_handover may)")
+    if drift:
+        for x in drift:
+            fail(f"drift from base/host-network: {x}")
+    else:
+        ok("DaemonSet pod and gateway.toml equal base's / host-network's apart from the live-upgrade differences")
 
 
 def extract(rendered, kind, name, key):
@@ -577,6 +754,63 @@ def check_unit(unit, config):
         ok(f"ExecStart reads {cfgs[0]}")
     else:
         fail(f"ExecStart --config {cfgs} does not name {os.path.basename(config)}")
+    check_unit_upgrade(kv, srv)
+
+
+def unit_writable_dirs(kv):
+    """Directories a ProtectSystem=strict unit may write: the ones systemd
+    creates for it (owned by its user) and ReadWritePaths=."""
+    roots = {"RuntimeDirectory": "/run", "StateDirectory": "/var/lib", "CacheDirectory": "/var/cache",
+             "LogsDirectory": "/var/log", "ConfigurationDirectory": "/etc"}
+    dirs = set()
+    for key, root in roots.items():
+        for v in kv.get(key, []):
+            dirs.update(f"{root}/{d.split(':')[0].strip('/')}" for d in v.split())
+    rw = {p.lstrip("-+") for v in kv.get("ReadWritePaths", []) for p in v.split()}
+    return dirs, rw
+
+
+def check_unit_upgrade(kv, srv):
+    """Live upgrade under systemd: SIGUSR2 re-executes the binary, the child
+    takes over and becomes the main process (MAINPID=), the old one exits."""
+    sock = srv.get("upgrade_socket", "")
+    if not sock:
+        ok("no server.upgrade_socket: live upgrade off")
+        return
+    if not os.path.isabs(sock):
+        fail(f"server.upgrade_socket {sock!r} is not an absolute path")
+        return
+    # The successor is a child of the main process: systemd must take its
+    # READY=1/MAINPID= (NotifyAccess=all) and must not end the unit when the
+    # old main process exits first (ExitType=cgroup).
+    for k, v in {"Type": "notify", "NotifyAccess": "all", "ExitType": "cgroup", "KillMode": "mixed"}.items():
+        got = kv.get(k, [None])[-1]
+        if got == v:
+            ok(f"{k}={v} (live upgrade)")
+        else:
+            fail(f"{k} is {got}, want {v}: server.upgrade_socket is set (live upgrade)")
+    d = os.path.dirname(sock)
+    dirs, rw = unit_writable_dirs(kv)
+    if d in dirs:
+        ok(f"upgrade_socket {sock} is in the unit's own directory {d} (writable, owned by {kv.get('User', ['root'])[-1]})")
+    elif any(d == p or d.startswith(p.rstrip("/") + "/") for p in rw):
+        ok(f"upgrade_socket {sock} is under ReadWritePaths= (the directory must be writable by the unit's user)")
+    else:
+        fail(f"upgrade_socket directory {d} is not writable by the unit: make it the RuntimeDirectory= "
+             f"(/run/<name>) or list it in ReadWritePaths=")
+    if srv.get("after_handover", "exit") != "exit":
+        fail(f"server.after_handover = {srv.get('after_handover')!r} under systemd: the old process would stay "
+             "in the unit, idle, until it stops; use \"exit\" (\"wait\" is for Kubernetes)")
+    else:
+        ok("after_handover = exit: the old process leaves the unit once it has handed over")
+    fam = " ".join(kv.get("RestrictAddressFamilies", []))
+    if fam and "AF_UNIX" not in fam.split():
+        fail("RestrictAddressFamilies lacks AF_UNIX: the upgrade socket and sd_notify need it")
+    for v in kv.get("SystemCallFilter", []):
+        if v.startswith("~") and set(v[1:].split()) & {"@process", "execve", "close_range", "@basic-io", "clone", "fork"}:
+            fail(f"SystemCallFilter={v} denies what the SIGUSR2 re-execution needs (fork/execve/close_range)")
+    if any("--takeover" in v for v in kv.get("ExecStart", [])):
+        fail("ExecStart carries --takeover: SIGUSR2 adds it itself; a restart must start fresh")
 
 
 # --- metric names ---------------------------------------------------------------
