@@ -142,6 +142,10 @@ pub struct ControlStats {
     pub fd_budget: Mutex<Option<FdBudget>>,
     /// From the start of a drain until the process exits.
     pub draining: AtomicBool,
+    /// A live upgrade handed everything to a new process: `/health` says so
+    /// (200) and the admin listener closes after its next connection, so
+    /// probes on the shared port reach the new process.
+    pub handed_over: AtomicBool,
     /// The bearer token state-changing admin calls need (`[admin]
     /// token_file`, re-read on every config reload); `None` = no check.
     pub admin_token: Mutex<Option<AdminToken>>,

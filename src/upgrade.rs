@@ -331,7 +331,8 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
             };
             match hand_over(Channel::new(conn), &source) {
                 Ok(()) => {
-                    let _ = std::fs::remove_file(&path);
+                    // The socket file is left alone: the new process binds
+                    // its own at the same path (removing this one first).
                     done();
                     return;
                 }

@@ -662,13 +662,26 @@ fn takeover_or_start_and_wait_after_handover() {
     // The first one waits, not ready, until stopped.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(first.child.try_wait().unwrap(), None, "{}", first.stderr_text());
-    assert_eq!(http_get(first_admin, "/ready").0, 503);
+    // Its admin port says so once, then closes: the successor answers on
+    // the shared port (SO_REUSEPORT) from then on.
+    assert_eq!(http_get(first_admin, "/health"), (200, "handed over\n".to_string()));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(std::net::TcpStream::connect(first_admin).is_err(), "the old admin listener is closed");
     unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
     assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
     // Its exit touches nothing of the sessions.
     let r = run_load(&mut peers, &AtomicBool::new(false), 2);
     assert!(r.failure.is_none(), "{:?}", r.failure);
     assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
+    // A draining gateway hands nothing over: its socket file goes at once,
+    // so a successor started the same way starts on its own.
+    assert!(socket.exists(), "the successor listens for the next upgrade");
+    unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists(), "the drain removed the upgrade socket");
 }
 
 /// TLS sessions cannot be carried (rustls keeps its keys to itself): they

@@ -293,6 +293,7 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
                 continue;
             };
             let state = state.clone();
+            let handed_over = state.control.handed_over.load(Ordering::Relaxed);
             let spawned =
                 std::thread::Builder::new().name("gw-admin-conn".into()).stack_size(CONN_STACK).spawn(move || {
                     let _slot = slot;
@@ -303,6 +304,12 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
             if let Err(e) = spawned {
                 // The connection (and its slot) went with the closure.
                 tracing::warn!(error = %e, "cannot start an admin connection thread");
+            }
+            if handed_over {
+                // A live upgrade's successor answers on this port now (it
+                // shares it with SO_REUSEPORT): stop taking connections.
+                tracing::info!("live upgrade: admin listener closed; the new process answers");
+                break;
             }
         }
     })?;
@@ -537,6 +544,9 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             _ => respond(&mut c, 503, "text/plain", "no control loop\n"),
         },
         "/drain" => respond(&mut c, 405, "text/plain", "use POST\n"),
+        "/health" if state.control.handed_over.load(Ordering::Relaxed) => {
+            respond(&mut c, 200, "text/plain", "handed over\n")
+        }
         "/health" => {
             let answered = state.workers.get().iter().filter(|s| s.is_some()).count();
             if answered == state.workers.handle.workers().len() {

@@ -391,6 +391,7 @@ impl Control {
     /// retiring; wait for them and exit (no drain: nothing is left here).
     fn handed_over(self, rx: &crossbeam_channel::Receiver<ControlEvent>) {
         self.stats.ready.store(false, Ordering::Relaxed);
+        self.stats.handed_over.store(true, Ordering::Relaxed);
         self.stop_sub.store(true, Ordering::Relaxed);
         let wait = self.running.server.wait_after_handover;
         self.gw.join();
@@ -410,6 +411,12 @@ impl Control {
 
     fn stop(self, why: &str) {
         self.stats.ready.store(false, Ordering::Relaxed);
+        // A draining gateway hands nothing over: without its socket file a
+        // successor started with --takeover-or-start starts on its own at
+        // once instead of being refused.
+        if let Some(p) = &self.running.server.upgrade_socket {
+            let _ = std::fs::remove_file(p);
+        }
         self.stats.draining.store(true, Ordering::Relaxed);
         let drain = self.running.server.drain_timeout;
         tracing::info!(
