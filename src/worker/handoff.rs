@@ -49,6 +49,9 @@ impl Worker {
     /// Old process: stop and export (see the module docs).
     pub(super) async fn freeze(self: Rc<Self>) -> Result<WorkerExport, String> {
         let started = Instant::now();
+        if !self.live_upgrade {
+            return Err(format!("worker {}: started without [server] upgrade_socket", self.index));
+        }
         self.frozen.set(true);
         self.stop_accepting();
         let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();

@@ -190,6 +190,9 @@ pub(crate) struct Worker {
     /// timeout, keep-alive or close may touch a socket the new process may
     /// own by now).
     frozen: Cell<bool>,
+    /// `[server] upgrade_socket` is set: backend reads are cancellable so a
+    /// live upgrade can stop them (a restart-only key).
+    live_upgrade: bool,
     /// Socket actions that came while frozen, for the thaw.
     deferred: RefCell<Vec<Action>>,
 }
@@ -574,6 +577,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
     }
     let info = WorkerInfo { index, cpu, numa_node: cpu.and_then(crate::cpu::numa_node), io_driver };
     let node_name = cfg.server.node_name.clone();
+    let live_upgrade = cfg.server.upgrade_socket.is_some();
     // Seeded from the clock, pid and worker so trace ids and jitter differ
     // across workers, restarts and nodes.
     let clock =
@@ -600,6 +604,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
         frozen: Cell::new(false),
+        live_upgrade,
         deferred: RefCell::new(Vec::new()),
     });
     match cpu {
