@@ -39,7 +39,9 @@
 # Environment: SHAPES="1x1 8x16" (SESSIONSxINFLIGHT), REPEAT=2, IDLE1=2 IDLE2=8,
 #   R1_1x1=2000 R2_1x1=6000 (rounds for shape 1x1; R1_<shape>/R2_<shape> for any
 #   shape; default 200/600 rounds for batched shapes), KEEP=<dir> keeps the
-#   callgrind outputs (for callgrind_annotate), MOCK_BIN, WS=1 (WebSocket).
+#   callgrind outputs (for callgrind_annotate), MOCK_BIN, WS=1 (WebSocket),
+#   UPGRADE=1 (with [server] upgrade_socket: live upgrade on, whose backend
+#   reads are cancellable).
 # Needs: valgrind, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +79,7 @@ admin_listen = "127.0.0.1:$admin"
 workers = 1
 io_driver = "epoll"
 drain_timeout = "1s"
+$( [ "${UPGRADE:-0}" = 1 ] && echo "upgrade_socket = \"$TMP/upgrade.sock\"" )
 [log]
 level = "error"
 access_log = false

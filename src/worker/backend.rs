@@ -49,6 +49,8 @@ pub(crate) struct ConnIo {
     /// dropped is dropped with it).
     pub(super) thaw_rd: Notify,
     pub(super) thaw_wr: Notify,
+    /// Stops the reader's read in flight on epoll (see `read_loop`).
+    freeze_rd: Notify,
     /// Cancels the reader's and the writer's in-flight operations.
     canceller: RefCell<Canceller>,
     /// The reader stopped for the upgrade, with the bytes it read and did
@@ -76,6 +78,7 @@ impl ConnIo {
             retired: Cell::new(false),
             thaw_rd: Notify::new(),
             thaw_wr: Notify::new(),
+            freeze_rd: Notify::new(),
             canceller: RefCell::new(Canceller::new()),
             reader_left: RefCell::new(None),
             writer_left: RefCell::new(None),
@@ -89,6 +92,7 @@ impl ConnIo {
         self.frozen.set(true);
         let c = std::mem::take(&mut *self.canceller.borrow_mut());
         *self.canceller.borrow_mut() = c.cancel();
+        self.freeze_rd.notify();
         self.wake.notify();
     }
 
@@ -310,15 +314,29 @@ async fn read_loop<R: CancelableAsyncReadRent>(
             // monoio reads at the start of the buffer it is given, so hand it
             // the spare capacity only.
             let (len, cap) = (buf.len(), buf.capacity());
-            // Only a gateway that can hand over ([server] upgrade_socket)
-            // pays for cancellable reads (about 850 instructions each on
-            // epoll): a live upgrade must stop a read in flight without
-            // losing what it read.
-            let (res, slice) = if w.live_upgrade {
+            // A live upgrade must stop a read in flight without losing what
+            // it read. monoio's cancellable reads cost about 730
+            // instructions each (a hash-set entry per operation), so they
+            // are used only where needed: never without [server]
+            // upgrade_socket; on epoll only while the buffer holds a partial
+            // frame (an epoll read does its recv when polled, so dropping a
+            // pending one loses nothing but the buffer, here empty); always
+            // on io_uring (the kernel may have filled the buffer already).
+            let (res, slice) = if !w.live_upgrade {
+                rd.read(buf.slice_mut(len..cap)).await
+            } else if w.uring || len > 0 {
                 let handle = io.canceller.borrow().handle();
                 rd.cancelable_read(buf.slice_mut(len..cap), handle).await
             } else {
-                rd.read(buf.slice_mut(len..cap)).await
+                let read = rd.read(buf.slice_mut(len..cap));
+                monoio::select! {
+                    r = read => r,
+                    _ = io.freeze_rd.notified() => {
+                        // Frozen: the read (and its empty buffer) is dropped.
+                        buf = BytesMut::with_capacity(BACKEND_READ_BUF);
+                        continue;
+                    }
+                }
             };
             buf = slice.into_inner();
             match res {

@@ -193,6 +193,8 @@ pub(crate) struct Worker {
     /// `[server] upgrade_socket` is set: backend reads are cancellable so a
     /// live upgrade can stop them (a restart-only key).
     live_upgrade: bool,
+    /// The runtime is io_uring (else epoll).
+    uring: bool,
     /// Socket actions that came while frozen, for the thaw.
     deferred: RefCell<Vec<Action>>,
 }
@@ -605,6 +607,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
         frozen: Cell::new(false),
         live_upgrade,
+        uring: io_driver == "io_uring",
         deferred: RefCell::new(Vec::new()),
     });
     match cpu {
