@@ -283,8 +283,15 @@ impl Gateway {
         for (i, l) in inherited.into_iter().enumerate() {
             listeners[i % n].push(l);
         }
-        for l in listeners.iter_mut().filter(|l| l.is_empty()) {
-            l.push(reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?);
+        // Workers beyond the inherited sockets bind their own; a takeover
+        // binds them only once it has committed (`start_accepting`), so a
+        // failed one leaves no socket the kernel routed connections to.
+        if !defer_accept {
+            for l in listeners.iter_mut().filter(|l| l.is_empty()) {
+                l.push(
+                    reuseport_listener(local_addr).map_err(|source| StartError::Listen { addr: local_addr, source })?,
+                );
+            }
         }
         // Duplicates kept for a live upgrade (dropped when a drain begins).
         let mut dups = Vec::new();
@@ -439,8 +446,23 @@ impl Gateway {
     /// Workers started with `defer_accept` begin accepting.
     pub fn start_accepting(&self) {
         let deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
-        for (w, ls) in self.workers.iter().zip(deferred) {
-            if !ls.is_empty() && w.tx.send_timeout(WorkerCommand::Listen(ls), Duration::from_secs(1)).is_err() {
+        for (i, (w, mut ls)) in self.workers.iter().zip(deferred).enumerate() {
+            if ls.is_empty() {
+                // More workers than inherited sockets: this one binds its own.
+                match reuseport_listener(self.local_addr) {
+                    Ok(l) => {
+                        if let Ok(dup) = l.try_clone() {
+                            self.listeners.add(i, dup);
+                        }
+                        ls.push(l);
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = i, addr = %self.local_addr, error = %e, "cannot listen: this worker takes no new connections");
+                        continue;
+                    }
+                }
+            }
+            if w.tx.send_timeout(WorkerCommand::Listen(ls), Duration::from_secs(1)).is_err() {
                 tracing::error!(worker = w.info.index, "worker command channel full: it does not accept");
             }
         }

@@ -282,9 +282,21 @@ impl Listeners {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
+    /// A drain began (or the upgrade completed).
+    fn is_closed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
     fn raw_fds(&self) -> Option<Vec<RawFd>> {
         let l = self.0.lock().unwrap_or_else(|e| e.into_inner());
         l.as_ref().map(|v| v.iter().map(|(_, l)| l.as_raw_fd()).collect())
+    }
+
+    /// One more listening socket of `worker` (bound after the start).
+    pub fn add(&self, worker: usize, l: TcpListener) {
+        if let Some(v) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            v.push((worker, l));
+        }
     }
 
     fn for_worker(&self, worker: usize) -> Vec<TcpListener> {
@@ -388,13 +400,15 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
         m => return Err(format!("expected ListenersTaken, got {}", m.name())),
     }
     phase("old", "freezing workers");
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let epoch = EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let frozen_at = unix_us();
     let replies: Vec<_> = src
         .workers
         .iter()
         .map(|tx| {
             let (rtx, rrx) = bounded(1);
-            let sent = tx.send_timeout(WorkerCommand::Freeze(rtx), Duration::from_secs(1)).is_ok();
+            let sent = tx.send_timeout(WorkerCommand::Freeze(epoch, rtx), Duration::from_secs(1)).is_ok();
             (sent, rrx)
         })
         .collect();
@@ -413,7 +427,7 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
     }
     let thaw = || {
         for (i, tx) in src.workers.iter().enumerate() {
-            let _ = tx.send_timeout(WorkerCommand::Thaw(src.listeners.for_worker(i)), Duration::from_secs(1));
+            let _ = tx.send_timeout(WorkerCommand::Thaw(epoch, src.listeners.for_worker(i)), Duration::from_secs(1));
         }
     };
     if let Some(e) = failure {
@@ -461,8 +475,20 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
         let _ = ch.send(&Msg::Abort { reason: e.clone() });
         return Err(e);
     }
-    // From here the new process owns everything.
-    let _ = ch.send(&Msg::Commit);
+    // A drain that began meanwhile wins: this process keeps its sessions
+    // (and drains them) rather than handing over a half-drained state.
+    if src.listeners.is_closed() {
+        thaw();
+        let _ = ch.send(&Msg::Abort { reason: "the old process began draining".into() });
+        return Err("a drain began during the handover".into());
+    }
+    // From here the new process owns everything: once Commit is sent it
+    // adopts whatever happens. If it cannot be sent the new process is gone
+    // (it exits without Commit), so this one goes on.
+    if let Err(e) = ch.send(&Msg::Commit) {
+        thaw();
+        return Err(e);
+    }
     src.listeners.close();
     for ((tx, e), handed) in src.workers.iter().zip(&exports).zip(handed) {
         let _ = tx
@@ -590,23 +616,33 @@ impl Takeover {
             Msg::Abort { reason } => return Err(format!("the old process abandoned the upgrade: {reason}")),
             m => return Err(format!("expected Commit, got {}", m.name())),
         }
+        // Committed: everything is this process's now, whatever happens
+        // next. Nothing below returns an error; what cannot be adopted is
+        // counted lost and the process serves the rest.
         phase("new", "adopting sessions");
         let n = workers.len().max(1);
         let mut replies = Vec::new();
         for (snapshot, fds) in shards {
             let to = snapshot.worker as usize % n;
             let (tx, rx) = bounded(1);
-            if workers[to].send_timeout(WorkerCommand::Adopt(snapshot, fds, tx), Duration::from_secs(5)).is_err() {
-                return Err(format!("worker {to}: command channel full"));
+            let count = snapshot.sessions.len();
+            // Blocking: a worker that is slow to take it still takes it.
+            if workers[to].send(WorkerCommand::Adopt(snapshot, fds, tx)).is_err() {
+                tracing::error!(worker = to, sessions = count, "live upgrade: worker gone: its sessions are lost");
+                continue;
             }
             replies.push(rx);
         }
         let mut report = AdoptReport::default();
         for rx in replies {
-            let r = rx.recv_timeout(STEP_TIMEOUT).map_err(|_| "a worker did not adopt in time".to_string())?;
-            report.sessions += r.sessions;
-            report.conns += r.conns;
-            report.lost += r.lost;
+            match rx.recv() {
+                Ok(r) => {
+                    report.sessions += r.sessions;
+                    report.conns += r.conns;
+                    report.lost += r.lost;
+                }
+                Err(_) => tracing::error!("live upgrade: a worker ended before adopting: its sessions are lost"),
+            }
         }
         let pause = Duration::from_micros(unix_us().saturating_sub(frozen_at));
         let taken = Taken {
@@ -652,6 +688,24 @@ fn check(s: &ShardSnapshot, fds: usize) -> Result<(), String> {
     }
 }
 
+/// This process's arguments for its successor: the takeover flags a process
+/// started by an earlier upgrade carries (`--takeover PATH`,
+/// `--takeover-or-start PATH`, or their `=PATH` forms) removed; the caller
+/// adds `--takeover`.
+fn successor_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--takeover" || s == "--takeover-or-start" {
+            it.next();
+        } else if !(s.starts_with("--takeover=") || s.starts_with("--takeover-or-start=")) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// Old process, on SIGUSR2: start this binary again, with the same
 /// arguments and `--takeover PATH`; it takes everything over and this
 /// process exits.
@@ -662,11 +716,7 @@ pub fn reexec(socket: &Path) -> std::io::Result<u32> {
     if let Some(p) = exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         exe = std::path::PathBuf::from(p);
     }
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // A process started by an earlier upgrade carries the flag already.
-    if let Some(i) = args.iter().position(|a| a == "--takeover") {
-        args.drain(i..(i + 2).min(args.len()));
-    }
+    let args = successor_args(std::env::args_os().skip(1).collect());
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args).arg("--takeover").arg(socket);
     // Descriptors this process holds without close-on-exec (sockets accepted
@@ -683,6 +733,35 @@ pub fn reexec(socket: &Path) -> std::io::Result<u32> {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
-    Ok(child.id())
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    // Reaped here, so a successor that fails does not linger as a zombie
+    // while this process goes on; its exit is logged.
+    let _ = std::thread::Builder::new().name("gw-successor".into()).spawn(move || match child.wait() {
+        Ok(st) if st.success() => tracing::info!(pid, "successor process exited"),
+        Ok(st) => tracing::warn!(pid, status = %st, "successor process exited"),
+        Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor process"),
+    });
+    Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_successor_gets_the_arguments_without_earlier_takeover_flags() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        for given in [
+            &["--config", "/etc/g.toml", "--takeover", "/run/a.sock", "--workers", "4"][..],
+            &["--config", "/etc/g.toml", "--takeover-or-start", "/run/a.sock", "--workers", "4"],
+            &["--config", "/etc/g.toml", "--takeover=/run/a.sock", "--workers", "4"],
+            &["--takeover-or-start=/run/a.sock", "--config", "/etc/g.toml", "--workers", "4"],
+        ] {
+            let got = successor_args(args(given));
+            let mut got: Vec<String> = got.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            got.sort();
+            assert_eq!(got, ["--config", "--workers", "/etc/g.toml", "4"], "{given:?}");
+        }
+    }
 }

@@ -1587,3 +1587,14 @@ impl Backends {
         self.conn(id).is_some_and(|c| c.state == ConnState::Up)
     }
 }
+
+impl Backends {
+    /// Moves every stream's keep-alive clocks on by `d` (at most to `now`):
+    /// a live upgrade's abandoned pause.
+    pub(super) fn shift_clocks(&mut self, d: Duration, now: Instant) {
+        for c in self.conns.iter_mut().flatten() {
+            c.last_rx = (c.last_rx + d).min(now);
+            c.ping_sent = c.ping_sent.map(|t| (t + d).min(now));
+        }
+    }
+}

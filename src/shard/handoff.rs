@@ -11,8 +11,8 @@
 //!
 //! What is not carried, and why:
 //! - TLS sessions: rustls keeps its keys and record state to itself. They
-//!   stay with the old process, which closes them gracefully after the move
-//!   (counted as `not_carried`).
+//!   stay with the old process and are closed when it retires (counted as
+//!   `not_carried`); the new process sends their `DISCONNECT`.
 //! - gRPC streams: HTTP/2 state (HPACK tables, stream ids, flow-control
 //!   windows) lives inside the h2 crate. Sessions bound to a gRPC backend are
 //!   carried, their gRPC binding is not: their next frame opens a new stream
@@ -278,6 +278,11 @@ impl super::Shard {
             self.ctx.admission.adopt(ip, now);
             let key = self.sessions.insert(|key| super::session::Session::restore(s, key, bindings, now), id);
             self.ctx.stats.handoff_sessions_in += 1;
+            // Closing when it left (a kick, a timeout): the shutdown the old
+            // process's driver may not have carried out yet is asked again.
+            if let Some(how) = self.sessions.get(key).and_then(|s| s.close_pending()) {
+                self.ctx.actions.push(super::Action::ShutdownClient(key, how));
+            }
             sessions.push((key, fd, input, paused));
         }
         let conns = ids
@@ -306,5 +311,18 @@ impl super::Shard {
             s.info.set_close_reason(crate::protocol::backend::DisconnectReason::Shutdown);
         }
         self.client_closed(key, now);
+    }
+}
+
+impl super::Shard {
+    /// A live upgrade was abandoned after `frozen_for` without any I/O:
+    /// sessions' idle clocks and backend streams' keep-alive clocks move on
+    /// by that much, so the pause itself times nothing out.
+    pub(crate) fn thawed(&mut self, frozen_for: std::time::Duration) {
+        let now = Instant::now();
+        for s in self.sessions.iter_mut() {
+            s.info.last_active = (s.info.last_active + frozen_for).min(now);
+        }
+        self.backends.shift_clocks(frozen_for, now);
     }
 }

@@ -1452,6 +1452,12 @@ impl Session {
         }
     }
 
+    /// A close decided and not yet carried out by the driver (a live upgrade
+    /// asks the new process's driver again): how much of the socket to shut.
+    pub(super) fn close_pending(&self) -> Option<Shut> {
+        self.info.close_reason.map(|_| if self.fin_decided { Shut::Write } else { Shut::Read })
+    }
+
     /// Whether a live upgrade can carry this session (TLS ones it cannot:
     /// rustls keeps its keys to itself).
     pub(super) fn carriable(&self) -> bool {

@@ -1226,3 +1226,27 @@ fn a_live_upgrade_carries_sessions_bindings_and_queues_to_another_shard() {
     new.close(*key);
     assert_eq!(new.backend_out(A), vec![Sent::Disconnect(s.id, DisconnectReason::ClientClosed as u8)]);
 }
+
+/// A session kicked (or timed out) just before a live upgrade took it is
+/// still closed by the new process: the shutdown is asked again on import.
+#[test]
+fn a_session_closing_when_carried_is_shut_down_by_the_new_shard() {
+    let cfg = config("", "", &route(10, A, ""));
+    let mut old = Harness::new(cfg.clone());
+    let s = old.accept(1);
+    old.send(s, 10, b"hi").unwrap();
+    old.backend_out(A);
+    let mut kick = BytesMut::new();
+    bproto::encode_kick(&mut kick, 9, 0, s.id, b"bye");
+    old.backend_send(A, kick);
+    assert_eq!(old.shutdowns(), vec![(s, Shut::Read)]);
+    let export = old.sh.export(old.now);
+    let mut new = Harness::new(cfg);
+    let imported = new.sh.import(export.snapshot, new.now);
+    let key = imported.sessions[0].0;
+    let mut acts = Vec::new();
+    new.sh.drain_actions(&mut acts);
+    assert!(acts.iter().any(|a| matches!(a, Action::ShutdownClient(k, Shut::Read) if *k == key)), "{acts:?}");
+    // Its last frame is still queued for the client.
+    assert_eq!(new.client_out(key), vec![(9, b"bye".to_vec())]);
+}

@@ -110,29 +110,57 @@ impl ClientIo {
     }
 }
 
+/// Accepts until told to stop. The stop cancels the accept in flight and
+/// the loop goes on until that accept completes: a connection the kernel
+/// had already accepted is served, never dropped (on io_uring, dropping an
+/// accept operation would close such a connection unseen).
 pub(super) async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
-    let stop = Rc::new(Notify::new());
+    let canceller = monoio::io::Canceller::new();
+    let stop = Rc::new(AcceptStop { cancel: RefCell::new(Some(canceller)), stopped: Cell::new(false) });
     w.accept_stops.borrow_mut().push(stop.clone());
+    w.accept_loops.set(w.accept_loops.get() + 1);
     loop {
-        monoio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => on_accept(&w, stream, peer),
-                Err(e) => {
-                    w.with_shard(|sh| sh.accept_failed(&e, Instant::now()));
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-                    ) {
-                        monoio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
+        let handle = match stop.cancel.borrow().as_ref() {
+            Some(c) => c.handle(),
+            None => break,
+        };
+        match listener.cancelable_accept(handle).await {
+            Ok((stream, peer)) => on_accept(&w, stream, peer),
+            Err(_) if stop.stopped.get() => break,
+            Err(e) => {
+                w.with_shard(|sh| sh.accept_failed(&e, Instant::now()));
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+                ) {
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
                 }
-            },
-            _ = stop.notified() => break,
+            }
+        }
+        if stop.stopped.get() {
+            break;
         }
     }
+    w.accept_loops.set(w.accept_loops.get() - 1);
     // Dropping the listener closes it: the kernel stops routing new
     // connections to this worker.
     drop(listener);
+}
+
+/// How a worker stops one accept loop.
+pub(super) struct AcceptStop {
+    cancel: RefCell<Option<monoio::io::Canceller>>,
+    stopped: Cell<bool>,
+}
+
+impl AcceptStop {
+    /// Cancels the accept in flight; the loop ends once it completes.
+    pub(super) fn stop(&self) {
+        self.stopped.set(true);
+        if let Some(c) = self.cancel.borrow_mut().take() {
+            c.cancel();
+        }
+    }
 }
 
 fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
@@ -183,6 +211,27 @@ impl ClientIo {
         self.stream.borrow().as_raw_fd()
     }
 
+    /// A closed session's last bytes are being written (closed sessions are
+    /// never exported: the socket is this process's alone).
+    pub(super) fn closing(&self) -> bool {
+        self.tail.borrow().is_some()
+    }
+
+    /// Writes what a closed session has left (a partial write's rest, then
+    /// its tail) as far as the socket takes it now, then the FIN: a retiring
+    /// worker does not wait.
+    pub(super) fn finish_now(&self) {
+        if self.broken.get() || self.fin_sent.get() {
+            return;
+        }
+        let mut rest = std::mem::take(&mut *self.pending.borrow_mut());
+        if let Some(tail) = self.tail.borrow_mut().take() {
+            rest.extend_from_slice(&tail);
+        }
+        let _ = write_now(&self.stream, &mut rest);
+        send_fin(self);
+    }
+
     /// Waits while frozen; false once retired (the task must end without
     /// touching the socket).
     async fn wait_thaw(&self, thaw: &Notify) -> bool {
@@ -195,7 +244,12 @@ impl ClientIo {
 
 /// A session a live upgrade brought over: its socket (already a descriptor
 /// of this process), and the bytes read but not yet forwarded.
-pub(super) fn adopt(w: &Rc<Worker>, key: SessionKey, fd: std::os::fd::OwnedFd, input: Vec<u8>) -> std::io::Result<()> {
+pub(super) fn adopt(
+    w: &Rc<Worker>,
+    key: SessionKey,
+    fd: std::os::fd::OwnedFd,
+    input: Vec<u8>,
+) -> std::io::Result<Rc<ClientIo>> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     let stream = TcpStream::from_std(std)?.try_into_poll_io().map_err(|(e, _)| e)?;
@@ -203,9 +257,7 @@ pub(super) fn adopt(w: &Rc<Worker>, key: SessionKey, fd: std::os::fd::OwnedFd, i
     *io.partial.borrow_mut() = BytesMut::from(&input[..]);
     w.insert_client(io.clone());
     monoio::spawn(read_loop(w.clone(), io.clone()));
-    // Replies that were queued: out now.
-    w.flush_client(&io);
-    Ok(())
+    Ok(io)
 }
 
 /// Where a read lands: the session's own buffer, or the worker's.
@@ -520,7 +572,18 @@ async fn write_task(w: Rc<Worker>, io: Rc<ClientIo>, mut write: Option<crate::sh
     if let Some(tail) = tail {
         if !io.broken.get() && !io.fin_sent.get() && !tail.is_empty() {
             let cell = RefCell::new(tail);
-            let _ = write_all(&io, &cell).await;
+            while let Err(e) = write_all(&io, &cell).await {
+                if !is_frozen(&e) {
+                    break;
+                }
+                // Frozen: finish after the thaw; a retiring worker writes it
+                // itself (`ClientIo::finish_now`).
+                *io.tail.borrow_mut() = Some(std::mem::take(&mut *cell.borrow_mut()));
+                if !io.wait_thaw(&io.thaw_wr).await {
+                    return;
+                }
+                *cell.borrow_mut() = io.tail.borrow_mut().take().unwrap_or_default();
+            }
         }
         send_fin(&io);
         w.remove_client(key);

@@ -53,6 +53,7 @@ impl Worker {
             return Err(format!("worker {}: started without [server] upgrade_socket", self.index));
         }
         self.frozen.set(true);
+        self.frozen_at.set(Some(started));
         self.stop_accepting();
         let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();
         for io in &clients {
@@ -63,9 +64,14 @@ impl Worker {
             io.freeze();
         }
         let deadline = started + FREEZE_TIMEOUT;
-        while !conns.iter().all(|c| c.at_rest()) {
+        // Every accept loop has ended (an accept the kernel completed is a
+        // session by then, frozen below) and every backend stream stopped.
+        while self.accept_loops.get() > 0 || !conns.iter().all(|c| c.at_rest()) {
             if Instant::now() >= deadline {
-                return Err(format!("worker {}: backend streams did not stop within {FREEZE_TIMEOUT:?}", self.index));
+                return Err(format!(
+                    "worker {}: accept loops or backend streams did not stop within {FREEZE_TIMEOUT:?}",
+                    self.index
+                ));
             }
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -124,10 +130,17 @@ impl Worker {
 
     /// Old process: the upgrade failed; go on, accepting on `listeners`
     /// (this worker's). Nothing to do for a worker that was not frozen.
-    pub(super) fn thaw(self: &Rc<Self>, listeners: Vec<std::net::TcpListener>) {
-        if !self.frozen.replace(false) {
+    pub(super) fn thaw(self: &Rc<Self>, epoch: u64, listeners: Vec<std::net::TcpListener>) {
+        self.thawed_epoch.set(self.thawed_epoch.get().max(epoch));
+        if !self.frozen.get() {
+            // The freeze has not begun or not finished: it thaws with these.
+            *self.stashed_thaw.borrow_mut() = Some(listeners);
             return;
         }
+        self.frozen.set(false);
+        let frozen_for = self.frozen_at.get().map_or(Duration::ZERO, |t| t.elapsed());
+        // Timeouts and keep-alives do not count the time nothing could move.
+        self.shard.borrow_mut().thawed(frozen_for);
         for io in self.clients.borrow().iter().flatten() {
             io.frozen.set(false);
             io.thaw_rd.notify();
@@ -137,6 +150,8 @@ impl Worker {
         for io in self.backends.borrow().iter().flatten() {
             io.unfreeze();
         }
+        // A drain that began while frozen keeps the listeners closed.
+        let listeners = if self.stopping.get() { Vec::new() } else { listeners };
         for listener in listeners {
             match monoio::net::TcpListener::from_std(listener) {
                 Ok(l) => {
@@ -147,10 +162,14 @@ impl Worker {
                 }
             }
         }
-        // What the shard asked for meanwhile, in order.
+        // What the shard asked for meanwhile, in order, then the commands.
         let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
         for a in deferred {
             self.run_action(a);
+        }
+        let cmds = std::mem::take(&mut *self.deferred_cmds.borrow_mut());
+        for c in cmds {
+            self.handle_command(c);
         }
         // Replies queued while frozen go out now.
         let clients: Vec<Rc<client::ClientIo>> = self.clients.borrow().iter().flatten().cloned().collect();
@@ -163,6 +182,15 @@ impl Worker {
     /// Old process: the new one has everything; end without touching a
     /// socket (dropping a descriptor closes only this process's copy).
     pub(super) fn retire(self: &Rc<Self>, handed: u64, not_carried: u64) {
+        // Sessions closed before the freeze whose last bytes were still
+        // being written are this process's alone (closed sessions are not
+        // exported): their tail goes out now, as far as the socket takes it,
+        // then the FIN.
+        let closing: Vec<Rc<client::ClientIo>> =
+            self.clients.borrow().iter().flatten().filter(|io| io.closing()).cloned().collect();
+        for io in closing {
+            io.finish_now();
+        }
         for io in self.clients.borrow().iter().flatten() {
             io.retired.set(true);
             io.thaw_rd.notify();
@@ -185,7 +213,9 @@ impl Worker {
     /// New process: take in `snap` (one old worker's) and start its sockets.
     pub(super) fn adopt(self: &Rc<Self>, snap: ShardSnapshot, fds: Vec<OwnedFd>) -> AdoptReport {
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-        let imported = self.with_shard(|sh| sh.import(snap, Instant::now()));
+        // Imported first, its actions (dials, shutdowns of sessions that were
+        // closing) carried out once the sockets are set up below.
+        let imported = self.shard.borrow_mut().import(snap, Instant::now());
         let mut report = AdoptReport::default();
         for (conn, generation, fd, input) in imported.conns {
             let Some(fd) = fds.get_mut(fd as usize).and_then(Option::take) else { continue };
@@ -199,9 +229,18 @@ impl Worker {
                     backends[slot] = Some(io);
                     report.conns += 1;
                 }
-                Err(e) => tracing::error!(worker = self.index, error = %e, "live upgrade: backend stream not adopted"),
+                Err(e) => {
+                    tracing::error!(worker = self.index, error = %e, "live upgrade: backend stream not adopted");
+                    // Lost, as any stream: its sessions are closed or
+                    // rebound by their rule.
+                    let now = Instant::now();
+                    self.with_shard(|sh| {
+                        sh.backend_lost(conn, generation, crate::shard::LossKind::ReadFailed, &e, now)
+                    });
+                }
             }
         }
+        let mut adopted_ios = Vec::with_capacity(imported.sessions.len());
         for (key, fd, input, _paused) in imported.sessions {
             let adopted = fds
                 .get_mut(fd as usize)
@@ -209,13 +248,22 @@ impl Worker {
                 .ok_or_else(|| std::io::Error::other("no descriptor"))
                 .and_then(|fd| client::adopt(self, key, fd, input));
             match adopted {
-                Ok(()) => report.sessions += 1,
+                Ok(io) => {
+                    report.sessions += 1;
+                    adopted_ios.push(io);
+                }
                 Err(e) => {
                     tracing::error!(worker = self.index, session_id = key.id, error = %e, "live upgrade: session not adopted");
                     report.lost += 1;
-                    self.with_shard(|sh| sh.handoff_lost(key, Instant::now()));
+                    self.shard.borrow_mut().handoff_lost(key, Instant::now());
                 }
             }
+        }
+        // Every socket is set up: the import's actions run now, then the
+        // replies that were queued go out.
+        self.with_shard(|_| ());
+        for io in &adopted_ios {
+            self.flush_client(io);
         }
         report
     }

@@ -124,12 +124,13 @@ pub enum WorkerCommand {
     Stop { drain_until: Instant, deadline: Instant },
     /// Live upgrade, old process: stop every socket where it is and export
     /// the shard (see [`handoff`]).
-    Freeze(Sender<Result<handoff::WorkerExport, String>>),
+    /// The number names the handover (a later `Thaw` carries it too).
+    Freeze(u64, Sender<Result<handoff::WorkerExport, String>>),
     /// Start accepting on these listeners (a gateway started with deferred
     /// accepting, after a live upgrade).
     Listen(Vec<std::net::TcpListener>),
     /// Live upgrade abandoned: go on, accepting on these listeners again.
-    Thaw(Vec<std::net::TcpListener>),
+    Thaw(u64, Vec<std::net::TcpListener>),
     /// Live upgrade done: end at once, touching no socket. The counts are
     /// this worker's sessions handed over and left behind.
     Retire { handed: u64, not_carried: u64 },
@@ -164,7 +165,9 @@ pub(crate) struct Worker {
     stopping: Cell<bool>,
     /// Tells the accept loop to drop the listener.
     /// Each accept loop's stop (a worker may have several listeners).
-    accept_stops: RefCell<Vec<Rc<Notify>>>,
+    accept_stops: RefCell<Vec<Rc<client::AcceptStop>>>,
+    /// Accept loops still running (a freeze waits for none).
+    accept_loops: Cell<usize>,
     /// Wakes the stop sequence when the last session is gone.
     sessions_gone: Notify,
     /// Wakes the worker's main future when the stop sequence is finished.
@@ -197,6 +200,14 @@ pub(crate) struct Worker {
     uring: bool,
     /// Socket actions that came while frozen, for the thaw.
     deferred: RefCell<Vec<Action>>,
+    /// Routes, config and announcements that came while frozen.
+    deferred_cmds: RefCell<Vec<WorkerCommand>>,
+    /// The last handover the control side thawed this worker for, and the
+    /// listeners of a thaw that came before its freeze finished.
+    thawed_epoch: Cell<u64>,
+    stashed_thaw: RefCell<Option<Vec<std::net::TcpListener>>>,
+    /// When the current freeze began.
+    frozen_at: Cell<Option<Instant>>,
 }
 
 impl Worker {
@@ -219,8 +230,9 @@ impl Worker {
 
     /// Tells every accept loop to drop its listener.
     fn stop_accepting(&self) {
-        for stop in self.accept_stops.borrow_mut().drain(..) {
-            stop.notify();
+        let stops: Vec<_> = self.accept_stops.borrow_mut().drain(..).collect();
+        for stop in stops {
+            stop.stop();
         }
     }
 
@@ -348,6 +360,16 @@ impl Worker {
     }
 
     fn handle_command(self: &Rc<Self>, cmd: WorkerCommand) {
+        if self.frozen.get()
+            && matches!(cmd, WorkerCommand::Routes(_) | WorkerCommand::Config(_) | WorkerCommand::Announce(_))
+        {
+            // Frozen for a live upgrade: the shard may be exported already.
+            // Applied on the thaw; after a completed upgrade the new
+            // process has its own control plane (an announcement sent in
+            // the pause reaches only what it reaches from there).
+            self.deferred_cmds.borrow_mut().push(cmd);
+            return;
+        }
         match cmd {
             WorkerCommand::Routes(u) => {
                 self.with_shard(|sh| sh.apply_routes(u.table.clone(), Instant::now()));
@@ -366,7 +388,7 @@ impl Worker {
                 let s = self.shard.borrow().stats(Instant::now());
                 let _ = tx.send(s);
             }
-            WorkerCommand::Freeze(reply) => {
+            WorkerCommand::Freeze(epoch, reply) => {
                 let me = self.clone();
                 monoio::spawn(async move {
                     let r = me.clone().freeze().await;
@@ -377,10 +399,16 @@ impl Worker {
                             "live upgrade: freeze failed; the control side thaws this worker"
                         );
                     }
-                    let _ = reply.send(r);
+                    // The control side gave up on this handover before the
+                    // freeze finished (its thaw came first, or nobody waits
+                    // for the answer any more): thaw now.
+                    if reply.send(r).is_err() || me.thawed_epoch.get() >= epoch {
+                        let listeners = me.stashed_thaw.borrow_mut().take().unwrap_or_default();
+                        me.thaw(epoch, listeners);
+                    }
                 });
             }
-            WorkerCommand::Thaw(listeners) => self.thaw(listeners),
+            WorkerCommand::Thaw(epoch, listeners) => self.thaw(epoch, listeners),
             WorkerCommand::Listen(listeners) => {
                 for l in listeners {
                     match monoio::net::TcpListener::from_std(l) {
@@ -595,6 +623,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         backends: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         accept_stops: RefCell::new(Vec::new()),
+        accept_loops: Cell::new(0),
         sessions_gone: Notify::new(),
         stop_done: Notify::new(),
         drain_until: Cell::new(Instant::now()),
@@ -609,6 +638,10 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         live_upgrade,
         uring: io_driver == "io_uring",
         deferred: RefCell::new(Vec::new()),
+        deferred_cmds: RefCell::new(Vec::new()),
+        thawed_epoch: Cell::new(0),
+        stashed_thaw: RefCell::new(None),
+        frozen_at: Cell::new(None),
     });
     match cpu {
         Some(cpu) => tracing::info!(worker = index, cpu, io_driver, "worker started"),
