@@ -10,8 +10,9 @@
 //! and in order, no client and no backend connection may close, and no
 //! backend may see a session's `DISCONNECT` or a new connection.
 //!
-//! gRPC streams are not carried (see docs/OPERATIONS.md), so the backend
-//! modes here are gate and seed_tcp.
+//! gRPC streams are not carried (see docs/OPERATIONS.md): the load test's
+//! backend modes are gate and seed_tcp, and a test of its own checks that
+//! gRPC-bound sessions are carried and go on over a new stream.
 
 mod common;
 use common::*;
@@ -732,4 +733,55 @@ fn tls_sessions_are_not_carried_and_their_backend_is_told() {
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["upgrade"]["not_carried"], 1, "{status}");
     assert_eq!(v["upgrade"]["sessions"], 8, "{status}");
+}
+
+/// gRPC backend streams are not carried (HTTP/2 state lives inside the h2
+/// crate): sessions bound to a gRPC backend are carried, their binding is
+/// not, and their next frame opens a stream from the new process. The
+/// clients see nothing but the pause; the gRPC backend sees the old
+/// process's stream end and a new one begin, with `CONNECT`s for the
+/// sessions (docs/OPERATIONS.md "Live upgrade").
+#[test]
+fn grpc_bound_sessions_are_carried_and_rebind_on_a_new_stream() {
+    use common::pybackend::*;
+    let grpc = PyBackend::start(Kind::Grpc);
+    let dir = TempDir::new("upgrade-grpc");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let routes = route(3, 0, "round_robin", &[grpc.addr], "backend_protocol = \"grpc\"\n");
+    let cfg = dir.0.join("gw.toml");
+    std::fs::write(&cfg, config(1, &socket, gate.addr(), seed.addr) + "\n" + &routes).unwrap();
+    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+    // Gate and gRPC sessions, TCP and WebSocket.
+    let mut peers: Vec<Peer> =
+        (0..20).map(|i| Peer::connect(addr, i, i % 2 == 1, if i < 10 { 3 } else { 1 })).collect();
+    let warm = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(warm.failure.is_none(), "{:?}\n{}", warm.failure, grpc.dump());
+    let streams_before = grpc.lines().iter().filter(|l| l.starts_with("STREAM_OPEN")).count();
+    let _ = gate.drain();
+
+    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let (_, new_admin) = new.listening(Duration::from_secs(30));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
+    // Every session goes on, on every backend.
+    let after = run_load(&mut peers, &AtomicBool::new(false), 3);
+    assert!(after.failure.is_none(), "{:?}\n{}", after.failure, grpc.dump());
+    let (_, status) = http_get(new_admin, "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["upgrade"]["sessions"], 20, "{status}");
+    // The gate backend saw nothing; the gRPC backend saw a new stream.
+    let events = gate.drain();
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Disconnect { .. } | Event::Closed { .. } | Event::Accepted { .. })),
+        "{events:?}"
+    );
+    let lines = grpc.lines();
+    let streams_after = lines.iter().filter(|l| l.starts_with("STREAM_OPEN")).count();
+    assert!(streams_after > streams_before, "a new gRPC stream from the new process\n{}", grpc.dump());
+    println!(
+        "gRPC streams opened: {streams_before} before the handover, {streams_after} after; frames checked {}",
+        after.frames
+    );
 }

@@ -2,6 +2,7 @@
 //! as the real binary), blocking game clients, and the mock backend.
 #![allow(dead_code)]
 
+pub mod pybackend;
 pub mod tls;
 
 use game_gateway::config::Config;
