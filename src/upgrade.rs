@@ -635,13 +635,17 @@ impl Takeover {
         }
         let mut report = AdoptReport::default();
         for rx in replies {
-            match rx.recv() {
+            // Adopting is quick (about 10 µs a session); a worker that does
+            // not answer in a minute is stuck, and the rest must not wait.
+            match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(r) => {
                     report.sessions += r.sessions;
                     report.conns += r.conns;
                     report.lost += r.lost;
                 }
-                Err(_) => tracing::error!("live upgrade: a worker ended before adopting: its sessions are lost"),
+                Err(_) => tracing::error!(
+                    "live upgrade: a worker did not report its adoption: its sessions are unaccounted for"
+                ),
             }
         }
         let pause = Duration::from_micros(unix_us().saturating_sub(frozen_at));
