@@ -494,7 +494,7 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
         let _ = tx
             .send_timeout(WorkerCommand::Retire { handed, not_carried: e.not_carried as u64 }, Duration::from_secs(1));
     }
-    phase("old", "handed over: exiting");
+    phase("old", "handed over");
     Ok(())
 }
 
@@ -662,7 +662,7 @@ impl Takeover {
             s.conns = taken.conns;
             s.lost = taken.lost;
             s.not_carried = not_carried;
-            s.pause_ms = Some(pause.as_secs_f64() * 1000.0);
+            s.pause_ms = Some((pause.as_secs_f64() * 1e4).round() / 10.0);
         });
         tracing::info!(
             sessions = taken.sessions,
@@ -670,7 +670,7 @@ impl Takeover {
             expected_streams = conns,
             lost = taken.lost,
             not_carried,
-            pause_ms = pause.as_secs_f64() * 1000.0,
+            pause_ms = (pause.as_secs_f64() * 1e4).round() / 10.0,
             "live upgrade complete"
         );
         Ok(taken)

@@ -514,13 +514,11 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
             .0,
         Family::new(
             HANDOFF_SESSIONS_TOTAL,
-            "Live upgrade: sessions taken over (direction in) or handed over (out), lost, or not carried (TLS).",
+            "Live upgrade: sessions this process took over (handed_over) or could not set up (lost).",
             COUNTER,
         )
         .value(&[("direction", "in"), ("result", "handed_over")], s.handoff_sessions_in as f64)
         .value(&[("direction", "in"), ("result", "lost")], s.handoff_sessions_lost as f64)
-        .value(&[("direction", "out"), ("result", "handed_over")], s.handoff_sessions_out as f64)
-        .value(&[("direction", "out"), ("result", "not_carried")], s.handoff_sessions_not_carried as f64)
         .0,
         Family::new(
             HANDOFF_PAUSE_SECONDS,

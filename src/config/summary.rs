@@ -44,6 +44,10 @@ impl Config {
             v.io_driver,
             Spelled(v.drain_timeout)
         )?;
+        if let Some(p) = &v.upgrade_socket {
+            let after = if v.wait_after_handover { "wait" } else { "exit" };
+            writeln!(s, "upgrade: socket={} after_handover={after}", p.display())?;
+        }
         let l = &self.limits;
         writeln!(
             s,

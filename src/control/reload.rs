@@ -28,6 +28,8 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("server.node_id", o.node_id.to_string(), n.node_id.to_string());
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or("off".to_string(), |p| p.display().to_string());
     check("server.upgrade_socket", path(&o.upgrade_socket), path(&n.upgrade_socket));
+    let after = |wait: bool| if wait { "wait" } else { "exit" }.to_string();
+    check("server.after_handover", after(o.wait_after_handover), after(n.wait_after_handover));
     let redis =
         |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));

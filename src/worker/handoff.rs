@@ -207,6 +207,9 @@ impl Worker {
         // The access-log writer ends with its last sender.
         self.shard.borrow_mut().flush_access_log();
         self.access_tx.borrow_mut().take();
+        // Nothing more to ask of this worker: requests (stats for a scrape)
+        // fail at once instead of waiting for an answer that never comes.
+        self.commands.borrow_mut().take();
         self.stop_done.notify();
     }
 

@@ -200,6 +200,9 @@ pub(crate) struct Worker {
     uring: bool,
     /// Socket actions that came while frozen, for the thaw.
     deferred: RefCell<Vec<Action>>,
+    /// The command channel (taken by the tick loop; dropped when the worker
+    /// retires, so the control side's requests fail at once).
+    commands: RefCell<Option<Receiver<WorkerCommand>>>,
     /// Routes, config and announcements that came while frozen.
     deferred_cmds: RefCell<Vec<WorkerCommand>>,
     /// The last handover the control side thawed this worker for, and the
@@ -639,6 +642,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         uring: io_driver == "io_uring",
         deferred: RefCell::new(Vec::new()),
         deferred_cmds: RefCell::new(Vec::new()),
+        commands: RefCell::new(None),
         thawed_epoch: Cell::new(0),
         stashed_thaw: RefCell::new(None),
         frozen_at: Cell::new(None),
@@ -656,6 +660,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
 }
 
 async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
+    *w.commands.borrow_mut() = Some(commands);
     let mut last_sweep = Instant::now();
     let mut last_evict = Instant::now();
     loop {
@@ -664,7 +669,11 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
         let tick = if crate::upgrade::in_progress() { UPGRADE_TICK } else { TICK };
         monoio::time::sleep(tick).await;
         for _ in 0..MAX_COMMANDS_PER_TICK {
-            match commands.try_recv() {
+            // Borrowed for the receive only: a command may drop the channel
+            // (a retired worker answers nothing any more).
+            let next = w.commands.borrow().as_ref().map(|rx| rx.try_recv());
+            let Some(next) = next else { return };
+            match next {
                 Ok(cmd) => w.handle_command(cmd),
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
