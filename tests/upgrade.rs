@@ -785,3 +785,61 @@ fn grpc_bound_sessions_are_carried_and_rebind_on_a_new_stream() {
         after.frames
     );
 }
+
+/// Connections caught mid-way by a handover: one has sent half of its
+/// WebSocket upgrade request, one half of its first game frame (both still
+/// in the front door's sniffing state, their bytes carried as partial
+/// input). Each finishes with the new process as if nothing happened.
+#[test]
+fn connections_caught_in_the_front_door_finish_with_the_new_process() {
+    let dir = TempDir::new("upgrade-frontdoor");
+    let socket = dir.0.join("upgrade.sock");
+    let gate = mock();
+    let seed = seed_echo();
+    let cfg = dir.0.join("gw.toml");
+    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
+    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+
+    // Half an upgrade request.
+    let request = "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut ws = TcpStream::connect(addr).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ws.write_all(&request.as_bytes()[..40]).unwrap();
+    // Half a first game frame.
+    let mut tcp = Peer {
+        idx: 7,
+        s: TcpStream::connect(addr).unwrap(),
+        ws: false,
+        server_type: 1,
+        next_send: 0,
+        next_recv: 0,
+        buf: Vec::new(),
+    };
+    tcp.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let first = tcp.wire(0);
+    tcp.s.write_all(&first[..5]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    new.listening(Duration::from_secs(30));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
+
+    // The rest of the game frame, then its echo.
+    tcp.s.write_all(&first[5..]).unwrap();
+    tcp.next_send = 1;
+    let (msg_id, payload) = tcp.read_frame().expect("the echo of a frame split across the handover");
+    assert_eq!((msg_id, &payload[4..8]), (MSG_ID, &0u32.to_le_bytes()[..]));
+    // The rest of the upgrade request: 101, then a WebSocket session.
+    ws.write_all(&request.as_bytes()[40..]).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut peer = Peer { idx: 8, s: ws, ws: true, server_type: 1, next_send: 0, next_recv: 0, buf: Vec::new() };
+    let r = run_load(std::slice::from_mut(&mut peer), &AtomicBool::new(false), 2);
+    assert!(r.failure.is_none(), "{:?}", r.failure);
+}
