@@ -1,14 +1,16 @@
 //! A worker's side of a live upgrade (see `crate::upgrade` for the whole
 //! sequence and docs/OPERATIONS.md for operators).
 //!
-//! Old process, per worker: [`Worker::freeze`] stops accepting, stops every
-//! session's reads and writes (client sockets are in readiness mode, so no
-//! operation is in flight on them), cancels each backend stream's in-flight
-//! read and write and keeps what they did, then exports the shard with the
-//! bytes the tasks hold and a duplicate of every socket. Then either
-//! [`Worker::thaw`] (the new process failed: everything goes on where it
-//! stopped) or [`Worker::retire`] (the new process has it all: the tasks end
-//! without touching a socket and the worker exits).
+//! Old process, per worker: [`Worker::freeze`] stops accepting (cancelling
+//! the accepts in flight; one the kernel completed becomes a session),
+//! stops every session's reads and writes (client sockets are in readiness
+//! mode, so no operation is in flight on them), stops each backend stream's
+//! read in flight keeping what it read, lets its write in flight finish,
+//! defers every socket action and control command, then exports the shard
+//! with the bytes the tasks hold and the descriptor of every socket. Then
+//! either [`Worker::thaw`] (the new process failed: everything goes on where
+//! it stopped) or [`Worker::retire`] (the new process has it all: the tasks
+//! end without touching a socket and the worker exits).
 //!
 //! New process, per worker: [`Worker::adopt`] imports the shard snapshots of
 //! the old workers mapped to it and starts the sockets' tasks.
@@ -19,7 +21,8 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Longest a worker waits for its backend streams' cancelled operations.
+/// Longest a worker waits for its accept loops to end and its backend
+/// streams to stop (a cancelled read, a write in flight finishing).
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One worker's state and sockets, on their way to the new process.
