@@ -298,9 +298,16 @@ fn poll_read_buf(
         buf.reserve(grow);
     }
     let mut rb = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
-    match Pin::new(&mut *sock.borrow_mut()).poll_read(cx, &mut rb) {
+    let asked = rb.remaining();
+    let mut sock = sock.borrow_mut();
+    match Pin::new(&mut *sock).poll_read(cx, &mut rb) {
         Poll::Ready(Ok(())) => {
             let n = rb.filled().len();
+            if n > 0 && n < asked {
+                // A short read drained the receive queue: wait for the next
+                // readiness event instead of a recv that returns EAGAIN.
+                sock.clear_read_readiness();
+            }
             // SAFETY: `poll_read` filled (initialized) the first `n` bytes of
             // the spare capacity `rb` was made from.
             unsafe { buf.set_len(buf.len() + n) };
