@@ -314,14 +314,7 @@ impl Proc {
     }
 
     fn wait_exit(&mut self, d: Duration) -> Option<i32> {
-        let deadline = Instant::now() + d;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, d)
     }
 
     fn stderr_text(&self) -> String {
@@ -349,6 +342,45 @@ fn config(workers: usize, socket: &Path, gate: SocketAddr, seed: SocketAddr) -> 
     config_text(workers, &extra, &routes)
 }
 
+/// What every test here starts from: a temporary directory with the upgrade
+/// socket's path, a gate backend and a seed_tcp backend.
+struct Rig {
+    dir: TempDir,
+    socket: std::path::PathBuf,
+    gate: MockBackend,
+    seed: SeedEcho,
+}
+
+impl Rig {
+    fn new(tag: &str) -> Rig {
+        let dir = TempDir::new(tag);
+        let socket = dir.0.join("upgrade.sock");
+        Rig { dir, socket, gate: mock(), seed: seed_echo() }
+    }
+
+    /// The test config for `workers` workers, routed to this rig's backends.
+    fn config(&self, workers: usize) -> String {
+        config(workers, &self.socket, self.gate.addr(), self.seed.addr)
+    }
+
+    /// Writes `text` as `name` in the rig's directory.
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The gateway binary on `cfg` with `args` and `env`.
+    fn spawn(&self, cfg: &Path, args: &[&str], env: &[(&str, &str)], tag: &str) -> Proc {
+        Proc::spawn(cfg, args, env, &self.dir.0, tag)
+    }
+
+    /// A gateway on `cfg` that takes over from the one listening on the socket.
+    fn takeover(&self, cfg: &Path, env: &[(&str, &str)], tag: &str) -> Proc {
+        self.spawn(cfg, &["--takeover", self.socket.to_str().unwrap()], env, tag)
+    }
+}
+
 /// `n` clients: even ones TCP, odd ones WebSocket; alternately on the gate
 /// and the seed_tcp backend.
 fn clients(addr: SocketAddr, n: u32) -> Vec<Peer> {
@@ -366,16 +398,12 @@ fn metric(admin: SocketAddr, name: &str) -> f64 {
 /// The whole handover under load: `sessions` clients, `old_workers` ->
 /// `new_workers`. Returns the new process (still serving) and the report.
 fn handover(sessions: u32, old_workers: usize, new_workers: usize) {
-    let dir = TempDir::new("upgrade");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let old_cfg = dir.0.join("old.toml");
-    std::fs::write(&old_cfg, config(old_workers, &socket, gate.addr(), seed.addr)).unwrap();
-    let new_cfg = dir.0.join("new.toml");
-    std::fs::write(&new_cfg, config(new_workers, &socket, gate.addr(), seed.addr)).unwrap();
+    let rig = Rig::new("upgrade");
+    let (gate, seed) = (&rig.gate, &rig.seed);
+    let old_cfg = rig.write("old.toml", &rig.config(old_workers));
+    let new_cfg = rig.write("new.toml", &rig.config(new_workers));
 
-    let mut old = Proc::spawn(&old_cfg, &[], &[], &dir.0, "old");
+    let mut old = rig.spawn(&old_cfg, &[], &[], "old");
     let (addr, _) = old.listening(Duration::from_secs(10));
     let mut peers = clients(addr, sessions);
     let warm = run_load(&mut peers, &AtomicBool::new(false), 3);
@@ -394,7 +422,7 @@ fn handover(sessions: u32, old_workers: usize, new_workers: usize) {
     });
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    let new = Proc::spawn(&new_cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let new = rig.takeover(&new_cfg, &[], "new");
     let (new_addr, new_admin) = new.listening(Duration::from_secs(30));
     assert_eq!(new_addr, addr, "the new process serves the old one's listeners");
     let code = old.wait_exit(Duration::from_secs(10));
@@ -483,13 +511,10 @@ fn a_new_process_with_a_different_worker_count_takes_over() {
 
 #[test]
 fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
-    let dir = TempDir::new("upgrade-fail");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let cfg = dir.0.join("gw.toml");
-    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
-    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let rig = Rig::new("upgrade-fail");
+    let (gate, seed) = (&rig.gate, &rig.seed);
+    let cfg = rig.write("gw.toml", &rig.config(2));
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
     let (addr, admin) = old.listening(Duration::from_secs(10));
     let mut peers = clients(addr, 200);
     let warm = run_load(&mut peers, &AtomicBool::new(false), 2);
@@ -504,13 +529,7 @@ fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
             (peers, r)
         });
         std::thread::sleep(Duration::from_millis(200));
-        let mut new = Proc::spawn(
-            &cfg,
-            &["--takeover", socket.to_str().unwrap()],
-            &[("GAME_GATEWAY_TEST_UPGRADE_FAIL", fail)],
-            &dir.0,
-            fail,
-        );
+        let mut new = rig.takeover(&cfg, &[("GAME_GATEWAY_TEST_UPGRADE_FAIL", fail)], fail);
         assert_eq!(new.wait_exit(Duration::from_secs(30)), Some(code), "{}", new.stderr_text());
         assert!(new.stderr_text().contains(says), "{}", new.stderr_text());
         std::thread::sleep(Duration::from_millis(500));
@@ -535,7 +554,7 @@ fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
     assert!(!events.iter().any(|e| matches!(e, Event::Closed { .. } | Event::Disconnect { .. })), "{events:?}");
     assert_eq!(seed.closed.load(Ordering::Relaxed), 0);
     // And a later upgrade still works from the resumed state.
-    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let new = rig.takeover(&cfg, &[], "new");
     new.listening(Duration::from_secs(30));
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
     let r = run_load(&mut peers, &AtomicBool::new(false), 3);
@@ -553,13 +572,10 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
-    let dir = TempDir::new("upgrade-usr2");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let cfg = dir.0.join("gw.toml");
-    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
-    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let rig = Rig::new("upgrade-usr2");
+    let (gate, seed) = (&rig.gate, &rig.seed);
+    let cfg = rig.write("gw.toml", &rig.config(2));
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
     let (addr, _) = old.listening(Duration::from_secs(10));
     let mut peers = clients(addr, 100);
     let warm = run_load(&mut peers, &AtomicBool::new(false), 2);
@@ -641,21 +657,17 @@ fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
 /// restarted).
 #[test]
 fn takeover_or_start_and_wait_after_handover() {
-    let dir = TempDir::new("upgrade-orch");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let cfg = dir.0.join("gw.toml");
-    let text =
-        config(1, &socket, gate.addr(), seed.addr).replacen("[server]\n", "[server]\nafter_handover = \"wait\"\n", 1);
-    std::fs::write(&cfg, text).unwrap();
+    let rig = Rig::new("upgrade-orch");
+    let (socket, seed) = (&rig.socket, &rig.seed);
+    let text = rig.config(1).replacen("[server]\n", "[server]\nafter_handover = \"wait\"\n", 1);
+    let cfg = rig.write("gw.toml", &text);
     let sock = socket.to_str().unwrap();
-    let mut first = Proc::spawn(&cfg, &["--takeover-or-start", sock], &[], &dir.0, "first");
+    let mut first = rig.spawn(&cfg, &["--takeover-or-start", sock], &[], "first");
     let (addr, first_admin) = first.listening(Duration::from_secs(10));
     assert!(first.stderr_text().contains("no gateway to take over from"), "{}", first.stderr_text());
     let mut peers = clients(addr, 20);
     assert!(run_load(&mut peers, &AtomicBool::new(false), 2).failure.is_none());
-    let second = Proc::spawn(&cfg, &["--takeover-or-start", sock], &[], &dir.0, "second");
+    let second = rig.spawn(&cfg, &["--takeover-or-start", sock], &[], "second");
     let (addr2, _) = second.listening(Duration::from_secs(30));
     assert_eq!(addr2, addr);
     let r = run_load(&mut peers, &AtomicBool::new(false), 2);
@@ -694,15 +706,11 @@ fn tls_sessions_are_not_carried_and_their_backend_is_told() {
     use common::tls::*;
     let pki = Pki::new();
     let leaf = pki.leaf("gw", &["gw.test"]);
-    let dir = TempDir::new("upgrade-tls");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let cfg = dir.0.join("gw.toml");
-    let text = config(1, &socket, gate.addr(), seed.addr)
-        .replace("[log]", &format!("{}\n[log]", tls_section("optional", &[leaf])));
-    std::fs::write(&cfg, text).unwrap();
-    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let rig = Rig::new("upgrade-tls");
+    let gate = &rig.gate;
+    let text = rig.config(1).replace("[log]", &format!("{}\n[log]", tls_section("optional", &[leaf])));
+    let cfg = rig.write("gw.toml", &text);
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
     let (addr, _) = old.listening(Duration::from_secs(10));
     let mut peers = clients(addr, 8);
     assert!(run_load(&mut peers, &AtomicBool::new(false), 2).failure.is_none());
@@ -716,7 +724,7 @@ fn tls_sessions_are_not_carried_and_their_backend_is_told() {
     let tls_session = *gate.sessions().iter().max().unwrap();
     let _ = gate.drain();
 
-    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let new = rig.takeover(&cfg, &[], "new");
     let (_, new_admin) = new.listening(Duration::from_secs(30));
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
     // The TLS client's connection ended with the old process.
@@ -745,14 +753,11 @@ fn tls_sessions_are_not_carried_and_their_backend_is_told() {
 fn grpc_bound_sessions_are_carried_and_rebind_on_a_new_stream() {
     use common::pybackend::*;
     let grpc = PyBackend::start(Kind::Grpc);
-    let dir = TempDir::new("upgrade-grpc");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
+    let rig = Rig::new("upgrade-grpc");
+    let gate = &rig.gate;
     let routes = route(3, 0, "round_robin", &[grpc.addr], "backend_protocol = \"grpc\"\n");
-    let cfg = dir.0.join("gw.toml");
-    std::fs::write(&cfg, config(1, &socket, gate.addr(), seed.addr) + "\n" + &routes).unwrap();
-    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let cfg = rig.write("gw.toml", &(rig.config(1) + "\n" + &routes));
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
     let (addr, _) = old.listening(Duration::from_secs(10));
     // Gate and gRPC sessions, TCP and WebSocket.
     let mut peers: Vec<Peer> =
@@ -762,7 +767,7 @@ fn grpc_bound_sessions_are_carried_and_rebind_on_a_new_stream() {
     let streams_before = grpc.lines().iter().filter(|l| l.starts_with("STREAM_OPEN")).count();
     let _ = gate.drain();
 
-    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let new = rig.takeover(&cfg, &[], "new");
     let (_, new_admin) = new.listening(Duration::from_secs(30));
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
     // Every session goes on, on every backend.
@@ -792,13 +797,9 @@ fn grpc_bound_sessions_are_carried_and_rebind_on_a_new_stream() {
 /// input). Each finishes with the new process as if nothing happened.
 #[test]
 fn connections_caught_in_the_front_door_finish_with_the_new_process() {
-    let dir = TempDir::new("upgrade-frontdoor");
-    let socket = dir.0.join("upgrade.sock");
-    let gate = mock();
-    let seed = seed_echo();
-    let cfg = dir.0.join("gw.toml");
-    std::fs::write(&cfg, config(2, &socket, gate.addr(), seed.addr)).unwrap();
-    let mut old = Proc::spawn(&cfg, &[], &[], &dir.0, "old");
+    let rig = Rig::new("upgrade-frontdoor");
+    let cfg = rig.write("gw.toml", &rig.config(2));
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
     let (addr, _) = old.listening(Duration::from_secs(10));
 
     // Half an upgrade request.
@@ -821,7 +822,7 @@ fn connections_caught_in_the_front_door_finish_with_the_new_process() {
     tcp.s.write_all(&first[..5]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
 
-    let new = Proc::spawn(&cfg, &["--takeover", socket.to_str().unwrap()], &[], &dir.0, "new");
+    let new = rig.takeover(&cfg, &[], "new");
     new.listening(Duration::from_secs(30));
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.stderr_text());
 

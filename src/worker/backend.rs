@@ -114,10 +114,7 @@ impl ConnIo {
     /// Waits while frozen (the reader on `thaw_rd`, the writer on
     /// `thaw_wr`); false once retired.
     async fn wait_thaw(&self, thaw: &Notify) -> bool {
-        while self.frozen.get() && !self.retired.get() {
-            thaw.notified().await;
-        }
-        !self.retired.get()
+        super::handoff::wait_thaw(&self.frozen, &self.retired, thaw).await
     }
 
     /// Live upgrade done: both tasks end without touching the socket.

@@ -235,10 +235,7 @@ impl ClientIo {
     /// Waits while frozen; false once retired (the task must end without
     /// touching the socket).
     async fn wait_thaw(&self, thaw: &Notify) -> bool {
-        while self.frozen.get() && !self.retired.get() {
-            thaw.notified().await;
-        }
-        !self.retired.get()
+        super::handoff::wait_thaw(&self.frozen, &self.retired, thaw).await
     }
 }
 

@@ -16,10 +16,23 @@
 //! the old workers mapped to it and starts the sockets' tasks.
 
 use super::{backend, client, Worker};
+use crate::notify::Notify;
 use crate::shard::handoff::{ConnStateSnap, ShardSnapshot};
+use std::cell::Cell;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// Waits while `frozen` (woken by `thaw`); false once `retired`: the task
+/// must then end without touching its socket. Each task waits on its own
+/// `thaw` (a `Notify` keeps one waiter, and a monoio task whose last waker
+/// is dropped is dropped with it).
+pub(super) async fn wait_thaw(frozen: &Cell<bool>, retired: &Cell<bool>, thaw: &Notify) -> bool {
+    while frozen.get() && !retired.get() {
+        thaw.notified().await;
+    }
+    !retired.get()
+}
 
 /// Longest a worker waits for its accept loops to end and its backend
 /// streams to stop (a cancelled read, a write in flight finishing).

@@ -186,6 +186,19 @@ pub fn session_of(mb: &MockBackend, client: SocketAddr) -> i64 {
     }
 }
 
+/// Waits for `child` to exit, up to `d`; its exit code (`None`: still
+/// running, or killed by a signal).
+pub fn wait_exit(child: &mut std::process::Child, d: Duration) -> Option<i32> {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 /// A running gateway binary (for signal and CLI tests).
 pub struct GatewayProcess {
     /// Everything the process printed on stdout after its first line (the
@@ -286,14 +299,7 @@ impl GatewayProcess {
 
     /// Waits for exit up to `d`; returns the exit code.
     pub fn wait_exit(&mut self, d: Duration) -> Option<i32> {
-        let deadline = Instant::now() + d;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, d)
     }
 
     pub fn stdout_text(&self) -> String {
