@@ -264,6 +264,30 @@ fn run_load(peers: &mut [Peer], stop: &AtomicBool, max_rounds: u64) -> LoadRepor
     r
 }
 
+/// Load rounds on another thread until finished.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<Peer>, LoadReport)>,
+}
+
+impl Background {
+    fn start(mut peers: Vec<Peer>) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let r = run_load(&mut peers, &s2, 10_000);
+            (peers, r)
+        });
+        Background { stop, thread }
+    }
+
+    /// Ends the rounds; the clients back, with what the rounds saw.
+    fn finish(self) -> (Vec<Peer>, LoadReport) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 // ---------------------------------------------------------------- processes
 
 struct Proc {
@@ -414,12 +438,7 @@ fn handover(sessions: u32, old_workers: usize, new_workers: usize) {
     let _ = gate.drain();
 
     // Load runs through the handover, from another thread.
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let load = std::thread::spawn(move || {
-        let r = run_load(&mut peers, &s2, 10_000);
-        (peers, r)
-    });
+    let load = Background::start(peers);
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let new = rig.takeover(&new_cfg, &[], "new");
@@ -429,8 +448,7 @@ fn handover(sessions: u32, old_workers: usize, new_workers: usize) {
     assert_eq!(code, Some(0), "the old process exits once it handed over; stderr:\n{}", old.stderr_text());
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let (mut peers, report) = load.join().unwrap();
+    let (mut peers, report) = load.finish();
     assert!(
         report.failure.is_none(),
         "during the handover: {:?}\nnew stderr:\n{}\nold stderr:\n{}",
@@ -522,19 +540,13 @@ fn a_new_process_that_fails_or_refuses_leaves_the_old_one_serving() {
     let _ = gate.drain();
 
     for (fail, code, says) in [("before-ready", 3, "exiting before confirming"), ("version", 1, "refused")] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let load = std::thread::spawn(move || {
-            let r = run_load(&mut peers, &s2, 10_000);
-            (peers, r)
-        });
+        let load = Background::start(peers);
         std::thread::sleep(Duration::from_millis(200));
         let mut new = rig.takeover(&cfg, &[("GAME_GATEWAY_TEST_UPGRADE_FAIL", fail)], fail);
         assert_eq!(new.wait_exit(Duration::from_secs(30)), Some(code), "{}", new.stderr_text());
         assert!(new.stderr_text().contains(says), "{}", new.stderr_text());
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
-        let (p, report) = load.join().unwrap();
+        let (p, report) = load.finish();
         peers = p;
         assert!(report.failure.is_none(), "{fail}: {:?}\nold stderr:\n{}", report.failure, old.stderr_text());
         let mut rounds = report.round_times.clone();
@@ -581,12 +593,7 @@ fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
     let warm = run_load(&mut peers, &AtomicBool::new(false), 2);
     assert!(warm.failure.is_none(), "{:?}", warm.failure);
     let _ = gate.drain();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let load = std::thread::spawn(move || {
-        let r = run_load(&mut peers, &s2, 10_000);
-        (peers, r)
-    });
+    let load = Background::start(peers);
     std::thread::sleep(Duration::from_millis(200));
     unsafe { libc::kill(old.child.id() as i32, libc::SIGUSR2) };
     let code = old.wait_exit(Duration::from_secs(20));
@@ -601,8 +608,7 @@ fn sigusr2_makes_the_gateway_start_its_successor_and_hand_over() {
     let _successor = KillOnDrop(pid);
     assert_eq!(code, Some(0), "{text}");
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (mut peers, report) = load.join().unwrap();
+    let (mut peers, report) = load.finish();
     assert!(report.failure.is_none(), "{:?}\n{text}", report.failure);
     let after = run_load(&mut peers, &AtomicBool::new(false), 2);
     assert!(after.failure.is_none(), "served by the successor: {:?}", after.failure);
