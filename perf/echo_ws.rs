@@ -51,7 +51,7 @@ impl Write for Pipe<'_> {
 
 /// The 101 response to a valid upgrade request at the front of `buf`, and
 /// the length of that request; `Ok(None)` while incomplete.
-fn upgrade(buf: &[u8]) -> Result<Option<(String, usize)>, String> {
+pub fn upgrade(buf: &[u8]) -> Result<Option<(String, usize)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {

@@ -3,20 +3,24 @@
 # message) to $RES. Expects BIN, SECS, WARM and RES to be set.
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# user and system ticks apart: "utime stime"
+ticks2() { awk '{print $14, $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 
 # run LABEL TARGET PID(or -) gw-load-args...
 run() {
   local label=$1 target=$2 pid=$3; shift 3
-  local before=0 after=0
-  [ "$pid" != - ] && before=$(ticks "$pid")
+  local before="0 0" after="0 0"
+  [ "$pid" != - ] && before=$(ticks2 "$pid")
   local out
   out=$(taskset -c 1 $BIN/gw-load --target "$target" --duration "$SECS" --warmup $WARM --label "$label" --json "$@" 2>/dev/null | tail -1) || true
-  [ "$pid" != - ] && after=$(ticks "$pid")
+  [ "$pid" != - ] && after=$(ticks2 "$pid")
   python3 - "$out" "$before" "$after" "$TCK" "$SECS" "$WARM" >>"$RES" <<'PY'
 import json, sys
-out, before, after, tck, secs, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+out, tck, secs, warm = sys.argv[1], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+(ub, sb), (ua, sa) = (map(int, sys.argv[2].split())), (map(int, sys.argv[3].split()))
+before, after = ub + sb, ua + sa
 try:
     r = json.loads(out)
 except Exception:
@@ -29,6 +33,8 @@ sess = r.get("sessions_per_sec", 0) * (secs + warm)
 r["proxy_cpu_s"] = cpu_s
 r["cpu_us_per_msg"] = (cpu_s * 1e6 / msgs) if msgs and after else None
 r["cpu_us_per_session"] = (cpu_s * 1e6 / sess) if sess and after else None
+# The kernel's share (stime): on loopback most of a proxy's CPU.
+r["sys_us_per_msg"] = ((sa - sb) / tck * 1e6 / msgs) if msgs and after else None
 print(json.dumps(r))
 PY
   tail -1 "$RES" | python3 -c '

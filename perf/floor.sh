@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The loopback floor: what receiving each client message and sending it back
+# costs by itself, beside the gateway and HAProxy, in interleaved rounds on
+# the same machine. Each server under test runs alone on core 0; the load
+# generator and the backends share core 1 (as in perf/compare.sh).
+#
+#   floor     gw-floor-echo: one thread, edge-triggered epoll, direct recv/send,
+#             nothing else (the cheapest possible client side of any proxy)
+#   echo      gw-echo: the same echo on monoio's io_uring (the runtime's cost)
+#   gateway   the gateway (1 worker) to mock-backend over the gate protocol
+#   haproxy   HAProxy (nbthread 1, mode tcp) to gw-echo on core 1
+# and, when nginx is installed, the same for WebSocket (rows "ws-*", loads
+# with `gw-load --ws`): ws-floor (gw-floor-echo --ws), ws-gateway (the same
+# gateway), ws-nginx (nginx's WebSocket proxy, one worker, to
+# `gw-echo --mode ws` on core 1), as perf/compare-ws.sh sets them up.
+#
+# A proxy must do at least the floor's work for every message, so floor /
+# HAProxy bounds from below the CPU ratio any proxy can reach against HAProxy
+# on this harness (floor / nginx likewise for WebSocket). With `perf` installed it also counts, per message, the
+# packets each server sends (net:net_dev_xmit, pure ACKs included) and its
+# send and receive calls (in a separate, shorter pass: tracing slows the
+# servers, so these passes give no CPU figures).
+#
+# Usage: perf/floor.sh [SECONDS] [ROUNDS]      (default 8 s, 2 rounds)
+#        GW_IO_DRIVER=epoll perf/floor.sh      (the gateway's driver)
+# On a shared machine: flock /tmp/gw-bench.lock perf/floor.sh
+# Writes: perf/results/floor-<timestamp>/{results.jsonl,counts.txt,summary.md}
+set -uo pipefail
+cd "$(dirname "$0")/.."
+command -v haproxy >/dev/null || { echo "haproxy missing: apt-get install haproxy" >&2; exit 1; }
+cargo build --release -p game-gateway -p gw-perf -p mock-backend >/dev/null 2>&1 ||
+  cargo build --release -p game-gateway -p gw-perf -p mock-backend || exit 1
+BIN=${CARGO_TARGET_DIR:-target}/release
+SECS=${1:-8}; ROUNDS=${2:-2}; WARM=2; DRV=${GW_IO_DRIVER:-auto}
+OUT=perf/results/floor-$(date -u +%Y%m%d-%H%M%S); mkdir -p "$OUT"; RES=$OUT/results.jsonl; : >"$RES"
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill "${PIDS[i]}" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+FLOOR=127.0.0.1:$(free_port); ECHO0=127.0.0.1:$(free_port); ECHO1=127.0.0.1:$(free_port)
+MOCK=127.0.0.1:$(free_port); GW=127.0.0.1:$(free_port); HAP=127.0.0.1:$(free_port)
+
+taskset -c 1 $BIN/mock-backend --listen $MOCK --quiet >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 $BIN/gw-echo --listen $ECHO1 >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 0 $BIN/gw-floor-echo --listen $FLOOR >/dev/null 2>&1 & PIDS+=($!); FPID=$!
+taskset -c 0 $BIN/gw-echo --listen $ECHO0 >/dev/null 2>&1 & PIDS+=($!); EPID=$!
+printf '[server]\nlisten = "%s"\nadmin_listen = "127.0.0.1:0"\nworkers = 1\ncpus = [0]\n[log]\nlevel = "warn"\naccess_log = false\n[[routes]]\nserver_type = 10\nservice_name = "b"\nstrategy = "round_robin"\nendpoints = ["%s"]\n' $GW $MOCK >"$TMP/gw.toml"
+$BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GPID=$!
+printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend g\n  bind %s\n  default_backend e\nbackend e\n  server s1 %s\n' $HAP $ECHO1 >"$TMP/h.cfg"
+taskset -c 0 haproxy -db -f "$TMP/h.cfg" >/dev/null 2>&1 & PIDS+=($!); HPID=$!
+# name address pid gw-load-flags
+SERVERS=("floor $FLOOR $FPID" "echo $ECHO0 $EPID" "gateway $GW $GPID" "haproxy $HAP $HPID")
+if command -v nginx >/dev/null; then
+  WSFLOOR=127.0.0.1:$(free_port); WSECHO=127.0.0.1:$(free_port); NGX=127.0.0.1:$(free_port)
+  taskset -c 1 $BIN/gw-echo --mode ws --listen $WSECHO >/dev/null 2>&1 & PIDS+=($!)
+  taskset -c 0 $BIN/gw-floor-echo --ws --listen $WSFLOOR >/dev/null 2>&1 & PIDS+=($!); WFPID=$!
+  mkdir -p "$TMP/ngx"
+  cat >"$TMP/nginx.conf" <<CFG
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $TMP/nginx-error.log warn;
+pid $TMP/nginx.pid;
+events { worker_connections 9000; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/ngx/body;
+  proxy_temp_path $TMP/ngx/proxy;
+  fastcgi_temp_path $TMP/ngx/fastcgi;
+  uwsgi_temp_path $TMP/ngx/uwsgi;
+  scgi_temp_path $TMP/ngx/scgi;
+  server {
+    listen $NGX;
+    location / {
+      proxy_pass http://$WSECHO;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection "upgrade";
+    }
+  }
+}
+CFG
+  taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" >/dev/null 2>&1 & PIDS+=($!); NPID=$!
+  SERVERS+=("ws-floor $WSFLOOR $WFPID --ws" "ws-gateway $GW $GPID --ws" "ws-nginx $NGX $NPID --ws")
+fi
+sleep 1
+. perf/lib.sh
+LOADS=("100 1" "100 16" "1000 1")
+for r in $(seq 1 "$ROUNDS"); do
+  for load in "${LOADS[@]}"; do
+    set -- $load; s=$1; i=$2
+    for srv in "${SERVERS[@]}"; do
+      set -- $srv
+      run "$1-${s}x$i" "$2" "$3" --sessions "$s" --inflight "$i" ${4:-} >/dev/null
+    done
+  done
+done
+
+# Counts per message, one short traced pass per server and load.
+if command -v perf >/dev/null && perf stat -e net:net_dev_xmit -- true >/dev/null 2>&1; then
+  EV=net:net_dev_xmit,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_io_uring_enter,io_uring:io_uring_submit_req
+  for load in "${LOADS[@]}"; do
+    set -- $load; s=$1; i=$2
+    for srv in "${SERVERS[@]}"; do
+      set -- $srv
+      taskset -c 1 $BIN/gw-load --target "$2" --duration 5 --warmup 1 --sessions "$s" --inflight "$i" ${4:-} --json >"$TMP/load.json" 2>/dev/null & L=$!
+      sleep 2
+      perf stat -x, -e $EV -p "$3" -o "$TMP/stat.txt" -- sleep 3 >/dev/null 2>&1
+      wait $L
+      python3 - "$1-${s}x$i" "$TMP/load.json" "$TMP/stat.txt" >>"$OUT/counts.txt" <<'PY'
+import json, sys
+label, load, stat = sys.argv[1:]
+r = json.loads(open(load).read().strip().splitlines()[-1]); m = r["msgs_per_sec"] * 3
+c = {}
+for l in open(stat):
+    p = l.strip().split(",")
+    if len(p) > 2 and p[0].isdigit():
+        c[p[2].split(":")[-1]] = int(p[0]) / m
+print(json.dumps({"label": label, "per_msg": c}))
+PY
+    done
+  done
+fi
+
+python3 - "$RES" "$OUT/counts.txt" <<'PY' | tee "$OUT/summary.md"
+import json, sys, collections, os
+d = collections.defaultdict(list)
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r.get("cpu_us_per_msg"):
+        d[r["label"]].append(r)
+counts = {}
+if os.path.exists(sys.argv[2]):
+    for l in open(sys.argv[2]):
+        r = json.loads(l); counts[r["label"]] = r["per_msg"]
+mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+print("| load | server | CPU µs/msg (rounds) | of it kernel | msgs/s | vs HAProxy (nginx for ws-) | packets sent/msg | send calls/msg | recv calls/msg |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for load in ["100x1", "100x16", "1000x1"]:
+  for srvs, ref in [(["floor", "echo", "gateway", "haproxy"], "haproxy"), (["ws-floor", "ws-gateway", "ws-nginx"], "ws-nginx")]:
+    h = mean([r["cpu_us_per_msg"] for r in d[ref + "-" + load]])
+    for srv in srvs:
+        rs = d[srv + "-" + load]
+        if not rs:
+            continue
+        cpu = mean([r["cpu_us_per_msg"] for r in rs])
+        sys_ = mean([r["sys_us_per_msg"] for r in rs])
+        c = counts.get(srv + "-" + load, {})
+        f = lambda *ks: "%.3f" % sum(c.get(k, 0) for k in ks) if c else "-"
+        print(f"| {load} | {srv} | {cpu:.3f} ({' / '.join('%.2f' % r['cpu_us_per_msg'] for r in rs)}) | {100 * sys_ / cpu:.0f} % | "
+              f"{mean([r['msgs_per_sec'] for r in rs]):,.0f} | {cpu / h:.2f} | {f('net_dev_xmit')} | {f('sys_enter_sendto', 'sys_enter_writev', 'sys_enter_write')} | {f('sys_enter_recvfrom', 'sys_enter_read', 'sys_enter_readv')} |")
+print()
+for load in ["100x1", "100x16", "1000x1"]:
+    for floor, gw, ref in [("floor", "gateway", "haproxy"), ("ws-floor", "ws-gateway", "ws-nginx")]:
+        m = {k: mean([r["cpu_us_per_msg"] for r in d[k + "-" + load]]) for k in (floor, gw, ref)}
+        if m[ref] == m[ref]:
+            print(f"{load}: {floor}/{ref} {m[floor] / m[ref]:.2f}  {gw}/{ref} {m[gw] / m[ref]:.2f}  {gw}/{floor} {m[gw] / m[floor]:.2f}")
+print()
+print("io_uring operations per message (sends and receives the kernel ran for the server, not counted above):",
+      ", ".join(f"{k} {v['io_uring_submit_req']:.3f}" for k, v in counts.items() if v.get("io_uring_submit_req")) or "none")
+PY
+echo "results: $OUT"

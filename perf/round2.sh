@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issue 17 in one run: every performance target's benchmark, one after the
+# other on the same build and the same machine, each beside HAProxy's or
+# nginx's figure, collected in one directory.
+#
+#   target 1, 2, 3  perf/compare.sh SECS, on io_uring and on epoll
+#                   (CPU per message vs HAProxy, idle memory at 18,000
+#                   sessions, p99.9 at half of HAProxy's peak)
+#   target 1, 4     perf/floor.sh SECS 2 (the loopback floor: what receiving
+#                   and sending each message costs by itself, TCP and WebSocket)
+#   target 4        perf/compare-ws.sh SECS (WebSocket vs nginx)
+#   target 5        perf/route-propagation.sh 1000 (needs redis-server)
+#   target 6        perf/callgrind.sh, and WS=1 (needs valgrind)
+#   target 7        perf/runtimes/compare.sh SECS 1 (monoio vs glommio)
+#   target 8        a model (docs/SCALING.md); perf/scaling.sh is for a
+#                   machine with more cores and is not run here
+#
+# Usage: flock /tmp/gw-bench.lock perf/round2.sh [SECONDS]   (default 10;
+#        about 35 minutes on 2 cores)
+# Writes: perf/results/round2-<timestamp>/: one <step>.txt per step (its
+# output) and summary.md (every step's summary, and where its full results
+# are). A failed step is reported and the others still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins || exit 1
+OUT=perf/results/round2-$(date -u +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+SUM=$OUT/summary.md
+{
+  echo "# Issue 17 in one run: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(nproc) cores; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$SUM"
+
+# step NAME COMMAND...: runs it, keeps its output, appends it to the summary.
+step() {
+  local name=$1; shift
+  local t0=$SECONDS rc before
+  before=$(LC_ALL=C ls perf/results)
+  echo "== $name: $*" >&2
+  "$@" >"$OUT/$name.txt" 2>&1
+  rc=$?
+  {
+    echo
+    echo "## $name"
+    echo
+    echo "\`$*\` (exit $rc, $((SECONDS - t0)) s; full output: \`$name.txt\`)"
+    echo
+    # The step's own summary: the summary.md of the results directory it
+    # made, else the end of its output.
+    local dir
+    dir=$(LC_ALL=C comm -13 <(echo "$before") <(LC_ALL=C ls perf/results) | grep -v "^$(basename "$OUT")\$" | tail -1)
+    [ -n "$dir" ] && dir=perf/results/$dir
+    if [ -n "$dir" ] && [ -f "$dir/summary.md" ]; then
+      echo "results: \`$dir/\`"
+      echo
+      cat "$dir/summary.md"
+    else
+      echo '```'
+      tail -40 "$OUT/$name.txt"
+      echo '```'
+    fi
+  } >>"$SUM"
+}
+
+step compare-io_uring perf/compare.sh "$SECS"
+step compare-epoll env GW_IO_DRIVER=epoll perf/compare.sh "$SECS"
+step floor perf/floor.sh "$SECS" 2
+step compare-ws perf/compare-ws.sh "$SECS"
+if command -v redis-server >/dev/null; then
+  step route-propagation perf/route-propagation.sh 1000
+else
+  echo -e "\n## route-propagation\n\nskipped: redis-server not installed" >>"$SUM"
+fi
+if command -v valgrind >/dev/null; then
+  step callgrind perf/callgrind.sh
+  step callgrind-ws env WS=1 perf/callgrind.sh
+else
+  echo -e "\n## callgrind\n\nskipped: valgrind not installed" >>"$SUM"
+fi
+step runtimes perf/runtimes/compare.sh "$SECS" 1
+echo -e "\nload average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$SUM"
+echo "results: $OUT (summary.md)"
