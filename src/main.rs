@@ -293,8 +293,22 @@ fn environment() -> Environment {
     }
 }
 
+/// The printing commands (`--check-config`, `routes`, `config`) end quietly
+/// when their reader goes away (`game-gateway --check-config | head`), as
+/// command-line tools do: Rust ignores SIGPIPE, so `println!` into a closed
+/// pipe would panic. The gateway itself keeps SIGPIPE ignored (a client that
+/// goes away is an error to handle, never a signal).
+fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any
+    // thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() || cli.check_config {
+        quiet_on_closed_pipe();
+    }
     match cli.command {
         Some(Command::Routes { action }) => return routes(action),
         Some(Command::Config { action }) => return config_cmd(action),

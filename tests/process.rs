@@ -84,6 +84,28 @@ fn check_config_prints_the_resolved_summary() {
     }
 }
 
+/// `--check-config | head -1`: the summary's reader goes away early; the
+/// command ends without a panic (it used to print "failed printing to
+/// stdout").
+#[test]
+fn check_config_into_a_closed_pipe_ends_quietly() {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--check-config")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the summary is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(out.status.success() || out.status.signal() == Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
+
 #[test]
 fn check_config_spells_overrides_and_the_environment_as_the_config_does() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_game-gateway"))
