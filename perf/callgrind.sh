@@ -51,11 +51,11 @@ T=${CARGO_TARGET_DIR:-target}
 if [ $# -ge 1 ]; then
   GW_BIN=$1
 else
-  cargo build --release --bin game-gateway --bin mock-backend >/dev/null 2>&1 || cargo build --release --bin game-gateway --bin mock-backend
+  cargo build --release -p game-gateway -p mock-backend >/dev/null 2>&1 || cargo build --release -p game-gateway -p mock-backend
   GW_BIN=$T/release/game-gateway
 fi
 MOCK_BIN=${MOCK_BIN:-$T/release/mock-backend}
-[ -x "$MOCK_BIN" ] || cargo build --release --bin mock-backend >/dev/null 2>&1 || cargo build --release --bin mock-backend
+[ -x "$MOCK_BIN" ] || cargo build --release -p mock-backend >/dev/null 2>&1 || cargo build --release -p mock-backend
 [ -x "$MOCK_BIN" ] || { echo "mock-backend not found at $MOCK_BIN (set MOCK_BIN or CARGO_TARGET_DIR)" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind missing: apt-get install valgrind" >&2; exit 1; }
 TMP=$(mktemp -d)

@@ -20,22 +20,31 @@
 # Writes: perf/results/round2-<timestamp>/: one <step>.txt per step (its
 # output) and summary.md (every step's summary, and where its full results
 # are). A failed step is reported and the others still run.
+# STEPS="callgrind route-propagation" runs only the named steps (names as in
+# the summary); ROUND2_OUT=perf/results/round2-<timestamp> appends them to an
+# earlier run's directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
 cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins || exit 1
-OUT=perf/results/round2-$(date -u +%Y%m%d-%H%M%S)
+OUT=${ROUND2_OUT:-perf/results/round2-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 SUM=$OUT/summary.md
+ONLY=${STEPS:-all}
 {
-  echo "# Issue 17 in one run: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  if [ -n "${ROUND2_OUT:-}" ]; then
+    echo; echo "# Steps added $(date -u '+%Y-%m-%d %H:%M UTC'): $ONLY"
+  else
+    echo "# Issue 17 in one run: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  fi
   echo
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(nproc) cores; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-} >"$SUM"
+} >>"$SUM"
 
 # step NAME COMMAND...: runs it, keeps its output, appends it to the summary.
 step() {
   local name=$1; shift
+  [ "$ONLY" = all ] || [[ " $ONLY " == *" $name "* ]] || return 0
   local t0=$SECONDS rc before
   before=$(LC_ALL=C ls perf/results)
   echo "== $name: $*" >&2
@@ -69,7 +78,7 @@ step compare-epoll env GW_IO_DRIVER=epoll perf/compare.sh "$SECS"
 step floor perf/floor.sh "$SECS" 2
 step compare-ws perf/compare-ws.sh "$SECS"
 if command -v redis-server >/dev/null; then
-  step route-propagation perf/route-propagation.sh 1000
+  step route-propagation env ROUTEPROP_LOCKED=1 perf/route-propagation.sh 1000
 else
   echo -e "\n## route-propagation\n\nskipped: redis-server not installed" >>"$SUM"
 fi
