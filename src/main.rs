@@ -70,6 +70,7 @@ enum ConfigCmd {
 }
 
 fn config_cmd(action: ConfigCmd) -> ExitCode {
+    quiet_on_closed_pipe();
     match action {
         ConfigCmd::ImportSeed { file, admin_token_file } => {
             let text = match std::fs::read_to_string(&file) {
@@ -202,6 +203,7 @@ fn routes(action: RoutesCmd) -> ExitCode {
     match action {
         RoutesCmd::Check { file, resolve } => match load_rules_file(&file, resolve) {
             Ok((_, set)) => {
+                quiet_on_closed_pipe();
                 print_set(&set);
                 match set.warnings.len() {
                     0 => println!("rules ok"),
@@ -244,6 +246,7 @@ fn routes(action: RoutesCmd) -> ExitCode {
         }
         RoutesCmd::Show { resolve, redis, prefix } => match redis_source::show(&redis, &prefix) {
             Ok((rules, realms)) => {
+                quiet_on_closed_pipe();
                 let keys = redis_source::Keys::new(&prefix);
                 if rules.is_none() {
                     println!(
@@ -293,11 +296,13 @@ fn environment() -> Environment {
     }
 }
 
-/// The printing commands (`--check-config`, `routes`, `config`) end quietly
-/// when their reader goes away (`game-gateway --check-config | head`), as
-/// command-line tools do: Rust ignores SIGPIPE, so `println!` into a closed
-/// pipe would panic. The gateway itself keeps SIGPIPE ignored (a client that
-/// goes away is an error to handle, never a signal).
+/// The printing commands (`--check-config`, `config import-seed`, `routes
+/// check`, and `routes show` once Redis is read) end quietly when their
+/// reader goes away (`game-gateway --check-config | head`), as command-line
+/// tools do: Rust ignores SIGPIPE, so `println!` into a closed pipe would
+/// panic. Called only after any network I/O (a Unix-socket Redis closing
+/// must stay an error, not a signal); the gateway itself keeps SIGPIPE
+/// ignored (a client that goes away is an error to handle).
 fn quiet_on_closed_pipe() {
     // SAFETY: restores the default disposition of one signal before any
     // thread is started.
@@ -306,9 +311,6 @@ fn quiet_on_closed_pipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.command.is_some() || cli.check_config {
-        quiet_on_closed_pipe();
-    }
     match cli.command {
         Some(Command::Routes { action }) => return routes(action),
         Some(Command::Config { action }) => return config_cmd(action),
@@ -327,6 +329,7 @@ fn main() -> ExitCode {
     };
     cfg.apply_overrides(cli.workers, cli.io_driver);
     if cli.check_config {
+        quiet_on_closed_pipe();
         print!("{}", cfg.summary());
         // What the start would do about the open-file limit (nothing changes here).
         match gateway::fit_fd_limit(&cfg, false) {
