@@ -86,6 +86,9 @@ struct Conn {
     open: bool,
     /// WebSocket: an unfinished request head or frame.
     input: Vec<u8>,
+    /// Closing once `pending` is written (a close reply, or the end of
+    /// stream came while replies were queued).
+    closing: bool,
 }
 
 /// What handling some input decided.
@@ -111,9 +114,18 @@ fn ws_frames(input: &mut [u8], out: &mut Vec<u8>) -> (usize, Next) {
             126 | 127 => return (at, Next::Go),
             n => (n, 2),
         };
-        if !masked || len > MAX_FRAME {
-            // Client frames must be masked (RFC 6455 5.1).
-            out.extend_from_slice(&[0x88, 2, 0x03, 0xea]);
+        let op = fin_op & 0x0f;
+        // Client frames are masked (RFC 6455 5.1); no extension is agreed,
+        // so RSV bits and reserved opcodes are errors (5.2); control frames
+        // are whole and at most 125 bytes (5.5).
+        let bad = !masked
+            || fin_op & 0x70 != 0
+            || matches!(op, 3..=7 | 0xb..=0xf)
+            || (op >= 8 && (fin_op & 0x80 == 0 || len > 125));
+        if bad || len > MAX_FRAME {
+            let code: u16 = if bad { 1002 } else { 1009 };
+            out.extend_from_slice(&[0x88, 2]);
+            out.extend_from_slice(&code.to_be_bytes());
             return (at, Next::Close);
         }
         if b.len() < hdr + 4 + len {
@@ -125,7 +137,6 @@ fn ws_frames(input: &mut [u8], out: &mut Vec<u8>) -> (usize, Next) {
         for (i, x) in payload.iter_mut().enumerate() {
             *x ^= mask[i & 3];
         }
-        let op = fin_op & 0x0f;
         let reply_op = match op {
             0x9 => 0x8a, // ping -> pong
             0xa => {
@@ -221,6 +232,10 @@ fn main() -> Result<()> {
                         )
                     };
                     if c < 0 {
+                        let e = Error::last_os_error();
+                        if e.raw_os_error() != Some(libc::EAGAIN) {
+                            eprintln!("gw-floor-echo: accept: {e}");
+                        }
                         break;
                     }
                     let one: libc::c_int = 1;
@@ -246,6 +261,7 @@ fn main() -> Result<()> {
                 match send_some(fd, &conn.pending) {
                     Ok(0) => {
                         conn.pending.clear();
+                        close = conn.closing;
                         let _ = epoll_ctl(ep, libc::EPOLL_CTL_MOD, fd, CONN);
                     }
                     Ok(left) => drop(conn.pending.drain(..conn.pending.len() - left)),
@@ -253,15 +269,22 @@ fn main() -> Result<()> {
                 }
             }
             // Edge-triggered: read until a short read (the queue is drained).
-            while !close && bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0 {
+            // `done`: the end of stream or a close frame; the connection
+            // closes once its queued replies are out.
+            let mut done = false;
+            while !close && !done && !conn.closing && bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0 {
                 // SAFETY: `buf` is valid for its length.
                 let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if r == 0 {
-                    close = true;
+                    done = true;
                     break;
                 }
                 if r < 0 {
-                    close = Error::last_os_error().raw_os_error() != Some(libc::EAGAIN);
+                    match Error::last_os_error().raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EAGAIN) => {}
+                        _ => close = true,
+                    }
                     break;
                 }
                 let n = r as usize;
@@ -286,12 +309,19 @@ fn main() -> Result<()> {
                     }
                 }
                 if let Next::Close = next {
-                    close = true;
+                    done = true;
                 }
                 // A short read drained the queue, unless the peer also
                 // closed (then read on to the end of stream).
                 if n < buf.len() && bits & libc::EPOLLRDHUP as u32 == 0 {
                     break;
+                }
+            }
+            if done && !close {
+                if conn.pending.is_empty() {
+                    close = true;
+                } else {
+                    conn.closing = true;
                 }
             }
             if close {

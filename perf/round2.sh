@@ -15,8 +15,9 @@
 #   target 8        a model (docs/SCALING.md); perf/scaling.sh is for a
 #                   machine with more cores and is not run here
 #
-# Usage: flock /tmp/gw-bench.lock perf/round2.sh [SECONDS]   (default 10;
-#        about 35 minutes on 2 cores)
+# Usage: perf/round2.sh [SECONDS]   (default 10; about 35 minutes on 2 cores;
+#        it takes /tmp/gw-bench.lock itself, so no other benchmark runs
+#        meanwhile)
 # Writes: perf/results/round2-<timestamp>/: one <step>.txt per step (its
 # output) and summary.md (every step's summary, and where its full results
 # are). A failed step is reported and the others still run.
@@ -25,12 +26,21 @@
 # earlier run's directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# One benchmark at a time: hold the lock for the whole run (the steps that
+# take it themselves are told it is held).
+if [ -z "${ROUND2_LOCKED:-}" ]; then
+  ROUND2_LOCKED=1 exec flock /tmp/gw-bench.lock "$0" "$@"
+fi
 SECS=${1:-10}
+ALL_STEPS="compare-io_uring compare-epoll floor compare-ws route-propagation callgrind callgrind-ws runtimes"
+ONLY=${STEPS:-all}
+for n in $ONLY; do
+  [ "$n" = all ] || [[ " $ALL_STEPS " == *" $n "* ]] || { echo "unknown step $n (steps: $ALL_STEPS)" >&2; exit 2; }
+done
 cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins || exit 1
 OUT=${ROUND2_OUT:-perf/results/round2-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 SUM=$OUT/summary.md
-ONLY=${STEPS:-all}
 {
   if [ -n "${ROUND2_OUT:-}" ]; then
     echo; echo "# Steps added $(date -u '+%Y-%m-%d %H:%M UTC'): $ONLY"
@@ -45,16 +55,21 @@ ONLY=${STEPS:-all}
 step() {
   local name=$1; shift
   [ "$ONLY" = all ] || [[ " $ONLY " == *" $name "* ]] || return 0
-  local t0=$SECONDS rc before
+  local t0=$SECONDS rc before log=$name
+  # A step run again into the same directory keeps the first one's output.
+  [ -e "$OUT/$log.txt" ] && log=$name-$(date -u +%H%M%S)
   before=$(LC_ALL=C ls perf/results)
   echo "== $name: $*" >&2
-  "$@" >"$OUT/$name.txt" 2>&1
+  # Each step builds what it runs: the tree it built is recorded.
+  local tree
+  tree=$(git describe --always --dirty 2>/dev/null || echo '?')
+  "$@" >"$OUT/$log.txt" 2>&1
   rc=$?
   {
     echo
     echo "## $name"
     echo
-    echo "\`$*\` (exit $rc, $((SECONDS - t0)) s; full output: \`$name.txt\`)"
+    echo "\`$*\` (exit $rc, $((SECONDS - t0)) s, tree $tree; full output: \`$log.txt\`)"
     echo
     # The step's own summary: the summary.md of the results directory it
     # made, else the end of its output.
@@ -67,7 +82,7 @@ step() {
       cat "$dir/summary.md"
     else
       echo '```'
-      tail -40 "$OUT/$name.txt"
+      tail -40 "$OUT/$log.txt"
       echo '```'
     fi
   } >>"$SUM"
@@ -77,17 +92,19 @@ step compare-io_uring perf/compare.sh "$SECS"
 step compare-epoll env GW_IO_DRIVER=epoll perf/compare.sh "$SECS"
 step floor perf/floor.sh "$SECS" 2
 step compare-ws perf/compare-ws.sh "$SECS"
-if command -v redis-server >/dev/null; then
-  step route-propagation env ROUTEPROP_LOCKED=1 perf/route-propagation.sh 1000
-else
-  echo -e "\n## route-propagation\n\nskipped: redis-server not installed" >>"$SUM"
-fi
-if command -v valgrind >/dev/null; then
-  step callgrind perf/callgrind.sh
-  step callgrind-ws env WS=1 perf/callgrind.sh
-else
-  echo -e "\n## callgrind\n\nskipped: valgrind not installed" >>"$SUM"
-fi
+# step_if TOOL NAME COMMAND...: the step, or a note that TOOL is missing.
+step_if() {
+  local tool=$1 name=$2; shift 2
+  [ "$ONLY" = all ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  if command -v "$tool" >/dev/null; then
+    step "$name" "$@"
+  else
+    echo -e "\n## $name\n\nskipped: $tool not installed" >>"$SUM"
+  fi
+}
+step_if redis-server route-propagation env ROUTEPROP_LOCKED=1 perf/route-propagation.sh 1000
+step_if valgrind callgrind perf/callgrind.sh
+step_if valgrind callgrind-ws env WS=1 perf/callgrind.sh
 step runtimes perf/runtimes/compare.sh "$SECS" 1
 echo -e "\nload average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$SUM"
 echo "results: $OUT (summary.md)"
