@@ -21,6 +21,11 @@
 # send and receive calls (in a separate, shorter pass: tracing slows the
 # servers, so these passes give no CPU figures).
 #
+# PROFILE=1 also samples where each TCP server's CPU goes at 100x1 (`perf
+# record -g`, software clock: a VM may have no PMU) into profile-<server>.txt
+# (functions by inclusive share). COUNTS=0 skips the counts pass; ROUNDS=0
+# skips the CPU rounds.
+#
 # Usage: perf/floor.sh [SECONDS] [ROUNDS]      (default 8 s, 2 rounds)
 #        GW_IO_DRIVER=epoll perf/floor.sh      (the gateway's driver)
 # On a shared machine: flock /tmp/gw-bench.lock perf/floor.sh
@@ -108,7 +113,7 @@ if command -v perf >/dev/null; then
     perf stat -e "$e" -- true >/dev/null 2>&1 && EV=${EV:+$EV,}$e || echo "perf: no event $e here; its column stays empty" >&2
   done
 fi
-if [ -n "$EV" ]; then
+if [ -n "$EV" ] && [ "${COUNTS:-1}" != 0 ]; then
   for load in "${LOADS[@]}"; do
     set -- $load; s=$1; i=$2
     for srv in "${SERVERS[@]}"; do
@@ -129,6 +134,19 @@ for l in open(stat):
 print(json.dumps({"label": label, "per_msg": c}))
 PY
     done
+  done
+fi
+
+if [ "${PROFILE:-0}" = 1 ] && command -v perf >/dev/null; then
+  for srv in "${SERVERS[@]:0:4}"; do
+    set -- $srv
+    taskset -c 1 $BIN/gw-load --target "$2" --duration 7 --warmup 1 --sessions 100 --inflight 1 >/dev/null 2>&1 & L=$!
+    sleep 2
+    perf record -F 2000 -g -p "$3" -o "$TMP/perf.data" -- sleep 4 >/dev/null 2>&1
+    wait $L
+    { echo "# $1 at 100x1: perf record -F 2000 -g (software clock), 4 s; inclusive share by function"
+      perf report -i "$TMP/perf.data" --children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -60
+    } >"$OUT/profile-$1.txt"
   done
 fi
 
