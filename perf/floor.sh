@@ -162,8 +162,8 @@ if os.path.exists(sys.argv[2]):
     for l in open(sys.argv[2]):
         r = json.loads(l); counts[r["label"]] = r["per_msg"]
 mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-print("| load | server | CPU µs/msg (rounds) | of it kernel | msgs/s | vs HAProxy (nginx for ws-) | packets sent/msg | send calls/msg | recv calls/msg |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| load | server | CPU µs/msg (rounds) | of it kernel | msgs/s | vs HAProxy (nginx for ws-) | packets sent/msg | send calls/msg | recv calls/msg | context switches/msg (machine) | core 1 idle |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for load in ["100x1", "100x16", "1000x1"]:
   for srvs, ref in [(["floor", "echo", "gateway", "haproxy"], "haproxy"), (["ws-floor", "ws-gateway", "ws-nginx"], "ws-nginx")]:
     h = mean([r["cpu_us_per_msg"] for r in d[ref + "-" + load]])
@@ -176,7 +176,8 @@ for load in ["100x1", "100x16", "1000x1"]:
         c = counts.get(srv + "-" + load, {})
         f = lambda *ks: "%.3f" % sum(c.get(k, 0) for k in ks) if c else "-"
         print(f"| {load} | {srv} | {cpu:.3f} ({' / '.join('%.2f' % r['cpu_us_per_msg'] for r in rs)}) | {100 * sys_ / cpu:.0f} % | "
-              f"{mean([r['msgs_per_sec'] for r in rs]):,.0f} | {cpu / h:.2f} | {f('net_dev_xmit')} | {f('sys_enter_sendto', 'sys_enter_writev', 'sys_enter_write')} | {f('sys_enter_recvfrom', 'sys_enter_read', 'sys_enter_readv')} |")
+              f"{mean([r['msgs_per_sec'] for r in rs]):,.0f} | {cpu / h:.2f} | {f('net_dev_xmit')} | {f('sys_enter_sendto', 'sys_enter_writev', 'sys_enter_write')} | {f('sys_enter_recvfrom', 'sys_enter_read', 'sys_enter_readv')} | "
+              f"{mean([r.get('ctxt_per_msg') or 0 for r in rs]):.3f} | {mean([r.get('core1_idle_pct') or 0 for r in rs]):.0f} % |")
 print()
 for load in ["100x1", "100x16", "1000x1"]:
     for floor, gw, ref in [("floor", "gateway", "haproxy"), ("ws-floor", "ws-gateway", "ws-nginx")]:
