@@ -108,6 +108,9 @@ struct Args {
     /// Label for the summary.
     #[arg(long, default_value = "run")]
     label: String,
+    /// The load generator's io_uring setup (env GW_LOAD_RING).
+    #[arg(long, value_enum, env = "GW_LOAD_RING", default_value = "plain")]
+    ring: Ring,
 }
 
 /// How long a session waits for any reply before giving up.
@@ -568,8 +571,8 @@ async fn churn(args: Arc<Args>, shared: Arc<Shared>, id: i64) -> Outcome {
 }
 
 fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>) -> Outcome {
-    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().expect("runtime");
-    rt.block_on(async move {
+    let ring = args.ring;
+    let work = async move {
         let handles: Vec<_> = ids
             .map(|i| {
                 let (a, s, id) = (args.clone(), shared.clone(), i as i64 + 1);
@@ -589,7 +592,36 @@ fn run_thread(args: Arc<Args>, shared: Arc<Shared>, ids: std::ops::Range<usize>)
             total.add(&h.await);
         }
         total
-    })
+    };
+    match ring {
+        Ring::Plain => monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(work),
+        Ring::Tuned => {
+            let mut b = io_uring::IoUring::builder();
+            b.setup_single_issuer().setup_coop_taskrun().setup_defer_taskrun();
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .uring_builder(b)
+                .build()
+                .expect("io_uring runtime with COOP_TASKRUN | DEFER_TASKRUN (Linux 6.1+)")
+                .block_on(work)
+        }
+    }
+}
+
+/// The load generator's own io_uring setup.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Ring {
+    /// monoio's default ring (io_uring, epoll where refused).
+    Plain,
+    /// `SINGLE_ISSUER | COOP_TASKRUN | DEFER_TASKRUN`, as the gateway's
+    /// workers: completions for this thread's sockets run when it asks for
+    /// them, so a server's `send` does not interrupt it (no IPI to run the
+    /// task work).
+    Tuned,
 }
 
 fn main() {

@@ -15,6 +15,10 @@
 #   target 8        a model (docs/SCALING.md); perf/scaling.sh is for a
 #                   machine with more cores and is not run here
 #
+# GW_LOAD_RING=tuned: the load generator's ring set up as the gateway's
+# (`gw-load --ring`), so servers' sends do not interrupt it (PERFORMANCE.md,
+# "The load generator's ring").
+#
 # Usage: perf/round2.sh [SECONDS]   (default 10; about 35 minutes on 2 cores;
 #        it takes /tmp/gw-bench.lock itself, so no other benchmark runs
 #        meanwhile)
@@ -48,7 +52,7 @@ SUM=$OUT/summary.md
     echo "# Issue 17 in one run: $(date -u '+%Y-%m-%d %H:%M UTC')"
   fi
   echo
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(nproc) cores; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(nproc) cores; load average before: $(cut -d' ' -f1-3 /proc/loadavg); load generator ring: ${GW_LOAD_RING:-plain}"
 } >>"$SUM"
 
 # step NAME COMMAND...: runs it, keeps its output, appends it to the summary.
