@@ -27,10 +27,10 @@ cfg() { printf '[server]\nlisten = "%s"\nadmin_listen = "127.0.0.1:0"\nworkers =
 cfg $GA > "$TMP/a.toml"; cfg $GB > "$TMP/b.toml"
 "$A" --config "$TMP/a.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); APID=$!
 "$B" --config "$TMP/b.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); BPID=$!
-printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend g\n  bind %s\n  default_backend e\nbackend e\n  server s1 %s\n' $HAP $ECHO > "$TMP/h.cfg"
+. perf/lib.sh
+haproxy_tcp_conf $HAP $ECHO > "$TMP/h.cfg"
 taskset -c 0 haproxy -db -f "$TMP/h.cfg" >/dev/null 2>&1 & PIDS+=($!); HPID=$!
 sleep 1
-. perf/lib.sh
 for r in $(seq 1 "$ROUNDS"); do
   for load in "100 1" "100 16" "1000 1"; do
     set -- $load

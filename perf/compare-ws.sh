@@ -51,32 +51,8 @@ trap cleanup EXIT
 taskset -c 1 $BIN/gw-echo --mode ws --listen $WSECHO >/dev/null 2>>"$OUT/backends.log" & PIDS+=($!); ECHO_PID=$!
 taskset -c 1 $BIN/mock-backend --listen $MOCK --quiet >/dev/null 2>>"$OUT/backends.log" & PIDS+=($!); MOCK_PID=$!
 
-mkdir -p "$TMP/ngx"
-cat > "$TMP/nginx.conf" <<CFG
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $TMP/nginx-error.log warn;
-pid $TMP/nginx.pid;
-events { worker_connections 9000; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/ngx/body;
-  proxy_temp_path $TMP/ngx/proxy;
-  fastcgi_temp_path $TMP/ngx/fastcgi;
-  uwsgi_temp_path $TMP/ngx/uwsgi;
-  scgi_temp_path $TMP/ngx/scgi;
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://$WSECHO;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection "upgrade";
-    }
-  }
-}
-CFG
+. perf/nginx_ws.sh
+nginx_ws_conf "$TMP" "$NGX" "$WSECHO"
 taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" >/dev/null 2>>"$OUT/nginx.log" & PIDS+=($!); NGX_PID=$!
 
 cat > "$TMP/gw.toml" <<CFG

@@ -52,7 +52,8 @@ taskset -c 0 $BIN/gw-floor-echo --listen $FLOOR >/dev/null 2>&1 & PIDS+=($!); FP
 taskset -c 0 $BIN/gw-echo --listen $ECHO0 >/dev/null 2>&1 & PIDS+=($!); EPID=$!
 printf '[server]\nlisten = "%s"\nadmin_listen = "127.0.0.1:0"\nworkers = 1\ncpus = [0]\n[log]\nlevel = "warn"\naccess_log = false\n[[routes]]\nserver_type = 10\nservice_name = "b"\nstrategy = "round_robin"\nendpoints = ["%s"]\n' $GW $MOCK >"$TMP/gw.toml"
 $BIN/game-gateway --config "$TMP/gw.toml" --io-driver "$DRV" >/dev/null 2>&1 & PIDS+=($!); GPID=$!
-printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend g\n  bind %s\n  default_backend e\nbackend e\n  server s1 %s\n' $HAP $ECHO1 >"$TMP/h.cfg"
+. perf/lib.sh
+haproxy_tcp_conf $HAP $ECHO1 >"$TMP/h.cfg"
 taskset -c 0 haproxy -db -f "$TMP/h.cfg" >/dev/null 2>&1 & PIDS+=($!); HPID=$!
 # name address pid gw-load-flags
 SERVERS=("floor $FLOOR $FPID" "echo $ECHO0 $EPID" "gateway $GW $GPID" "haproxy $HAP $HPID")
@@ -60,37 +61,12 @@ if command -v nginx >/dev/null; then
   WSFLOOR=127.0.0.1:$(free_port); WSECHO=127.0.0.1:$(free_port); NGX=127.0.0.1:$(free_port)
   taskset -c 1 $BIN/gw-echo --mode ws --listen $WSECHO >/dev/null 2>&1 & PIDS+=($!)
   taskset -c 0 $BIN/gw-floor-echo --ws --listen $WSFLOOR >/dev/null 2>&1 & PIDS+=($!); WFPID=$!
-  mkdir -p "$TMP/ngx"
-  cat >"$TMP/nginx.conf" <<CFG
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $TMP/nginx-error.log warn;
-pid $TMP/nginx.pid;
-events { worker_connections 9000; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/ngx/body;
-  proxy_temp_path $TMP/ngx/proxy;
-  fastcgi_temp_path $TMP/ngx/fastcgi;
-  uwsgi_temp_path $TMP/ngx/uwsgi;
-  scgi_temp_path $TMP/ngx/scgi;
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://$WSECHO;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection "upgrade";
-    }
-  }
-}
-CFG
+  . perf/nginx_ws.sh
+  nginx_ws_conf "$TMP" "$NGX" "$WSECHO"
   taskset -c 0 nginx -c "$TMP/nginx.conf" -p "$TMP" >/dev/null 2>&1 & PIDS+=($!); NPID=$!
   SERVERS+=("ws-floor $WSFLOOR $WFPID --ws" "ws-gateway $GW $GPID --ws" "ws-nginx $NGX $NPID --ws")
 fi
 sleep 1
-. perf/lib.sh
 LOADS=("100 1" "100 16" "1000 1")
 for r in $(seq 1 "$ROUNDS"); do
   for load in "${LOADS[@]}"; do

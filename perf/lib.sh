@@ -2,6 +2,12 @@
 # which runs one gw-load and appends its JSON line (with the proxy's CPU per
 # message) to $RES. Expects BIN, SECS, WARM and RES to be set.
 
+# haproxy_tcp_conf LISTEN BACKEND: HAProxy in TCP mode, one thread, one
+# server (as perf/ab.sh and perf/floor.sh run it), on stdout.
+haproxy_tcp_conf() {
+  printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend g\n  bind %s\n  default_backend e\nbackend e\n  server s1 %s\n' "$1" "$2"
+}
+
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # user and system ticks apart: "utime stime"
 ticks2() { awk '{print $14, $15}' "/proc/$1/stat"; }
