@@ -160,3 +160,54 @@ fn sessions_resume_with_tickets_on_tls13_and_tls12_and_alpn_picks_http11() {
         assert_eq!(kinds[2], Some(rustls::HandshakeKind::Resumed), "{name}: third connection resumes");
     }
 }
+
+/// Reads one client frame: (msg_id, payload).
+fn tls_frame(t: &mut TlsStream) -> (u16, Vec<u8>) {
+    let mut head = [0u8; 8];
+    t.read_exact(&mut head).unwrap();
+    let len = u16::from_le_bytes([head[0], head[1]]) as usize;
+    let mut body = vec![0u8; len];
+    t.read_exact(&mut body).unwrap();
+    (u16::from_le_bytes([head[2], head[3]]), body)
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) + seed) as u8).collect()
+}
+
+/// Issue 24, 1: more than rustls' 64 KiB send buffer queued for one TLS
+/// session (a 65,535-byte reply, a burst of 64 x 8 KB while the client does
+/// not read, then a kick whose last frame goes out in the close tail) arrives
+/// whole and in order, then the close_notify. Before the fix rustls took part
+/// of the queue and the rest was cleared: bytes lost, framing out of step.
+#[test]
+fn tls_replies_past_the_rustls_buffer_arrive_whole_and_in_order() {
+    let pki = Pki::new();
+    let a = pki.leaf("a", &["a.game.test"]);
+    let mb = mock();
+    let gw = GatewayProcess::spawn(&config_with(&tls_section("required", &[a]), &mb), &[]);
+    let mut t = tls_connect(&pki, gw.addr, "a.game.test");
+    tls_echo(&mut t, b"bind");
+    let session = *mb.sessions().last().expect("a session on the backend");
+    let mut sent = vec![(9u16, pattern(0, 65_535))];
+    for i in 1..=64 {
+        sent.push((9, pattern(i, 8_000)));
+    }
+    for (msg, p) in &sent {
+        mb.push(session, *msg as i32, sid(1, 10, 0), p).unwrap();
+    }
+    // The client does not read for a second: everything queues.
+    std::thread::sleep(Duration::from_secs(1));
+    let last = pattern(99, 60_000);
+    mb.kick(session, 11, &last).unwrap();
+    for (i, (msg, p)) in sent.iter().enumerate() {
+        let (got_msg, got) = tls_frame(&mut t);
+        assert_eq!((got_msg, got.len()), (*msg, p.len()), "frame {i}");
+        assert!(got == *p, "frame {i}: payload differs");
+    }
+    let (got_msg, got) = tls_frame(&mut t);
+    assert_eq!(got_msg, 11, "the kick's last frame");
+    assert!(got == last, "the kick's last frame differs");
+    let mut rest = Vec::new();
+    assert_eq!(t.read_to_end(&mut rest).unwrap(), 0, "close_notify after the last frame");
+}

@@ -241,6 +241,37 @@ pub(crate) const HALF_CLOSE_MAX: std::time::Duration = std::time::Duration::from
 /// After a reply reached a half-closed client, how long more replies may follow.
 pub(crate) const HALF_CLOSE_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Moves queued plaintext through rustls into `records`, honouring partial
+/// acceptance: rustls takes at most its buffer limit (64 KiB) per write, so
+/// the records it made are drained between writes and nothing is cleared
+/// that was not taken. Before the handshake completes the plaintext stays in
+/// `plain` (rustls would otherwise buffer it unbounded); handshake records
+/// and alerts still come out. An error means the connection failed (rustls
+/// refuses every write after a fatal error); `plain` then keeps what was not
+/// taken, for the caller to count.
+pub(crate) fn seal_tls(
+    tls: &mut rustls::ServerConnection,
+    plain: &mut BytesMut,
+    records: &mut BytesMut,
+) -> std::io::Result<()> {
+    use bytes::{Buf, BufMut};
+    use std::io::Write;
+    loop {
+        while tls.wants_write() {
+            // Writing into memory cannot fail.
+            tls.write_tls(&mut records.writer())?;
+        }
+        if plain.is_empty() || tls.is_handshaking() {
+            return Ok(());
+        }
+        let n = tls.writer().write(plain)?;
+        if n == 0 && !tls.wants_write() {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        plain.advance(n);
+    }
+}
+
 /// What the driver's writer gets from [`Shard::take_client_out`].
 pub(crate) enum ClientOut {
     /// The session left the table: the writer waits for its tail.
@@ -1121,21 +1152,16 @@ impl Shard {
         let Some(s) = self.sessions.get_mut(key) else { return ClientOut::Gone };
         if let Some(tls) = s.tls.as_mut() {
             // Plaintext goes into rustls once the handshake is done (before
-            // it, rustls would buffer it unbounded); records come out.
-            if !s.out.is_empty() && !tls.is_handshaking() {
-                use std::io::Write;
-                let _ = tls.writer().write_all(&s.out);
+            // it, it stays in `out`, bounded by the queue limit); records
+            // come out. What rustls could not take stays queued.
+            if let Err(e) = seal_tls(tls, &mut s.out, buf) {
+                let unsent = s.out.len() as u64;
                 s.out.clear();
+                bump(&mut self.ctx.stats.frames_dropped, "tls_unsent", 1);
+                tracing::debug!(session_id = key.id, error = %e, unsent, "tls: plaintext not sealed, connection failed");
             }
-            if !tls.wants_write() {
+            if buf.is_empty() {
                 return ClientOut::Empty;
-            }
-            use bytes::BufMut;
-            let mut w = buf.writer();
-            while tls.wants_write() {
-                if tls.write_tls(&mut w).is_err() {
-                    break;
-                }
             }
             let frames = s.info.frames_out - std::mem::replace(&mut s.taken_frames, s.info.frames_out);
             return ClientOut::Write(ClientWrite { frames, oldest: s.oldest.take() });
@@ -1217,19 +1243,16 @@ impl Shard {
         let tail = match s.tls.as_mut() {
             // TLS: the last plaintext and a close_notify, as records.
             Some(tls) => {
-                use bytes::BufMut;
-                use std::io::Write;
-                if !s.out.is_empty() && !tls.is_handshaking() {
-                    let _ = tls.writer().write_all(&s.out);
+                let mut tail = BytesMut::new();
+                let sealed = seal_tls(tls, &mut s.out, &mut tail);
+                if sealed.is_err() || !s.out.is_empty() {
+                    // A failed connection, or a handshake that never finished:
+                    // the plaintext cannot be sent. Counted, not silent.
+                    bump(&mut ctx.stats.frames_dropped, "tls_unsent", 1);
+                    s.out.clear();
                 }
                 tls.send_close_notify();
-                let mut tail = BytesMut::new();
-                let mut w = (&mut tail).writer();
-                while tls.wants_write() {
-                    if tls.write_tls(&mut w).is_err() {
-                        break;
-                    }
-                }
+                let _ = seal_tls(tls, &mut s.out, &mut tail);
                 tail
             }
             None => std::mem::take(&mut s.out),
