@@ -902,6 +902,7 @@ fn client_flood() {
     let p99_before = load::percentile_ms(&normal_s, 0, fault_ns, 0.99).unwrap_or(0.0);
     let p99_flood = load::percentile_ms(&normal_s, fault_ns, heal_ns, 0.99).unwrap_or(f64::MAX);
     let flood_sent: u64 = s.iter().filter(|l| l.group == 1).map(|l| l.sent).sum();
+    let mm = metrics(admin);
     let (t, gw) = rig.finish(
         &|| be.counts(),
         Timing { detect_ms: detect, recover_ms: None, resume_ms: None },
@@ -913,7 +914,32 @@ fn client_flood() {
     check(&t, &gw);
     let lost: u64 = normal_s.iter().map(|l| l.sent - l.delivered).sum();
     ensure(lost == 0, "normal clients lost replies to the flood", &gw);
-    ensure(p99_flood < 250.0, &format!("normal clients starved during the flood: p99 {p99_flood} ms"), &gw);
+    // Starvation, judged against controls of the same run rather than a
+    // wall-clock bound (the load threads share the gateway's two cores):
+    // - the gateway's own view: no frame waited half a second inside it
+    //   (client read to backend write, backend read to client write); a
+    //   core monopolised by the flooders held its other sessions' frames for
+    //   0.3-1.2 s;
+    // - the clients' view: every normal client kept at least half the reply
+    //   rate it had before the flood (a stalled one fell to a third).
+    for dir in ["client_to_backend", "backend_to_client"] {
+        let key = |le: &str| format!("game_gateway_forward_latency_seconds_bucket{{direction=\"{dir}\",le=\"{le}\"}}");
+        let at = |k: String| mm.get(&k).copied().unwrap_or(0.0);
+        let (fast, all) = (at(key("0.5")), at(key("+Inf")));
+        ensure(fast == all, &format!("{dir}: {} of {all} frames waited over 0.5 s in the gateway", all - fast), &gw);
+    }
+    let rate = |l: &SessionLedger, from: u64, to: u64| {
+        l.lat.iter().filter(|(s, _)| *s >= from && *s < to).count() as f64 / ((to - from) as f64 / 1e9)
+    };
+    let before_from = fault_ns.saturating_sub(400_000_000);
+    for l in &normal_s {
+        let (before, during) = (rate(l, before_from, fault_ns), rate(l, fault_ns, heal_ns));
+        ensure(
+            during >= before / 2.0,
+            &format!("normal client {:?} starved: {during:.0} replies/s during the flood, {before:.0} before", l.local),
+            &gw,
+        );
+    }
 }
 
 /// 50 connections dribble a frame header a byte every 200 ms (never a whole

@@ -717,4 +717,82 @@ mod tests {
         // A single worker is always the last.
         assert!(RouteUpdate::new(Arc::new(RouteTable::default()), Instant::now(), 1).applied_by_one());
     }
+
+    /// The most a busy task yields in the starvation test: far more than
+    /// the rounds a fair runtime needs to serve a socket (and far longer
+    /// than the writer thread's 10 ms pause).
+    const BUSY_YIELDS: u32 = 5_000_000;
+
+    /// A task that keeps the run queue non-empty (it yields in a loop, as a
+    /// reader of a flooding client does) must not starve sockets: bytes that
+    /// arrive while it is busy are read while it is still busy, on a
+    /// readiness-mode socket (clients) and a completion-mode one (backends).
+    /// Upstream monoio put a self-woken task in front of the queue and, on
+    /// io_uring with DEFER_TASKRUN, collected no completion until the queue
+    /// emptied: the reads completed only once the busy task ended
+    /// (`fault_matrix::client_flood` flaked on it).
+    async fn busy_task_does_not_starve_sockets() {
+        use monoio::io::AsyncReadRentExt;
+        use tokio::io::AsyncReadExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut peers, mut socks) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            peers.push(std::net::TcpStream::connect(addr).unwrap());
+            let (s, _) = listener.accept().unwrap();
+            s.set_nonblocking(true).unwrap();
+            socks.push(monoio::net::TcpStream::from_std(s).unwrap());
+        }
+        let mut completion = socks.pop().unwrap();
+        let mut readiness = socks.pop().unwrap().try_into_poll_io().map_err(|(e, _)| e).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            for p in &mut peers {
+                std::io::Write::write_all(p, b"ping").unwrap();
+            }
+            peers
+        });
+        let yields = std::rc::Rc::new(std::cell::Cell::new(0u32));
+        let done = std::rc::Rc::new(std::cell::Cell::new(0u8));
+        let (y, d) = (yields.clone(), done.clone());
+        let busy = monoio::spawn(async move {
+            while y.get() < BUSY_YIELDS && d.get() < 2 {
+                y.set(y.get() + 1);
+                crate::notify::yield_now().await;
+            }
+        });
+        let (y, d) = (yields.clone(), done.clone());
+        let a = monoio::spawn(async move {
+            let mut buf = [0u8; 4];
+            readiness.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+            d.set(d.get() + 1);
+            y.get()
+        });
+        let (y, d) = (yields.clone(), done.clone());
+        let b = monoio::spawn(async move {
+            let (res, buf) = completion.read_exact(vec![0u8; 4]).await;
+            res.unwrap();
+            assert_eq!(&buf[..], b"ping");
+            d.set(d.get() + 1);
+            y.get()
+        });
+        let (at_a, at_b) = (a.await, b.await);
+        busy.await;
+        let _peers = writer.join().unwrap();
+        assert!(at_a < BUSY_YIELDS, "readiness-mode read starved: done after all {at_a} yields of a busy task");
+        assert!(at_b < BUSY_YIELDS, "completion-mode read starved: done after all {at_b} yields of a busy task");
+    }
+
+    #[test]
+    fn a_busy_task_does_not_starve_sockets_on_io_uring() {
+        let mut rt = uring_runtime().expect("io_uring runtime (the test machine has it)");
+        rt.block_on(busy_task_does_not_starve_sockets());
+    }
+
+    #[test]
+    fn a_busy_task_does_not_starve_sockets_on_epoll() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(busy_task_does_not_starve_sockets());
+    }
 }

@@ -245,12 +245,24 @@ pub fn run_session(case: &Case, gw: SocketAddr, spec: &Spec, stop: &AtomicBool, 
                 l.end = close_and_drain(case, &mut s, &mut inbuf, &mut chunk, &mut l, &mut last_seq);
                 return l;
             }
-        } else if (outstanding as usize) < spec.window && now >= next_send && out.len() < 64 * 1024 {
-            seq += 1;
-            out.extend(frame(case, l.tag, seq, spec.server_id, spec.payload));
-            ends.push_back(out.len());
-            next_send =
-                if spec.interval.is_zero() { now } else { (next_send + spec.interval).max(now - spec.interval) };
+        } else {
+            // Paced clients queue at most one frame a turn. An unpaced one
+            // (a flood) fills its buffer in one go, so that it costs one write
+            // per 64 KiB rather than a write and a read per frame: the load
+            // threads share the gateway's cores, and a flooder that spent a
+            // core on system calls would delay the normal clients' threads,
+            // not the gateway, and the test would measure the harness.
+            let mut queued_now = 0u64;
+            while (outstanding + queued_now) < spec.window as u64 && now >= next_send && out.len() < 64 * 1024 {
+                seq += 1;
+                queued_now += 1;
+                out.extend(frame(case, l.tag, seq, spec.server_id, spec.payload));
+                ends.push_back(out.len());
+                if !spec.interval.is_zero() {
+                    next_send = (next_send + spec.interval).max(now - spec.interval);
+                    break;
+                }
+            }
         }
         let mut busy = false;
         if !out.is_empty() {

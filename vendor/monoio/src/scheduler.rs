@@ -10,7 +10,10 @@ impl Schedule for LocalScheduler {
     }
 
     fn yield_now(&self, task: Task<Self>) {
-        crate::runtime::CURRENT.with(|cx| cx.tasks.push_front(task));
+        // game-gateway: a task that woke itself while running goes behind
+        // the tasks already waiting (upstream: in front of them, so a task
+        // that keeps waking itself ran every turn and starved the rest).
+        crate::runtime::CURRENT.with(|cx| cx.tasks.push(task));
     }
 }
 

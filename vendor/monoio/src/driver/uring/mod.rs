@@ -355,6 +355,24 @@ impl Driver for IoUringDriver {
     fn submit(&self) -> io::Result<()> {
         let inner = unsafe { &mut *self.inner.get() };
         inner.submit()?;
+        // game-gateway: this is the runtime's turn between task rounds while
+        // tasks are still queued (it parks only once the queue is empty).
+        // Completions must be collected here too, or a core whose queue never
+        // empties (a flooding client) starves every other socket:
+        // - with DEFER_TASKRUN a plain submit runs no deferred task work, so
+        //   no new completion is posted; GETEVENTS with min_complete 0 runs
+        //   it without waiting;
+        // - readiness-mode sockets sit in the epoll set whose poll operation
+        //   is armed in the ring only when parking: poll it without waiting.
+        // SAFETY: no submission, no wait, no argument: only GETEVENTS.
+        unsafe {
+            inner
+                .uring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)?;
+        }
+        #[cfg(feature = "poll-io")]
+        inner.poll.tick(Some(Duration::ZERO))?;
         inner.tick()?;
         Ok(())
     }
@@ -375,6 +393,9 @@ impl Driver for IoUringDriver {
         UringInner::unpark(&self.inner)
     }
 }
+
+/// `IORING_ENTER_GETEVENTS` (linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 impl UringInner {
     fn tick(&mut self) -> io::Result<()> {
