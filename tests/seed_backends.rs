@@ -196,7 +196,7 @@ fn seed_tcp_pushes_reach_the_client_in_order() {
 fn seed_tcp_connection_is_reused_by_the_next_session_and_only_trans_frames_arrive() {
     let b = PyBackend::start(Kind::SeedTcp);
     // Keep-alive on: a gate backend would get PINGs; a seed TCP one never may.
-    let extra = "[backend]\nkeepalive_interval = \"200ms\"\nkeepalive_timeout = \"1s\"\n";
+    let extra = "[backend]\nseed_reuse = true\nkeepalive_interval = \"200ms\"\nkeepalive_timeout = \"1s\"\n";
     let gw = start(1, extra, &seed_route(11, &b, ""));
     let mut c1 = Client::connect(gw.local_addr());
     seed_echo(&mut c1, 1, sid(1, 11, 0), b"first session 1");
@@ -218,6 +218,33 @@ fn seed_tcp_connection_is_reused_by_the_next_session_and_only_trans_frames_arriv
     let closes = lines.iter().filter(|l| l.starts_with("CLOSE ")).count();
     assert_eq!((opens, closes), (1, 0), "one backend connection, never closed\n{}", b.dump());
     assert_eq!(tcp_frames(&lines).len(), 4, "exactly the 4 client frames\n{}", b.dump());
+    assert_seed_wire_contract(&b);
+}
+
+/// Issue 24, 4: by default a session's seed_tcp connection ends with it, so a
+/// reply the server sends late for an ended session can never reach the next
+/// session (with reuse, the next session took the pooled connection and got
+/// the previous player's reply). The server sees EOF; the late reply is
+/// counted as dropped, not delivered.
+#[test]
+fn seed_tcp_late_reply_for_an_ended_session_never_reaches_the_next_session() {
+    let b = PyBackend::start(Kind::SeedTcp);
+    let gw = start(1, "", &seed_route(11, &b, ""));
+    let mut c1 = Client::connect(gw.local_addr());
+    seed_echo(&mut c1, 1, sid(1, 11, 0), b"first");
+    c1.send(2, sid(1, 11, 0), b"late:400");
+    b.wait_log("the late request reached the server", |l| frame_with(l, b"late:400").is_some());
+    drop(c1);
+    eventually("session 1 ended", || gw.stats().sessions_active == 0);
+    let mut c2 = Client::connect(gw.local_addr());
+    seed_echo(&mut c2, 3, sid(1, 11, 0), b"second");
+    assert!(c2.silent_for(Duration::from_millis(800)), "the next session got nothing of the previous one's");
+    seed_echo(&mut c2, 4, sid(1, 11, 0), b"still served");
+    let lines = b.lines();
+    let (a, z) = (frame_with(&lines, b"first").unwrap(), frame_with(&lines, b"second").unwrap());
+    assert_ne!(a.conn, z.conn, "a new connection for the next session\n{}", b.dump());
+    let closed = format!("CLOSE conn={} by=peer", a.conn);
+    b.wait_log("the server saw EOF on the ended session's connection", |l| l.iter().any(|l| *l == closed));
     assert_seed_wire_contract(&b);
 }
 

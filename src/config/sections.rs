@@ -157,6 +157,10 @@ pub struct BackendConfig {
     pub seed_pool_max: usize,
     /// seed_tcp: how long an unused connection waits in the idle pool.
     pub seed_idle_timeout: Duration,
+    /// seed_tcp: a connection whose session ended goes back to the idle pool
+    /// (true) or is closed (false, the default: a reply the server sends late
+    /// for the ended session could otherwise reach the next session).
+    pub seed_reuse: bool,
     /// `on_backend_loss = "hold"`: how long a session waits for its backend,
     pub hold_timeout: Duration,
     /// the bytes of client frames it may buffer meanwhile,

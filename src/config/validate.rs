@@ -493,6 +493,7 @@ fn backend(p: &mut Problems<'_>, b: &RawBackend) -> BackendConfig {
         keepalive_timeout: p.duration("backend", "keepalive_timeout", &b.keepalive_timeout),
         seed_pool_max: p.int("backend", "seed_pool_max", b.seed_pool_max, 1, 100_000),
         seed_idle_timeout: p.duration("backend", "seed_idle_timeout", &b.seed_idle_timeout),
+        seed_reuse: b.seed_reuse,
         hold_timeout: p.duration("backend", "hold_timeout", &b.hold_timeout),
         hold_max_bytes_per_session: p.int(
             "backend",

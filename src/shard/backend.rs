@@ -484,6 +484,23 @@ impl Backends {
         c.sessions.remove(&session);
         let protocol = c.protocol;
         if protocol == BackendProtocol::SeedTcp && c.sessions.is_empty() {
+            if !ctx.cfg.backend.seed_reuse {
+                // The session's own connection ends with it: it leaves the
+                // pool at once (no other session can take it), writes what is
+                // queued, reads a grace period (late replies are counted as
+                // for an unbound session) and closes: the server sees EOF.
+                tracing::debug!(worker = ctx.index, backend = %c.endpoint, session_id = session, "seed_tcp connection retired with its session");
+                if c.live() {
+                    c.state = ConnState::Retiring { deadline: now + RETIRE_DRAIN_MAX };
+                    let key = (c.endpoint.addr, protocol);
+                    if let Some(p) = self.pools.get_mut(&key) {
+                        p.conns.retain(|c| *c != id);
+                    }
+                } else {
+                    self.forget_seed(&mut ctx.stats, id);
+                }
+                return;
+            }
             c.idle_since = Some(now);
         }
         let Some(reason) = notify else { return };

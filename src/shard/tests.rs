@@ -702,7 +702,7 @@ impl Harness {
 
 #[test]
 fn seed_tcp_gives_each_session_its_own_connection_and_reuses_it_after() {
-    let mut h = Harness::new(config("", "", &seed_route(11, A, "")));
+    let mut h = Harness::new(config("", "seed_reuse = true\n", &seed_route(11, A, "")));
     let s1 = h.accept(1);
     let s2 = h.accept(2);
     h.send(s1, 11, b"one").unwrap();
@@ -726,6 +726,43 @@ fn seed_tcp_gives_each_session_its_own_connection_and_reuses_it_after() {
     h.send(s3, 11, b"three").unwrap();
     assert_eq!(h.dials(A).len(), 2, "reused, not dialed");
     assert_eq!(seed_frames(h.raw_out(c1, g1)), vec![(s3.id, 0, 7, b"three".to_vec())]);
+}
+
+/// By default a seed_tcp connection ends with its session: the next session
+/// dials its own, and a late reply on the old one is dropped (counted as for
+/// an unbound session), never delivered to anyone.
+#[test]
+fn seed_tcp_connection_ends_with_its_session_by_default() {
+    let mut h = Harness::new(config("", "", &seed_route(11, A, "")));
+    let s1 = h.accept(1);
+    h.send(s1, 11, b"one").unwrap();
+    let (c1, g1) = h.dials(A)[0];
+    assert_eq!(seed_frames(h.raw_out(c1, g1)), vec![(s1.id, 0, 7, b"one".to_vec())]);
+    h.close(s1);
+    let s2 = h.accept(2);
+    h.send(s2, 11, b"two").unwrap();
+    let dials = h.dials(A);
+    assert_eq!(dials.len(), 2, "the next session dials its own connection");
+    let (c2, g2) = dials[1];
+    assert_ne!((c1, g1), (c2, g2));
+    let mut late = BytesMut::new();
+    bproto::encode_reply(&mut late, 33, 0, s1.id, b"late for s1");
+    let n = late.len();
+    h.sh.backend_data(c1, g1, &mut late, n, h.now);
+    assert!(h.client_out(s2).is_empty(), "the late reply reached no other session");
+    assert_eq!(h.sh.ctx.stats.frames_dropped.get("unbound_session").copied(), Some(1), "counted");
+    // Once its write is done (here: the drain deadline, as the harness never
+    // reports the write) and the read grace is over, it is closed.
+    h.take_log();
+    for _ in 0..2 {
+        h.now += super::backend::RETIRE_DRAIN_MAX + super::backend::RETIRE_READ_GRACE;
+        h.sh.tick(h.now, false, false);
+    }
+    h.pump();
+    assert!(
+        h.take_log().iter().any(|a| matches!(a, Action::CloseBackend { conn, .. } if *conn == c1)),
+        "the ended session's connection is closed"
+    );
 }
 
 #[test]

@@ -27,6 +27,8 @@ Behaviour, chosen by the payload text (for tests):
 * b"push:N:..."   -> the echo, then N extra frames, type 100+i, payload
                      b"pushed-<i>"
 * b"close"        -> no reply; the server closes that TCP connection
+* b"late:MS"      -> the echo, MS milliseconds later (a slow reply that may
+                     arrive after its session ended)
 
 CLI: --listen HOST:PORT (port 0 picks one; the first stdout line is
 `LISTENING host:port`), --log FILE (append; line-buffered), --trace.
@@ -72,6 +74,15 @@ def frame(msg_type, session_id, payload):
     )
 
 
+
+async def late_reply(writer, ms, data):
+    await asyncio.sleep(ms / 1000)
+    try:
+        writer.write(data)
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+
 async def serve_conn(reader, writer, n, log, trace):
     peer = writer.get_extra_info("peername")
     log.line(f"OPEN conn={n} peer={peer[0]}:{peer[1]}")
@@ -106,6 +117,11 @@ async def serve_conn(reader, writer, n, log, trace):
             if payload == b"close":
                 by = "server"
                 break
+            if payload.startswith(b"late:"):
+                asyncio.get_running_loop().create_task(
+                    late_reply(writer, int(payload[5:] or b"0"), frame(msg_type, object_id, payload))
+                )
+                continue
             out = [frame(msg_type, object_id, payload)]
             if payload.startswith(b"push:"):
                 parts = payload.split(b":", 2)
