@@ -419,3 +419,38 @@ fn the_soft_open_file_limit_is_raised_before_the_cap_is_lowered() {
     assert!(log.contains("raised the open-file soft limit"), "{log}");
     assert!(!log.contains("does not fit"), "{log}");
 }
+
+/// Issue 24, 6: a config file caught mid-rewrite is never applied. An empty
+/// file (truncated, not yet written) is refused with a reason (counted,
+/// logged); the running routes stay, and no session is unbound. A rewrite
+/// followed by SIGHUP is one reload, not two.
+#[test]
+fn an_empty_or_changing_config_file_is_refused_and_the_routes_stay() {
+    let mb = mock();
+    let text = config_text(1, "", &route(10, 0, "round_robin", &[mb.addr()], ""));
+    let gw = GatewayProcess::spawn(&text, &[]);
+    let path = gw.stderr_path.with_file_name("gateway.toml");
+    let mut c = Client::connect(gw.addr);
+    c.echo(1, sid(1, 10, 0), b"before");
+
+    // Truncated, as a writer's open(O_TRUNC) leaves it: the file watch sees it.
+    std::fs::write(&path, "").unwrap();
+    eventually("the empty file refused", || metric(gw.admin, "game_gateway_config_reload_errors_total") >= Some(1));
+    assert!(gw.stderr().contains("the file is empty"), "{}", gw.stderr());
+    c.echo(2, sid(1, 10, 0), b"routes kept");
+
+    assert_eq!(metric(gw.admin, "game_gateway_config_reloads_total"), Some(0), "nothing applied");
+    // (A file that changes while it is read is refused the same way; that
+    // check is `config::tests::a_file_read_mid_rewrite_is_refused`.)
+
+    // The whole file, then SIGHUP: applied once (the file watch does not
+    // reload the same version again).
+    std::fs::write(&path, &text).unwrap();
+    gw.signal(libc::SIGHUP);
+    eventually("the good file applied", || metric(gw.admin, "game_gateway_config_reloads_total") == Some(1));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(metric(gw.admin, "game_gateway_config_reloads_total"), Some(1), "one reload for one version");
+    c.echo(4, sid(1, 10, 0), b"after");
+    let ev = mb.drain();
+    assert!(disconnects(&ev).is_empty(), "no session was unbound: {ev:?}");
+}

@@ -24,6 +24,48 @@ pub use validate::Environment;
 
 use std::path::Path;
 
+/// How often a config file caught mid-rewrite (changed during the read, or
+/// empty) is read again before the load is refused, and the pause between.
+const STABLE_READ_TRIES: u32 = 5;
+const STABLE_READ_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Why a config file could not be read as one complete version.
+enum Unstable {
+    Io(std::io::Error),
+    /// Its size or modification time moved during the read, or the bytes read
+    /// do not match its size.
+    Changing,
+    /// Nothing but blank lines and comments.
+    Empty,
+}
+
+/// Reads `path` as one complete version: its size and mtime the same before
+/// and after the read, and not empty. A file being rewritten (truncated, then
+/// written) is read again, up to [`STABLE_READ_TRIES`] times.
+fn read_stable(path: &Path) -> Result<String, Unstable> {
+    let mut why = Unstable::Changing;
+    for attempt in 0..STABLE_READ_TRIES {
+        if attempt > 0 {
+            std::thread::sleep(STABLE_READ_PAUSE);
+        }
+        let before = std::fs::metadata(path).map_err(Unstable::Io)?;
+        let src = std::fs::read_to_string(path).map_err(Unstable::Io)?;
+        let after = std::fs::metadata(path).map_err(Unstable::Io)?;
+        let changed = before.len() != after.len()
+            || before.modified().ok() != after.modified().ok()
+            || src.len() as u64 != after.len();
+        let empty = !src.lines().any(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#')
+        });
+        if !changed && !empty {
+            return Ok(src);
+        }
+        why = if changed { Unstable::Changing } else { Unstable::Empty };
+    }
+    Err(why)
+}
+
 /// The documented default config, compiled in so the gateway runs with no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/gateway.toml");
 /// Where `--config` points when it is not given.
@@ -33,17 +75,23 @@ impl Config {
     /// Loads and validates `path`; the default path falls back to the embedded
     /// default when the file does not exist.
     pub fn load(path: &Path, env: &Environment) -> Result<Config, ConfigErrors> {
-        match std::fs::read_to_string(path) {
+        let whole = |reason: String| {
+            Err(ConfigErrors(vec![ConfigError { file: path.display().to_string(), line: 0, key: "-".into(), reason }]))
+        };
+        match read_stable(path) {
             Ok(src) => Config::from_str_env(&src, &path.display().to_string(), env),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
+            Err(Unstable::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
                 Config::from_str_env(EMBEDDED_DEFAULT, "<embedded>", env)
             }
-            Err(e) => Err(ConfigErrors(vec![ConfigError {
-                file: path.display().to_string(),
-                line: 0,
-                key: "-".into(),
-                reason: format!("cannot read: {e}"),
-            }])),
+            Err(Unstable::Io(e)) => whole(format!("cannot read: {e}")),
+            Err(Unstable::Changing) => whole(format!(
+                "the file changed while being read ({STABLE_READ_TRIES} tries): a writer is still at it; refused, not applied"
+            )),
+            Err(Unstable::Empty) => whole(
+                "the file is empty (no key set): refused, as a file caught mid-rewrite would be (it would remove every \
+                 route); to run on the defaults, set at least one key"
+                    .into(),
+            ),
         }
     }
 
@@ -94,6 +142,29 @@ mod tests {
     use super::*;
     use crate::cpu::{CpuBudget, CpuSet};
     use std::time::Duration;
+
+    /// Issue 24, 6: a file caught mid-rewrite (empty, or not the size it
+    /// says) is refused with its reason, never parsed into a config.
+    #[test]
+    fn a_file_read_mid_rewrite_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let env = Environment::default();
+        let empty = dir.join("empty.toml");
+        for text in ["", "\n\n", "# only comments\n   # and blanks\n\n"] {
+            std::fs::write(&empty, text).unwrap();
+            let e = Config::load(&empty, &env).unwrap_err().to_string();
+            assert!(e.contains("the file is empty"), "{text:?}: {e}");
+        }
+        // The bytes read never match the size the file reports (a procfs
+        // file says 0): what a file being written looks like, every try.
+        let e = Config::load(Path::new("/proc/self/status"), &env).unwrap_err().to_string();
+        assert!(e.contains("changed while being read"), "{e}");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[server]\nworkers = 1\n").unwrap();
+        assert!(Config::load(&good, &env).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn embedded_default_is_valid() {

@@ -63,6 +63,9 @@ impl Control {
     pub(super) fn reload(&mut self) {
         let origin = std::time::Instant::now();
         let stats = self.stats.clone();
+        // The version read now is the one the file watch has seen: a rewrite
+        // followed by SIGHUP is one reload, not two.
+        self.mtime = super::mtime(&self.path);
         match Config::load(&self.path, &self.env) {
             Err(errs) => {
                 stats.config_reload_errors.fetch_add(1, Ordering::Relaxed);

@@ -317,6 +317,24 @@ pub fn tally(
         last = now;
         same
     });
+    // The gateway's frame counters and the backends' are read as one
+    // snapshot: the gateway's before and after the backends', until both of
+    // its readings agree. A keep-alive PING sent between two separate reads
+    // otherwise showed as a frame "in the pipe" (a false loss).
+    let mut gw_frames = if allow.exited { (0, 0) } else { backend_frames(admin) };
+    for _ in 0..20 {
+        if allow.exited {
+            break;
+        }
+        let before = backend_frames(admin);
+        let now = backends();
+        let after = backend_frames(admin);
+        last = now;
+        gw_frames = after;
+        if before == after {
+            break;
+        }
+    }
     let b = last;
     let (rss_max, _fds_max) = {
         let start_rss = sampler.start_rss;
@@ -382,7 +400,7 @@ pub fn tally(
             t.dropped_b2c += n;
             t.drops.push((r.to_string(), n));
         }
-        let (gw_sent, gw_recv) = backend_frames(admin);
+        let (gw_sent, gw_recv) = gw_frames;
         t.pipe_c2b = gw_sent.saturating_sub(b.frames);
         t.pipe_b2c = b.written.saturating_sub(gw_recv);
         if t.read > t.at_backend + t.dropped_c2b + t.pipe_c2b {
