@@ -205,6 +205,10 @@ struct WorkerHandle {
 
 pub struct Gateway {
     workers: Vec<WorkerHandle>,
+    /// Every worker's announcement queue.
+    announcer: crate::relay::Announcer,
+    /// Every worker's last loop turn (liveness).
+    heartbeats: crate::relay::Heartbeats,
     /// Ends once every worker (holding the senders) is gone.
     access_writer: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
@@ -223,6 +227,8 @@ pub struct Gateway {
 pub struct GatewayHandle {
     txs: Vec<Sender<WorkerCommand>>,
     infos: Vec<WorkerInfo>,
+    announcer: crate::relay::Announcer,
+    heartbeats: crate::relay::Heartbeats,
 }
 
 /// One SO_REUSEPORT listener socket.
@@ -236,9 +242,6 @@ pub(crate) fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::
     sock.listen(LISTEN_BACKLOG)?;
     Ok(sock.into())
 }
-
-/// Announcements waiting for the relay to hand them to the workers.
-const ANNOUNCE_DEPTH: usize = 256;
 
 impl Gateway {
     pub fn start(cfg: Config, routes: Arc<RouteTable>) -> Result<Gateway, StartError> {
@@ -315,9 +318,11 @@ impl Gateway {
                 StartError::Worker(format!("access log {}: {e}", path.as_deref().unwrap_or("stdout")))
             })?;
         let (ready_tx, ready_rx) = bounded(n);
-        // Announcements a backend sends to one worker reach every worker
-        // through this relay, one shared buffer each.
-        let (announce_tx, announce_rx) = bounded::<Arc<crate::shard::Announcement>>(ANNOUNCE_DEPTH);
+        // Announcements a backend sends to one worker reach every worker's
+        // own bounded queue.
+        let (announcer, mut announce_queues) = crate::relay::Announcer::new(n);
+        announce_queues.reverse();
+        let heartbeats = crate::relay::Heartbeats::new(n);
         // Trace export, off the data path, when an OTLP endpoint is set.
         let otlp_stats = Arc::new(crate::otlp::ExportStats::default());
         let spans_tx = match &cfg.otlp.endpoint {
@@ -341,7 +346,9 @@ impl Gateway {
                 ready: ready_tx.clone(),
                 admission: admission.clone(),
                 access_tx: access_tx.clone(),
-                announce_tx: announce_tx.clone(),
+                announcer: announcer.clone(),
+                announcements: announce_queues.pop().expect("one announcement queue per worker"),
+                heartbeats: heartbeats.clone(),
                 spans_tx: spans_tx.clone(),
             };
             let join = std::thread::Builder::new()
@@ -366,6 +373,8 @@ impl Gateway {
                     drop(access_tx);
                     let gw = Gateway {
                         workers,
+                        announcer,
+                        heartbeats,
                         access_writer: Some(access_writer),
                         local_addr,
                         cfg,
@@ -379,26 +388,13 @@ impl Gateway {
                 Err(_) => return Err(StartError::Worker("a worker did not start in time".into())),
             }
         }
-        drop(announce_tx);
         drop(spans_tx);
-        let txs: Vec<Sender<WorkerCommand>> = workers.iter().map(|w| w.tx.clone()).collect();
-        // Ends when every worker (holding the senders) is gone.
-        std::thread::Builder::new()
-            .name("gw-announce".into())
-            .spawn(move || {
-                for a in announce_rx {
-                    for tx in &txs {
-                        if tx.try_send(WorkerCommand::Announce(a.clone())).is_err() {
-                            tracing::warn!("worker command channel full: announcement not delivered on one worker");
-                        }
-                    }
-                }
-            })
-            .map_err(StartError::Spawn)?;
         tracing::info!(listen = %local_addr, workers = n, io_driver = workers[0].info.io_driver, "gateway listening");
         drop(access_tx);
         Ok(Gateway {
             workers,
+            announcer,
+            heartbeats,
             access_writer: Some(access_writer),
             local_addr,
             cfg,
@@ -422,7 +418,12 @@ impl Gateway {
     }
 
     pub fn handle(&self) -> GatewayHandle {
-        GatewayHandle { txs: self.workers.iter().map(|w| w.tx.clone()).collect(), infos: self.workers() }
+        GatewayHandle {
+            txs: self.workers.iter().map(|w| w.tx.clone()).collect(),
+            infos: self.workers(),
+            announcer: self.announcer.clone(),
+            heartbeats: self.heartbeats.clone(),
+        }
     }
 
     pub fn broadcast(&self, make: impl Fn() -> WorkerCommand) {
@@ -526,6 +527,21 @@ impl Drop for Gateway {
 }
 
 impl GatewayHandle {
+    /// Queues an announcement for every worker, without waiting; returns
+    /// how many workers took it (a full queue drops it there, counted).
+    pub fn announce(&self, a: Arc<crate::shard::Announcement>, source: crate::relay::Source) -> usize {
+        self.announcer.announce(a, source)
+    }
+
+    pub fn announce_stats(&self) -> &crate::relay::AnnounceStats {
+        &self.announcer.stats
+    }
+
+    /// Every worker's last loop turn.
+    pub fn heartbeats(&self) -> &crate::relay::Heartbeats {
+        &self.heartbeats
+    }
+
     pub fn workers(&self) -> &[WorkerInfo] {
         &self.infos
     }

@@ -32,6 +32,7 @@ pub mod notify;
 pub mod otel_log;
 pub(crate) mod otlp;
 pub mod protocol;
+pub mod relay;
 pub mod resilience;
 pub mod routing;
 pub mod session;

@@ -117,6 +117,8 @@ impl fmt::Display for RouteSource {
 pub struct ControlStats {
     /// Routes loaded and not draining: what `/ready` answers.
     pub ready: AtomicBool,
+    /// Redis `{prefix}broadcast` messages refused (not an announcement).
+    pub announcements_refused: AtomicU64,
     /// Good reads from Redis.
     pub refresh_success: AtomicU64,
     /// Failed or rejected reads from Redis (every kind, the empty ones too).
@@ -311,8 +313,6 @@ impl RouteLabels {
 /// What reaches the control loop.
 #[derive(Debug)]
 pub enum ControlEvent {
-    /// A realm-wide announcement from the Redis `{prefix}broadcast` channel.
-    Announce(crate::shard::Announcement),
     /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
     /// A message on a Redis notify channel (or a fresh subscription),

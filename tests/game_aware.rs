@@ -248,3 +248,98 @@ fn operators_announce_through_the_admin_port_and_redis() {
         assert!(c.silent_for(Duration::from_millis(300)), "the filter keeps type 10 out");
     }
 }
+
+/// Issue 24, 2 and 3: an announcement storm (Redis `{prefix}broadcast` as
+/// fast as one publisher goes, and admin `POST /broadcast` beside it) neither
+/// grows memory without bound nor makes `/health` lie, and a SIGHUP is acted
+/// on while the storm still runs (it waited 15.7 s behind the backlog).
+/// Announcements a worker had no room for are counted, not silent.
+#[test]
+fn an_announcement_storm_is_bounded_counted_and_never_delays_health_or_signals() {
+    let redis = RedisServer::start();
+    let mb = mock();
+    let cfg = config_text(
+        2,
+        &format!("[redis]\nurl = \"{}\"\nrefresh_interval = \"1s\"\n", redis.url()),
+        &route(10, 0, "round_robin", &[mb.addr()], ""),
+    );
+    let gw = GatewayProcess::spawn(&cfg, &[]);
+    let mut c = Client::connect(gw.addr);
+    c.echo(1, sid(1, 10, 0), b"hi");
+    let rss = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+    };
+    let pid = gw.child.id();
+    let rss_before = rss(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (url, stop) = (redis.url(), stop.clone());
+        std::thread::spawn(move || {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            let msg = r#"{"msg_id": 900, "payload": "storm storm storm storm storm storm storm storm"}"#;
+            let t0 = std::time::Instant::now();
+            let mut sent = 0u64;
+            // Bounded: 20 s or until told to stop.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(20) {
+                let mut p = redis::pipe();
+                for _ in 0..500 {
+                    p.cmd("PUBLISH").arg("game-gateway:broadcast").arg(msg).ignore();
+                }
+                p.query::<()>(&mut conn).unwrap();
+                sent += 500;
+            }
+            sent
+        })
+    };
+    let admin_storm = {
+        let (admin, stop) = (gw.admin, stop.clone());
+        std::thread::spawn(move || {
+            let mut answers = std::collections::HashMap::<u16, u64>::new();
+            let t0 = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(20) {
+                let Ok(mut s) = std::net::TcpStream::connect(admin) else { continue };
+                let _ = s.write_all(b"POST /broadcast?msg_id=901&payload=admin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let mut a = String::new();
+                let _ = s.read_to_string(&mut a);
+                let code = a.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                *answers.entry(code).or_default() += 1;
+            }
+            answers
+        })
+    };
+    // The storm is on once announcements are being dropped somewhere.
+    let metric = |name: &str| -> f64 {
+        http_get(gw.admin, "/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    eventually("announcements dropped and counted", || metric("game_gateway_announcements_dropped_total") > 0.0);
+    for _ in 0..10 {
+        assert_eq!(http_get(gw.admin, "/health").0, 200, "liveness holds during the storm");
+    }
+    gw.signal(libc::SIGHUP);
+    eventually("the reload applied during the storm", || metric("game_gateway_config_reloads_total") >= 1.0);
+    assert!(!publisher.is_finished(), "the reload came while the storm still ran");
+    // Long enough for a backlog to show: it grew about 14 MB/s before.
+    let redis_received = || metric("game_gateway_announcements_received_total{source=\"redis\"}");
+    let t0 = Instant::now();
+    while redis_received() < 200_000.0 && !publisher.is_finished() && t0.elapsed() < Duration::from_secs(15) {
+        assert_eq!(http_get(gw.admin, "/health").0, 200, "liveness holds during the storm");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let received = redis_received();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = publisher.join().unwrap();
+    let answers = admin_storm.join().unwrap();
+    assert!(received > 0.0, "redis announcements arrived ({received} of {sent} published so far)");
+    assert!(answers.keys().all(|c| *c == 202 || *c == 503), "admin answers: {answers:?}");
+    let grown_kib = rss(pid).saturating_sub(rss_before);
+    assert!(grown_kib < 64 * 1024, "memory bounded: RSS grew {grown_kib} KiB during the storm");
+    // The client took what it was given, and the node still serves it.
+    assert_eq!(http_get(gw.admin, "/health").0, 200);
+}

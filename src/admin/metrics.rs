@@ -74,6 +74,10 @@ pub(crate) const TLS_CERTIFICATE_EXPIRY_SECONDS: &str = "game_gateway_tls_certif
 pub(crate) const TRACE_SPANS_DROPPED_TOTAL: &str = "game_gateway_trace_spans_dropped_total";
 pub(crate) const MESSAGE_POLICY_TOTAL: &str = "game_gateway_message_policy_total";
 pub(crate) const ANNOUNCEMENTS_DELIVERED_TOTAL: &str = "game_gateway_announcements_delivered_total";
+pub(crate) const ANNOUNCEMENTS_RECEIVED_TOTAL: &str = "game_gateway_announcements_received_total";
+pub(crate) const ANNOUNCEMENTS_DROPPED_TOTAL: &str = "game_gateway_announcements_dropped_total";
+pub(crate) const ANNOUNCEMENTS_REFUSED_TOTAL: &str = "game_gateway_announcements_refused_total";
+pub(crate) const WORKER_HEARTBEAT_AGE_SECONDS: &str = "game_gateway_worker_heartbeat_age_seconds";
 pub(crate) const HANDOFF_SESSIONS_TOTAL: &str = "game_gateway_handoff_sessions_total";
 pub(crate) const HANDOFF_PAUSE_SECONDS: &str = "game_gateway_handoff_pause_seconds";
 // Families the Go gateway exported (or its dashboard used) that we derive
@@ -580,6 +584,49 @@ fn families(s: &WorkerStats, workers: &[WorkerInfo], responsive: usize, c: &Cont
     ]
 }
 
+/// The announcement queues and the workers' heartbeats: read from memory,
+/// never from the workers' command channels.
+fn relay_families(h: &crate::gateway::GatewayHandle, c: &ControlStats) -> Vec<MetricFamily> {
+    use crate::relay::Source;
+    use MetricType::{COUNTER, GAUGE};
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let a = h.announce_stats();
+    let mut received = Family::new(
+        ANNOUNCEMENTS_RECEIVED_TOTAL,
+        "Announcements received for the whole node, by source (backend ANNOUNCE, Redis broadcast, admin POST /broadcast).",
+        COUNTER,
+    );
+    for (i, s) in Source::ALL.iter().enumerate() {
+        received = received.value(&[("source", s.as_str())], ld(&a.received[i]));
+    }
+    let mut age = Family::new(
+        WORKER_HEARTBEAT_AGE_SECONDS,
+        "Seconds since each worker last turned its loop (ticks every 20 ms); /health fails past 10 s.",
+        GAUGE,
+    );
+    for (i, d) in h.heartbeats().ages().iter().enumerate() {
+        age = age.value(&[("worker", &i.to_string())], d.as_secs_f64());
+    }
+    vec![
+        received.0,
+        Family::new(
+            ANNOUNCEMENTS_DROPPED_TOTAL,
+            "Announcement deliveries to a worker dropped because its queue (64) was full.",
+            COUNTER,
+        )
+        .value(&[], ld(&a.dropped))
+        .0,
+        Family::new(
+            ANNOUNCEMENTS_REFUSED_TOTAL,
+            "Redis broadcast messages refused (not a valid announcement).",
+            COUNTER,
+        )
+        .value(&[], ld(&c.announcements_refused))
+        .0,
+        age.0,
+    ]
+}
+
 /// The custom collector: asks every worker for its counters at scrape time
 /// (one request at a time: concurrent scrapes share it).
 pub(crate) struct GatewayCollector {
@@ -597,7 +644,9 @@ impl Collector for GatewayCollector {
         let per = self.workers.get();
         let responsive = per.iter().filter(|s| s.is_some()).count();
         let merged = crate::gateway::merge_stats(per.iter().flatten());
-        families(&merged, self.workers.handle.workers(), responsive, &self.control)
+        let mut f = families(&merged, self.workers.handle.workers(), responsive, &self.control);
+        f.extend(relay_families(&self.workers.handle, &self.control));
+        f
     }
 }
 

@@ -530,10 +530,20 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         let json = serde_json::Value::Object(fields).to_string();
         return match crate::state::parse_announcement(json.as_bytes()) {
             Ok(a) => {
-                let a = Arc::new(a);
-                state.workers.handle.broadcast(move || crate::worker::WorkerCommand::Announce(a.clone()));
-                tracing::info!("announcement from the admin port");
-                respond(&mut c, 202, "text/plain", "announced\n")
+                let all = state.workers.handle.workers().len();
+                let taken = state.workers.handle.announce(Arc::new(a), crate::relay::Source::Admin);
+                tracing::debug!(workers = taken, "announcement from the admin port");
+                if taken == all {
+                    respond(&mut c, 202, "text/plain", "announced\n")
+                } else {
+                    // Some workers' queues were full: said, not silent.
+                    respond(
+                        &mut c,
+                        503,
+                        "text/plain",
+                        &format!("announced on {taken} of {all} workers: announcement queues full\n"),
+                    )
+                }
             }
             Err(e) => respond(&mut c, 400, "text/plain", &format!("{e}\n")),
         };
@@ -547,12 +557,19 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
         "/health" if state.control.handed_over.load(Ordering::Relaxed) => {
             respond(&mut c, 200, "text/plain", "handed over\n")
         }
+        // Liveness: every worker turned its loop recently (its heartbeat, in
+        // memory); no command channel or queue is involved, so a storm of
+        // announcements or a slow scrape cannot make it lie.
         "/health" => {
-            let answered = state.workers.get().iter().filter(|s| s.is_some()).count();
-            if answered == state.workers.handle.workers().len() {
+            let stuck = state.workers.handle.heartbeats().stuck();
+            if stuck.is_empty() {
                 respond(&mut c, 200, "text/plain", "ok\n")
             } else {
-                respond(&mut c, 503, "text/plain", "worker unresponsive\n")
+                let which: Vec<String> = stuck
+                    .iter()
+                    .map(|(w, age)| format!("worker {w}: no loop turn for {:.1} s", age.as_secs_f64()))
+                    .collect();
+                respond(&mut c, 503, "text/plain", &format!("{}\n", which.join("; ")))
             }
         }
         "/ready" => {

@@ -210,20 +210,34 @@ impl Control {
             }
         }
         let stop_sub = Arc::new(AtomicBool::new(false));
+        // A Redis notification waits in this loop's channel (see
+        // `redis::spawn_subscriber`).
+        let notify_pending = Arc::new(AtomicBool::new(false));
         let redis = match &running.redis {
             Some(rc) => {
                 let src = RedisSource::new(rc)?;
+                let workers = gw.handle();
+                let refused = stats.clone();
+                let pending = notify_pending.clone();
                 self::redis::spawn_subscriber(
                     rc,
                     tx.clone(),
                     || ControlEvent::RedisNotify { at: Instant::now() },
-                    |json| match crate::state::parse_announcement(&json) {
-                        Ok(a) => ControlEvent::Announce(a),
+                    // Straight to the workers' bounded queues, not through
+                    // this loop: signals and reloads never wait behind them.
+                    move |json| match crate::state::parse_announcement(&json) {
+                        Ok(a) => {
+                            workers.announce(Arc::new(a), crate::relay::Source::Redis);
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "redis broadcast message refused");
-                            ControlEvent::RedisNotify { at: Instant::now() }
+                            let n = refused.announcements_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                            // One line for the first and then every 1000th.
+                            if n == 1 || n % 1000 == 0 {
+                                tracing::warn!(error = %e, refused = n, "redis broadcast message refused");
+                            }
                         }
                     },
+                    pending,
                     stop_sub.clone(),
                 )?;
                 stats.redis_state.store(RedisState::Down);
@@ -333,11 +347,9 @@ impl Control {
                     c.stop("admin drain call");
                     return Ok(());
                 }
-                Ok(ControlEvent::RedisNotify { at }) => c.fetch_redis(at),
-                Ok(ControlEvent::Announce(a)) => {
-                    tracing::info!(msg_id = a.msg_id, bytes = a.payload.len(), "announcement from redis");
-                    let a = Arc::new(a);
-                    c.gw.broadcast(move || WorkerCommand::Announce(a.clone()));
+                Ok(ControlEvent::RedisNotify { at }) => {
+                    notify_pending.store(false, Ordering::Release);
+                    c.fetch_redis(at)
                 }
                 Ok(ControlEvent::Discovery { service, result }) => c.on_discovery(service, result),
                 Ok(ControlEvent::Resolved(results)) => c.on_resolved(results),

@@ -166,12 +166,15 @@ pub(crate) struct RedisRead {
 }
 
 /// Runs the notify subscriber until `stop`; every message (and every
-/// successful subscribe) sends `event()` to the control loop.
+/// successful subscribe) sends `event()` to the control loop, unless one is
+/// still `pending` there (the loop clears the flag as it takes the event);
+/// every `{prefix}broadcast` message goes to `announce`.
 pub(crate) fn spawn_subscriber<E: Send + 'static>(
     cfg: &RedisConfig,
     tx: Sender<E>,
     event: impl Fn() -> E + Send + 'static,
-    announce: impl Fn(Vec<u8>) -> E + Send + 'static,
+    announce: impl Fn(Vec<u8>) + Send + 'static,
+    pending: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, RedisError> {
     let client = open(&cfg.url)?;
@@ -199,19 +202,20 @@ pub(crate) fn spawn_subscriber<E: Send + 'static>(
             }
             backoff = SUB_BACKOFF_MIN;
             tracing::debug!("redis subscriber listening for notifications");
-            if tx.send(event()).is_err() {
+            if !pending.swap(true, Ordering::AcqRel) && tx.send(event()).is_err() {
                 return;
             }
             while !stop.load(Ordering::Relaxed) {
                 match ps.get_message() {
                     Ok(msg) if msg.get_channel_name() == keys.broadcast => {
-                        if tx.send(announce(msg.get_payload_bytes().to_vec())).is_err() {
-                            return;
-                        }
+                        announce(msg.get_payload_bytes().to_vec());
                     }
                     Ok(msg) => {
                         tracing::debug!(channel = msg.get_channel_name(), "route notification");
-                        if tx.send(event()).is_err() {
+                        // At most one notification waits in the control
+                        // loop's channel (it reads everything anyway): a
+                        // storm of them is one event, not a backlog.
+                        if !pending.swap(true, Ordering::AcqRel) && tx.send(event()).is_err() {
                             return;
                         }
                     }

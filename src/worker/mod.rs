@@ -115,8 +115,6 @@ pub enum WorkerCommand {
     Config(Arc<Config>),
     /// Reply with a copy of the counters.
     Stats(Sender<WorkerStats>),
-    /// An announcement for every (selected) session of this worker.
-    Announce(Arc<crate::shard::Announcement>),
     /// Stop accepting; let sessions end by themselves until `drain_until`;
     /// then close the rest with `DISCONNECT` reason 6, flush backend queues
     /// and exit; whatever is left at `deadline` is dropped. A second `Stop`
@@ -177,8 +175,12 @@ pub(crate) struct Worker {
     stop_deadline: Cell<Instant>,
     /// The access-log writer; taken at the end of the stop so it can finish.
     access_tx: RefCell<Option<Sender<Vec<u8>>>>,
-    /// Announcements from this worker's backends, for every worker.
-    announce_tx: Sender<Arc<crate::shard::Announcement>>,
+    /// Announcements from this worker's backends go to every worker's queue.
+    announcer: crate::relay::Announcer,
+    /// This worker's queue of announcements, taken on its tick.
+    announcements: Receiver<Arc<crate::shard::Announcement>>,
+    /// Stamped on every tick (liveness, `/health`).
+    heartbeats: crate::relay::Heartbeats,
     /// Span batches for the OTLP exporter (when on).
     spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
     /// Streams ending themselves gracefully (HTTP/2) that the stop waits for.
@@ -355,17 +357,13 @@ impl Worker {
                 }
             }
             Action::Announce(a) => {
-                if self.announce_tx.try_send(a).is_err() {
-                    tracing::warn!(worker = self.index, "announcement relay full: announcement dropped");
-                }
+                self.announcer.announce(a, crate::relay::Source::Backend);
             }
         }
     }
 
     fn handle_command(self: &Rc<Self>, cmd: WorkerCommand) {
-        if self.frozen.get()
-            && matches!(cmd, WorkerCommand::Routes(_) | WorkerCommand::Config(_) | WorkerCommand::Announce(_))
-        {
+        if self.frozen.get() && matches!(cmd, WorkerCommand::Routes(_) | WorkerCommand::Config(_)) {
             // Frozen for a live upgrade: the shard may be exported already.
             // Applied on the thaw; after a completed upgrade the new
             // process has its own control plane (an announcement sent in
@@ -384,9 +382,6 @@ impl Worker {
                 self.shard.borrow_mut().routes_propagated(delay, at, last);
             }
             WorkerCommand::Config(c) => self.with_shard(|sh| sh.apply_config(c)),
-            WorkerCommand::Announce(a) => {
-                self.with_shard(|sh| sh.announce(&a, Instant::now()));
-            }
             WorkerCommand::Stats(tx) => {
                 let s = self.shard.borrow().stats(Instant::now());
                 let _ = tx.send(s);
@@ -519,8 +514,12 @@ pub struct WorkerSetup {
     pub admission: Arc<crate::limits::SharedAdmission>,
     /// The access-log writer.
     pub access_tx: Sender<Vec<u8>>,
-    /// The announcement relay (to every worker).
-    pub announce_tx: Sender<Arc<crate::shard::Announcement>>,
+    /// Every worker's announcement queue (see [`crate::relay`]).
+    pub announcer: crate::relay::Announcer,
+    /// This worker's own announcement queue (bounded; see [`crate::relay`]).
+    pub announcements: Receiver<Arc<crate::shard::Announcement>>,
+    /// Where this worker stamps each turn of its loop.
+    pub heartbeats: crate::relay::Heartbeats,
     /// The OTLP exporter, when trace export is on.
     pub(crate) spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
 }
@@ -595,7 +594,9 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         ready,
         admission,
         access_tx,
-        announce_tx,
+        announcer,
+        announcements,
+        heartbeats,
         spans_tx,
     } = setup;
     let mut monoio_listeners = Vec::with_capacity(listeners.len());
@@ -633,7 +634,9 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         stop_deadline: Cell::new(Instant::now()),
         access_tx: RefCell::new(Some(access_tx)),
         finishing: Cell::new(0),
-        announce_tx,
+        announcer,
+        announcements,
+        heartbeats,
         spans_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
@@ -668,6 +671,7 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
         // every millisecond: each tick of delay is pause for every session.
         let tick = if crate::upgrade::in_progress() { UPGRADE_TICK } else { TICK };
         monoio::time::sleep(tick).await;
+        w.heartbeats.beat(w.index);
         for _ in 0..MAX_COMMANDS_PER_TICK {
             // Borrowed for the receive only: a command may drop the channel
             // (a retired worker answers nothing any more).
@@ -699,6 +703,13 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
             last_evict = now;
         }
         if !w.frozen.get() {
+            // Announcements after commands: a storm of them never delays a
+            // route, config, stats or stop command. Frozen for a live
+            // upgrade, they wait in the (bounded) queue.
+            for _ in 0..crate::relay::MAX_PER_TICK {
+                let Ok(a) = w.announcements.try_recv() else { break };
+                w.with_shard(|sh| sh.announce(&a, now));
+            }
             w.with_shard(|sh| sh.tick(now, sweep, evict));
         }
     }
