@@ -49,9 +49,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin connections served at once (one thread each). Counted in
 /// [`crate::gateway::FD_RESERVE`].
 pub(crate) const MAX_CONNECTIONS: usize = 64;
-/// How long a connection over the cap waits for a free slot before its 503
-/// (not while the cap has been reached for a while: then 503 at once).
+/// How long a connection over the cap waits for a free slot before it goes
+/// to the probe lane (not while the cap has been reached for a while: then
+/// at once).
 const SLOT_WAIT: Duration = Duration::from_millis(200);
+/// Slots one peer address may hold at once: 64 slow clients from one address
+/// took every slot, and `/health` answered 200 13 % of the time.
+pub(crate) const MAX_PER_PEER: usize = 16;
+/// Connections that find no slot get this long to send their request head
+/// in the probe lane: a probe's request follows its handshake at once; a slow
+/// client holds nothing there but an entry.
+const PROBE_LANE_WAIT: Duration = Duration::from_millis(200);
+/// Connections waiting in the probe lane at once; over it, `503` at once.
+const PROBE_LANE_MAX: usize = 512;
+/// The probe lane's poll turn: how long a new connection may wait to join.
+const PROBE_LANE_TURN: Duration = Duration::from_millis(10);
 /// Listen backlog of the admin port (a burst of scrapes waits here).
 const ADMIN_BACKLOG: i32 = 1024;
 /// Stack of a connection thread.
@@ -152,30 +164,48 @@ impl WorkerStatsSource {
 
 /// Free connection slots.
 struct Slots {
-    active: Mutex<usize>,
+    /// Slots taken, in all and per peer address.
+    active: Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
     freed: Condvar,
 }
 
 /// One slot, given back when the connection's thread ends.
-struct Slot(Arc<Slots>);
+struct Slot(Arc<Slots>, std::net::IpAddr);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *self.0.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        let mut a = self.0.active.lock().unwrap_or_else(|p| p.into_inner());
+        a.0 -= 1;
+        if let Some(n) = a.1.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                a.1.remove(&self.1);
+            }
+        }
+        drop(a);
         self.0.freed.notify_one();
     }
 }
 
 impl Slots {
-    /// A slot, waiting up to `wait` for one.
-    fn take(self: &Arc<Slots>, wait: Duration) -> Option<Slot> {
+    fn new() -> Arc<Slots> {
+        Arc::new(Slots { active: Mutex::new((0, Default::default())), freed: Condvar::new() })
+    }
+
+    /// A slot for `peer`, waiting up to `wait` for one: at most
+    /// [`MAX_CONNECTIONS`] in all and [`MAX_PER_PEER`] for one address.
+    fn take(self: &Arc<Slots>, peer: std::net::IpAddr, wait: Duration) -> Option<Slot> {
+        let full = |a: &mut (usize, std::collections::HashMap<std::net::IpAddr, usize>)| {
+            a.0 >= MAX_CONNECTIONS || a.1.get(&peer).is_some_and(|n| *n >= MAX_PER_PEER)
+        };
         let active = self.active.lock().unwrap();
-        let (mut active, _) = self.freed.wait_timeout_while(active, wait, |a| *a >= MAX_CONNECTIONS).unwrap();
-        if *active >= MAX_CONNECTIONS {
+        let (mut active, _) = self.freed.wait_timeout_while(active, wait, |a| full(a)).unwrap();
+        if full(&mut active) {
             return None;
         }
-        *active += 1;
-        Some(Slot(self.clone()))
+        active.0 += 1;
+        *active.1.entry(peer).or_default() += 1;
+        Some(Slot(self.clone(), peer))
     }
 }
 
@@ -267,7 +297,12 @@ impl AdminState {
 pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let listener = bind(addr)?;
     let local = listener.local_addr()?;
-    let slots = Arc::new(Slots { active: Mutex::new(0), freed: Condvar::new() });
+    let slots = Slots::new();
+    let (lane_tx, lane_rx) = crossbeam_channel::bounded::<TcpStream>(PROBE_LANE_MAX);
+    {
+        let state = state.clone();
+        std::thread::Builder::new().name("gw-admin-probes".into()).spawn(move || probe_lane(lane_rx, &state))?;
+    }
     std::thread::Builder::new().name("gw-admin".into()).spawn(move || {
         let mut busy_logged: Option<Instant> = None;
         let mut last_refusal: Option<Instant> = None;
@@ -283,13 +318,23 @@ pub fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<Socket
             // A burst waits briefly for a slot; while the cap stays reached
             // (a refusal in the last second) the answer is 503 at once.
             let saturated = last_refusal.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(1));
-            let Some(slot) = slots.take(if saturated { Duration::ZERO } else { SLOT_WAIT }) else {
+            let peer = c.peer_addr().map(|p| p.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            let Some(slot) = slots.take(peer, if saturated { Duration::ZERO } else { SLOT_WAIT }) else {
                 last_refusal = Some(Instant::now());
                 if busy_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     busy_logged = Some(Instant::now());
-                    tracing::warn!(max = MAX_CONNECTIONS, "admin connections at their cap: answering 503");
+                    tracing::warn!(
+                        max = MAX_CONNECTIONS,
+                        per_peer = MAX_PER_PEER,
+                        peer = %peer,
+                        "admin connections at their cap: probes answered in the probe lane, the rest 503"
+                    );
                 }
-                refuse_busy(c);
+                // Probes still get through: /health and /ready are answered
+                // there from memory; anything else gets its 503.
+                if let Err(e) = lane_tx.try_send(c) {
+                    refuse_busy(e.into_inner());
+                }
                 continue;
             };
             let state = state.clone();
@@ -462,6 +507,113 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The probes' answers, from memory only (no worker is asked): what both the
+/// connection threads and the probe lane serve.
+/// - `/health`, liveness: every worker turned its loop recently (its
+///   heartbeat); no command channel or queue is involved, so a storm of
+///   announcements or a slow scrape cannot make it lie;
+/// - `/ready`: routes loaded and not draining.
+fn probe_answer(path: &str, state: &AdminState) -> Option<(u16, String)> {
+    match path {
+        "/health" if state.control.handed_over.load(Ordering::Relaxed) => Some((200, "handed over\n".into())),
+        "/health" => {
+            let stuck = state.workers.handle.heartbeats().stuck();
+            if stuck.is_empty() {
+                Some((200, "ok\n".into()))
+            } else {
+                let which: Vec<String> = stuck
+                    .iter()
+                    .map(|(w, age)| format!("worker {w}: no loop turn for {:.1} s", age.as_secs_f64()))
+                    .collect();
+                Some((503, format!("{}\n", which.join("; "))))
+            }
+        }
+        "/ready" if state.control.ready.load(Ordering::Relaxed) => Some((200, "ready\n".into())),
+        "/ready" => Some((503, "not ready\n".into())),
+        _ => None,
+    }
+}
+
+/// Serves connections that found no slot: each gets [`PROBE_LANE_WAIT`] to
+/// send a whole request head; `GET`/`HEAD` `/health` or `/ready` is answered
+/// here (tiny answers, written without waiting), anything else `503 admin
+/// busy`. One thread polls them all, so a slow client costs it an entry,
+/// never a wait: probes get through however many slow clients hold slots.
+fn probe_lane(rx: crossbeam_channel::Receiver<TcpStream>, state: &AdminState) {
+    use std::os::fd::AsRawFd;
+    let mut pending: Vec<(TcpStream, Instant, Vec<u8>)> = Vec::new();
+    let join = |pending: &mut Vec<(TcpStream, Instant, Vec<u8>)>, c: TcpStream| {
+        if pending.len() >= PROBE_LANE_MAX || c.set_nonblocking(true).is_err() {
+            refuse_busy(c);
+        } else {
+            pending.push((c, Instant::now() + PROBE_LANE_WAIT, Vec::new()));
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(c) => join(&mut pending, c),
+                Err(_) => return,
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            join(&mut pending, c);
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|(c, ..)| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: `fds` is an array of `fds.len()` pollfd entries whose
+        // descriptors `pending` owns (open) for the whole call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, PROBE_LANE_TURN.as_millis() as i32) };
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(pending.len());
+        for ((mut c, deadline, mut buf), fd) in pending.drain(..).zip(&fds) {
+            if fd.revents != 0 {
+                let mut chunk = [0u8; 2048];
+                match c.read(&mut chunk) {
+                    // Gone: nothing to answer.
+                    Ok(0) => continue,
+                    Ok(n) if buf.len() + n <= MAX_HEAD_BYTES => buf.extend_from_slice(&chunk[..n]),
+                    Ok(_) => {
+                        refuse_busy(c);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => continue,
+                }
+                let mut headers = [httparse::EMPTY_HEADER; 32];
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(&buf) {
+                    Ok(httparse::Status::Complete(_)) => {
+                        let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+                        let probe = matches!(req.method, Some("GET") | Some("HEAD"));
+                        match probe.then(|| probe_answer(path, state)).flatten() {
+                            Some((code, body)) => {
+                                let _ = respond_with(&mut c, code, "text/plain", "", &body);
+                                let _ = c.shutdown(Shutdown::Write);
+                            }
+                            None => refuse_busy(c),
+                        }
+                        continue;
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => {
+                        refuse_busy(c);
+                        continue;
+                    }
+                }
+            }
+            if now >= deadline {
+                refuse_busy(c);
+            } else {
+                keep.push((c, deadline, buf));
+            }
+        }
+        pending = keep;
+    }
+}
+
 fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let Request { method, path, authorization } = match read_request(&mut c, deadline) {
@@ -554,30 +706,9 @@ fn handle(mut c: TcpStream, state: &AdminState) -> std::io::Result<()> {
             _ => respond(&mut c, 503, "text/plain", "no control loop\n"),
         },
         "/drain" => respond(&mut c, 405, "text/plain", "use POST\n"),
-        "/health" if state.control.handed_over.load(Ordering::Relaxed) => {
-            respond(&mut c, 200, "text/plain", "handed over\n")
-        }
-        // Liveness: every worker turned its loop recently (its heartbeat, in
-        // memory); no command channel or queue is involved, so a storm of
-        // announcements or a slow scrape cannot make it lie.
-        "/health" => {
-            let stuck = state.workers.handle.heartbeats().stuck();
-            if stuck.is_empty() {
-                respond(&mut c, 200, "text/plain", "ok\n")
-            } else {
-                let which: Vec<String> = stuck
-                    .iter()
-                    .map(|(w, age)| format!("worker {w}: no loop turn for {:.1} s", age.as_secs_f64()))
-                    .collect();
-                respond(&mut c, 503, "text/plain", &format!("{}\n", which.join("; ")))
-            }
-        }
-        "/ready" => {
-            if state.control.ready.load(Ordering::Relaxed) {
-                respond(&mut c, 200, "text/plain", "ready\n")
-            } else {
-                respond(&mut c, 503, "text/plain", "not ready\n")
-            }
+        "/health" | "/ready" => {
+            let (code, body) = probe_answer(path, state).unwrap_or((404, "not found\n".into()));
+            respond(&mut c, code, "text/plain", &body)
         }
         "/metrics" => {
             state.scrapes_in_flight.inc();
