@@ -52,8 +52,21 @@ pub const FD_BATCH: usize = 200;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the new process may take to start its workers.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest message accepted (a snapshot of one worker's sessions).
+/// Largest message the new process accepts (a snapshot of one worker's
+/// sessions, from the old process it chose to connect to).
 const MAX_MESSAGE: usize = 1 << 30;
+/// Largest message the old process accepts: the new process only ever sends
+/// small ones (Hello, ListenersTaken, Ready, Abort). A peer that announced
+/// 2^30 bytes made the old process allocate them.
+const MAX_MESSAGE_FROM_NEW: usize = 64 * 1024;
+/// The new process must say Hello this soon after connecting; until it has,
+/// nothing else happens (no fast ticks, nothing frozen, nothing passed).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed handover the old process accepts the next attempt only
+/// after this long (doubled per failure in a row, up to
+/// [`RETRY_BACKOFF_MAX`]): a peer cannot freeze every session over and over.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Test hook: `GAME_GATEWAY_TEST_UPGRADE_FAIL=before-ready` makes the new
 /// process exit just before it confirms (the old one must resume);
@@ -102,11 +115,13 @@ struct Channel {
     stream: UnixStream,
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// The largest message this side accepts.
+    max_message: usize,
 }
 
 impl Channel {
-    fn new(stream: UnixStream) -> Channel {
-        Channel { stream, buf: Vec::new(), fds: VecDeque::new() }
+    fn new(stream: UnixStream, max_message: usize) -> Channel {
+        Channel { stream, buf: Vec::new(), fds: VecDeque::new(), max_message }
     }
 
     fn send(&mut self, m: &Msg) -> Result<(), String> {
@@ -161,8 +176,8 @@ impl Channel {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-                if len > MAX_MESSAGE {
-                    return Err(format!("message of {len} bytes: over the {MAX_MESSAGE}-byte limit"));
+                if len > self.max_message {
+                    return Err(format!("message of {len} bytes: over the {}-byte limit", self.max_message));
                 }
                 if self.buf.len() >= 4 + len {
                     let m = postcard::from_bytes(&self.buf[4..4 + len]).map_err(|e| format!("decode: {e}"));
@@ -314,7 +329,12 @@ pub struct Source {
 
 /// Old process: listens on `path` for a new process; runs one handover at a
 /// time. On success `done` is called (the control loop exits the process).
-pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> std::io::Result<()> {
+pub fn serve(
+    path: &Path,
+    peer_exe: Option<std::path::PathBuf>,
+    source: Source,
+    done: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
     if path.exists() {
         // A stale socket from an earlier process (a live one would have
         // handed over and exited by now, or is this process's parent).
@@ -332,6 +352,7 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
     let path = path.to_path_buf();
     std::thread::Builder::new().name("gw-upgrade".into()).spawn(move || {
         tracing::info!(socket = %path.display(), "live upgrade: listening for a new process");
+        let mut backoff = RETRY_BACKOFF_MIN;
         for conn in listener.incoming() {
             let conn = match conn {
                 Ok(c) => c,
@@ -341,7 +362,22 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
                     continue;
                 }
             };
-            match hand_over(Channel::new(conn), &source) {
+            let peer_pid = match check_peer(&conn, &peer_exe) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    tracing::error!(error = %e, "live upgrade: peer refused");
+                    set_status(|s| {
+                        s.phase = "refused a peer".into();
+                        s.error = Some(e);
+                    });
+                    continue;
+                }
+            };
+            let result = hand_over(Channel::new(conn, MAX_MESSAGE_FROM_NEW), &source, peer_pid);
+            if result.is_ok() {
+                backoff = RETRY_BACKOFF_MIN;
+            }
+            match result {
                 Ok(()) => {
                     // The socket file is left alone: the new process binds
                     // its own at the same path (removing this one first).
@@ -349,11 +385,15 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "live upgrade failed: this process goes on serving");
+                    tracing::error!(error = %e, retry_after_s = backoff.as_secs(), "live upgrade failed: this process goes on serving");
                     set_status(|s| {
                         s.phase = "failed: resumed".into();
                         s.error = Some(e);
                     });
+                    // The next attempt waits (connections queue in the
+                    // backlog meanwhile).
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 }
             }
         }
@@ -361,10 +401,49 @@ pub fn serve(path: &Path, source: Source, done: impl Fn() + Send + 'static) -> s
     Ok(())
 }
 
+/// The connecting process must be of this user (SO_PEERCRED; the socket file
+/// is 0600 too) and, when `[server] upgrade_peer_exe` is set, run that
+/// executable. Checked before anything is said to it.
+fn check_peer(conn: &UnixStream, exe: &Option<std::path::PathBuf>) -> Result<u32, String> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for the call; the descriptor is the
+    // connection this function borrows.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me {
+        return Err(format!("process {} runs as uid {}, this process as {me}", cred.pid, cred.uid));
+    }
+    if let Some(want) = exe {
+        let got = std::fs::read_link(format!("/proc/{}/exe", cred.pid))
+            .map_err(|e| format!("process {}: its executable cannot be read: {e}", cred.pid))?;
+        if &got != want {
+            return Err(format!(
+                "process {} runs {}, not {} (server.upgrade_peer_exe)",
+                cred.pid,
+                got.display(),
+                want.display()
+            ));
+        }
+    }
+    Ok(cred.pid as u32)
+}
+
 /// Old side of one handover.
-fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
-    let _fast = InProgress::start();
-    let (version, pid) = match ch.recv(STEP_TIMEOUT)? {
+fn hand_over(mut ch: Channel, src: &Source, peer_pid: u32) -> Result<(), String> {
+    let (version, pid) = match ch.recv(HELLO_TIMEOUT)? {
         Msg::Hello { version, binary, pid, workers } => {
             set_status(|s| {
                 *s = UpgradeStatus {
@@ -379,11 +458,18 @@ fn hand_over(mut ch: Channel, src: &Source) -> Result<(), String> {
         }
         m => return Err(format!("expected Hello, got {}", m.name())),
     };
+    if pid != peer_pid {
+        let _ = ch.send(&Msg::Refused { reason: "pid does not match the connection's credentials".into() });
+        return Err(format!("refused: Hello says pid {pid}, the connection is process {peer_pid}"));
+    }
     if version != HANDOFF_VERSION {
         let reason = format!("handoff protocol version {version}, this process speaks {HANDOFF_VERSION}");
         let _ = ch.send(&Msg::Refused { reason: reason.clone() });
         return Err(format!("refused process {pid}: {reason}"));
     }
+    // A compatible peer said Hello: from here on the workers look at their
+    // commands every millisecond (not for a peer that says nothing).
+    let _fast = InProgress::start();
     ch.send(&Msg::Welcome {
         version: HANDOFF_VERSION,
         binary: env!("CARGO_PKG_VERSION").into(),
@@ -535,7 +621,7 @@ pub fn connect(path: &Path, workers: usize) -> Result<Takeover, ConnectError> {
             _ => ConnectError::Failed(msg),
         }
     })?;
-    let mut ch = Channel::new(stream);
+    let mut ch = Channel::new(stream, MAX_MESSAGE);
     let version =
         if std::env::var(TEST_FAIL_ENV).as_deref() == Ok("version") { HANDOFF_VERSION + 1000 } else { HANDOFF_VERSION };
     ch.send(&Msg::Hello {

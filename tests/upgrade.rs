@@ -850,3 +850,114 @@ fn connections_caught_in_the_front_door_finish_with_the_new_process() {
     let r = run_load(std::slice::from_mut(&mut peer), &AtomicBool::new(false), 2);
     assert!(r.failure.is_none(), "{:?}", r.failure);
 }
+
+/// One framed message on the upgrade socket: a 4-byte little-endian length,
+/// then the body.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// A postcard `Hello { version, binary, pid, workers }` (variant 0; varints).
+fn hello(version: u32, pid: u32) -> Vec<u8> {
+    fn varint(mut v: u32, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut b = vec![0u8];
+    varint(version, &mut b);
+    varint(4, &mut b);
+    b.extend_from_slice(b"evil");
+    varint(pid, &mut b);
+    varint(1, &mut b);
+    b
+}
+
+/// Everything the old process says before it closes (bounded wait).
+fn read_all(s: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(s, &mut out);
+    out
+}
+
+/// Issue 24, 8: the upgrade socket against a hostile peer of the same user.
+/// A 2^30-byte length is refused at once (no allocation), a silent peer is
+/// dropped after the Hello deadline with nothing frozen, a Hello whose pid is
+/// not the connection's is refused before any descriptor is passed, and a
+/// peer that runs another executable than `upgrade_peer_exe` is refused
+/// before anything is said. Sessions are served throughout, and a real
+/// takeover still works afterwards.
+#[test]
+fn the_upgrade_socket_refuses_hostile_peers_without_freezing_or_passing_anything() {
+    use std::os::unix::net::UnixStream;
+    let rig = Rig::new("upgrade-hostile");
+    let cfg = rig.write("gw.toml", &rig.config(2));
+    let mut old = rig.spawn(&cfg, &[], &[], "old");
+    let (addr, admin) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, 20);
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", old.child.id())).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+    };
+    let rss_before = rss();
+
+    // A huge announced length, then bytes: refused at the length.
+    let mut s = UnixStream::connect(&rig.socket).unwrap();
+    s.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+    let junk = vec![0u8; 1 << 20];
+    for _ in 0..8 {
+        if s.write_all(&junk).is_err() {
+            break;
+        }
+    }
+    let said = read_all(&mut s);
+    assert!(said.is_empty(), "nothing said to it: {said:?}");
+    eventually("the refusal is in /status", || http_get(admin, "/status").1.contains("over the 65536-byte limit"));
+    assert!(rss().saturating_sub(rss_before) < 32 * 1024, "no large allocation");
+    let r = run_load(&mut peers, &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "served after the huge length: {:?}", r.failure);
+
+    // A silent peer (after the retry backoff lets it in): dropped at the
+    // Hello deadline; sessions keep flowing meanwhile (nothing frozen).
+    let mut silent = UnixStream::connect(&rig.socket).unwrap();
+    let r = run_load(&mut peers, &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "served while a silent peer is connected: {:?}", r.failure);
+    assert!(read_all(&mut silent).is_empty(), "the silent peer is closed, told nothing");
+    eventually("the silent peer is in /status", || http_get(admin, "/status").1.contains("timed out"));
+
+    // A Hello with another process's pid: refused, no descriptor passed.
+    let mut liar = UnixStream::connect(&rig.socket).unwrap();
+    liar.write_all(&frame(&hello(1, 1))).unwrap();
+    let said = read_all(&mut liar);
+    assert!(String::from_utf8_lossy(&said).contains("pid does not match"), "{said:?}");
+    let r = run_load(&mut peers, &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "served after the lying peer: {:?}", r.failure);
+    assert_eq!(old.child.try_wait().unwrap(), None, "the old process goes on");
+
+    // The log says each refusal.
+    let log = old.stderr_text();
+    assert!(log.contains("over the 65536-byte limit"), "{log}");
+    assert!(log.contains("Hello says pid 1"), "{log}");
+    drop(old);
+
+    // upgrade_peer_exe: this test binary is not the configured executable.
+    let rig2 = Rig::new("upgrade-exe");
+    let cfg2 = rig2.write(
+        "gw.toml",
+        &rig2
+            .config(1)
+            .replace("upgrade_socket =", "upgrade_peer_exe = \"/usr/local/bin/game-gateway\"\nupgrade_socket ="),
+    );
+    let gw2 = rig2.spawn(&cfg2, &[], &[], "exe");
+    let (_, admin2) = gw2.listening(Duration::from_secs(10));
+    eventually("the upgrade socket is bound", || rig2.socket.exists());
+    let mut other = UnixStream::connect(&rig2.socket).unwrap();
+    let _ = other.write_all(&frame(&hello(1, std::process::id())));
+    assert!(read_all(&mut other).is_empty(), "refused before anything is said");
+    eventually("the exe refusal is in /status", || http_get(admin2, "/status").1.contains("upgrade_peer_exe"));
+}

@@ -205,6 +205,7 @@ pub(crate) struct RawServer {
     pub(crate) proxy_protocol: bool,
     pub(crate) proxy_trusted: Vec<String>,
     pub(crate) upgrade_socket: String,
+    pub(crate) upgrade_peer_exe: String,
     pub(crate) after_handover: String,
 }
 
@@ -221,6 +222,7 @@ impl Default for RawServer {
             proxy_protocol: false,
             proxy_trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
             upgrade_socket: String::new(),
+            upgrade_peer_exe: String::new(),
             after_handover: "exit".into(),
         }
     }

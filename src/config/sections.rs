@@ -79,6 +79,9 @@ pub struct ServerConfig {
     /// Live upgrade: the Unix socket this process hands over on (listens
     /// on, for a `--takeover` process or after SIGUSR2); `None` = off.
     pub upgrade_socket: Option<std::path::PathBuf>,
+    /// Live upgrade: when set, a process taking over must run this
+    /// executable (checked by `/proc/PID/exe` of the socket's peer).
+    pub upgrade_peer_exe: Option<std::path::PathBuf>,
     /// After handing everything to a new process: `false` exit at once;
     /// `true` stay up, idle and not ready, until stopped (for orchestrators
     /// that restart a container whose process exits).

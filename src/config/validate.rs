@@ -302,6 +302,10 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
     if upgrade_socket.as_ref().is_some_and(|p| p.is_relative()) {
         p.push("server", None, "upgrade_socket", format!("{:?} is not an absolute path", s.upgrade_socket));
     }
+    let upgrade_peer_exe = (!s.upgrade_peer_exe.is_empty()).then(|| std::path::PathBuf::from(&s.upgrade_peer_exe));
+    if upgrade_peer_exe.as_ref().is_some_and(|p| p.is_relative()) {
+        p.push("server", None, "upgrade_peer_exe", format!("{:?} is not an absolute path", s.upgrade_peer_exe));
+    }
     let mut proxy_trusted = Vec::new();
     for n in &s.proxy_trusted {
         match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
@@ -322,6 +326,7 @@ fn server(p: &mut Problems<'_>, s: &RawServer, env: &Environment) -> ServerConfi
         proxy_protocol: s.proxy_protocol,
         proxy_trusted,
         upgrade_socket,
+        upgrade_peer_exe,
         wait_after_handover,
     }
 }

@@ -205,7 +205,8 @@ impl Control {
             let done = move || {
                 let _ = done_tx.send(ControlEvent::HandedOver);
             };
-            if let Err(e) = crate::upgrade::serve(path, gw.upgrade_source(), done) {
+            let peer_exe = running.server.upgrade_peer_exe.clone();
+            if let Err(e) = crate::upgrade::serve(path, peer_exe, gw.upgrade_source(), done) {
                 tracing::error!(socket = %path.display(), error = %e, "live upgrade socket: cannot listen; live upgrade is off");
             }
         }
