@@ -1078,6 +1078,11 @@ struct Stream {
     /// Sessions this stream's backend may address: those it saw in a
     /// `CONNECT` / `TRANS` / gRPC packet and no `DISCONNECT` since.
     bound: AHashSet<i64>,
+    /// Sessions a route change released from this stream (`DISCONNECT`
+    /// reason 8), and when the writer passed that on: the backend's replies
+    /// to them still reach them for `RELEASED_REPLY_GRACE` (counted from the
+    /// release, which is no later than this).
+    released: AHashMap<i64, Instant>,
     /// Bytes taken in the last writer pass (a full queue refuses frames).
     last_take: usize,
 }
@@ -1512,7 +1517,14 @@ impl ShardDriver {
         }
         // The backend answers what it has received: its writer catches up.
         self.write_pass(i, true);
-        let snapshot = self.streams[i].bound.clone();
+        // Bound sessions, and those released by a route change within the
+        // reply grace (their replies are still delivered).
+        let now = self.now;
+        let mut snapshot = self.streams[i].bound.clone();
+        self.streams[i]
+            .released
+            .retain(|_, at| now.saturating_duration_since(*at) < crate::shard::RELEASED_REPLY_GRACE);
+        snapshot.extend(self.streams[i].released.keys().copied());
         let (conn, generation) = (self.streams[i].conn, self.streams[i].generation);
         let parts: Vec<&[u8]> =
             if cut == 0 || cut == bytes.len() { vec![&bytes[..]] } else { vec![&bytes[..cut], &bytes[cut..]] };
@@ -1784,6 +1796,7 @@ impl ShardDriver {
                     writer_dead: false,
                     driver_done: false,
                     bound: AHashSet::new(),
+                    released: AHashMap::new(),
                     last_take: 0,
                 });
             }
@@ -1823,6 +1836,7 @@ impl ShardDriver {
     /// it stalls, one write that never completes (`catch_up`: it completes
     /// now and the next one starts).
     fn write_pass(&mut self, i: usize, catch_up: bool) {
+        let now = self.now;
         let s = &mut self.streams[i];
         s.last_take = 0;
         if s.state != StreamState::Up || s.writer_dead {
@@ -1860,14 +1874,14 @@ impl ShardDriver {
             if trace() {
                 eprintln!("    writer {:?}/{} ({:?}) took {} bytes", s.conn, s.generation, s.protocol, buf.len());
             }
-            observe(s, &buf);
+            observe(s, &buf, now);
         }
     }
 }
 
 /// What the gateway wrote to a backend: well-formed frames for its protocol;
 /// updates the sessions the backend knows.
-fn observe(s: &mut Stream, buf: &[u8]) {
+fn observe(s: &mut Stream, buf: &[u8], now: Instant) {
     let mut rest = buf;
     while !rest.is_empty() {
         match s.protocol {
@@ -1883,7 +1897,9 @@ fn observe(s: &mut Stream, buf: &[u8]) {
                     }
                     Body::Disconnect { reason } => {
                         assert!(DisconnectReason::from_u8(reason).is_some(), "DISCONNECT reason {reason}");
-                        s.bound.remove(&h.session_id);
+                        if s.bound.remove(&h.session_id) && reason == DisconnectReason::RouteChanged as u8 {
+                            s.released.insert(h.session_id, now);
+                        }
                     }
                     Body::Ping | Body::Pong => {}
                     other => panic!("the gateway sent a backend-only frame: {other:?}"),
@@ -1907,7 +1923,11 @@ fn observe(s: &mut Stream, buf: &[u8]) {
                 let p = grpc::decode(&rest[..n]).expect("the gateway wrote a GamePacket that does not decode");
                 match p.metadata.get("packet_type").map(String::as_str) {
                     Some("disconnect") => {
-                        s.bound.remove(&p.session_id);
+                        let route = p.metadata.get("reason").map(String::as_str)
+                            == Some(DisconnectReason::RouteChanged.as_str());
+                        if s.bound.remove(&p.session_id) && route {
+                            s.released.insert(p.session_id, now);
+                        }
                     }
                     _ => {
                         s.bound.insert(p.session_id);

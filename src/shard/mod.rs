@@ -38,6 +38,8 @@ mod session;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use backend::RELEASED_REPLY_GRACE;
 pub(crate) use backend::{BackendOut, BackendRead, LossKind};
 use session::Mode;
 pub(crate) use session::{ClientOut, ClientWrite, Flow, HalfClose};
