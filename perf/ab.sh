@@ -5,7 +5,9 @@
 # generator and the backends share core 1 (as in perf/compare.sh).
 #
 # Usage: A=old/game-gateway B=target/release/game-gateway [ROUNDS=2] [SECS=8]
-#        [GW_IO_DRIVER=epoll] perf/ab.sh
+#        [GW_IO_DRIVER=epoll] [LOADS="100x1 100x16 1000x1 100x1@800"] perf/ab.sh
+# A load is SESSIONSxINFLIGHT, closed loop, or SESSIONSxINFLIGHT@RATE: open
+# loop (paced), RATE frames a second per session (gw-load --rate).
 # Writes: perf/results/ab-<timestamp>/results.jsonl; prints per-run figures
 # and the CPU ratios A/HAProxy, B/HAProxy and B/A per load.
 set -uo pipefail
@@ -32,11 +34,13 @@ haproxy_tcp_conf $HAP $ECHO > "$TMP/h.cfg"
 taskset -c 0 haproxy -db -f "$TMP/h.cfg" >/dev/null 2>&1 & PIDS+=($!); HPID=$!
 sleep 1
 for r in $(seq 1 "$ROUNDS"); do
-  for load in "100 1" "100 16" "1000 1"; do
-    set -- $load
-    run "haproxy-$1x$2" $HAP $HPID --sessions $1 --inflight $2 >/dev/null
-    run "A-$1x$2" $GA $APID --sessions $1 --inflight $2 >/dev/null
-    run "B-$1x$2" $GB $BPID --sessions $1 --inflight $2 >/dev/null
+  for load in ${LOADS:-100x1 100x16 1000x1}; do
+    shape=${load%@*}; rate=0
+    [ "$shape" != "$load" ] && rate=${load#*@}
+    s=${shape%x*}; f=${shape#*x}
+    run "haproxy-$load" $HAP $HPID --sessions $s --inflight $f --rate $rate >/dev/null
+    run "A-$load" $GA $APID --sessions $s --inflight $f --rate $rate >/dev/null
+    run "B-$load" $GB $BPID --sessions $s --inflight $f --rate $rate >/dev/null
   done
 done
 python3 - "$RES" <<'PY' | tee "$OUT/summary.txt"
@@ -47,7 +51,8 @@ for l in open(sys.argv[1]):
     d[r["label"]].append((r.get("cpu_us_per_msg") or 0, r.get("msgs_per_sec", 0)))
 for k in sorted(d):
     print(k, " ".join("%.3f µs/msg (%.0f msgs/s)" % x for x in d[k]))
-for load in ["100x1", "100x16", "1000x1"]:
+loads = sorted({k.split("-", 1)[1] for k in d})
+for load in loads:
     h, a, b = (sum(x[0] for x in d[p + "-" + load]) for p in ("haproxy", "A", "B"))
     if h and a and b:
         print(f"{load}: A/haproxy {a / h:.2f}  B/haproxy {b / h:.2f}  B/A {b / a:.2f}")
