@@ -209,6 +209,8 @@ pub struct Gateway {
     announcer: crate::relay::Announcer,
     /// Every worker's last loop turn (liveness).
     heartbeats: crate::relay::Heartbeats,
+    /// The node-wide budget of bytes queued towards clients.
+    overload: Arc<crate::overload::Overload>,
     /// Ends once every worker (holding the senders) is gone.
     access_writer: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
@@ -229,6 +231,7 @@ pub struct GatewayHandle {
     infos: Vec<WorkerInfo>,
     announcer: crate::relay::Announcer,
     heartbeats: crate::relay::Heartbeats,
+    overload: Arc<crate::overload::Overload>,
 }
 
 /// One SO_REUSEPORT listener socket.
@@ -323,6 +326,12 @@ impl Gateway {
         let (announcer, mut announce_queues) = crate::relay::Announcer::new(n);
         announce_queues.reverse();
         let heartbeats = crate::relay::Heartbeats::new(n);
+        let overload = Arc::new(crate::overload::Overload::new(n, cfg.limits.overload_queued_bytes));
+        tracing::info!(
+            budget_bytes = overload.budget,
+            from = %overload.budget_source,
+            "overload: bytes queued towards clients are budgeted"
+        );
         // Trace export, off the data path, when an OTLP endpoint is set.
         let otlp_stats = Arc::new(crate::otlp::ExportStats::default());
         let spans_tx = match &cfg.otlp.endpoint {
@@ -349,6 +358,7 @@ impl Gateway {
                 announcer: announcer.clone(),
                 announcements: announce_queues.pop().expect("one announcement queue per worker"),
                 heartbeats: heartbeats.clone(),
+                overload: overload.clone(),
                 spans_tx: spans_tx.clone(),
             };
             let join = std::thread::Builder::new()
@@ -375,6 +385,7 @@ impl Gateway {
                         workers,
                         announcer,
                         heartbeats,
+                        overload,
                         access_writer: Some(access_writer),
                         local_addr,
                         cfg,
@@ -395,6 +406,7 @@ impl Gateway {
             workers,
             announcer,
             heartbeats,
+            overload,
             access_writer: Some(access_writer),
             local_addr,
             cfg,
@@ -423,6 +435,7 @@ impl Gateway {
             infos: self.workers(),
             announcer: self.announcer.clone(),
             heartbeats: self.heartbeats.clone(),
+            overload: self.overload.clone(),
         }
     }
 
@@ -540,6 +553,11 @@ impl GatewayHandle {
     /// Every worker's last loop turn.
     pub fn heartbeats(&self) -> &crate::relay::Heartbeats {
         &self.heartbeats
+    }
+
+    /// The overload manager's budget, state and counters.
+    pub fn overload(&self) -> &crate::overload::Overload {
+        &self.overload
     }
 
     pub fn workers(&self) -> &[WorkerInfo] {

@@ -31,6 +31,7 @@ pub mod limits;
 pub mod notify;
 pub mod otel_log;
 pub(crate) mod otlp;
+pub mod overload;
 pub mod protocol;
 pub mod relay;
 pub mod resilience;

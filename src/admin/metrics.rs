@@ -78,6 +78,10 @@ pub(crate) const ANNOUNCEMENTS_RECEIVED_TOTAL: &str = "game_gateway_announcement
 pub(crate) const ANNOUNCEMENTS_DROPPED_TOTAL: &str = "game_gateway_announcements_dropped_total";
 pub(crate) const ANNOUNCEMENTS_REFUSED_TOTAL: &str = "game_gateway_announcements_refused_total";
 pub(crate) const WORKER_HEARTBEAT_AGE_SECONDS: &str = "game_gateway_worker_heartbeat_age_seconds";
+pub(crate) const OVERLOAD_BUDGET_BYTES: &str = "game_gateway_overload_budget_bytes";
+pub(crate) const OVERLOAD_QUEUED_BYTES: &str = "game_gateway_overload_queued_bytes";
+pub(crate) const OVERLOAD_STATE: &str = "game_gateway_overload_state";
+pub(crate) const OVERLOAD_ACTIONS_TOTAL: &str = "game_gateway_overload_actions_total";
 pub(crate) const HANDOFF_SESSIONS_TOTAL: &str = "game_gateway_handoff_sessions_total";
 pub(crate) const HANDOFF_PAUSE_SECONDS: &str = "game_gateway_handoff_pause_seconds";
 // Families the Go gateway exported (or its dashboard used) that we derive
@@ -151,7 +155,7 @@ pub(crate) mod go {
 
 /// `connection_rejected_total{reason}`: every admission refusal, and accept failures.
 fn connection_rejected_reasons() -> impl Iterator<Item = &'static str> {
-    crate::shard::AcceptRefusal::ALL.iter().map(|r| r.as_str()).chain(["accept_error"])
+    crate::shard::AcceptRefusal::ALL.iter().map(|r| r.as_str()).chain(["accept_error", "overload"])
 }
 /// `rate_limit_rejected_total{limit}`: the per-IP limits and the per-session frame rate.
 fn rate_limits() -> impl Iterator<Item = &'static str> {
@@ -607,7 +611,22 @@ fn relay_families(h: &crate::gateway::GatewayHandle, c: &ControlStats) -> Vec<Me
     for (i, d) in h.heartbeats().ages().iter().enumerate() {
         age = age.value(&[("worker", &i.to_string())], d.as_secs_f64());
     }
+    let o = h.overload();
     vec![
+        Family::new(OVERLOAD_BUDGET_BYTES, "The node's budget of bytes queued towards clients (limits.overload_queued_bytes, or a quarter of the memory limit).", GAUGE)
+            .value(&[], o.budget as f64)
+            .0,
+        Family::new(OVERLOAD_QUEUED_BYTES, "Bytes queued towards clients over every worker (gateway queues and the kernel send queues of sockets whose writer waits), measured every 200 ms.", GAUGE)
+            .value(&[], o.total() as f64)
+            .0,
+        Family::new(OVERLOAD_STATE, "0 normal, 1 refusing new connections (85 % of the budget), 2 also closing the slowest readers (95 %).", GAUGE)
+            .value(&[], o.state() as u8 as f64)
+            .0,
+        Family::new(OVERLOAD_ACTIONS_TOTAL, "Overload actions: sessions closed as the slowest readers, connections refused, kernel send buffers capped.", COUNTER)
+            .value(&[("action", "close_slow_reader")], ld(&o.closed))
+            .value(&[("action", "refuse_connection")], ld(&o.refused))
+            .value(&[("action", "shrink_send_buffer")], ld(&o.shrunk))
+            .0,
         received.0,
         Family::new(
             ANNOUNCEMENTS_DROPPED_TOTAL,

@@ -36,6 +36,9 @@ pub(crate) const DEFAULT_KEEPALIVE_TIMEOUT: &str = "5s";
 pub(crate) const DEFAULT_SEED_POOL_MAX: u32 = 100;
 /// How long an unused seed_tcp connection waits in the idle pool.
 pub(crate) const DEFAULT_SEED_IDLE_TIMEOUT: &str = "5m";
+/// `SO_SNDBUF` of client sockets: a few dozen game frames in flight, and a
+/// bound on what the kernel holds for a client that does not read.
+pub(crate) const DEFAULT_CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 /// `on_backend_loss = "hold"`: how long a session waits for its backend.
 pub(crate) const DEFAULT_HOLD_TIMEOUT: &str = "10s";
 /// ... and how many bytes of its frames it may buffer meanwhile,
@@ -239,6 +242,8 @@ pub(crate) struct RawLimits {
     pub(crate) handshake_timeout: String,
     pub(crate) idle_timeout: String,
     pub(crate) max_queued_bytes_per_session: i64,
+    pub(crate) overload_queued_bytes: i64,
+    pub(crate) client_send_buffer: i64,
     pub(crate) messages_burst: i64,
     pub(crate) on_rate_limit: String,
     pub(crate) require_auth: bool,
@@ -255,6 +260,8 @@ impl Default for RawLimits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT.into(),
             max_queued_bytes_per_session: DEFAULT_MAX_QUEUED_BYTES_PER_SESSION as i64,
+            overload_queued_bytes: 0,
+            client_send_buffer: DEFAULT_CLIENT_SEND_BUFFER_BYTES as i64,
             messages_burst: 0,
             on_rate_limit: "drop".into(),
             require_auth: false,

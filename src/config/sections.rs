@@ -98,6 +98,12 @@ pub struct LimitsConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_queued_bytes_per_session: usize,
+    /// The node-wide budget of bytes queued towards clients (the overload
+    /// manager, `crate::overload`); 0 = a quarter of the memory limit.
+    /// Restart-only: the workers share it from their start.
+    pub overload_queued_bytes: u64,
+    /// `SO_SNDBUF` of client sockets; 0 = the kernel's own sizing.
+    pub client_send_buffer: usize,
     /// Frames a session may send at once above `messages_per_second`.
     pub messages_burst: u32,
     /// What happens to a frame over `messages_per_second`.

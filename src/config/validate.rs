@@ -458,6 +458,8 @@ fn limits(p: &mut Problems<'_>, l: &RawLimits) -> LimitsConfig {
             65_544,
             1 << 30,
         ),
+        overload_queued_bytes: p.int("limits", "overload_queued_bytes", l.overload_queued_bytes, 0, 1 << 50),
+        client_send_buffer: p.int("limits", "client_send_buffer", l.client_send_buffer, 0, 64 << 20),
         messages_burst: match l.messages_burst {
             0 => messages_per_second,
             b => p.int("limits", "messages_burst", b, 1, u32::MAX as i64),

@@ -233,7 +233,7 @@ impl Control {
                         Err(e) => {
                             let n = refused.announcements_refused.fetch_add(1, Ordering::Relaxed) + 1;
                             // One line for the first and then every 1000th.
-                            if n == 1 || n % 1000 == 0 {
+                            if n == 1 || n.is_multiple_of(1000) {
                                 tracing::warn!(error = %e, refused = n, "redis broadcast message refused");
                             }
                         }

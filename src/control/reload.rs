@@ -30,6 +30,12 @@ pub(crate) fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("server.upgrade_socket", path(&o.upgrade_socket), path(&n.upgrade_socket));
     let after = |wait: bool| if wait { "wait" } else { "exit" }.to_string();
     check("server.after_handover", after(o.wait_after_handover), after(n.wait_after_handover));
+    check("server.upgrade_peer_exe", path(&o.upgrade_peer_exe), path(&n.upgrade_peer_exe));
+    check(
+        "limits.overload_queued_bytes",
+        old.limits.overload_queued_bytes.to_string(),
+        new.limits.overload_queued_bytes.to_string(),
+    );
     let redis =
         |c: &Config| c.redis.as_ref().map(|r| format!("{} {}", r.url, r.key_prefix)).unwrap_or_else(|| "off".into());
     check("redis", redis(old), redis(new));

@@ -611,6 +611,49 @@ impl Shard {
         }
     }
 
+    /// The overload manager refused a connection (the node is over its
+    /// queued-bytes threshold): counted and logged like any refusal.
+    pub(crate) fn refused_overload(&mut self, peer: std::net::SocketAddr, now: Instant) {
+        bump(&mut self.ctx.stats.connection_rejected, "overload", 1);
+        if let Some(n) = self.ctx.logs.allow("overload", now) {
+            tracing::warn!(worker = self.ctx.index, client = %peer, suppressed = n, "connection refused: overload");
+        }
+    }
+
+    /// Bytes queued for `key`'s client and not yet taken by its writer, and
+    /// the session's bytes out so far (moves whenever something is queued).
+    pub(crate) fn queued_out(&self, key: SessionKey) -> (usize, u64) {
+        self.sessions.get(key).map_or((0, 0), |s| (s.out.len(), s.info.bytes_out))
+    }
+
+    /// `limits.client_send_buffer`: the kernel send buffer of client sockets
+    /// (0: the kernel's own sizing).
+    pub(crate) fn client_send_buffer(&self) -> usize {
+        self.ctx.cfg.limits.client_send_buffer
+    }
+
+    /// The overload manager closes `key` as one of the slowest readers
+    /// (`queued` bytes towards it): the same close, reason and counter as a
+    /// client over its own queue limit. False when it was closing already.
+    pub(crate) fn close_slow_reader(&mut self, key: SessionKey, queued: u64, now: Instant) -> bool {
+        let ctx = &mut self.ctx;
+        let Some(s) = self.sessions.get_mut(key) else { return false };
+        if !s.begin_close(ctx, DisconnectReason::RateLimited, Shut::Both) {
+            return false;
+        }
+        bump(&mut ctx.stats.protocol_errors, "slow_reader", 1);
+        if let Some(n) = ctx.logs.allow("overload_shed", now) {
+            tracing::warn!(
+                session_id = key.id,
+                trace_id = %s.trace_id(),
+                queued,
+                suppressed = n,
+                "overload: closing one of the slowest readers"
+            );
+        }
+        true
+    }
+
     /// An announcement reached this core: one client frame to every selected
     /// session. A client whose queue is over its limit is closed as a slow
     /// reader (counted), never waited for.

@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -77,6 +78,12 @@ pub(crate) struct ClientIo {
     fin_sent: Cell<bool>,
     /// A write failed: nothing more is written.
     broken: Cell<bool>,
+    /// The overload manager capped its kernel send buffer.
+    shrunk: Cell<bool>,
+    /// The overload manager's last look: the session's bytes out then, and
+    /// the kernel's send queue then.
+    seen_out: Cell<u64>,
+    kernel_q: Cell<u64>,
     /// The session's own bytes: a frame not yet complete, or frames waiting
     /// for room in their backend queue. Empty (no allocation) most of the
     /// time; while it is, reads go to the worker's buffer.
@@ -181,11 +188,21 @@ fn on_accept(w: &Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    if w.overload.state() != crate::overload::State::Normal {
+        // Over the node's queued-bytes threshold: dropping closes it.
+        w.overload.refused.fetch_add(1, Ordering::Relaxed);
+        w.with_shard(|sh| sh.refused_overload(peer, Instant::now()));
+        return;
+    }
     let Ok(key) = w.with_shard(|sh| sh.accept(peer, Instant::now())) else {
         // Refused (counted and logged by the shard): dropping closes it.
         return;
     };
     let io = ClientIo::new(key, stream);
+    let sndbuf = w.shard.borrow().client_send_buffer();
+    if sndbuf > 0 {
+        super::sys::set_send_buffer(io.raw_fd(), sndbuf);
+    }
     // Accepted as a live upgrade froze this worker: frozen with the rest.
     io.frozen.set(w.frozen.get());
     w.insert_client(io.clone());
@@ -204,6 +221,9 @@ impl ClientIo {
             fin: Cell::new(false),
             fin_sent: Cell::new(false),
             broken: Cell::new(false),
+            shrunk: Cell::new(false),
+            seen_out: Cell::new(0),
+            kernel_q: Cell::new(0),
             partial: RefCell::new(BytesMut::new()),
             pending: RefCell::new(BytesMut::new()),
             frozen: Cell::new(false),
@@ -439,6 +459,82 @@ async fn read_loop(w: Rc<Worker>, io: Rc<ClientIo>) {
         }
     }
     w.with_shard(|sh| sh.client_closed(key, Instant::now()));
+}
+
+impl Worker {
+    /// The overload manager's turn on this core (every
+    /// [`crate::overload::MEASURE_EVERY`]): measure the bytes queued towards
+    /// this core's clients (the shard's queues, what writers hold, and the
+    /// kernel's send queue of sockets whose writer waits for room), report
+    /// them, and act on the node's state: shed the slowest readers first, and
+    /// cap the kernel send buffer of writers that still wait.
+    pub(super) fn overload_turn(self: &Rc<Self>, now: Instant) {
+        use crate::overload::{send_queue, shrink_send_buffer, State};
+        let o = self.overload.clone();
+        let mut heavy: Vec<(u64, Rc<ClientIo>)> = Vec::new();
+        let mut mine = 0u64;
+        {
+            let clients = self.clients.borrow();
+            let shard = self.shard.borrow();
+            // The kernel's queues are read (one ioctl each) only while some
+            // writer waits for room, the node is past a quarter of its
+            // budget, or this core queued more than an eighth of the budget
+            // since the last look: with every client reading they hold next
+            // to nothing, and a paced realm pays no system call for this.
+            // Then only the sockets written to since the last look, or
+            // holding bytes then.
+            let (mut waiting, mut pushed) = (false, 0u64);
+            for io in clients.iter().flatten() {
+                waiting |= io.writing.get();
+                pushed += shard.queued_out(io.key).1.saturating_sub(io.seen_out.get());
+            }
+            let look = waiting || o.total() > o.budget / 4 || pushed > o.budget / 8;
+            for io in clients.iter().flatten() {
+                let (out, bytes_out) = shard.queued_out(io.key);
+                let mut q = out as u64 + io.pending.borrow().len() as u64;
+                if let Some(t) = io.tail.borrow().as_ref() {
+                    q += t.len() as u64;
+                }
+                let wrote = io.seen_out.replace(bytes_out) != bytes_out;
+                if look && !io.broken.get() && (wrote || io.kernel_q.get() > 0 || io.writing.get()) {
+                    io.kernel_q.set(send_queue(io.raw_fd()));
+                } else if !look {
+                    io.kernel_q.set(0);
+                }
+                q += io.kernel_q.get();
+                mine += q;
+                if q > 0 {
+                    heavy.push((q, io.clone()));
+                }
+            }
+        }
+        let total = o.report(self.index, mine);
+        if o.judge(total) != State::Shedding {
+            return;
+        }
+        let mut shed = o.shed_target(mine, total);
+        heavy.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        for (q, io) in &heavy {
+            if shed == 0 {
+                break;
+            }
+            if io.closing() || io.broken.get() {
+                continue;
+            }
+            // Abortive close: the kernel frees what it queued for a client
+            // that does not read at once (a FIN would wait behind it).
+            super::sys::set_linger_zero(io.raw_fd());
+            if self.with_shard(|sh| sh.close_slow_reader(io.key, *q, now)) {
+                o.closed.fetch_add(1, Ordering::Relaxed);
+                shed = shed.saturating_sub(*q);
+            }
+        }
+        for (_, io) in &heavy {
+            if io.writing.get() && !io.shrunk.replace(true) && shrink_send_buffer(io.raw_fd()) {
+                o.shrunk.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What a write attempt made of the bytes it was given.

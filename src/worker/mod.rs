@@ -181,6 +181,8 @@ pub(crate) struct Worker {
     announcements: Receiver<Arc<crate::shard::Announcement>>,
     /// Stamped on every tick (liveness, `/health`).
     heartbeats: crate::relay::Heartbeats,
+    /// The overload manager: this worker measures its share and acts.
+    pub(super) overload: Arc<crate::overload::Overload>,
     /// Span batches for the OTLP exporter (when on).
     spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
     /// Streams ending themselves gracefully (HTTP/2) that the stop waits for.
@@ -520,6 +522,8 @@ pub struct WorkerSetup {
     pub announcements: Receiver<Arc<crate::shard::Announcement>>,
     /// Where this worker stamps each turn of its loop.
     pub heartbeats: crate::relay::Heartbeats,
+    /// The node-wide budget of bytes queued towards clients.
+    pub overload: Arc<crate::overload::Overload>,
     /// The OTLP exporter, when trace export is on.
     pub(crate) spans_tx: Option<Sender<Vec<crate::otlp::SpanRecord>>>,
 }
@@ -597,6 +601,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         announcer,
         announcements,
         heartbeats,
+        overload,
         spans_tx,
     } = setup;
     let mut monoio_listeners = Vec::with_capacity(listeners.len());
@@ -637,6 +642,7 @@ async fn main(setup: WorkerSetup, io_driver: &'static str) {
         announcer,
         announcements,
         heartbeats,
+        overload,
         spans_tx,
         grpc_name: Rc::from(format!("{}-{index}", node_name)),
         read_buf: RefCell::new(bytes::BytesMut::with_capacity(client::WORKER_READ_BUF)),
@@ -666,6 +672,7 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
     *w.commands.borrow_mut() = Some(commands);
     let mut last_sweep = Instant::now();
     let mut last_evict = Instant::now();
+    let mut last_overload = Instant::now();
     loop {
         // While a live upgrade runs, commands (freeze, adopt) are picked up
         // every millisecond: each tick of delay is pause for every session.
@@ -711,6 +718,10 @@ async fn tick_loop(w: Rc<Worker>, commands: Receiver<WorkerCommand>) {
                 w.with_shard(|sh| sh.announce(&a, now));
             }
             w.with_shard(|sh| sh.tick(now, sweep, evict));
+            if now.duration_since(last_overload) >= crate::overload::MEASURE_EVERY {
+                last_overload = now;
+                w.overload_turn(now);
+            }
         }
     }
 }

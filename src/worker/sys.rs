@@ -75,3 +75,40 @@ pub(crate) fn shutdown(sock: &impl AsRawFd, how: std::net::Shutdown) -> std::io:
     }
     Ok(())
 }
+
+/// `SO_LINGER` {on, 0} on a client socket the overload manager sheds: its
+/// close resets the connection and the kernel frees the bytes it queued for a
+/// client that does not read, at once, instead of holding them behind a FIN.
+/// `fd` is the socket of a `ClientIo` the caller holds.
+pub(crate) fn set_linger_zero(fd: std::os::fd::RawFd) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: `fd` is open for the call (its owner is borrowed by the
+    // caller); `l` is a valid linger value for the option.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `SO_SNDBUF` on a new client socket (`limits.client_send_buffer`): bounds
+/// what the kernel queues for a client that does not read (the kernel's own
+/// sizing grows it to megabytes). `fd` is the socket of a `ClientIo` the
+/// caller holds.
+pub(crate) fn set_send_buffer(fd: std::os::fd::RawFd, bytes: usize) {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: `fd` is open for the call; `v` is a valid int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
