@@ -80,10 +80,12 @@ pub(crate) struct ClientIo {
     broken: Cell<bool>,
     /// The overload manager capped its kernel send buffer.
     shrunk: Cell<bool>,
-    /// The overload manager's last look: the session's bytes out then, and
-    /// the kernel's send queue then.
-    seen_out: Cell<u64>,
-    kernel_q: Cell<u64>,
+    /// The overload manager's last look: the low 32 bits of the session's
+    /// bytes out then (compared wrapping), and the kernel's send queue then
+    /// (at most the socket's send buffer). 32 bits each: every idle session
+    /// carries them.
+    seen_out: Cell<u32>,
+    kernel_q: Cell<u32>,
     /// The session's own bytes: a frame not yet complete, or frames waiting
     /// for room in their backend queue. Empty (no allocation) most of the
     /// time; while it is, reads go to the worker's buffer.
@@ -486,7 +488,7 @@ impl Worker {
             let (mut waiting, mut pushed) = (false, 0u64);
             for io in clients.iter().flatten() {
                 waiting |= io.writing.get();
-                pushed += shard.queued_out(io.key).1.saturating_sub(io.seen_out.get());
+                pushed += (shard.queued_out(io.key).1 as u32).wrapping_sub(io.seen_out.get()) as u64;
             }
             let look = waiting || o.total() > o.budget / 4 || pushed > o.budget / 8;
             for io in clients.iter().flatten() {
@@ -495,13 +497,13 @@ impl Worker {
                 if let Some(t) = io.tail.borrow().as_ref() {
                     q += t.len() as u64;
                 }
-                let wrote = io.seen_out.replace(bytes_out) != bytes_out;
+                let wrote = io.seen_out.replace(bytes_out as u32) != bytes_out as u32;
                 if look && !io.broken.get() && (wrote || io.kernel_q.get() > 0 || io.writing.get()) {
-                    io.kernel_q.set(send_queue(io.raw_fd()));
+                    io.kernel_q.set(send_queue(io.raw_fd()).min(u32::MAX as u64) as u32);
                 } else if !look {
                     io.kernel_q.set(0);
                 }
-                q += io.kernel_q.get();
+                q += io.kernel_q.get() as u64;
                 mine += q;
                 if q > 0 {
                     heavy.push((q, io.clone()));
