@@ -75,6 +75,17 @@ impl CircuitBreaker {
         changed
     }
 
+    /// A connection is up but not yet proven (gRPC: its call not answered
+    /// yet): traffic may flow (a half-open probe closes the circuit), but the
+    /// failures in a row are kept until [`Self::on_success`], so a server
+    /// that accepts every connection and then fails each one still opens the
+    /// circuit. Returns true when this closed the circuit.
+    pub fn on_connected(&mut self) -> bool {
+        let changed = self.state != CircuitState::Closed;
+        self.state = CircuitState::Closed;
+        changed
+    }
+
     /// Returns true when this opened the circuit (a state change).
     pub fn on_failure(&mut self, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
@@ -98,6 +109,28 @@ impl CircuitBreaker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn connections_that_are_never_proven_still_open_the_circuit() {
+        let now = std::time::Instant::now();
+        let mut b = super::CircuitBreaker::new(3, std::time::Duration::from_secs(10));
+        for _ in 0..2 {
+            b.on_connected();
+            assert!(!b.on_failure(now));
+        }
+        b.on_connected();
+        assert!(b.on_failure(now), "the third failure in a row opens it, connections or not");
+        // A half-open probe that connects lets traffic through ...
+        let later = now + std::time::Duration::from_secs(11);
+        assert!(b.allows(later));
+        b.on_attempt();
+        assert!(!b.allows(later));
+        assert!(b.on_connected());
+        assert!(b.allows(later));
+        // ... and an answer clears the count.
+        b.on_success();
+        assert!(!b.on_failure(later));
+    }
+
     use super::*;
 
     #[test]

@@ -1064,8 +1064,14 @@ impl Shard {
         let endpoint = c.endpoint.clone();
         let slot = c.slot;
         let protocol = c.protocol;
+        // gRPC: an HTTP/2 connection and a sent call prove nothing yet (a
+        // server may accept both and reset every stream): traffic flows, but
+        // the failures in a row are cleared only by the answer
+        // ([`Shard::backend_confirmed`]).
         if let Some(p) = self.backends.pools.get_mut(&(endpoint.addr, protocol)) {
-            if p.breaker.on_success() {
+            let closed =
+                if protocol == BackendProtocol::Grpc { p.breaker.on_connected() } else { p.breaker.on_success() };
+            if closed {
                 tracing::info!(worker = ctx.index, backend = %endpoint, "circuit closed: backend answered");
             }
         }
@@ -1075,6 +1081,21 @@ impl Shard {
     }
 
     /// The stream of `generation` is lost (dial failure, read or write error).
+    /// gRPC: the server answered the `StreamPackets` call (status 200, not a
+    /// trailers-only error): only now does the circuit breaker count the
+    /// backend as well. A server that accepts connections and calls but
+    /// resets every stream thus opens the breaker like one that refuses.
+    pub(crate) fn backend_confirmed(&mut self, id: ConnId, generation: u64) {
+        let ctx = &mut self.ctx;
+        let Some(c) = self.backends.current(id, generation) else { return };
+        let (endpoint, protocol) = (c.endpoint.clone(), c.protocol);
+        if let Some(p) = self.backends.pools.get_mut(&(endpoint.addr, protocol)) {
+            if p.breaker.on_success() {
+                tracing::info!(worker = ctx.index, backend = %endpoint, "circuit closed: backend answered");
+            }
+        }
+    }
+
     pub(crate) fn backend_lost(
         &mut self,
         id: ConnId,

@@ -361,6 +361,52 @@ fn reload_applies_breaker_and_backoff_settings_to_live_pools() {
     assert_eq!(WorkerStats::get(&h.sh.stats(h.now).routing_errors, "backend_unavailable"), 1);
 }
 
+/// Issue 24 (minor): a gRPC server that accepts the connection and the call
+/// and then resets every stream opens the circuit breaker; before, each new
+/// connection counted as a success and reset the failure count. An answered
+/// call (`backend_confirmed`) is what closes it.
+#[test]
+fn a_grpc_server_that_resets_every_stream_opens_the_breaker() {
+    let b = "circuit_failure_threshold = 3\ncircuit_open_duration = \"60s\"\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"10ms\"";
+    let routes = route(12, A, "backend_protocol = \"grpc\"\non_backend_loss = \"rebind\"");
+    let mut h = Harness::new(config("", b, &routes));
+    let state = |h: &mut Harness| h.sh.stats(h.now).backends[&Arc::from(A)].circuit_state;
+    for i in 0..3 {
+        let s = h.accept(10 + i);
+        h.send(s, 12, b"x").unwrap();
+        let (c, g) = h.stream(A);
+        assert_eq!(state(&mut h), 0, "closed before failure {i}");
+        // Connected and called, then reset before any answer.
+        h.sh.backend_lost(c, g, LossKind::ReadFailed, &"stream reset", h.now);
+        h.pump();
+        h.now += Duration::from_millis(50);
+    }
+    assert_eq!(state(&mut h), 1, "three resets in a row open the breaker");
+    // Once open, nothing is dialed: frames fail fast.
+    let s = h.accept(20);
+    assert!(h.send(s, 12, b"y").is_ok());
+    assert_eq!(WorkerStats::get(&h.sh.stats(h.now).routing_errors, "backend_unavailable"), 1);
+}
+
+/// The control: a gRPC stream whose calls are answered keeps the breaker
+/// closed across losses (each answer clears the count).
+#[test]
+fn answered_grpc_calls_keep_the_breaker_closed() {
+    let b = "circuit_failure_threshold = 3\ncircuit_open_duration = \"60s\"\nreconnect_backoff_min = \"10ms\"\nreconnect_backoff_max = \"10ms\"";
+    let routes = route(12, A, "backend_protocol = \"grpc\"\non_backend_loss = \"rebind\"");
+    let mut h = Harness::new(config("", b, &routes));
+    for i in 0..5 {
+        let s = h.accept(10 + i);
+        h.send(s, 12, b"x").unwrap();
+        let (c, g) = h.stream(A);
+        h.sh.backend_confirmed(c, g);
+        h.sh.backend_lost(c, g, LossKind::ReadFailed, &"stream reset", h.now);
+        h.pump();
+        h.now += Duration::from_millis(50);
+    }
+    assert_eq!(h.sh.stats(h.now).backends[&Arc::from(A)].circuit_state, 0);
+}
+
 #[test]
 fn drain_refuses_new_sessions_closes_the_rest_and_disconnects_after_their_frames() {
     let mut h = Harness::new(config("", "", &route(10, A, "")));

@@ -190,6 +190,8 @@ async fn read_loop(w: Rc<Worker>, io: Rc<ConnIo>, conn: ConnId, generation: u64,
             &format_args!("call ended: grpc-status {} {msg}", status.to_str().unwrap_or("?")),
         );
     }
+    // Answered: the breaker counts the backend as well from here.
+    w.with_shard(|sh| sh.backend_confirmed(conn, generation));
     let mut buf = BytesMut::with_capacity(super::backend::BACKEND_READ_BUF);
     loop {
         let chunk = match body.data().await {
