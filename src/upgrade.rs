@@ -239,6 +239,16 @@ static STATUS: Mutex<Option<UpgradeStatus>> = Mutex::new(None);
 /// channel every millisecond instead of every tick.
 static IN_PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set once this process sent Commit: everything is the successor's, the
+/// upgrade socket's path included. A stop signal from here on has nothing to
+/// drain and must not touch that path.
+static COMMITTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process has handed everything over (sent Commit).
+pub fn committed() -> bool {
+    COMMITTED.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Whether a handover is under way in this process.
 pub fn in_progress() -> bool {
     IN_PROGRESS.load(std::sync::atomic::Ordering::Relaxed)
@@ -381,6 +391,11 @@ pub fn serve(
                 Ok(()) => {
                     // The socket file is left alone: the new process binds
                     // its own at the same path (removing this one first).
+                    if std::env::var(TEST_FAIL_ENV).as_deref() == Ok("slow-done") {
+                        // Test hook: a stop signal lands between Commit and
+                        // the control loop hearing of it.
+                        std::thread::sleep(Duration::from_secs(3));
+                    }
                     done();
                     return;
                 }
@@ -575,6 +590,7 @@ fn hand_over(mut ch: Channel, src: &Source, peer_pid: u32) -> Result<(), String>
         thaw();
         return Err(e);
     }
+    COMMITTED.store(true, std::sync::atomic::Ordering::Release);
     src.listeners.close();
     for ((tx, e), handed) in src.workers.iter().zip(&exports).zip(handed) {
         let _ = tx

@@ -961,3 +961,31 @@ fn the_upgrade_socket_refuses_hostile_peers_without_freezing_or_passing_anything
     assert!(read_all(&mut other).is_empty(), "refused before anything is said");
     eventually("the exe refusal is in /status", || http_get(admin2, "/status").1.contains("upgrade_peer_exe"));
 }
+
+/// Issue 24 (minor): a stop signal that lands after the handover committed,
+/// before the old process's control loop heard of it, ends the old process
+/// at once and leaves the upgrade socket's path alone: it is the successor's
+/// (the old process used to drain nothing and delete the successor's socket
+/// file, so the next upgrade found no socket). The test hook holds the old
+/// process 3 s between Commit and its control loop.
+#[test]
+fn a_stop_signal_right_after_the_handover_commits_exits_and_keeps_the_successors_socket() {
+    let rig = Rig::new("upgrade-late-term");
+    let cfg = rig.write("gw.toml", &rig.config(1));
+    let mut old = rig.spawn(&cfg, &[], &[("GAME_GATEWAY_TEST_UPGRADE_FAIL", "slow-done")], "old");
+    let (addr, _) = old.listening(Duration::from_secs(10));
+    let mut peers = clients(addr, 10);
+    let warm = run_load(&mut peers, &AtomicBool::new(false), 1);
+    assert!(warm.failure.is_none(), "{:?}", warm.failure);
+    let new = rig.takeover(&cfg, &[], "new");
+    new.listening(Duration::from_secs(30));
+    // Committed; the old process's control loop has not heard yet.
+    // SAFETY: the old process is this test's child, still running.
+    unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(old.wait_exit(Duration::from_secs(15)), Some(0), "{}", old.stderr_text());
+    assert!(old.stderr_text().contains("stop signal after the handover committed"), "{}", old.stderr_text());
+    assert!(!old.stderr_text().contains("drain started"), "{}", old.stderr_text());
+    assert!(rig.socket.exists(), "the successor's upgrade socket is still there");
+    let r = run_load(&mut peers, &AtomicBool::new(false), 1);
+    assert!(r.failure.is_none(), "served by the successor: {:?}", r.failure);
+}

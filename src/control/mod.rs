@@ -336,12 +336,25 @@ impl Control {
                     },
                     None => tracing::warn!("SIGUSR2 ignored: [server] upgrade_socket is not set"),
                 },
+                Ok(ControlEvent::Signal(sig)) if crate::upgrade::committed() => {
+                    // Handed over already (the control loop has not heard
+                    // yet): nothing to drain, and the upgrade socket's path
+                    // is the successor's now.
+                    tracing::info!(signal = sig, "stop signal after the handover committed: exiting");
+                    c.handed_over_stop();
+                    return Ok(());
+                }
                 Ok(ControlEvent::Signal(sig)) => {
                     c.stop(&format!("signal {sig}"));
                     return Ok(());
                 }
                 Ok(ControlEvent::HandedOver) => {
                     c.handed_over(&rx);
+                    return Ok(());
+                }
+                Ok(ControlEvent::Drain) if crate::upgrade::committed() => {
+                    tracing::info!("drain call after the handover committed: exiting");
+                    c.handed_over_stop();
                     return Ok(());
                 }
                 Ok(ControlEvent::Drain) => {
@@ -419,6 +432,17 @@ impl Control {
                 }
             }
         }
+        tracing::info!("live upgrade: everything handed over; exiting");
+    }
+
+    /// A stop signal after the handover committed: the workers are retiring
+    /// (they touch no socket); wait for them and exit, whatever
+    /// `after_handover` says (the signal is the request to end).
+    fn handed_over_stop(self) {
+        self.stats.ready.store(false, Ordering::Relaxed);
+        self.stats.handed_over.store(true, Ordering::Relaxed);
+        self.stop_sub.store(true, Ordering::Relaxed);
+        self.gw.join();
         tracing::info!("live upgrade: everything handed over; exiting");
     }
 
